@@ -1,0 +1,199 @@
+"""What ``make bench`` runs: the shaped scenarios, the data-plane run, then the README table.
+
+``python -m benchmarks.run_all`` runs every scenario of :mod:`benchmarks.shaped`
+(skipped, with the reason, when this machine can't build the testbed, e.g. not
+root), then :mod:`benchmarks.dataplane`, writing their JSON to
+``benchmarks/results/``. It then renders a table from the newest result of each
+scenario and of the data plane, and writes it into ``README.md`` between the
+lines ``<!-- bench:start -->`` and ``<!-- bench:end -->``; if the README has no
+such markers, it prints the table instead and leaves the README alone.
+
+``--table-only`` skips the runs and only refreshes the table from the results
+already there; ``--print-only`` prints the table and leaves the README alone.
+Reduced development runs (``"reduced": true``) never reach the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks import dataplane, shaped
+from benchmarks.errors import BenchmarkError, TestbedUnavailableError
+from benchmarks.testbed import require_root
+from swarm.units import format_size
+
+START_MARKER = "<!-- bench:start -->"
+END_MARKER = "<!-- bench:end -->"
+SYSTEM_ORDER = ("swarm", "libtorrent", "direct")
+_DATED = re.compile(r"^(?P<name>.+)-(?P<date>\d{4}-\d{2}-\d{2})\.json$")
+
+
+def latest_results(results_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The newest result of each scenario (in ``shaped.SCENARIOS`` order, then by name)
+    and the newest data-plane result, read from ``results_dir``."""
+    newest: dict[str, tuple[str, Path]] = {}
+    for path in results_dir.glob("*.json") if results_dir.is_dir() else []:
+        m = _DATED.match(path.name)
+        if m is None or json.loads(path.read_text()).get("reduced"):
+            continue  # not a dated result, or a reduced development run
+        name, date = m["name"], m["date"]
+        if name not in newest or date > newest[name][0]:
+            newest[name] = (date, path)
+    order = {name: i for i, name in enumerate(shaped.SCENARIOS)}
+    names = sorted(
+        (n for n in newest if n != "dataplane"), key=lambda n: (order.get(n, len(order)), n)
+    )
+    scenarios = [json.loads(newest[n][1].read_text()) for n in names]
+    plane = json.loads(newest["dataplane"][1].read_text()) if "dataplane" in newest else None
+    return scenarios, plane
+
+
+def _mbit(bps: float) -> str:
+    return f"{bps / 1e9:g} Gbit/s" if bps >= 1e9 else f"{bps / 1e6:g} Mbit/s"
+
+
+def render_table(scenarios: Sequence[dict[str, Any]], plane: dict[str, Any] | None) -> str:
+    """Markdown for the README: one row per scenario and system, then the data plane."""
+    lines = [
+        "| scenario | nodes | artifact (piece) | node link / origin | T_min | system "
+        "| p50 | max | max ÷ T_min | origin bytes ÷ F |",
+        "| --- | ---: | --- | --- | ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for result in scenarios:
+        systems = result["systems"]
+        order = [s for s in SYSTEM_ORDER if s in systems] + sorted(
+            s for s in systems if s not in SYSTEM_ORDER
+        )
+        first = True
+        for system in order:
+            entry = systems[system]
+            if first:
+                piece = f" ({format_size(result['piece_size'])})" if "piece_size" in result else ""
+                links = (
+                    f"{_mbit(result['node_link_bps'])} / {_mbit(result['origin_link_bps'])}"
+                    if "node_link_bps" in result and "origin_link_bps" in result
+                    else ""
+                )
+                head = (
+                    f"| {result['scenario']} ({result.get('date', '?')}) | {result['nodes']} "
+                    f"| {format_size(result['model_bytes'])}{piece} | {links} "
+                    f"| {result['lower_bound_seconds']:.1f} s "
+                )
+                first = False
+            else:
+                head = "| | | | | "
+            if "error" in entry:
+                lines.append(f"{head}| {system} | failed: {entry['error'][:80]} | | | |")
+                continue
+            origin_ratio = entry["origin_bytes"] / result["model_bytes"]
+            lines.append(
+                f"{head}| {system} | {entry['p50_seconds']:.1f} s | {entry['max_seconds']:.1f} s "
+                f"| {entry['ratio_to_bound']:.2f} | {origin_ratio:.2f} |"
+            )
+    out = "\n".join(lines) + "\n"
+    if len(lines) == 2:
+        out = "No shaped scenario results yet (`make bench` as root).\n"
+    if plane is not None:
+        out += (
+            f"\nData plane ({plane.get('date', '?')}): one peer serves "
+            f"{format_size(plane['model_bytes'])} to another over loopback, verified and written "
+            f"to disk, at {plane['swarm_mbps']:.0f} MB/s; raw-socket baseline "
+            f"{plane['raw_socket_mbps']:.0f} MB/s; ratio {plane['ratio']:.2f}.\n"
+        )
+    out += (
+        "\nTimes run from the launch of every node's process to its verified copy; origin bytes "
+        "are the origin interface's transmit counter. Raw figures: `benchmarks/results/`.\n"
+    )
+    return out
+
+
+def replace_marked(text: str, block: str) -> str | None:
+    """``text`` with everything between the bench markers replaced by ``block``;
+    None if the markers are missing or out of order."""
+    start = text.find(START_MARKER)
+    end = text.find(END_MARKER, start + len(START_MARKER)) if start >= 0 else -1
+    if start < 0 or end < 0:
+        return None
+    body = block if block.endswith("\n") else block + "\n"
+    return text[: start + len(START_MARKER)] + "\n" + body + text[end:]
+
+
+def update_readme(readme: Path, table: str) -> bool:
+    """Write ``table`` between the markers of ``readme``; False (untouched) if it has none."""
+    try:
+        text = readme.read_text()
+    except FileNotFoundError:
+        return False
+    new = replace_marked(text, table)
+    if new is None:
+        return False
+    if new != text:
+        readme.write_text(new)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run_all")
+    parser.add_argument("--scenarios", default=",".join(shaped.SCENARIOS), help="comma-separated")
+    parser.add_argument("--systems", default=",".join(shaped.SYSTEMS), help="comma-separated")
+    parser.add_argument("--skip-shaped", action="store_true")
+    parser.add_argument("--skip-dataplane", action="store_true")
+    parser.add_argument("--table-only", action="store_true", help="only refresh the table")
+    parser.add_argument("--results-dir", type=Path, default=shaped.RESULTS_DIR)
+    parser.add_argument("--readme", type=Path, default=shaped.REPO_ROOT / "README.md")
+    parser.add_argument(
+        "--print-only", action="store_true", help="print the table, don't edit README"
+    )
+    parser.add_argument(
+        "--idle-wait", type=float, default=300.0, help="seconds to wait for an idle host per system"
+    )
+    args = parser.parse_args(argv)
+    shaped.exit_on_sigterm()
+
+    failures = 0
+    if not args.table_only and not args.skip_shaped:
+        try:
+            require_root()
+        except TestbedUnavailableError as exc:
+            print(f"skipping the shaped scenarios: {exc}", file=sys.stderr)
+        else:
+            options = shaped.RunOptions(
+                systems=tuple(s for s in args.systems.split(",") if s), idle_wait=args.idle_wait
+            )
+            for name in (s for s in args.scenarios.split(",") if s):
+                try:
+                    _, path = shaped.run_scenario(
+                        name, options=options, results_dir=args.results_dir
+                    )
+                    print(f"wrote {path}", file=sys.stderr)
+                except BenchmarkError as exc:
+                    failures += 1
+                    print(f"scenario {name} failed: {exc}", file=sys.stderr)
+    if not args.table_only and not args.skip_dataplane:
+        try:
+            result = dataplane.run()
+            path = args.results_dir / f"dataplane-{result['date']}.json"
+            shaped.write_result(path, result)
+            print(f"wrote {path}", file=sys.stderr)
+        except BenchmarkError as exc:
+            failures += 1
+            print(f"data-plane benchmark failed: {exc}", file=sys.stderr)
+
+    table = render_table(*latest_results(args.results_dir))
+    if not args.print_only and update_readme(args.readme, table):
+        print(f"updated the benchmark table in {args.readme}", file=sys.stderr)
+    else:
+        if not args.print_only:
+            print(f"{args.readme} has no {START_MARKER} / {END_MARKER} markers", file=sys.stderr)
+        print(table)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

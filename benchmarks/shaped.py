@@ -1,0 +1,805 @@
+"""Scenarios on the shaped testbed: swarm, direct download and libtorrent, side by side.
+
+Scenarios (rates are per link and direction; the bound is DESIGN.md's T_min)::
+
+    origin-bound   8 nodes, node links 1 Gbit/s, origin 200 Mbit/s, 512 MiB, 16 MiB pieces
+                   T_min = F/u_s = 21.5 s
+    fabric-bound   8 nodes, node links 400 Mbit/s, origin 1 Gbit/s, 1 GiB, 16 MiB pieces
+                   T_min = F/d = 21.5 s
+
+Piece size: 16 MiB in both. The origin-bound tail is one piece crossing the slow
+origin link and then the fabric (16 MiB at 200 Mbit/s is 0.67 s, 3 % of T_min);
+larger pieces lengthen that tail, smaller ones multiply per-piece requests and
+hashing calls. libtorrent gets the same piece size (a v1 torrent) so every system
+moves the same units; ``--lt-piece-size`` changes that.
+
+The artifact is 4 files of random bytes (incompressible), served by a real
+S3-compatible server (``rclone serve s3``) in the origin namespace. Systems:
+
+- ``swarm``: a tracker in the bridge namespace and one ``swarm fetch --tracker``
+  per node namespace; peers pull their assigned pieces from the S3 origin.
+- ``direct``: ``swarm fetch --direct`` in every node namespace.
+- ``libtorrent``: one seeding session in the origin namespace (so its upload is
+  shaped like the origin), one leeching session per node namespace.
+
+Each node's completion time is measured by this harness from the launch of the
+system's processes (one common t0) to the moment the node's completion marker
+appears (``.swarm-complete`` for swarm and direct, a done file for libtorrent),
+so process start-up counts. The times each process reports itself are kept too
+(``self_p50_seconds``, ``self_max_seconds``). Origin bytes are the transmit
+counter of the origin namespace's ``eth0`` over the whole run of the system
+(frames as the kernel counts them, so TCP/IP and HTTP overhead is included);
+the bytes the processes themselves report reading from the origin are kept as
+``origin_bytes_reported``. ``--no-fsync`` is passed to swarm fetches (libtorrent
+doesn't fsync either).
+
+``python -m benchmarks.shaped origin-bound --size 64MiB --nodes 4`` runs a
+reduced version for development; such runs write their JSON to the work
+directory, not to ``benchmarks/results``, unless ``--results-dir`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import random
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+from benchmarks.errors import BenchmarkError
+from benchmarks.testbed import BRIDGE_ADDR, ORIGIN_ADDR, Shape, Testbed, node_addr
+from seeder.local_s3 import LocalS3Server
+from swarm.units import format_size, parse_size
+
+log = logging.getLogger("benchmarks.shaped")
+
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+MBIT = 1_000_000
+GBIT = 1_000_000_000
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+SYSTEMS = ("swarm", "libtorrent", "direct")
+S3_PORT = 9000
+TRACKER_PORT = 7070
+LT_PORT = 6881
+BUCKET = "models"
+CATALOG = "s3://catalog"
+COMPLETE_MARKER = ".swarm-complete"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One benchmark scenario: a burst of ``nodes`` fetches of one artifact."""
+
+    name: str
+    nodes: int
+    node_bps: int
+    origin_bps: int
+    model_bytes: int
+    piece_size: int
+    files: int = 4
+
+    @property
+    def shape(self) -> Shape:
+        return Shape(
+            nodes=self.nodes,
+            node_up_bps=self.node_bps,
+            node_down_bps=self.node_bps,
+            origin_up_bps=self.origin_bps,
+        )
+
+    @property
+    def lower_bound_seconds(self) -> float:
+        return lower_bound_seconds(
+            self.model_bytes,
+            nodes=self.nodes,
+            origin_up_bps=self.origin_bps,
+            node_down_bps=self.node_bps,
+            node_up_bps=self.node_bps,
+        )
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "origin-bound": Scenario("origin-bound", 8, 1 * GBIT, 200 * MBIT, 512 * MIB, 16 * MIB),
+    "fabric-bound": Scenario("fabric-bound", 8, 400 * MBIT, 1 * GBIT, 1 * GIB, 16 * MIB),
+}
+
+
+def lower_bound_seconds(
+    model_bytes: int, *, nodes: int, origin_up_bps: float, node_down_bps: float, node_up_bps: float
+) -> float:
+    """T_min = max(F/u_s, F/d, N·F/(u_s + N·u)) in seconds (Kumar & Ross, 2006); rates in bit/s."""
+    if model_bytes < 0 or nodes < 1:
+        raise ValueError("model_bytes must be >= 0 and nodes >= 1")
+    if min(origin_up_bps, node_down_bps, node_up_bps) <= 0:
+        raise ValueError("rates must be positive")
+    bits = 8 * model_bytes
+    return max(
+        bits / origin_up_bps,
+        bits / node_down_bps,
+        nodes * bits / (origin_up_bps + nodes * node_up_bps),
+    )
+
+
+# --- results ---------------------------------------------------------------------------
+
+
+def summarize_system(
+    node_seconds: Sequence[float],
+    *,
+    origin_bytes: int,
+    model_bytes: int,
+    bound_seconds: float,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One system's entry of a scenario result; times are per-node completion times."""
+    if not node_seconds:
+        raise ValueError("no node completion times")
+    p50 = float(statistics.median(node_seconds))
+    worst = float(max(node_seconds))
+    out: dict[str, Any] = {
+        "p50_seconds": round(p50, 3),
+        "max_seconds": round(worst, 3),
+        "ratio_to_bound": round(worst / bound_seconds, 3),
+        "origin_bytes": int(origin_bytes),
+        "origin_ratio": round(origin_bytes / model_bytes, 4) if model_bytes else None,
+        "node_seconds": [round(s, 3) for s in node_seconds],
+    }
+    if extra:
+        out.update(extra)
+    return out
+
+
+def scenario_result(
+    scenario: Scenario,
+    systems: dict[str, dict[str, Any]],
+    *,
+    date: dt.date,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The JSON object written to ``benchmarks/results/<scenario>-<date>.json``."""
+    out: dict[str, Any] = {
+        "scenario": scenario.name,
+        "date": date.isoformat(),
+        "nodes": scenario.nodes,
+        "model_bytes": scenario.model_bytes,
+        "piece_size": scenario.piece_size,
+        "node_link_bps": scenario.node_bps,
+        "origin_link_bps": scenario.origin_bps,
+        "lower_bound_seconds": round(scenario.lower_bound_seconds, 3),
+        "systems": systems,
+    }
+    if meta:
+        out.update(meta)
+    return out
+
+
+def result_path(results_dir: Path, scenario: str, date: dt.date) -> Path:
+    return results_dir / f"{scenario}-{date.isoformat()}.json"
+
+
+def write_result(path: Path, result: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+# --- the run ---------------------------------------------------------------------------
+
+
+@dataclass
+class RunOptions:
+    """How to run a scenario; defaults are what ``make bench`` uses."""
+
+    systems: tuple[str, ...] = SYSTEMS
+    workdir: Path | None = None
+    keep_workdir: bool = False
+    fetch_args: tuple[str, ...] = ()
+    tracker_args: tuple[str, ...] = ()
+    lt_piece_size: int | None = None
+    seed: int = 20240501
+    idle_threshold: float = 0.25
+    idle_wait: float = 300.0
+    tag: str | None = None
+    progress: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr))
+
+
+class _CpuMeter:
+    """Host-wide CPU busy fraction between start and stop, from /proc/stat."""
+
+    def __init__(self) -> None:
+        self.busy0, self.total0 = self._read()
+
+    @staticmethod
+    def _read() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields) - idle, sum(fields)
+
+    def busy_fraction(self) -> float:
+        busy, total = self._read()
+        return (busy - self.busy0) / max(1, total - self.total0)
+
+
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+class ScenarioRunner:
+    """Build the testbed for ``scenario``, run each system in turn, tear everything down."""
+
+    def __init__(self, scenario: Scenario, options: RunOptions | None = None) -> None:
+        self.scenario = scenario
+        self.options = options or RunOptions()
+        self.python = sys.executable
+        self.env: dict[str, str] = {}
+        self.work = Path()
+        self.name = f"bench-{scenario.name}"
+
+    def say(self, msg: str) -> None:
+        self.options.progress(f"[{self.scenario.name}] {msg}")
+
+    def run(self) -> dict[str, Any]:
+        unknown = set(self.options.systems) - set(SYSTEMS)
+        if unknown:
+            raise BenchmarkError(f"unknown systems {sorted(unknown)}; known: {', '.join(SYSTEMS)}")
+        base = self.options.workdir
+        self.work = Path(tempfile.mkdtemp(prefix="swarm-bench-", dir=base))
+        try:
+            return self._run()
+        finally:
+            if not self.options.keep_workdir:
+                shutil.rmtree(self.work, ignore_errors=True)
+
+    def _run(self) -> dict[str, Any]:
+        sc = self.scenario
+        s3 = LocalS3Server(self.work / "s3", host=ORIGIN_ADDR, port=S3_PORT)
+        self.env = {**s3.env(), "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+        artifact = self._make_artifact(s3.bucket(BUCKET) / self.name)
+        s3.bucket("catalog")
+        (self.work / "logs").mkdir()
+        self.say(
+            f"{sc.nodes} nodes, node links {sc.node_bps / MBIT:.0f} Mbit/s, origin "
+            f"{sc.origin_bps / MBIT:.0f} Mbit/s, {format_size(sc.model_bytes)} in "
+            f"{format_size(sc.piece_size)} pieces; T_min {sc.lower_bound_seconds:.1f} s"
+        )
+        systems: dict[str, dict[str, Any]] = {}
+        with Testbed(sc.shape, tag=self.options.tag) as tb:
+            self._start_origin(tb)
+            self._publish(tb)
+            for system in self.options.systems:
+                idle = self._wait_for_idle_host()
+                self.say(f"running {system} (host CPU busy before: {idle:.0%})")
+                try:
+                    if system == "swarm":
+                        entry = self._run_swarm(tb)
+                    elif system == "direct":
+                        entry = self._run_direct(tb)
+                    else:
+                        entry = self._run_libtorrent(tb, artifact)
+                except BenchmarkError as exc:
+                    # One system's failure is a result too; the others still run.
+                    self.say(f"{system} failed: {exc}")
+                    systems[system] = {"error": str(exc)}
+                    continue
+                entry["host_cpu_busy_before"] = round(idle, 3)
+                entry["load_average_after"] = round(os.getloadavg()[0], 2)
+                systems[system] = entry
+                self.say(
+                    f"{system}: p50 {entry['p50_seconds']:.1f} s, max {entry['max_seconds']:.1f} s "
+                    f"({entry['ratio_to_bound']:.2f} x T_min), origin "
+                    f"{entry['origin_ratio']:.3f} x F, host CPU busy {entry['host_cpu_busy']:.0%}"
+                )
+        return scenario_result(
+            sc,
+            systems,
+            date=dt.date.today(),
+            meta={
+                "host_cpus": os.cpu_count(),
+                "lt_piece_size": self.options.lt_piece_size or sc.piece_size,
+                "fetch_args": list(self.options.fetch_args),
+                "tracker_args": list(self.options.tracker_args),
+                "timing": "wall clock from launch of the system's processes to each node's completion marker",
+                "origin_bytes_source": "tx bytes of the origin namespace's eth0 (ip -s -j link show)",
+            },
+        )
+
+    def _wait_for_idle_host(self) -> float:
+        """Wait (bounded) until other work on this machine leaves the CPUs mostly idle.
+
+        The machine may be shared; a run that starts while something else keeps the
+        cores busy measures that, not the system. Returns the last busy fraction.
+        """
+        deadline = time.monotonic() + self.options.idle_wait
+        while True:
+            meter = _CpuMeter()
+            time.sleep(1.0)
+            busy = meter.busy_fraction()
+            if busy <= self.options.idle_threshold or time.monotonic() > deadline:
+                if busy > self.options.idle_threshold:
+                    self.say(
+                        f"host still {busy:.0%} busy after {self.options.idle_wait:.0f} s; running anyway"
+                    )
+                return busy
+
+    # --- setup ---------------------------------------------------------------------------
+
+    def _make_artifact(self, root: Path) -> Path:
+        sc = self.scenario
+        root.mkdir(parents=True)
+        rng = random.Random(self.options.seed)
+        per_file = -(-sc.model_bytes // sc.files)
+        left = sc.model_bytes
+        for i in range(sc.files):
+            size = min(per_file, left)
+            left -= size
+            with open(root / f"model-{i + 1:05d}-of-{sc.files:05d}.safetensors", "wb") as f:
+                while size:
+                    n = min(size, 64 * MIB)
+                    f.write(rng.randbytes(n))
+                    size -= n
+        return root
+
+    def _start_origin(self, tb: Testbed) -> None:
+        proc = tb.popen(
+            tb.origin_ns,
+            [
+                self.python,
+                "-m",
+                "benchmarks.origin_server",
+                str(self.work / "s3"),
+                "--host",
+                ORIGIN_ADDR,
+                "--port",
+                str(S3_PORT),
+            ],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=self._log("origin.err"),
+            cwd=REPO_ROOT,
+        )
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode(errors="replace")
+        if not line.startswith("ready"):
+            raise BenchmarkError(
+                f"S3 origin in {tb.origin_ns} did not start (see {self.work / 'logs/origin.err'})"
+            )
+
+    def _publish(self, tb: Testbed) -> None:
+        # In the origin namespace, so hashing reads the S3 server over its loopback
+        # and nothing crosses the shaped link.
+        out = tb.run(
+            tb.origin_ns,
+            [
+                *self._swarm_cli(),
+                "publish",
+                f"s3://{BUCKET}/{self.name}",
+                "--name",
+                self.name,
+                "--catalog",
+                CATALOG,
+                "--piece-size",
+                str(self.scenario.piece_size),
+                "--json",
+            ],
+            env=self.env,
+        )
+        info = json.loads(out)
+        if info["model_bytes"] != self.scenario.model_bytes:
+            raise BenchmarkError(
+                f"published {info['model_bytes']} bytes, expected {self.scenario.model_bytes}"
+            )
+        self.say(f"published {info['ref']} ({info['pieces']} pieces)")
+
+    def _swarm_cli(self) -> list[str]:
+        return [self.python, "-m", "cli.main"]
+
+    def _log(self, name: str) -> IO[bytes]:
+        return open(self.work / "logs" / name, "wb")
+
+    def _dest(self, system: str, node: int) -> Path:
+        return self.work / "dest" / system / f"n{node}"
+
+    def _timeout(self) -> float:
+        sc = self.scenario
+        direct = sc.nodes * 8 * sc.model_bytes / sc.origin_bps
+        return 60 + 3 * max(direct, sc.lower_bound_seconds)
+
+    # --- systems ---------------------------------------------------------------------------
+
+    def _run_swarm(self, tb: Testbed) -> dict[str, Any]:
+        before = tb.counters(tb.origin_ns)
+        tracker = tb.popen(
+            tb.bridge_ns,
+            [
+                *self._swarm_cli(),
+                "tracker",
+                "--listen",
+                f"{BRIDGE_ADDR}:{TRACKER_PORT}",
+                "--catalog",
+                CATALOG,
+                *self.options.tracker_args,
+            ],
+            env=self.env,
+            stderr=self._log("swarm-tracker.err"),
+            cwd=REPO_ROOT,
+        )
+        self._wait_listening(tb, tb.bridge_ns, TRACKER_PORT, tracker)
+        launch = []
+        for i in range(1, self.scenario.nodes + 1):
+            dest = self._dest("swarm", i)
+            argv = [*self._swarm_cli(), "fetch", self.name]
+            argv += ["--tracker", f"http://{BRIDGE_ADDR}:{TRACKER_PORT}", "--dest", str(dest)]
+            argv += ["--listen", f"{node_addr(i)}:0", "--advertise", node_addr(i)]
+            argv += ["--linger", "60", "--json", "--no-fsync", *self.options.fetch_args]
+            launch.append((argv, dest / COMPLETE_MARKER))
+        try:
+            outcome = self._burst(tb, "swarm", launch)
+        finally:
+            tb.forget(tracker)
+        after = tb.counters(tb.origin_ns)
+        reports = outcome.reports
+        return self._summary(
+            outcome,
+            after.tx_bytes - before.tx_bytes,
+            {
+                "origin_bytes_reported": sum(int(r["origin_bytes"]) for r in reports),
+                "peer_bytes_reported": sum(int(r["peer_bytes"]) for r in reports),
+                "uploaded_bytes_reported": sum(int(r.get("uploaded_bytes", 0)) for r in reports),
+                "duplicate_bytes_reported": sum(int(r.get("duplicate_bytes", 0)) for r in reports),
+                "verified": all(bool(r["verified"]) for r in reports),
+            },
+        )
+
+    def _run_direct(self, tb: Testbed) -> dict[str, Any]:
+        before = tb.counters(tb.origin_ns)
+        launch = []
+        for i in range(1, self.scenario.nodes + 1):
+            dest = self._dest("direct", i)
+            argv = [*self._swarm_cli(), "fetch", self.name, "--catalog", CATALOG]
+            argv += ["--dest", str(dest), "--direct", "--json", "--no-fsync"]
+            launch.append((argv, dest / COMPLETE_MARKER))
+        outcome = self._burst(tb, "direct", launch)
+        after = tb.counters(tb.origin_ns)
+        reports = outcome.reports
+        return self._summary(
+            outcome,
+            after.tx_bytes - before.tx_bytes,
+            {
+                "origin_bytes_reported": sum(int(r["origin_bytes"]) for r in reports),
+                "verified": all(bool(r["verified"]) for r in reports),
+            },
+        )
+
+    def _run_libtorrent(self, tb: Testbed, artifact: Path) -> dict[str, Any]:
+        try:
+            from benchmarks.lt_peer import make_torrent
+        except ImportError as exc:
+            raise BenchmarkError(
+                "the libtorrent system needs the PyPI package `libtorrent` "
+                "(pip install libtorrent, or the project's `bench` extra)"
+            ) from exc
+        piece_size = self.options.lt_piece_size or self.scenario.piece_size
+        torrent = self.work / f"{self.name}.torrent"
+        torrent.write_bytes(make_torrent(artifact, piece_size))
+        before = tb.counters(tb.origin_ns)
+        lt_cli = [self.python, "-m", "benchmarks.lt_peer"]
+        seeder = tb.popen(
+            tb.origin_ns,
+            [
+                *lt_cli,
+                "seed",
+                str(torrent),
+                "--save-path",
+                str(artifact.parent),
+                "--listen",
+                f"{ORIGIN_ADDR}:{LT_PORT}",
+            ],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=self._log("lt-seed.err"),
+            cwd=REPO_ROOT,
+        )
+        assert seeder.stdout is not None
+        if not seeder.stdout.readline().startswith(b"ready"):
+            raise BenchmarkError(f"libtorrent seeder in {tb.origin_ns} did not start")
+        peers = [f"{ORIGIN_ADDR}:{LT_PORT}"]
+        peers += [f"{node_addr(i)}:{LT_PORT}" for i in range(1, self.scenario.nodes + 1)]
+        launch = []
+        for i in range(1, self.scenario.nodes + 1):
+            dest = self._dest("libtorrent", i)
+            dest.mkdir(parents=True)
+            done = dest.parent / f"n{i}.done"
+            argv = [*lt_cli, "leech", str(torrent), "--save-path", str(dest)]
+            argv += ["--listen", f"{node_addr(i)}:{LT_PORT}", "--done-file", str(done)]
+            argv += ["--linger", "60"]
+            for peer in peers:
+                if peer != f"{node_addr(i)}:{LT_PORT}":
+                    argv += ["--peer", peer]
+            launch.append((argv, done))
+        try:
+            outcome = self._burst(tb, "libtorrent", launch, stop_after_done=True)
+        finally:
+            seeder.terminate()
+            try:
+                seed_out, _ = seeder.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                seed_out = b""
+            tb.forget(seeder)
+        after = tb.counters(tb.origin_ns)
+        try:
+            seed_report = _last_json(seed_out.decode(errors="replace"))
+        except BenchmarkError:
+            seed_report = {}
+        reports = outcome.reports
+        return self._summary(
+            outcome,
+            after.tx_bytes - before.tx_bytes,
+            {
+                "origin_bytes_reported": int(seed_report.get("payload_upload", -1)),
+                "lt_piece_size": piece_size,
+                "failed_bytes_reported": sum(int(r["failed_bytes"]) for r in reports),
+                "redundant_bytes_reported": sum(int(r["redundant_bytes"]) for r in reports),
+                "verified": all(bool(r["verified"]) for r in reports),
+            },
+        )
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _wait_listening(
+        self, tb: Testbed, ns: str, port: int, proc: subprocess.Popen[bytes], timeout: float = 30
+    ) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise BenchmarkError(
+                    f"process in {ns} exited with {proc.returncode} before listening on {port}"
+                )
+            if tb.run(ns, ["ss", "-Hltn", f"sport = :{port}"]).strip():
+                return
+            time.sleep(0.1)
+        raise BenchmarkError(f"nothing listening on port {port} in {ns} after {timeout:.0f} s")
+
+    def _burst(
+        self,
+        tb: Testbed,
+        system: str,
+        launch: Sequence[tuple[list[str], Path]],
+        *,
+        stop_after_done: bool = False,
+    ) -> _Outcome:
+        """Start one process per node at once; wait for every completion marker, then every exit."""
+        cpu0 = _children_cpu()
+        meter = _CpuMeter()
+        procs: list[subprocess.Popen[bytes]] = []
+        outs: list[Path] = []
+        t0 = time.monotonic()
+        for i, (argv, _) in enumerate(launch, start=1):
+            out = self.work / "logs" / f"{system}-n{i}.out"
+            outs.append(out)
+            procs.append(
+                tb.popen(
+                    tb.node_ns[i - 1],
+                    argv,
+                    env=self.env,
+                    stdout=open(out, "wb"),  # noqa: SIM115 - the child owns it
+                    stderr=self._log(f"{system}-n{i}.err"),
+                    cwd=REPO_ROOT,
+                )
+            )
+        done: dict[int, float] = {}
+        deadline = t0 + self._timeout()
+        try:
+            while len(done) < len(launch):
+                now = time.monotonic()
+                if now > deadline:
+                    raise BenchmarkError(
+                        f"{system}: only {len(done)} of {len(launch)} nodes finished within "
+                        f"{self._timeout():.0f} s (logs in {self.work / 'logs'})"
+                    )
+                for i, ((_, marker), proc) in enumerate(zip(launch, procs, strict=True)):
+                    if i in done:
+                        continue
+                    if marker.exists():
+                        done[i] = now - t0
+                    elif proc.poll() is not None:
+                        raise BenchmarkError(
+                            f"{system}: node {i + 1} exited with {proc.returncode} before "
+                            f"finishing: {_tail(self.work / 'logs' / f'{system}-n{i + 1}.err')}"
+                        )
+                time.sleep(0.02)
+            busy = meter.busy_fraction()
+            wall = time.monotonic() - t0
+            if stop_after_done:
+                for proc in procs:
+                    proc.terminate()
+            for i, proc in enumerate(procs, start=1):
+                try:
+                    proc.wait(timeout=90)
+                except subprocess.TimeoutExpired as exc:
+                    raise BenchmarkError(
+                        f"{system}: node {i} did not exit after finishing"
+                    ) from exc
+                if proc.returncode != 0:
+                    raise BenchmarkError(
+                        f"{system}: node {i} exited with {proc.returncode}: "
+                        f"{_tail(self.work / 'logs' / f'{system}-n{i}.err')}"
+                    )
+        finally:
+            for proc in procs:
+                tb.forget(proc)
+            shutil.rmtree(self.work / "dest" / system, ignore_errors=True)
+        reports = [_last_json(out.read_text()) for out in outs]
+        return _Outcome(
+            node_seconds=[done[i] for i in range(len(launch))],
+            reports=reports,
+            cpu_seconds=_children_cpu() - cpu0,
+            host_cpu_busy=busy,
+            wall_seconds=wall,
+        )
+
+    def _summary(
+        self, outcome: _Outcome, origin_bytes: int, extra: dict[str, Any]
+    ) -> dict[str, Any]:
+        self_seconds = [float(r["seconds"]) for r in outcome.reports]
+        if not extra.get("verified"):
+            raise BenchmarkError("a node reported an unverified result")
+        return summarize_system(
+            outcome.node_seconds,
+            origin_bytes=origin_bytes,
+            model_bytes=self.scenario.model_bytes,
+            bound_seconds=self.scenario.lower_bound_seconds,
+            extra={
+                **extra,
+                "self_p50_seconds": round(statistics.median(self_seconds), 3),
+                "self_max_seconds": round(max(self_seconds), 3),
+                "cpu_seconds": round(outcome.cpu_seconds, 2),
+                "host_cpu_busy": round(outcome.host_cpu_busy, 3),
+            },
+        )
+
+
+@dataclass
+class _Outcome:
+    node_seconds: list[float]
+    reports: list[dict[str, Any]]
+    cpu_seconds: float
+    host_cpu_busy: float
+    wall_seconds: float
+
+
+def _last_json(text: str) -> dict[str, Any]:
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                return obj
+    raise BenchmarkError(f"no JSON summary in output: {text[-300:]!r}")
+
+
+def _tail(path: Path, chars: int = 600) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:].strip()
+    except OSError:
+        return "(no log)"
+
+
+# --- command line ----------------------------------------------------------------------
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so every ``with Testbed(...)`` tears down on the way out."""
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
+def run_scenario(
+    name: str,
+    *,
+    options: RunOptions | None = None,
+    nodes: int | None = None,
+    size: int | None = None,
+    piece_size: int | None = None,
+    results_dir: Path | None = None,
+) -> tuple[dict[str, Any], Path]:
+    """Run scenario ``name`` (optionally reduced) and write its JSON; return it and its path.
+
+    A reduced run (``nodes``, ``size`` or ``piece_size`` given) is marked as such
+    and, unless ``results_dir`` is given, written next to the work directory
+    rather than to ``benchmarks/results``.
+    """
+    if name not in SCENARIOS:
+        raise BenchmarkError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")
+    scenario = SCENARIOS[name]
+    reduced = any(x is not None for x in (nodes, size, piece_size))
+    scenario = replace(
+        scenario,
+        nodes=nodes or scenario.nodes,
+        model_bytes=size or scenario.model_bytes,
+        piece_size=piece_size or scenario.piece_size,
+    )
+    result = ScenarioRunner(scenario, options).run()
+    if reduced:
+        result["reduced"] = True
+        out_dir = results_dir or Path(tempfile.gettempdir()) / "swarm-bench-dev"
+        path = out_dir / f"{name}-{scenario.nodes}n-{scenario.model_bytes}b-{result['date']}.json"
+    else:
+        path = result_path(results_dir or RESULTS_DIR, name, dt.date.fromisoformat(result["date"]))
+    write_result(path, result)
+    return result, path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.shaped",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    parser.add_argument("scenarios", nargs="*", default=list(SCENARIOS), help=", ".join(SCENARIOS))
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated")
+    parser.add_argument("--nodes", type=int, help="reduced run: this many nodes")
+    parser.add_argument("--size", type=parse_size, help="reduced run: artifact size, e.g. 64MiB")
+    parser.add_argument("--piece-size", type=parse_size, help="override the scenario's piece size")
+    parser.add_argument("--lt-piece-size", type=parse_size, help="libtorrent's piece size")
+    parser.add_argument("--results-dir", type=Path)
+    parser.add_argument("--workdir", type=Path, help="parent of the temporary work directory")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory and logs")
+    parser.add_argument(
+        "--fetch-arg", action="append", default=[], help="extra `swarm fetch` argument"
+    )
+    parser.add_argument(
+        "--tracker-arg", action="append", default=[], help="extra `swarm tracker` argument"
+    )
+    parser.add_argument(
+        "--idle-wait", type=float, default=300.0, help="seconds to wait for an idle host per system"
+    )
+    args = parser.parse_args(argv)
+    exit_on_sigterm()
+    options = RunOptions(
+        systems=tuple(s for s in args.systems.split(",") if s),
+        workdir=args.workdir,
+        keep_workdir=args.keep,
+        fetch_args=tuple(args.fetch_arg),
+        tracker_args=tuple(args.tracker_arg),
+        lt_piece_size=args.lt_piece_size,
+        idle_wait=args.idle_wait,
+    )
+    for name in args.scenarios:
+        _, path = run_scenario(
+            name,
+            options=options,
+            nodes=args.nodes,
+            size=args.size,
+            piece_size=args.piece_size,
+            results_dir=args.results_dir,
+        )
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

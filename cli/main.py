@@ -1,0 +1,538 @@
+"""The ``swarm`` command line: parse, wire the parts together, print. Logic lives in the packages."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+import typer
+from rich.logging import RichHandler
+from rich.markup import escape
+
+from cli.progress import byte_progress, stderr
+from swarm.errors import ConfigError, SwarmError
+from swarm.manifest import DEFAULT_PIECE_SIZE
+from swarm.units import format_size, parse_size
+
+if TYPE_CHECKING:
+    from swarm.peer import PeerConfig
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="swarm",
+    help=(
+        "Peer-to-peer distribution of large model artifacts: each byte leaves object storage "
+        "once per cluster, and nodes trade verified pieces over the cluster network."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def size_option(value: str) -> int:
+    """Typer callback: accept ``256MiB``, ``100GB``, ``1TiB`` or a plain byte count."""
+    try:
+        return parse_size(value)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run one command's coroutine; a SwarmError becomes a one-line message and exit code 1."""
+    try:
+        return asyncio.run(coro)
+    except SwarmError as exc:
+        stderr.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2 if isinstance(exc, ConfigError) else 1) from None
+    except KeyboardInterrupt:
+        stderr.print("[yellow]interrupted[/]")
+        raise typer.Exit(130) from None
+
+
+def emit_json(obj: dict[str, Any]) -> None:
+    """The one JSON object a ``--json`` command prints on stdout."""
+    sys.stdout.write(json.dumps(obj, sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
+@app.callback()
+def main_options(
+    verbose: Annotated[
+        int,
+        typer.Option("--verbose", "-v", count=True, help="More log output on stderr (-vv: debug)."),
+    ] = 0,
+) -> None:
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(
+        level=level,
+        format="%(name)s: %(message)s",
+        handlers=[RichHandler(console=stderr, show_path=False, rich_tracebacks=False)],
+    )
+
+
+@app.command()
+def publish(
+    origin_url: Annotated[
+        str,
+        typer.Argument(
+            help="Where the artifact lives: s3://bucket/prefix, gs://bucket/prefix, http(s)://host/prefix or file:///path."
+        ),
+    ],
+    name: Annotated[str, typer.Option("--name", help="Artifact name, e.g. kimi-k2 or org/model.")],
+    catalog: Annotated[
+        str | None,
+        typer.Option(
+            "--catalog",
+            envvar="SWARM_CATALOG",
+            help="Catalog URL where manifests are kept (any writable origin URL).",
+        ),
+    ] = None,
+    piece_size: Annotated[
+        int,
+        typer.Option(
+            "--piece-size", parser=size_option, help="Piece size, e.g. 256MiB.", metavar="SIZE"
+        ),
+    ] = DEFAULT_PIECE_SIZE,
+    files: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--file",
+            help="Publish only these keys (repeatable); required for http(s) origins, which can't list.",
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object on stdout at the end.")
+    ] = False,
+) -> None:
+    """Hash the artifact at ORIGIN_URL and write its manifest to the catalog; prints NAME@ROOT."""
+    from seeder.catalog import catalog_url
+    from seeder.publish import publish as do_publish
+
+    async def go() -> None:
+        url = catalog_url(catalog)
+        with byte_progress(f"hashing {name}", None) as bar:
+
+            def on_progress(n: int, total: int) -> None:
+                if n == 0:
+                    bar.set_total(total)
+                bar.advance(n)
+
+            manifest = await do_publish(
+                origin_url, name, url, piece_size=piece_size, files=files, progress=on_progress
+            )
+        if as_json:
+            emit_json(
+                {
+                    "artifact": manifest.name,
+                    "root": manifest.root_hex,
+                    "ref": manifest.ref,
+                    "model_bytes": manifest.total_size,
+                    "files": len(manifest.files),
+                    "pieces": manifest.num_pieces,
+                    "piece_size": manifest.piece_size,
+                    "catalog": url,
+                }
+            )
+        else:
+            stderr.print(
+                f"published {manifest.name}: {len(manifest.files)} files, {format_size(manifest.total_size)}, "
+                f"{manifest.num_pieces} pieces of {format_size(manifest.piece_size)}"
+            )
+            print(manifest.ref)
+
+    run(go())
+
+
+@app.command()
+def fetch(
+    ref: Annotated[
+        str, typer.Argument(help="NAME or NAME@ROOT (a root prefix of 8+ hex digits is enough).")
+    ],
+    dest: Annotated[
+        Path, typer.Option("--dest", help="Directory to write the artifact's files into.")
+    ],
+    tracker: Annotated[
+        str | None,
+        typer.Option(
+            "--tracker",
+            envvar="SWARM_TRACKER",
+            help="Tracker URL, e.g. http://tracker:7070: fetch through the swarm.",
+        ),
+    ] = None,
+    catalog: Annotated[
+        str | None,
+        typer.Option(
+            "--catalog",
+            envvar="SWARM_CATALOG",
+            help="Catalog URL (for --direct and --fallback-direct).",
+        ),
+    ] = None,
+    direct: Annotated[
+        bool,
+        typer.Option(
+            "--direct", help="Read every piece straight from the origin (no tracker, no peers)."
+        ),
+    ] = False,
+    linger: Annotated[
+        float,
+        typer.Option(
+            "--linger",
+            min=0,
+            help="After finishing, keep serving until every peer of the swarm has finished, at most this many seconds.",
+        ),
+    ] = 300.0,
+    listen: Annotated[
+        str, typer.Option("--listen", help="HOST:PORT to accept peer connections on (port 0: any).")
+    ] = "0.0.0.0:0",
+    advertise: Annotated[
+        str,
+        typer.Option(
+            "--advertise",
+            envvar="SWARM_ADVERTISE",
+            help="Address other peers should dial (default: the address the tracker sees).",
+        ),
+    ] = "",
+    fallback_direct: Annotated[
+        bool,
+        typer.Option(
+            "--fallback-direct",
+            help="If the tracker stays unreachable past --tracker-timeout, read the rest from the origin. Off by default: a hundred silent fallbacks are the storm swarm prevents.",
+        ),
+    ] = False,
+    tracker_timeout: Annotated[
+        float,
+        typer.Option(
+            "--tracker-timeout",
+            min=1,
+            help="Seconds the tracker may stay unreachable before giving up (or falling back).",
+        ),
+    ] = 120.0,
+    block_size: Annotated[
+        int,
+        typer.Option(
+            "--block-size",
+            parser=size_option,
+            metavar="SIZE",
+            help="Block size requested from peers.",
+        ),
+    ] = 4 * 1024 * 1024,
+    requests_per_peer: Annotated[
+        int,
+        typer.Option(
+            "--requests-per-peer",
+            min=1,
+            max=256,
+            help="Block requests in flight per peer connection.",
+        ),
+    ] = 6,
+    upload_slots: Annotated[
+        int,
+        typer.Option(
+            "--upload-slots",
+            min=1,
+            max=1024,
+            help="Blocks uploaded at once, shared round-robin by all peers.",
+        ),
+    ] = 16,
+    serve_corrupt: Annotated[
+        bool,
+        typer.Option(
+            "--serve-corrupt",
+            hidden=True,
+            help="Fault injection for tests: corrupt every block served.",
+        ),
+    ] = False,
+    origin: Annotated[
+        str | None,
+        typer.Option(
+            "--origin",
+            help="Read the data from this origin URL instead of the one in the manifest (a mirror).",
+        ),
+    ] = None,
+    pieces_in_flight: Annotated[
+        int, typer.Option("--pieces-in-flight", min=1, max=256, help="Pieces fetched at once.")
+    ] = 4,
+    range_size: Annotated[
+        int,
+        typer.Option(
+            "--range-size",
+            parser=size_option,
+            metavar="SIZE",
+            help="Size of each ranged origin request.",
+        ),
+    ] = 16 * 1024 * 1024,
+    origin_concurrency: Annotated[
+        int,
+        typer.Option("--origin-concurrency", min=1, max=1024, help="Concurrent origin requests."),
+    ] = 16,
+    no_fsync: Annotated[
+        bool,
+        typer.Option(
+            "--no-fsync",
+            help="Don't flush each piece to disk before recording it (faster, not crash-safe against power loss).",
+        ),
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON summary object on stdout at the end.")
+    ] = False,
+) -> None:
+    """Fetch an artifact into DEST, verified with blake3, resumable, marked complete only when whole.
+
+    Exit code 0 only when every piece is verified and the completion marker is written.
+    """
+    from seeder.catalog import Catalog, catalog_url
+    from seeder.origin import open_origin
+    from swarm.fetch import FetchConfig, fetch_direct
+
+    if direct == bool(tracker):
+        raise typer.BadParameter(
+            "give exactly one of --tracker URL (swarm) or --direct (origin only)"
+        )
+    if tracker:
+        host, _, port = listen.rpartition(":")
+        from swarm.peer import PeerConfig
+
+        config = PeerConfig(
+            listen_host=host or "0.0.0.0",
+            listen_port=int(port or 0),
+            advertise_host=advertise,
+            block_size=block_size,
+            requests_per_peer=requests_per_peer,
+            upload_slots=upload_slots,
+            linger=linger,
+            tracker_timeout=tracker_timeout,
+            fallback_direct=fallback_direct,
+            catalog=catalog,
+            origin_url=origin,
+            origin_pieces_in_flight=min(pieces_in_flight, 8),
+            range_size=range_size,
+            origin_concurrency=origin_concurrency,
+            durable=not no_fsync,
+            serve_corrupt=serve_corrupt,
+        )
+        run(_fetch_swarm(ref, dest, tracker, catalog, as_json, config))
+        return
+
+    async def go() -> None:
+        async with Catalog(catalog_url(catalog)) as cat:
+            manifest = await cat.get(ref)
+        config = FetchConfig(
+            pieces_in_flight=pieces_in_flight,
+            range_size=range_size,
+            origin_concurrency=origin_concurrency,
+            durable=not no_fsync,
+        )
+        src = open_origin(origin) if origin else None
+        try:
+            with byte_progress(f"{manifest.name}", manifest.total_size) as bar:
+                result = await fetch_direct(
+                    manifest, dest, origin=src, config=config, progress=bar.advance
+                )
+        finally:
+            if src is not None:
+                await src.close()
+        if as_json:
+            emit_json(result.to_json())
+        else:
+            stderr.print(
+                f"{manifest.ref}: {format_size(result.model_bytes)} verified in {dest} "
+                f"in {result.seconds:.1f}s (origin {format_size(result.origin_bytes)}, "
+                f"reused {format_size(result.reused_bytes)})"
+            )
+
+    run(go())
+
+
+async def _fetch_swarm(
+    ref: str,
+    dest: Path,
+    tracker_url: str,
+    catalog: str | None,
+    as_json: bool,
+    config: PeerConfig,
+) -> None:
+    from seeder.catalog import Catalog
+    from swarm.announce import TrackerClient
+    from swarm.errors import TrackerError
+    from swarm.peer import SwarmPeer
+
+    client = TrackerClient(tracker_url)
+    try:
+        manifest = None
+        deadline = asyncio.get_running_loop().time() + config.tracker_timeout
+        backoff = 0.5
+        while manifest is None:
+            try:
+                manifest = await client.manifest(ref)
+            except TrackerError as exc:
+                if asyncio.get_running_loop().time() > deadline:
+                    if config.fallback_direct and catalog:
+                        stderr.print(
+                            f"[yellow]tracker unreachable ({exc}); falling back to the origin[/]"
+                        )
+                        async with Catalog(catalog) as cat:
+                            manifest = await cat.get(ref)
+                        break
+                    raise
+                stderr.print(
+                    f"[yellow]tracker not answering ({exc}); retrying in {backoff:.1f}s[/]"
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+        with byte_progress(manifest.name, manifest.total_size, enabled=True) as bar:
+            peer = SwarmPeer(manifest, dest, client, config=config, progress=bar.advance)
+            result = await peer.run()
+    finally:
+        await client.close()
+    if as_json:
+        emit_json(result.to_json())
+    else:
+        stderr.print(
+            f"{manifest.ref}: {format_size(result.model_bytes)} verified in {dest} in {result.seconds:.1f}s "
+            f"(origin {format_size(result.origin_bytes)}, peers {format_size(result.peer_bytes)}, "
+            f"reused {format_size(result.reused_bytes)}, uploaded {format_size(result.extra['uploaded_bytes'])})"
+        )
+
+
+@app.command("tracker")
+def tracker_command(
+    listen: Annotated[
+        str, typer.Option("--listen", help="HOST:PORT for HTTP and UDP announces.")
+    ] = "0.0.0.0:7070",
+    catalog: Annotated[
+        str | None,
+        typer.Option(
+            "--catalog", envvar="SWARM_CATALOG", help="Catalog URL where manifests are read from."
+        ),
+    ] = None,
+    announce_interval: Annotated[
+        float,
+        typer.Option("--announce-interval", min=0.1, help="Seconds between a peer's announces."),
+    ] = 2.0,
+    peer_ttl: Annotated[
+        float,
+        typer.Option(
+            "--peer-ttl",
+            min=0.5,
+            help="A peer silent this long has left; its origin pieces are reassigned.",
+        ),
+    ] = 10.0,
+    stall_timeout: Annotated[
+        float,
+        typer.Option(
+            "--stall-timeout",
+            min=0.5,
+            help="An origin pull whose progress stands still this long is reassigned.",
+        ),
+    ] = 30.0,
+    per_peer_limit: Annotated[
+        int,
+        typer.Option(
+            "--per-peer-origin-pieces", min=1, help="Origin pieces one peer pulls at once."
+        ),
+    ] = 2,
+    origin_budget: Annotated[
+        int | None,
+        typer.Option(
+            "--origin-budget",
+            min=1,
+            help="Origin pieces the whole cluster pulls at once (default: per-peer limit x peers).",
+        ),
+    ] = None,
+) -> None:
+    """Run the per-cluster tracker: manifests, swarm registry, seeder assignment (HTTP + UDP)."""
+    from seeder.catalog import catalog_url
+    from tracker.service import Tracker, TrackerConfig
+
+    host, _, port = listen.rpartition(":")
+    if not port.isdigit():
+        raise typer.BadParameter(f"--listen must be HOST:PORT, got {listen!r}")
+
+    async def go() -> None:
+        config = TrackerConfig(
+            host=host or "0.0.0.0",
+            port=int(port),
+            catalog=catalog_url(catalog),
+            announce_interval=announce_interval,
+            peer_ttl=peer_ttl,
+            stall_timeout=stall_timeout,
+            per_peer_limit=per_peer_limit,
+            origin_budget=origin_budget,
+        )
+        await Tracker(config).serve_forever()
+
+    run(go())
+
+
+@app.command()
+def demo(
+    peers: Annotated[
+        int, typer.Option("--peers", min=1, max=64, help="Peer processes to start.")
+    ] = 6,
+    size: Annotated[
+        int,
+        typer.Option("--size", parser=size_option, metavar="SIZE", help="Synthetic model size."),
+    ] = 256 * 1024 * 1024,
+    piece_size: Annotated[
+        int, typer.Option("--piece-size", parser=size_option, metavar="SIZE", help="Piece size.")
+    ] = 16 * 1024 * 1024,
+    workdir: Annotated[
+        Path | None,
+        typer.Option(
+            "--workdir",
+            help="Keep everything (data, copies, logs) here instead of a temporary directory.",
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON summary object on stdout at the end.")
+    ] = False,
+) -> None:
+    """Run a whole swarm on this machine: S3 server, publish, tracker, N peers, verify, summary."""
+    from swarm.demo import DemoConfig, run_demo
+
+    async def go() -> dict[str, Any]:
+        config = DemoConfig(
+            peers=peers, size=size, piece_size=piece_size, workdir=workdir, keep=workdir is not None
+        )
+        return await run_demo(config, stderr)
+
+    summary = run(go())
+    if as_json:
+        emit_json(summary)
+    else:
+        ratio = summary["origin_bytes"] / summary["model_bytes"]
+        stderr.print(
+            f"\n[bold]{'verified' if summary['verified'] else 'NOT VERIFIED'}[/]: {peers} peers got "
+            f"{format_size(summary['model_bytes'])} each in {summary['seconds']:.1f}s; "
+            f"origin bytes = {ratio:.3f} x model; {format_size(summary['peer_bytes'])} exchanged peer to peer; "
+            f"aggregate {summary['aggregate_mb_per_s']:.0f} MB/s"
+        )
+    if not summary["verified"]:
+        raise typer.Exit(1)
+
+
+def _register_optional() -> None:
+    """Commands whose packages may be absent from a trimmed install."""
+    try:
+        from simulations.cli import register
+    except ImportError:
+        return
+    register(app)
+
+
+_register_optional()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Origin backends, one module per URL scheme."""

@@ -1,0 +1,332 @@
+"""``s3://bucket/prefix`` origins through boto3.
+
+The client comes from the standard AWS environment (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, profiles, ...).
+botocore's own retries are off: ``seeder.reader`` retries with its budget and jitter.
+Checksums are only computed or validated when an operation requires them, because a
+ranged GET has no whole-object checksum to check and S3-compatible servers differ.
+
+Ranged reads stream the response body straight into the caller's buffer through
+``http.client``'s ``readinto`` (urllib3's own ``readinto`` goes through a ``bytes``
+copy), a chunk at a time, counting bytes as they arrive.
+"""
+
+from __future__ import annotations
+
+import builtins
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlsplit
+
+import boto3
+import botocore.exceptions
+import botocore.loaders
+import botocore.session
+from botocore.config import Config
+
+from seeder.backends.common import (
+    CONNECT_TIMEOUT,
+    READ_CHUNK,
+    READ_TIMEOUT,
+    S3_THROTTLE_CODES,
+    S3_TRANSIENT_CODES,
+    THROTTLE_STATUSES,
+    TRANSIENT_STATUSES,
+    OriginThrottledError,
+    check_range_reply,
+    parse_retry_after,
+    range_header,
+)
+from seeder.backends.threaded import ReadAborted, ThreadedCalls
+from seeder.errors import (
+    OriginError,
+    OriginNotFoundError,
+    OriginPermissionError,
+    OriginTransientError,
+)
+from seeder.origin import ObjectInfo, Origin, join_key
+from swarm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+# Enough for the reader's default concurrency plus list/stat/catalog calls alongside.
+DEFAULT_POOL = 64
+
+_NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NotFound", "404"})
+_PERMISSION_CODES = frozenset(
+    {
+        "AccessDenied",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "InvalidToken",
+        "TokenRefreshRequired",
+        "AllAccessDisabled",
+        "401",
+        "403",
+    }
+)
+
+
+_loader_lock = threading.Lock()
+_shared_loader: botocore.loaders.Loader | None = None
+
+
+def _session() -> boto3.session.Session:
+    """A fresh boto3 session (it reads the environment now) sharing one model loader.
+
+    Loading the S3 service model is most of a client's creation cost; the loader
+    caches it, credentials and settings stay per session.
+    """
+    global _shared_loader
+    core = botocore.session.Session()
+    with _loader_lock:
+        if _shared_loader is None:
+            _shared_loader = core.get_component("data_loader")
+        else:
+            core.register_component("data_loader", _shared_loader)
+    return boto3.session.Session(botocore_session=core)
+
+
+class _ReadInto(Protocol):
+    def readinto(self, b: memoryview, /) -> int | None: ...
+
+
+class _RawBody(Protocol):
+    def read(self, amt: int | None = None, /) -> bytes: ...
+    def release_conn(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def translate_s3_error(exc: Exception, what: str) -> OriginError:
+    """The ``seeder.errors`` error for a botocore (or socket) exception about ``what``."""
+    if isinstance(exc, botocore.exceptions.ClientError):
+        error = exc.response.get("Error", {})
+        meta = exc.response.get("ResponseMetadata", {})
+        code = str(error.get("Code", ""))
+        status = int(meta.get("HTTPStatusCode", 0) or 0)
+        message = error.get("Message") or code or f"HTTP {status}"
+        headers = meta.get("HTTPHeaders", {})
+        retry_after = parse_retry_after(headers.get("retry-after"), time.time())
+        if code == "NoSuchBucket":
+            return OriginNotFoundError(f"{what}: no such bucket")
+        if code in _NOT_FOUND_CODES or status == 404:
+            return OriginNotFoundError(f"{what}: no such object")
+        if code in _PERMISSION_CODES or status in (401, 403):
+            return OriginPermissionError(
+                f"{what}: access denied ({code or status}: {message}); "
+                "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket policy"
+            )
+        if code in S3_TRANSIENT_CODES or status in TRANSIENT_STATUSES:
+            text = f"{what}: {code or 'error'} (HTTP {status})"
+            if retry_after is not None:
+                text += f", Retry-After {retry_after:g} s"
+            if code in S3_THROTTLE_CODES or status in THROTTLE_STATUSES:
+                return OriginThrottledError(text, retry_after=retry_after)
+            return OriginTransientError(text, retry_after=retry_after)
+        return OriginError(f"{what}: {code or status}: {message}")
+    if isinstance(
+        exc, botocore.exceptions.NoCredentialsError | botocore.exceptions.PartialCredentialsError
+    ):
+        return OriginPermissionError(
+            f"{what}: no usable AWS credentials ({exc}); set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY or a profile"
+        )
+    if isinstance(exc, botocore.exceptions.SSLError):
+        return OriginError(f"{what}: TLS failure: {exc}")
+    if isinstance(
+        exc,
+        botocore.exceptions.ConnectionError
+        | botocore.exceptions.HTTPClientError
+        | botocore.exceptions.IncompleteReadError,
+    ):
+        return OriginTransientError(f"{what}: {exc}")
+    if isinstance(exc, OSError):  # reset, timeout, broken pipe while streaming the body
+        return OriginTransientError(f"{what}: {type(exc).__name__}: {exc}")
+    return OriginError(f"{what}: {type(exc).__name__}: {exc}")
+
+
+class S3Origin(Origin):
+    """Objects under ``s3://bucket/prefix``; keys are relative to the prefix."""
+
+    def __init__(self, url: str, *, max_pool_connections: int = DEFAULT_POOL) -> None:
+        super().__init__(url)
+        parts = urlsplit(url)
+        if parts.scheme.lower() != "s3" or not parts.netloc:
+            raise ConfigError(f"S3 origin URL must be s3://bucket/prefix, got {url!r}")
+        self.bucket = parts.netloc
+        self.prefix = parts.path.strip("/")
+        self._pool_size = max_pool_connections
+        self._calls = ThreadedCalls("s3-origin", max_pool_connections)
+        self._client: S3Client | None = None
+        self._client_lock = threading.Lock()
+        self._count_lock = threading.Lock()
+
+    # -- plumbing ---------------------------------------------------------------
+
+    def _s3(self) -> S3Client:
+        """The boto3 client, built once on first use (it reads the environment)."""
+        with self._client_lock:
+            if self._client is None:
+                config = Config(
+                    response_checksum_validation="when_required",
+                    request_checksum_calculation="when_required",
+                    max_pool_connections=self._pool_size,
+                    # One try per call ("max_attempts" would count retries only).
+                    retries={"mode": "standard", "total_max_attempts": 1},
+                    connect_timeout=CONNECT_TIMEOUT,
+                    read_timeout=READ_TIMEOUT,
+                    tcp_keepalive=True,
+                )
+                try:
+                    self._client = _session().client("s3", config=config)
+                except botocore.exceptions.BotoCoreError as exc:
+                    raise OriginError(f"{self.url}: can't build the S3 client: {exc}") from exc
+            return self._client
+
+    def _key(self, key: str) -> str:
+        return join_key(self.prefix, key)
+
+    def _what(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def _count(self, requests: int = 0, nbytes: int = 0) -> None:
+        with self._count_lock:
+            self.counters.requests += requests
+            self.counters.bytes_read += nbytes
+
+    # -- the interface ----------------------------------------------------------
+
+    async def list(self) -> list[ObjectInfo]:
+        return await self._calls.call(self._list_sync)
+
+    def _list_sync(self) -> builtins.list[ObjectInfo]:
+        what = f"s3://{self.bucket}/{self.prefix}"
+        start = f"{self.prefix}/" if self.prefix else ""
+        found: builtins.list[ObjectInfo] = []
+        try:
+            paginator = self._s3().get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=start):
+                self._count(requests=1)
+                for obj in page.get("Contents", []):
+                    full = obj["Key"]
+                    if full.endswith("/"):  # a "directory" marker, not a file
+                        continue
+                    found.append(ObjectInfo(full[len(start) :], int(obj["Size"])))
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise translate_s3_error(exc, what) from exc
+        return sorted(found, key=lambda o: o.key)
+
+    async def stat(self, key: str) -> ObjectInfo:
+        return await self._calls.call(self._stat_sync, key)
+
+    def _stat_sync(self, key: str) -> ObjectInfo:
+        self._count(requests=1)
+        try:
+            head = self._s3().head_object(Bucket=self.bucket, Key=self._key(key))
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise translate_s3_error(exc, self._what(key)) from exc
+        return ObjectInfo(key, int(head["ContentLength"]))
+
+    async def read_into(self, key: str, offset: int, buf: memoryview) -> None:
+        if offset < 0:
+            raise ValueError(f"negative offset {offset}")
+        if len(buf) == 0:
+            return
+        await self._calls.call_abortable(
+            lambda abort: self._read_into_sync(key, offset, buf, abort)
+        )
+
+    def _read_into_sync(
+        self, key: str, offset: int, buf: memoryview, abort: threading.Event
+    ) -> None:
+        length = len(buf)
+        what = f"{self._what(key)} bytes {offset}-{offset + length - 1}"
+        self._count(requests=1)
+        try:
+            resp = self._s3().get_object(
+                Bucket=self.bucket, Key=self._key(key), Range=range_header(offset, length)
+            )
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise translate_s3_error(exc, what) from exc
+        raw: Any = getattr(resp["Body"], "_raw_stream")  # noqa: B009 - urllib3.HTTPResponse
+        released = False
+        try:
+            check_range_reply(
+                what,
+                int(resp["ResponseMetadata"]["HTTPStatusCode"]),
+                resp.get("ContentRange"),
+                resp.get("ContentLength"),
+                offset,
+                length,
+            )
+            self._stream_into(raw, buf, what, abort)
+            raw.release_conn()
+            released = True
+        except (OSError, botocore.exceptions.BotoCoreError) as exc:
+            raise translate_s3_error(exc, what) from exc
+        finally:
+            if not released:
+                raw.close()  # drop a half-read connection rather than reuse it
+
+    def _stream_into(
+        self, raw: _RawBody, buf: memoryview, what: str, abort: threading.Event
+    ) -> None:
+        # http.client.HTTPResponse.readinto fills the view straight from the socket.
+        fp: _ReadInto | None = getattr(raw, "_fp", None)
+        direct = fp is not None and hasattr(fp, "readinto")
+        view = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
+        done = 0
+        length = len(view)
+        while done < length:
+            if abort.is_set():
+                raise ReadAborted(what)
+            want = min(READ_CHUNK, length - done)
+            if direct:
+                assert fp is not None
+                got = fp.readinto(view[done : done + want]) or 0
+            else:  # pragma: no cover - other urllib3 layouts
+                data = raw.read(want)
+                got = len(data)
+                view[done : done + got] = data
+            if got == 0:
+                raise OriginTransientError(
+                    f"{what}: connection closed after {done} of {length} bytes"
+                )
+            done += got
+            self._count(nbytes=got)
+
+    async def get_bytes(self, key: str) -> bytes:
+        return await self._calls.call(self._get_sync, key)
+
+    def _get_sync(self, key: str) -> bytes:
+        what = self._what(key)
+        self._count(requests=1)
+        try:
+            resp = self._s3().get_object(Bucket=self.bucket, Key=self._key(key))
+            data = resp["Body"].read()
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, OSError) as exc:
+            raise translate_s3_error(exc, what) from exc
+        self._count(nbytes=len(data))
+        expected = resp.get("ContentLength")
+        if expected is not None and expected != len(data):
+            raise OriginTransientError(f"{what}: got {len(data)} of {expected} bytes")
+        return data
+
+    async def put_bytes(self, key: str, data: bytes) -> None:
+        await self._calls.call(self._put_sync, key, data)
+
+    def _put_sync(self, key: str, data: bytes) -> None:
+        try:
+            self._s3().put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise translate_s3_error(exc, self._what(key)) from exc
+
+    async def close(self) -> None:
+        await self._calls.close()
+        with self._client_lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()

@@ -1,0 +1,96 @@
+"""Publishing: list and hash an artifact at its origin, and write its manifest to the catalog."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+
+from seeder.catalog import Catalog
+from seeder.origin import ObjectInfo, Origin, open_origin
+from seeder.reader import RangedReader
+from swarm.buffers import BufferPool
+from swarm.errors import ConfigError, SwarmError
+from swarm.manifest import DEFAULT_PIECE_SIZE, Manifest, validate_path
+from swarm.store import digest
+
+
+async def list_files(origin: Origin, files: Sequence[str] | None) -> list[ObjectInfo]:
+    """The objects to publish: the given keys, or everything under the origin's prefix."""
+    if files:
+        for key in files:
+            validate_path(key)
+        return [await origin.stat(key) for key in files]
+    listed = await origin.list()
+    if not listed:
+        raise ConfigError(f"nothing to publish: {origin.url} has no objects")
+    for info in listed:
+        validate_path(info.key)
+    return listed
+
+
+async def build_manifest(
+    origin_url: str,
+    name: str,
+    *,
+    piece_size: int = DEFAULT_PIECE_SIZE,
+    files: Sequence[str] | None = None,
+    pieces_in_flight: int = 4,
+    range_size: int = 16 * 1024 * 1024,
+    progress: Callable[[int, int], None] | None = None,
+    origin: Origin | None = None,
+) -> Manifest:
+    """Hash every piece of the artifact at ``origin_url`` (parallel ranged reads)."""
+    own = origin is None
+    origin = origin or open_origin(origin_url)
+    try:
+        objects = await list_files(origin, files)
+        sizes = [(o.key, o.size) for o in objects]
+        layout = Manifest.layout(sizes, piece_size)
+        total = sum(size for _, size in sizes)
+        if progress:
+            progress(0, total)
+        digests: list[bytes] = [b""] * len(layout)
+        reader = RangedReader(origin, range_size=range_size)
+        in_flight = max(1, min(pieces_in_flight, len(layout)))
+        pool = BufferPool(min(piece_size, max((n for _, _, n in layout), default=1)), in_flight)
+        todo = iter(enumerate(layout))
+
+        async def worker() -> None:
+            for index, (key, offset, length) in todo:
+                async with pool.lease(length) as buf:
+                    await reader.read(key, offset, buf)
+                    digests[index] = await asyncio.to_thread(digest, buf)
+                if progress:
+                    progress(length, total)
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(in_flight):
+                    tg.create_task(worker())
+        except* SwarmError as group:
+            # Raise the first failure itself, not a group: callers and the CLI catch SwarmError.
+            raise group.exceptions[0]  # noqa: B904 - keeps the failure's own cause
+        return Manifest.build(
+            name=name, origin=origin_url, piece_size=piece_size, files=sizes, digests=digests
+        )
+    finally:
+        if own:
+            await origin.close()
+
+
+async def publish(
+    origin_url: str,
+    name: str,
+    catalog_url: str,
+    *,
+    piece_size: int = DEFAULT_PIECE_SIZE,
+    files: Sequence[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Manifest:
+    """Build the manifest of ``origin_url`` and make it the latest version of ``name``."""
+    manifest = await build_manifest(
+        origin_url, name, piece_size=piece_size, files=files, progress=progress
+    )
+    async with Catalog(catalog_url) as catalog:
+        await catalog.put(manifest)
+    return manifest

@@ -1,0 +1,151 @@
+"""Reading a byte range of an origin object with several concurrent ranged requests.
+
+``RangedReader.read(key, offset, buf)`` splits ``buf`` into ranges of ``range_size``
+bytes and fills each with one ``Origin.read_into`` call, at most ``max_concurrency``
+requests in flight across every ``read`` sharing the reader (one reader per process
+caps the load one peer puts on the origin). A range that fails with
+``OriginTransientError`` is retried after the ``RetryPolicy``'s delay, without holding
+a concurrency slot while it waits; each retry is counted in ``origin.counters.retries``
+(and ``throttled`` for 429/503/SlowDown) and logged on ``swarm.origin``. Permanent
+errors (not found, permission, unsupported) end the read at once, as does
+``RetryBudgetExceeded`` when a range runs out of retries; the other ranges of that
+read are cancelled first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+
+from seeder.backends.common import OriginThrottledError
+from seeder.errors import OriginTransientError, RetryBudgetExceeded
+from seeder.origin import Origin
+from seeder.retry import RetryPolicy
+from swarm.errors import ConfigError
+
+log = logging.getLogger("swarm.origin")
+
+DEFAULT_RANGE_SIZE = 16 * 1024 * 1024
+DEFAULT_MAX_CONCURRENCY = 16
+
+
+class RangedReader:
+    """Concurrent, retried ranged reads from one origin into caller-provided buffers."""
+
+    def __init__(
+        self,
+        origin: Origin,
+        *,
+        range_size: int = DEFAULT_RANGE_SIZE,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        retry: RetryPolicy | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        if range_size < 1:
+            raise ConfigError(f"range size must be at least 1 byte, got {range_size}")
+        if max_concurrency < 1:
+            raise ConfigError(f"origin concurrency must be at least 1, got {max_concurrency}")
+        self.origin = origin
+        self.range_size = range_size
+        self.max_concurrency = max_concurrency
+        self.retry = retry if retry is not None else RetryPolicy()
+        self.rng = rng if rng is not None else random.Random()
+        self._slots = asyncio.Semaphore(max_concurrency)
+
+    async def read(
+        self, key: str, offset: int, buf: memoryview, progress: Callable[[int], None] | None = None
+    ) -> None:
+        """Fill ``buf`` with ``len(buf)`` bytes of ``key`` from ``offset``.
+
+        ``progress`` is called with each range's length as that range completes, so a
+        seeder can report progress (the tracker's stall detection) within a piece.
+        """
+        if offset < 0:
+            raise ValueError(f"negative offset {offset} reading {key!r}")
+        view = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
+        if view.readonly:
+            raise ValueError(f"read-only buffer passed to read {key!r}")
+        length = len(view)
+        if length == 0:
+            return
+        starts = range(0, length, self.range_size)
+        if len(starts) == 1:
+            await self._read_range(key, offset, view, progress)
+            return
+        tasks = [
+            asyncio.create_task(
+                self._read_range(
+                    key, offset + start, view[start : start + self.range_size], progress
+                ),
+                name=f"origin-read {key} @{offset + start}",
+            )
+            for start in starts
+        ]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            # Cancelled by our caller or a range failed: stop the rest before returning,
+            # so no task writes into ``buf`` after we give it back.
+            for task in tasks:
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in tasks:  # the first failure in range order, for a stable message
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                exc = task.exception()
+                assert exc is not None
+                raise exc
+
+    async def _read_range(
+        self,
+        key: str,
+        offset: int,
+        view: memoryview,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        end = offset + len(view) - 1
+        failures = 0
+        slept = 0.0
+        while True:
+            try:
+                async with self._slots:
+                    await self.origin.read_into(key, offset, view)
+                if progress is not None:
+                    progress(len(view))
+                return
+            except OriginTransientError as exc:
+                failures += 1
+                throttled = isinstance(exc, OriginThrottledError)
+                if throttled:
+                    self.origin.counters.throttled += 1
+                wait = self.retry.delay(failures, exc.retry_after, self.rng)
+                if not self.retry.allows(failures, slept, wait):
+                    raise RetryBudgetExceeded(
+                        f"{self.origin.url} {key} bytes {offset}-{end}: giving up after "
+                        f"{failures} attempt(s) and {slept:.1f} s of backoff; last error: {exc}"
+                    ) from exc
+                self.origin.counters.retries += 1
+                log.warning(
+                    "origin retry: %s %s bytes %d-%d, attempt %d failed (%s%s); retrying in %.3f s",
+                    self.origin.url,
+                    key,
+                    offset,
+                    end,
+                    failures,
+                    "throttled: " if throttled else "",
+                    exc,
+                    wait,
+                    extra={
+                        "origin_url": self.origin.url,
+                        "origin_key": key,
+                        "range_start": offset,
+                        "range_end": end,
+                        "attempt": failures,
+                        "delay": wait,
+                        "throttled": throttled,
+                    },
+                )
+                await asyncio.sleep(wait)
+                slept += wait

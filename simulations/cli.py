@@ -1,0 +1,161 @@
+"""``swarm simulate``: run a scenario file, print a table, optionally JSON and a plot.
+
+The top-level CLI calls :func:`register` to add the command to its typer app.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from simulations.engine import Result
+from simulations.runner import plot_results, run_strategy
+from simulations.scenario import STRATEGIES, Scenario, list_scenarios, load_scenario
+from swarm.errors import ConfigError, SwarmError
+from swarm.units import parse_size
+
+__all__ = ["build_scenario", "register", "results_table", "simulate"]
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def results_table(results: list[Result]) -> Table:
+    """One row per strategy: completion as seconds and as a ratio to T_min, origin ÷ F."""
+    table = Table(title="simulated burst", title_justify="left")
+    for column in ("strategy", "nodes", "T_min s", "p50", "p99", "max", "origin ÷ F", "wall s"):
+        table.add_column(column, justify="left" if column == "strategy" else "right")
+    for result in results:
+        summary = result.summary()
+        times = summary["completion_seconds"]
+        ratios = summary["completion_ratio"]
+        cells = [
+            f"{_seconds(times[key])} s ({_seconds(ratios[key])}×)" for key in ("p50", "p99", "max")
+        ]
+        table.add_row(
+            result.strategy,
+            f"{summary['completed']}/{result.nodes}",
+            f"{result.lower_bound_seconds:.3g}",
+            *cells,
+            f"{summary['origin_ratio']:.3g}",
+            f"{result.wall_seconds:.2f}",
+        )
+    return table
+
+
+def build_scenario(
+    name: str,
+    *,
+    variant: str | None = None,
+    nodes: int | None = None,
+    model_size: str | None = None,
+    piece_size: str | None = None,
+    nic_gbps: float | None = None,
+    origin_gbps: float | None = None,
+    seed: int | None = None,
+) -> Scenario:
+    """The scenario ``name`` (or path), with a variant and flag overrides applied."""
+    scenario = load_scenario(name)
+    if variant is not None:
+        scenario = scenario.select_variant(variant)
+    return scenario.with_overrides(
+        nodes=nodes,
+        model_size=None if model_size is None else parse_size(model_size),
+        piece_size=None if piece_size is None else parse_size(piece_size),
+        nic_gbps=nic_gbps,
+        origin_gbps=origin_gbps,
+        seed=seed,
+    )
+
+
+def simulate(
+    scenario: Annotated[
+        str,
+        typer.Argument(
+            help=f"Scenario name ({', '.join(list_scenarios())}) or path to a TOML file."
+        ),
+    ] = "fireworks-kimi",
+    variant: Annotated[
+        str | None, typer.Option(help="One of the scenario's [[variant]] tables.")
+    ] = None,
+    nodes: Annotated[int | None, typer.Option(help="Number of nodes (replicas).")] = None,
+    model_size: Annotated[str | None, typer.Option(help="Artifact size, e.g. 1TiB.")] = None,
+    piece_size: Annotated[str | None, typer.Option(help="Piece size, e.g. 256MiB.")] = None,
+    nic_gbps: Annotated[float | None, typer.Option(help="Node NIC rate, Gbit/s.")] = None,
+    origin_gbps: Annotated[
+        float | None, typer.Option(help="Origin aggregate egress, Gbit/s.")
+    ] = None,
+    strategy: Annotated[
+        list[str] | None,
+        typer.Option(
+            help=f"Strategy to run ({', '.join(STRATEGIES)}, or all); repeat or comma-separate. "
+            "Default: the scenario's list."
+        ),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object on stdout at the end.")
+    ] = False,
+    plot: Annotated[
+        Path | None, typer.Option(help="Write a PNG: completion CDF and throughput over time.")
+    ] = None,
+) -> None:
+    """Simulate a burst of replicas fetching one artifact (flow-level, discrete events)."""
+    stderr = Console(stderr=True)
+    try:
+        chosen = build_scenario(
+            scenario,
+            variant=variant,
+            nodes=nodes,
+            model_size=model_size,
+            piece_size=piece_size,
+            nic_gbps=nic_gbps,
+            origin_gbps=origin_gbps,
+            seed=seed,
+        )
+        names: list[str] = []
+        for item in strategy or list(chosen.strategies):
+            for name in item.split(","):
+                name = name.strip()
+                if name == "all":
+                    names.extend(STRATEGIES)
+                elif name not in STRATEGIES:
+                    raise ConfigError(
+                        f"unknown strategy {name!r} (choose from {', '.join(STRATEGIES)} or all)"
+                    )
+                elif name:
+                    names.append(name)
+        names = list(dict.fromkeys(names))
+        results: list[Result] = []
+        for name in names:
+            stderr.print(
+                f"simulating [bold]{name}[/] on {chosen.name}"
+                f"{'/' + chosen.variant if chosen.variant else ''}: {chosen.nodes} nodes …",
+                highlight=False,
+            )
+            results.append(run_strategy(chosen, name))
+    except SwarmError as exc:
+        stderr.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2 if isinstance(exc, ConfigError) else 1) from None
+    stderr.print(results_table(results))
+    if plot is not None:
+        title = f"{chosen.name} {chosen.variant}".strip()
+        plot_results(results, plot, title=f"{title}: {chosen.nodes} nodes")
+        stderr.print(f"plot written to {plot}")
+    if json_output:
+        summaries = [result.summary() for result in results]
+        obj: dict[str, Any] = {**summaries[0], "results": summaries}
+        sys.stdout.write(json.dumps(obj, sort_keys=True) + "\n")
+        sys.stdout.flush()
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``simulate`` command to the ``swarm`` app."""
+    app.command("simulate")(simulate)

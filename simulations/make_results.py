@@ -1,0 +1,79 @@
+"""Regenerate ``simulations/RESULTS.md`` and ``simulations/plots/*.png``.
+
+    .venv/bin/python -m simulations.make_results
+
+Runs every (scenario, variant, strategies) listed in :data:`RUNS`, writes one
+plot per scenario variant and the table. Takes a few minutes on a 2-core
+machine; the 1000-replica fireworks variants are left to ``swarm simulate``
+because one swarm run of them alone takes longer than this whole script (see
+the speed section of RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from simulations.engine import Result
+from simulations.runner import plot_results, run_strategy
+from simulations.scenario import load_scenario
+
+HERE = Path(__file__).parent
+
+# (scenario, variant or "", strategies)
+RUNS: list[tuple[str, str, tuple[str, ...]]] = [
+    ("dragonfly-1200", "", ("swarm", "swarm-random", "cache", "direct")),
+    ("kraken-2600", "", ("swarm", "direct")),
+    ("fireworks-kimi", "n100-o10", ("swarm", "cache", "direct")),
+    ("fireworks-kimi", "n100-o25", ("swarm", "direct")),
+    ("fireworks-kimi", "n100-o100", ("swarm", "direct")),
+    ("faults", "", ("swarm", "swarm-random", "cache", "direct")),
+]
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}g}"
+
+
+def main() -> None:
+    rows: list[str] = []
+    for name, variant, strategies in RUNS:
+        scenario = load_scenario(name)
+        if variant:
+            scenario = scenario.select_variant(variant)
+        results: list[Result] = []
+        for strategy in strategies:
+            print(f"{name} {variant} {strategy} …", file=sys.stderr, flush=True)
+            result = run_strategy(scenario, strategy)
+            results.append(result)
+            s = result.summary()
+            r, t = s["completion_ratio"], s["completion_seconds"]
+            rows.append(
+                f"| {name} | {variant or '–'} | {strategy} | {scenario.nodes} "
+                f"| {_fmt(s['lower_bound_seconds'])} "
+                f"| {_fmt(r['p50'])} | {_fmt(r['p99'])} | {_fmt(r['max'])} "
+                f"| {_fmt(t['p50'])} / {_fmt(t['p99'])} / {_fmt(t['p999'])} "
+                f"| {s['origin_ratio']:.3f} | {s['crashed']}/{s['incomplete']} "
+                f"| {scenario.anchor or '–'} | {s['wall_seconds']:.1f} |"
+            )
+        stem = f"{name}-{variant}" if variant else name
+        plot_results(
+            results, HERE / "plots" / f"{stem}.png", title=f"{stem}: {scenario.nodes} nodes"
+        )
+    table = "\n".join(
+        [
+            "| scenario | variant | strategy | N | T_min s | p50 ÷ T_min | p99 ÷ T_min | max ÷ T_min "
+            "| ours p50 / p99 / p99.9 s | origin ÷ F | crashed/incomplete | anchor (published) | wall s |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+            *rows,
+        ]
+    )
+    template = (HERE / "RESULTS.md").read_text()
+    start, end = "<!-- table:start -->", "<!-- table:end -->"
+    head, _, rest = template.partition(start)
+    _, _, tail = rest.partition(end)
+    (HERE / "RESULTS.md").write_text(f"{head}{start}\n{table}\n{end}{tail}")
+
+
+if __name__ == "__main__":
+    main()

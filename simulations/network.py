@@ -1,0 +1,366 @@
+"""Flow-level network: links with capacities, flows across them, max-min fair rates.
+
+A *link* is anything that caps a byte rate: a node's uplink or downlink (the
+downlink's capacity already folds in the node's disk write rate, since both
+carry the same bytes), a top-of-rack uplink, the origin's aggregate egress. A
+*flow* is one transfer (a piece or block from a peer, a ranged GET from the
+origin) crossing a few links, with an optional cap of its own (the origin's
+per-connection throughput).
+
+Rates are max-min fair: the allocation progressive filling produces, in which
+every flow is either at its own cap or crosses a saturated link on which no
+other flow gets more. Two solvers compute it:
+
+* :func:`progressive_filling` -- the textbook algorithm over every flow at
+  once. Used as the reference in tests and as the fallback below.
+* :meth:`Network.settle` -- incremental. Each link keeps a *level*: the rate
+  it grants the flows it limits (``inf`` when it limits none). When flows come
+  or go, only their links are re-levelled (water-filling over the flows on the
+  link, each flow bounded by the levels of its other links); a flow whose rate
+  changes marks its other links for re-levelling, and so on until nothing moves
+  (the distributed max-min iteration of Charny, Clark and Jain, 1995). At the
+  fixpoint every flow has a bottleneck, which is the max-min condition; the
+  work done is proportional to the part of the network that actually changed,
+  not to the network. If the iteration runs unusually long (it has no tight
+  worst-case bound), the links touched are solved exactly by
+  :func:`progressive_filling` and the count is kept in
+  :attr:`Network.fallbacks`.
+
+Each flow knows its bytes left; its completion time is kept in a heap with lazy
+invalidation (a version number per flow), so a rate change costs one push.
+Time is passed in; nothing here reads a clock.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+__all__ = ["Flow", "Link", "Network", "progressive_filling"]
+
+INF = math.inf
+
+# Relative change of a rate below which neighbours are not re-levelled. Far below
+# anything measurable, far above float rounding.
+_REL_TOL = 1e-9
+
+
+class Link:
+    """A shared capacity in bytes per second."""
+
+    __slots__ = ("capacity", "flows", "level", "name", "queued")
+
+    def __init__(self, name: str, capacity: float) -> None:
+        if not capacity >= 0:
+            raise ValueError(f"link {name}: capacity must be >= 0 B/s, got {capacity}")
+        self.name = name
+        self.capacity = float(capacity)
+        self.flows: dict[Flow, None] = {}  # insertion-ordered set: runs are reproducible
+        self.level = INF
+        self.queued = False
+
+    def __repr__(self) -> str:
+        return f"Link({self.name!r}, {self.capacity:.4g} B/s, {len(self.flows)} flows)"
+
+    @property
+    def load(self) -> float:
+        """Sum of the rates of the flows on this link now."""
+        return sum(flow.rate for flow in self.flows)
+
+
+class Flow:
+    """One transfer of ``size`` bytes across ``links``, at most ``cap`` B/s.
+
+    ``on_done(flow, now)`` is called by the owner of the event loop when the
+    last byte has arrived; ``data`` is for the caller.
+    """
+
+    __slots__ = (
+        "cap",
+        "data",
+        "links",
+        "on_done",
+        "rate",
+        "remaining",
+        "size",
+        "stamp",
+        "started",
+        "version",
+    )
+
+    def __init__(
+        self,
+        links: tuple[Link, ...],
+        size: float,
+        on_done: Callable[[Flow, float], None],
+        *,
+        cap: float = INF,
+        data: Any = None,
+    ) -> None:
+        if not links and cap == INF:
+            raise ValueError("a flow needs at least one link or a finite cap")
+        self.links = links
+        self.size = float(size)
+        self.remaining = float(size)
+        self.cap = cap
+        self.rate = 0.0
+        self.stamp = 0.0  # time `remaining` was last brought up to date
+        self.started = 0.0
+        self.version = 0
+        self.on_done = on_done
+        self.data = data
+
+    def __repr__(self) -> str:
+        return f"Flow({[link.name for link in self.links]}, {self.remaining:.4g}/{self.size:.4g} B at {self.rate:.4g} B/s)"
+
+    def transferred(self, now: float) -> float:
+        """Bytes delivered by ``now``."""
+        return self.size - (self.remaining - self.rate * (now - self.stamp))
+
+
+def _waterfill(capacity: float, bounds: list[float]) -> float:
+    """Level granted by a link of ``capacity`` to flows each bounded by ``bounds``.
+
+    ``inf`` if the bounds fit (the link limits nobody).
+    """
+    bounds.sort()
+    left = capacity
+    n = len(bounds)
+    for bound in bounds:
+        if bound * n < left:
+            left -= bound
+            n -= 1
+        else:
+            return left / n
+    return INF
+
+
+def progressive_filling(flows: Iterable[Flow]) -> dict[Flow, float]:
+    """Max-min fair rates of ``flows`` by progressive filling (the reference solver).
+
+    All flows grow at the same pace; when a link saturates (or a flow reaches
+    its cap) its flows freeze at that rate. Only links crossed by ``flows`` are
+    considered, with their full capacity.
+    """
+    active = list(dict.fromkeys(flows))
+    rates: dict[Flow, float] = {}
+    links: dict[Link, None] = {}
+    for flow in active:
+        for link in flow.links:
+            links[link] = None
+    left = {link: link.capacity for link in links}
+    unfrozen = dict.fromkeys(links, 0)
+    for flow in active:
+        for link in flow.links:
+            unfrozen[link] += 1
+    level = 0.0
+    live = set(active)
+    while live:
+        step = INF
+        for link, count in unfrozen.items():
+            if count:
+                step = min(step, left[link] / count)
+        for flow in live:
+            step = min(step, flow.cap - level)
+        step = max(step, 0.0)
+        level += step
+        for link, count in unfrozen.items():
+            if count:
+                left[link] -= step * count
+        frozen: list[Flow] = []
+        for flow in live:
+            if flow.cap - level <= _REL_TOL * max(level, 1.0) or any(
+                unfrozen[link] and left[link] <= _REL_TOL * max(link.capacity, 1.0)
+                for link in flow.links
+            ):
+                frozen.append(flow)
+        if not frozen:  # only possible through rounding; freeze the tightest
+            frozen = list(live)
+        for flow in frozen:
+            rates[flow] = level
+            live.discard(flow)
+            for link in flow.links:
+                unfrozen[link] -= 1
+    return rates
+
+
+class Network:
+    """Links and flows with max-min fair rates, kept up to date incrementally.
+
+    The caller adds and removes flows as transfers start and stop, then calls
+    :meth:`settle` before letting time advance; :meth:`next_completion` and
+    :meth:`pop_completed` hand back flows whose last byte has arrived.
+    """
+
+    def __init__(self, *, max_relevels_per_link: int = 64) -> None:
+        self._dirty: list[Link] = []
+        self._completions: list[tuple[float, int, int, Flow]] = []
+        self._seq = 0
+        self._max_relevels = max_relevels_per_link
+        self.flows: dict[Flow, None] = {}
+        self.relevels = 0
+        """Link re-levellings done so far (a cost counter)."""
+        self.fallbacks = 0
+        """Times the incremental iteration ran long and the exact solver took over."""
+
+    # -- topology -----------------------------------------------------------
+
+    def _mark(self, link: Link) -> None:
+        if not link.queued:
+            link.queued = True
+            self._dirty.append(link)
+
+    def add_flow(self, flow: Flow, now: float) -> None:
+        """Start ``flow`` at ``now`` (its rate is set by the next :meth:`settle`)."""
+        flow.stamp = now
+        flow.started = now
+        flow.rate = 0.0
+        self.flows[flow] = None
+        for link in flow.links:
+            link.flows[flow] = None
+            self._mark(link)
+        if not flow.links:  # only its own cap limits it
+            self._set_rate(flow, flow.cap, now)
+
+    def remove_flow(self, flow: Flow, now: float) -> None:
+        """Stop ``flow`` (finished or abandoned); bytes it moved are kept in ``remaining``."""
+        if flow not in self.flows:
+            return
+        self._advance(flow, now)
+        del self.flows[flow]
+        flow.version += 1  # its queued completion is now stale
+        flow.rate = 0.0
+        for link in flow.links:
+            del link.flows[flow]
+            self._mark(link)
+
+    def set_capacity(self, link: Link, capacity: float) -> None:
+        """Change ``link``'s capacity (a throttling episode, a measured rate)."""
+        if not capacity >= 0:
+            raise ValueError(f"link {link.name}: capacity must be >= 0 B/s, got {capacity}")
+        link.capacity = float(capacity)
+        self._mark(link)
+
+    # -- rates --------------------------------------------------------------
+
+    @staticmethod
+    def _advance(flow: Flow, now: float) -> None:
+        if now > flow.stamp:
+            flow.remaining -= flow.rate * (now - flow.stamp)
+            flow.stamp = now
+
+    def _set_rate(self, flow: Flow, rate: float, now: float) -> None:
+        self._advance(flow, now)
+        flow.rate = rate
+        flow.version += 1
+        if rate > 0:
+            remaining = flow.remaining if flow.remaining > 0 else 0.0
+            self._seq += 1
+            heapq.heappush(
+                self._completions, (now + remaining / rate, self._seq, flow.version, flow)
+            )
+
+    def settle(self, now: float) -> None:
+        """Bring every rate back to max-min fair after flows or capacities changed."""
+        dirty = self._dirty
+        if not dirty:
+            return
+        touched: dict[Link, None] = {}
+        budget = self._max_relevels * (len(dirty) + 8)
+        count = 0
+        set_rate = self._set_rate
+        while dirty:
+            link = dirty.pop()
+            link.queued = False
+            touched[link] = None
+            count += 1
+            if count > budget:
+                self._fallback(touched, now)
+                return
+            flows = link.flows
+            if not flows:
+                link.level = INF
+                continue
+            # Each flow's bound from everything except this link.
+            bounds: list[float] = []
+            for flow in flows:
+                bound = flow.cap
+                for other in flow.links:
+                    if other is not link and other.level < bound:
+                        bound = other.level
+                bounds.append(bound)
+            level = _waterfill(link.capacity, bounds[:]) if link.capacity > 0 else 0.0
+            link.level = level
+            for flow, bound in zip(flows, bounds, strict=True):
+                rate = bound if bound < level else level
+                old = flow.rate
+                if abs(rate - old) > _REL_TOL * (rate + old) or (rate == 0.0) != (old == 0.0):
+                    set_rate(flow, rate, now)
+                    for other in flow.links:
+                        if other is not link and not other.queued:
+                            other.queued = True
+                            dirty.append(other)
+        self.relevels += count
+
+    def _fallback(self, touched: dict[Link, None], now: float) -> None:
+        """Solve exactly every flow connected to the links touched so far."""
+        self.fallbacks += 1
+        for link in self._dirty:
+            link.queued = False
+            touched[link] = None
+        self._dirty.clear()
+        # The connected component of the touched links.
+        seen_links: set[Link] = set(touched)
+        stack = list(touched)
+        component: dict[Flow, None] = {}
+        while stack:
+            link = stack.pop()
+            for flow in link.flows:
+                if flow not in component:
+                    component[flow] = None
+                    for other in flow.links:
+                        if other not in seen_links:
+                            seen_links.add(other)
+                            stack.append(other)
+        rates = progressive_filling(component)
+        for link in seen_links:
+            link.level = INF
+        for flow, rate in rates.items():
+            if abs(rate - flow.rate) > _REL_TOL * (rate + flow.rate) or flow.rate == 0.0:
+                self._set_rate(flow, rate, now)
+        # A full link's level is the largest rate on it (the rate of the flows
+        # it limits); other links limit nobody.
+        for link in seen_links:
+            total = sum(rates[f] for f in link.flows)
+            if link.flows and total >= link.capacity * (1 - 1e-9):
+                link.level = max(rates[f] for f in link.flows)
+
+    # -- completions --------------------------------------------------------
+
+    def next_completion(self) -> float:
+        """When the next flow finishes at current rates (``inf`` if none will)."""
+        heap = self._completions
+        while heap:
+            when, _, version, flow = heap[0]
+            if version == flow.version and flow in self.flows:
+                return when
+            heapq.heappop(heap)
+        return INF
+
+    def pop_completed(self, now: float) -> Flow | None:
+        """Remove and return one flow finishing at or before ``now``, or None.
+
+        One at a time: handling one completion may cancel another due at the
+        same instant, which must then not be reported.
+        """
+        heap = self._completions
+        flows = self.flows
+        while heap and heap[0][0] <= now:
+            _, _, version, flow = heapq.heappop(heap)
+            if version == flow.version and flow in flows:
+                self.remove_flow(flow, now)
+                flow.remaining = 0.0
+                return flow
+        return None

@@ -1,0 +1,652 @@
+"""How the artifact gets from the origin to every node: the strategies compared.
+
+``direct``
+    Every node reads every piece from the origin itself, ``origin_connections``
+    ranged GETs at a time, in file order. The origin carries N copies.
+
+``cache``
+    A co-located distributed cache (the design of the case study that
+    motivated swarm): consistent hashing (``cache_vnodes`` virtual nodes per
+    node) makes one node the owner of each piece. Owners pull their pieces from
+    the origin once, ``origin_connections`` at a time, a piece a reader is
+    waiting for first; every reader reads every piece, in order and
+    ``origin_connections`` at a time, from its owner. If an owner crashes, its
+    pieces map to the next node on the ring, which pulls them again.
+
+``swarm`` / ``swarm-random``
+    Our design, driving the real policy classes: the tracker's
+    :class:`tracker.assignment.SeederAssignment` decides which peer pulls each
+    piece from the origin; each peer's :class:`swarm.picker.PiecePicker` picks
+    what to request from which neighbour, and each peer's
+    :class:`swarm.choker.UploadScheduler` orders the requests it serves. The
+    engine does what the peer's network code does: connects each peer to
+    ``peer_connections`` random others (as the tracker's reply sample would),
+    keeps ``max_downloads`` requests in flight, announces each verified piece
+    to the neighbours that lack it (HAVE suppression, as libtorrent does),
+    reports origin progress every ``announce_interval`` and obeys the
+    assignment's stall reclaims. ``swarm-random`` differs only in the picker:
+    new pieces are picked uniformly at random among those the neighbour has,
+    instead of rarest first -- the ablation that shows what rarest first buys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from bisect import bisect_left
+from collections import deque
+from typing import Any
+
+from simulations.engine import OriginRequest, Simulation
+from simulations.network import Flow
+from simulations.scenario import Scenario
+from swarm.bitfield import Bitfield
+from swarm.choker import UploadScheduler
+from swarm.picker import BlockRequest, PiecePicker
+from tracker.assignment import SeederAssignment
+
+__all__ = [
+    "Cache",
+    "Direct",
+    "RandomOrderPicker",
+    "Swarm",
+    "cache_bound",
+    "cache_owners",
+    "make_strategy",
+]
+
+
+# -- direct -------------------------------------------------------------------
+
+
+class Direct:
+    """Every node pulls the whole artifact from the origin."""
+
+    name = "direct"
+
+    def __init__(self, sim: Simulation) -> None:
+        self.sim = sim
+        self.lengths = sim.piece_lengths
+        n = sim.scenario.nodes
+        self.next_piece = [0] * n
+        self.received = [0] * n
+
+    def start(self) -> None:
+        for node in range(self.sim.scenario.nodes):
+            if self.sim.joined[node]:
+                self.node_joined(node)
+
+    def node_joined(self, node: int) -> None:
+        for _ in range(self.sim.scenario.origin_connections):
+            self._request(node)
+
+    def node_crashed(self, node: int) -> None:
+        pass  # the engine dropped its transfers; nothing else depends on it
+
+    def _request(self, node: int) -> None:
+        piece = self.next_piece[node]
+        if piece >= len(self.lengths):
+            return
+        self.next_piece[node] = piece + 1
+        self.sim.origin_get(node, self.lengths[piece], self._got, node)
+
+    def _got(self, flow: Flow, now: float) -> None:
+        node: int = flow.data
+        self.received[node] += 1
+        if self.received[node] == len(self.lengths):
+            self.sim.node_finished(node)
+        else:
+            self._request(node)
+
+
+# -- cache --------------------------------------------------------------------
+
+
+def _ring_hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+class _Ring:
+    """Consistent hashing with virtual nodes."""
+
+    def __init__(self, nodes: list[int], vnodes: int) -> None:
+        points = sorted(
+            (_ring_hash(f"node-{node}-{v}"), node) for node in nodes for v in range(vnodes)
+        )
+        self.keys = [key for key, _ in points]
+        self.nodes = [node for _, node in points]
+
+    def owner(self, piece: int, alive: list[bool]) -> int:
+        """The first live node clockwise of the piece's point."""
+        start = bisect_left(self.keys, _ring_hash(f"piece-{piece}"))
+        size = len(self.keys)
+        for i in range(size):
+            node = self.nodes[(start + i) % size]
+            if alive[node]:
+                return node
+        raise LookupError("no live node on the ring")
+
+
+def cache_owners(scenario: Scenario) -> list[int]:
+    """Owner of every piece with every node up."""
+    ring = _Ring(list(range(scenario.nodes)), scenario.cache_vnodes)
+    alive = [True] * scenario.nodes
+    return [ring.owner(piece, alive) for piece in range(len(scenario.piece_lengths()))]
+
+
+def cache_bound(scenario: Scenario) -> float:
+    """Fastest the cache strategy can finish: a lower bound of its own.
+
+    The origin sends F once; each reader downloads what it does not own; each
+    owner uploads what it owns to the N - 1 other readers.
+    """
+    lengths = scenario.piece_lengths()
+    owned = [0] * scenario.nodes
+    for piece, owner in enumerate(cache_owners(scenario)):
+        owned[owner] += lengths[piece]
+    size = float(scenario.model_size)
+    rates = scenario.node_rates()
+    n = scenario.nodes
+    return max(
+        size / scenario.origin_rate,
+        max((size - owned[i]) / rates[i].down for i in range(n)),
+        max(owned[i] * (n - 1) / rates[i].up for i in range(n)),
+    )
+
+
+class Cache:
+    """Co-located distributed cache with consistent-hash ownership."""
+
+    name = "cache"
+
+    def __init__(self, sim: Simulation) -> None:
+        self.sim = sim
+        scenario = sim.scenario
+        self.lengths = sim.piece_lengths
+        n = scenario.nodes
+        self.window = scenario.origin_connections
+        self.ring = _Ring(list(range(n)), scenario.cache_vnodes)
+        self.owner = [self.ring.owner(p, sim.alive) for p in range(len(self.lengths))]
+        self.cached = [False] * len(self.lengths)
+        self.fetching: dict[int, OriginRequest] = {}
+        self.waiting: dict[int, list[int]] = {}  # piece -> readers waiting for it
+        self.queue: list[deque[int]] = [deque() for _ in range(n)]  # owner -> prefetch order
+        self.urgent: list[deque[int]] = [deque() for _ in range(n)]
+        self.pulling = [0] * n
+        for piece, owner in enumerate(self.owner):
+            self.queue[owner].append(piece)
+        self.next_read = [0] * n
+        self.received = [0] * n
+        self.reads: list[dict[int, Flow | None]] = [{} for _ in range(n)]  # reader -> piece -> flow
+        self.serving: list[dict[tuple[int, int], None]] = [{} for _ in range(n)]
+
+    def start(self) -> None:
+        for node in range(self.sim.scenario.nodes):
+            if self.sim.joined[node]:
+                self._pull(node)
+        for node in range(self.sim.scenario.nodes):
+            if self.sim.joined[node]:
+                self.node_joined(node)
+
+    def node_joined(self, node: int) -> None:
+        self._pull(node)
+        for _ in range(self.window):
+            self._read_next(node)
+
+    # -- cache tier: owners pull from the origin -------------------------------
+
+    def _pull(self, owner: int) -> None:
+        sim = self.sim
+        if not sim.alive[owner] or not sim.joined[owner]:
+            return
+        while self.pulling[owner] < self.window:
+            piece = self._next_to_pull(owner)
+            if piece is None:
+                return
+            self.pulling[owner] += 1
+            self.fetching[piece] = sim.origin_get(owner, self.lengths[piece], self._pulled, piece)
+
+    def _next_to_pull(self, owner: int) -> int | None:
+        for queue in (self.urgent[owner], self.queue[owner]):
+            while queue:
+                piece = queue.popleft()
+                if (
+                    not self.cached[piece]
+                    and piece not in self.fetching
+                    and self.owner[piece] == owner
+                ):
+                    return piece
+        return None
+
+    def _pulled(self, flow: Flow, now: float) -> None:
+        piece: int = flow.data
+        owner = self.owner[piece]
+        del self.fetching[piece]
+        self.pulling[owner] -= 1
+        self.cached[piece] = True
+        for reader in self.waiting.pop(piece, []):
+            self._serve(piece, reader)
+        self._pull(owner)
+
+    # -- readers ----------------------------------------------------------------
+
+    def _read_next(self, reader: int) -> None:
+        piece = self.next_read[reader]
+        if piece >= len(self.lengths):
+            return
+        self.next_read[reader] = piece + 1
+        self._read(reader, piece)
+
+    def _read(self, reader: int, piece: int) -> None:
+        self.reads[reader][piece] = None
+        if self.cached[piece]:
+            self._serve(piece, reader)
+            return
+        self.waiting.setdefault(piece, []).append(reader)
+        owner = self.owner[piece]
+        if piece not in self.fetching:
+            self.urgent[owner].append(piece)
+            self._pull(owner)
+
+    def _serve(self, piece: int, reader: int) -> None:
+        owner = self.owner[piece]
+        if owner == reader:
+            self._done_reading(reader, piece)
+            return
+        flow = self.sim.send(owner, reader, self.lengths[piece], self._read_done, (reader, piece))
+        self.reads[reader][piece] = flow
+        self.serving[owner][(reader, piece)] = None
+
+    def _read_done(self, flow: Flow, now: float) -> None:
+        reader, piece = flow.data
+        self.serving[self.owner[piece]].pop((reader, piece), None)
+        self._done_reading(reader, piece)
+
+    def _done_reading(self, reader: int, piece: int) -> None:
+        del self.reads[reader][piece]
+        self.received[reader] += 1
+        if self.received[reader] == len(self.lengths):
+            self.sim.node_finished(reader)
+        else:
+            self._read_next(reader)
+
+    # -- faults -----------------------------------------------------------------
+
+    def node_crashed(self, node: int) -> None:
+        """The crashed owner's pieces move to the next node on the ring and are pulled again."""
+        sim = self.sim
+        orphans = [p for p, owner in enumerate(self.owner) if owner == node]
+        readers_cut = list(self.serving[node])
+        self.serving[node].clear()
+        self.pulling[node] = 0
+        self.reads[node].clear()
+        for piece in orphans:
+            self.fetching.pop(piece, None)
+            self.cached[piece] = False
+            new_owner = self.ring.owner(piece, sim.alive)
+            self.owner[piece] = new_owner
+            self.queue[new_owner].append(piece)
+        for piece in orphans:
+            waiters = self.waiting.get(piece)
+            if waiters is not None:
+                self.waiting[piece] = [r for r in waiters if r != node]
+        for reader, piece in readers_cut:
+            if sim.alive[reader]:
+                self._read(reader, piece)
+        for owner in {self.owner[p] for p in orphans}:
+            self._pull(owner)
+
+
+# -- swarm --------------------------------------------------------------------
+
+
+class RandomOrderPicker(PiecePicker[int]):
+    """The real picker with one change: new pieces in random order, not rarest first.
+
+    Everything else (finish started pieces first, reservations, endgame) is
+    the parent's. Used only for the ``swarm-random`` ablation.
+    """
+
+    def _pick_new_piece(self, bits: Bitfield) -> int | None:
+        # Pieces still unstarted are exactly those the parent keeps in its
+        # availability buckets; ignore the levels and draw uniformly.
+        candidates = [piece for piece in bits if self._pos[piece] >= 0]
+        return self._rng.choice(candidates) if candidates else None
+
+
+class Swarm:
+    """Tracker assignment plus rarest-first exchange (see the module docstring)."""
+
+    def __init__(self, sim: Simulation, *, random_order: bool = False) -> None:
+        self.sim = sim
+        self.name = "swarm-random" if random_order else "swarm"
+        scenario = sim.scenario
+        seed = scenario.seed
+        self.lengths = sim.piece_lengths
+        self.num_pieces = len(self.lengths)
+        self.block_size = scenario.block_size or max(self.lengths)
+        self.random_order = random_order
+        n = scenario.nodes
+        self.assignment: SeederAssignment[int] = SeederAssignment(
+            self.lengths,
+            per_peer_limit=scenario.per_peer_limit,
+            origin_budget=scenario.origin_budget,
+            stall_timeout=scenario.stall_timeout,
+            rng=random.Random(f"{seed}:tracker"),
+        )
+        self.pickers: list[PiecePicker[int] | None] = [None] * n
+        self.uploads: list[UploadScheduler[int, BlockRequest]] = [
+            UploadScheduler(scenario.upload_slots) for _ in range(n)
+        ]
+        self.neighbours: list[list[int]] = [[] for _ in range(n)]
+        self.interest: list[dict[int, int]] = [{} for _ in range(n)]
+        self.have = [bytearray(self.num_pieces) for _ in range(n)]
+        self.count = [0] * n
+        self.done = [False] * n
+        self.inflight = [0] * n
+        self.asked: list[dict[int, int]] = [{} for _ in range(n)]  # dst -> src -> requests
+        self.starved = [False] * n
+        self.cursor = [0] * n
+        self.holders = [0] * self.num_pieces
+        self.pulls: list[dict[int, OriginRequest]] = [{} for _ in range(n)]
+        self.sending: dict[tuple[int, int, BlockRequest], Flow] = {}
+        self.ticking = False
+
+    def extra(self) -> dict[str, Any]:
+        stats = self.assignment.stats
+        return {
+            "origin_assignments": stats.assigned,
+            "reassigned": stats.reassigned,
+            "stall_reclaims": stats.stalled,
+            "pieces_lost": stats.lost,
+        }
+
+    # -- set-up -------------------------------------------------------------
+
+    def _new_picker(self, node: int) -> PiecePicker[int]:
+        rng = random.Random(f"{self.sim.scenario.seed}:picker:{node}")
+        cls = RandomOrderPicker if self.random_order else PiecePicker
+        return cls(
+            self.lengths,
+            self.block_size,
+            rng,
+            endgame_duplicates=self.sim.scenario.endgame_duplicates,
+        )
+
+    def _connect(self, a: int, b: int) -> None:
+        if b in self.interest[a] or a == b:
+            return
+        self.neighbours[a].append(b)
+        self.neighbours[b].append(a)
+        self.interest[a][b] = self._lacking(a, b)
+        self.interest[b][a] = self._lacking(b, a)
+        for x, y in ((a, b), (b, a)):
+            picker = self.pickers[x]
+            if picker is not None and not self.done[x]:
+                have = self.have[y]
+                picker.add_peer(
+                    y,
+                    Bitfield.from_indices(
+                        (p for p in range(self.num_pieces) if have[p]), self.num_pieces
+                    )
+                    if self.count[y]
+                    else Bitfield(self.num_pieces),
+                )
+
+    def _lacking(self, a: int, b: int) -> int:
+        """Pieces ``b`` has that ``a`` lacks."""
+        if not self.count[b]:
+            return 0
+        have_a, have_b = self.have[a], self.have[b]
+        return sum(1 for p in range(self.num_pieces) if have_b[p] and not have_a[p])
+
+    def start(self) -> None:
+        sim = self.sim
+        now = sim.now
+        initial = [node for node in range(sim.scenario.nodes) if sim.joined[node]]
+        for node in initial:
+            self.pickers[node] = self._new_picker(node)
+            self.assignment.peer_joined(node, now)
+        # Each node dials half its connections; with the incoming ones the mean
+        # degree is ``peer_connections``.
+        dial = max(1, math.ceil(sim.scenario.peer_connections / 2))
+        rng = sim.rng
+        for node in initial:
+            dialled = 0
+            for other in rng.sample(initial, min(dial + 1, len(initial))):
+                if dialled == dial:
+                    break
+                if other != node:
+                    self._connect(node, other)
+                    dialled += 1
+        self._assign()
+        for node in initial:
+            self._fill(node)
+
+    def node_joined(self, node: int) -> None:
+        sim = self.sim
+        self.pickers[node] = self._new_picker(node)
+        self.assignment.peer_joined(node, sim.now)
+        live = [
+            x for x in range(sim.scenario.nodes) if sim.joined[x] and sim.alive[x] and x != node
+        ]
+        for other in sim.rng.sample(live, min(len(live), sim.scenario.peer_connections)):
+            self._connect(node, other)
+        self._assign()
+        self._fill(node)
+
+    # -- origin pulls ---------------------------------------------------------
+
+    def _assign(self) -> None:
+        sim = self.sim
+        for peer, pieces in self.assignment.assign(sim.now).items():
+            picker = self.pickers[peer]
+            for piece in pieces:
+                if picker is None or not picker.reserve(piece):
+                    continue  # the tracker reclaims it when no progress comes
+                self.pulls[peer][piece] = sim.origin_get(
+                    peer, self.lengths[piece], self._pulled, (peer, piece)
+                )
+        if not self.ticking and self.assignment.in_flight:
+            self.ticking = True
+            sim.at(sim.now + sim.scenario.announce_interval, self._tick)
+
+    def _pulled(self, flow: Flow, now: float) -> None:
+        peer, piece = flow.data
+        del self.pulls[peer][piece]
+        picker = self.pickers[peer]
+        assert picker is not None
+        self._cancel_all(peer, picker.mark_have(piece))
+        self._got_piece(peer, piece)
+        self.assignment.piece_present(piece)
+        self._assign()
+        self._fill(peer)
+
+    def _tick(self, _: object) -> None:
+        """A round of announces: origin progress to the tracker, stall reclaims, new assignments."""
+        sim = self.sim
+        now = sim.now
+        assignment = self.assignment
+        for peer, pulls in enumerate(self.pulls):
+            for piece, request in pulls.items():
+                flow = request.flow
+                done = 0 if flow is None else int(flow.transferred(now))
+                assignment.progress(peer, piece, done, now)
+        for peer, piece in assignment.tick(now):
+            reclaimed = self.pulls[peer].get(piece)
+            if reclaimed is not None:
+                del self.pulls[peer][piece]
+                sim.cancel(reclaimed)
+            picker = self.pickers[peer]
+            if picker is not None:
+                picker.release(piece)
+        self.ticking = False
+        self._assign()
+        if not self.ticking and not assignment.all_present:
+            self.ticking = True
+            sim.at(now + sim.scenario.announce_interval, self._tick)
+
+    # -- exchange -------------------------------------------------------------
+
+    def _got_piece(self, node: int, piece: int) -> None:
+        """``node`` verified ``piece``: tell the neighbours that lack it."""
+        self.have[node][piece] = 1
+        self.holders[piece] += 1
+        self.count[node] += 1
+        have = self.have
+        interest = self.interest
+        pickers = self.pickers
+        done = self.done
+        for other in self.neighbours[node]:
+            if have[other][piece]:
+                interest[node][other] -= 1
+            elif not done[other]:
+                picker = pickers[other]
+                if picker is not None:
+                    picker.peer_has(node, piece)
+                    interest[other][node] += 1
+                    if self.starved[other]:
+                        self._fill(other)
+            else:
+                interest[other][node] += 1
+        if self.count[node] == self.num_pieces:
+            done[node] = True
+            self.sim.node_finished(node)
+
+    def _fill(self, node: int) -> None:
+        """Keep ``max_downloads`` requests in flight from neighbours that have what we lack."""
+        picker = self.pickers[node]
+        if picker is None or self.done[node] or not self.sim.alive[node]:
+            return
+        limit = self.sim.scenario.max_downloads
+        neighbours = self.neighbours[node]
+        interest = self.interest[node]
+        asked = self.asked[node]
+        count = len(neighbours)
+        while self.inflight[node] < limit:
+            request = None
+            # First pass: neighbours not yet asked; second: any.
+            for busy_ok in (False, True):
+                start = self.cursor[node]
+                for i in range(count):
+                    other = neighbours[(start + i) % count]
+                    if interest[other] <= 0 or (not busy_ok and asked.get(other)):
+                        continue
+                    picked = picker.pick(other, 1)
+                    if picked:
+                        request = (other, picked[0])
+                        self.cursor[node] = (start + i + 1) % count
+                        break
+                if request is not None:
+                    break
+            if request is None:
+                self.starved[node] = True
+                return
+            self.starved[node] = False
+            other, block = request
+            self.inflight[node] += 1
+            asked[other] = asked.get(other, 0) + 1
+            if not self.uploads[other].enqueue(node, block):
+                self._unask(node, other)
+                picker.block_failed(other, block)
+                return
+            self._serve(other)
+
+    def _unask(self, node: int, other: int) -> None:
+        self.inflight[node] -= 1
+        asked = self.asked[node]
+        left = asked.get(other, 0) - 1
+        if left > 0:
+            asked[other] = left
+        else:
+            asked.pop(other, None)
+
+    def _serve(self, src: int) -> None:
+        uploads = self.uploads[src]
+        sim = self.sim
+        while True:
+            granted = uploads.next()
+            if granted is None:
+                return
+            dst, block = granted
+            self.sending[(src, dst, block)] = sim.send(
+                src, dst, block.length, self._block_done, (src, dst, block)
+            )
+
+    def _block_done(self, flow: Flow, now: float) -> None:
+        src, dst, block = flow.data
+        del self.sending[(src, dst, block)]
+        self.uploads[src].done(dst, block)
+        self._unask(dst, src)
+        picker = self.pickers[dst]
+        if picker is not None and self.sim.alive[dst]:
+            self._cancel_all(dst, picker.block_received(src, block))
+            piece = block.piece
+            if picker.piece_complete(piece):
+                self._cancel_all(dst, picker.mark_have(piece))
+                self._got_piece(dst, piece)
+            self._fill(dst)
+        self._serve(src)
+
+    def _cancel_all(self, dst: int, requests: list[tuple[int, BlockRequest]]) -> None:
+        """Cancel duplicate requests (endgame) that ``dst``'s picker returned."""
+        for src, block in requests:
+            flow = self.sending.pop((src, dst, block), None)
+            if flow is not None:
+                self.sim.cancel(flow)
+                self.uploads[src].done(dst, block)
+            else:
+                self.uploads[src].cancel(dst, block)
+            self._unask(dst, src)
+            self._serve(src)
+
+    # -- faults ---------------------------------------------------------------
+
+    def node_crashed(self, node: int) -> None:
+        sim = self.sim
+        now = sim.now
+        for key in [key for key in self.sending if node in (key[0], key[1])]:
+            del self.sending[key]
+        self.pulls[node].clear()
+        affected: list[int] = []
+        for other in self.neighbours[node]:
+            self.neighbours[other].remove(node)
+            self.interest[other].pop(node, None)
+            self.uploads[other].peer_gone(node)
+            picker = self.pickers[other]
+            if picker is not None:
+                for _ in picker.remove_peer(node):
+                    pass
+            lost_requests = self.asked[other].pop(node, 0)
+            self.inflight[other] -= lost_requests
+            affected.append(other)
+        self.neighbours[node] = []
+        self.interest[node] = {}
+        self.asked[node] = {}
+        self.inflight[node] = 0
+        self.pickers[node] = None
+        self.assignment.peer_left(node, now)
+        have = self.have[node]
+        for piece in range(self.num_pieces):
+            if have[piece]:
+                self.holders[piece] -= 1
+                if self.holders[piece] == 0:
+                    self.assignment.piece_lost(piece)
+        self._assign()
+        for other in affected:
+            self._serve(other)
+            self._fill(other)
+
+
+def make_strategy(name: str, sim: Simulation) -> Direct | Cache | Swarm:
+    """The strategy called ``name`` over ``sim``."""
+    if name == "direct":
+        return Direct(sim)
+    if name == "cache":
+        return Cache(sim)
+    if name == "swarm":
+        return Swarm(sim)
+    if name == "swarm-random":
+        return Swarm(sim, random_order=True)
+    raise ValueError(f"unknown strategy {name!r}")

@@ -1,0 +1,147 @@
+"""Upload policy: which requesting peer is served next.
+
+BitTorrent chokes most peers and unchokes the few that upload to it fastest
+(tit-for-tat), with one "optimistic" unchoke to discover new partners. That
+machinery exists to punish free riders on the open internet. A swarm here is
+one trusted cluster: every node wants every other node to finish, and none of
+them is a free rider, so choking would only leave upload capacity idle and slow
+the nodes that happen to have nothing to offer yet (the ones that just joined,
+and need data most).
+
+So nobody is choked: every peer that sends a request is served. What remains to
+decide is order. A node has a fixed number of upload slots (``max_active``
+concurrent block sends, enough to fill its link without thrashing the disk). The
+slots are granted round-robin across peers, one block per turn, from a FIFO
+queue of pending requests per peer: a peer that pipelines 64 requests cannot
+starve one that sent 2, and every requester gets an equal share of our upload
+rate however deep its pipeline is.
+
+The scheduler is pure bookkeeping: the engine calls :meth:`UploadScheduler.enqueue`
+for each Request, :meth:`~UploadScheduler.next` whenever a slot may be free, and
+:meth:`~UploadScheduler.done` when a send finishes.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Hashable
+from typing import Generic, TypeVar
+
+__all__ = ["UploadScheduler"]
+
+PeerT = TypeVar("PeerT", bound=Hashable)
+RequestT = TypeVar("RequestT", bound=Hashable)
+
+
+class UploadScheduler(Generic[PeerT, RequestT]):
+    """Fair round-robin queue of upload requests with ``max_active`` send slots.
+
+    ``max_queue`` bounds the pending requests kept per peer; beyond it
+    :meth:`enqueue` refuses (the engine answers with a Reject), so a misbehaving
+    peer cannot grow our memory without bound.
+    """
+
+    def __init__(self, max_active: int, *, max_queue: int = 256) -> None:
+        if max_active < 1:
+            raise ValueError(f"max_active must be >= 1, got {max_active}")
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        self.max_active = max_active
+        self.max_queue = max_queue
+        # Peer -> its pending requests, in arrival order (dict as ordered set).
+        self._queues: dict[PeerT, dict[RequestT, None]] = {}
+        # Peers with pending requests, in round-robin order.
+        self._ring: OrderedDict[PeerT, None] = OrderedDict()
+        self._active: dict[PeerT, deque[RequestT]] = {}
+        self._active_count = 0
+        self._pending_count = 0
+
+    @property
+    def active(self) -> int:
+        """Sends in progress."""
+        return self._active_count
+
+    @property
+    def pending(self) -> int:
+        """Requests waiting for a slot, over all peers."""
+        return self._pending_count
+
+    def queued(self, peer: PeerT) -> int:
+        """Requests of ``peer`` waiting for a slot."""
+        return len(self._queues.get(peer, ()))
+
+    def active_for(self, peer: PeerT) -> list[RequestT]:
+        """Requests of ``peer`` being sent now."""
+        return list(self._active.get(peer, ()))
+
+    def enqueue(self, peer: PeerT, request: RequestT) -> bool:
+        """Queue ``request`` from ``peer``.
+
+        Returns False if ``peer`` already has ``max_queue`` requests pending (the
+        engine should reject it). A request already pending is not queued twice.
+        """
+        queue = self._queues.get(peer)
+        if queue is None:
+            queue = self._queues[peer] = {}
+        if request in queue:
+            return True
+        if len(queue) >= self.max_queue:
+            return False
+        queue[request] = None
+        self._pending_count += 1
+        self._ring.setdefault(peer, None)
+        return True
+
+    def cancel(self, peer: PeerT, request: RequestT) -> bool:
+        """Drop a pending request; False if it was not pending (maybe already sending)."""
+        queue = self._queues.get(peer)
+        if queue is None or request not in queue:
+            return False
+        del queue[request]
+        self._pending_count -= 1
+        if not queue:
+            self._ring.pop(peer, None)
+        return True
+
+    def next(self) -> tuple[PeerT, RequestT] | None:
+        """Grant a slot: the next (peer, request) to send, or None if none can start.
+
+        None means either every slot is busy or nothing is pending. Call it
+        repeatedly until None to fill every free slot.
+        """
+        if self._active_count >= self.max_active or not self._ring:
+            return None
+        peer, _ = self._ring.popitem(last=False)
+        queue = self._queues[peer]
+        request = next(iter(queue))
+        del queue[request]
+        self._pending_count -= 1
+        if queue:
+            self._ring[peer] = None  # back of the line
+        self._active.setdefault(peer, deque()).append(request)
+        self._active_count += 1
+        return peer, request
+
+    def done(self, peer: PeerT, request: RequestT) -> None:
+        """The send of ``request`` to ``peer`` finished (or failed): free its slot.
+
+        Unknown pairs (e.g. after :meth:`peer_gone`) are ignored.
+        """
+        active = self._active.get(peer)
+        if active is None or request not in active:
+            return
+        active.remove(request)
+        if not active:
+            del self._active[peer]
+        self._active_count -= 1
+
+    def peer_gone(self, peer: PeerT) -> list[RequestT]:
+        """``peer`` disconnected: drop its queue and free its slots.
+
+        Returns the requests that were being sent to it (the engine aborts them).
+        """
+        self._pending_count -= len(self._queues.pop(peer, {}))
+        self._ring.pop(peer, None)
+        active = self._active.pop(peer, deque())
+        self._active_count -= len(active)
+        return list(active)

@@ -1,0 +1,395 @@
+"""The manifest: an artifact's table of contents, and its canonical encoding.
+
+A manifest lists the artifact's files (relative POSIX paths and sizes), the piece
+size, and one blake3 digest per piece. Pieces are numbered globally in file order;
+a piece never spans two files, so the last piece of each file may be short and an
+empty file has none. The *root* is the blake3 digest of the canonical (uncompressed
+msgpack) encoding: it names this exact version, and any change to any byte of any
+file changes it.
+
+On disk and in the catalog the canonical encoding is compressed with zstandard.
+``Manifest.decode`` treats its input as hostile: it bounds every size before
+allocating, and rejects traversal paths, duplicates, control characters and
+inconsistent piece tables with a :class:`~swarm.errors.ManifestError` that says
+what is wrong.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import blake3
+import msgpack
+import zstandard
+
+from swarm.errors import ManifestError
+
+FORMAT_VERSION = 1
+DIGEST_SIZE = 32
+DEFAULT_PIECE_SIZE = 256 * 1024 * 1024
+MIN_PIECE_SIZE = 1024
+MAX_PIECE_SIZE = 4 * 1024**3
+MAX_FILES = 1_000_000
+MAX_PIECES = 1 << 22
+MAX_TOTAL_SIZE = 1 << 50  # 1 PiB
+MAX_PATH_BYTES = 4096
+MAX_COMPONENT_BYTES = 255
+MAX_NAME_LENGTH = 200
+# Room for MAX_PIECES digests and generous file paths; anything larger is hostile.
+MAX_ENCODED_SIZE = MAX_PIECES * (DIGEST_SIZE + 8) + 64 * 1024 * 1024
+MAX_COMPRESSED_SIZE = MAX_ENCODED_SIZE
+
+_NAME_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def validate_name(name: str) -> str:
+    """An artifact name: slash-separated parts of letters, digits, ``.``, ``_``, ``-``."""
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_LENGTH:
+        raise ManifestError(f"artifact name must be 1 to {MAX_NAME_LENGTH} characters: {name!r}")
+    for part in name.split("/"):
+        if not _NAME_PART.match(part):
+            raise ManifestError(
+                f"bad artifact name {name!r}: each '/'-separated part must start with a letter "
+                "or digit and contain only letters, digits, '.', '_' and '-'"
+            )
+    return name
+
+
+def validate_path(path: str) -> str:
+    """A file path inside the artifact: relative, POSIX, no traversal, no control characters."""
+    if not isinstance(path, str) or not path:
+        raise ManifestError(f"file path must be a non-empty string: {path!r}")
+    if len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+        raise ManifestError(f"file path longer than {MAX_PATH_BYTES} bytes: {path[:80]!r}...")
+    if _CONTROL.search(path):
+        raise ManifestError(f"file path contains NUL or control characters: {path!r}")
+    if path.startswith("/"):
+        raise ManifestError(f"file path must be relative, not absolute: {path!r}")
+    if "\\" in path:
+        raise ManifestError(f"file path must use '/' separators, not '\\': {path!r}")
+    for part in path.split("/"):
+        if part in ("", ".", ".."):
+            raise ManifestError(f"file path has an empty, '.' or '..' component: {path!r}")
+        if len(part.encode("utf-8", "surrogatepass")) > MAX_COMPONENT_BYTES:
+            raise ManifestError(
+                f"file path component longer than {MAX_COMPONENT_BYTES} bytes: {path!r}"
+            )
+    if path.split("/", 1)[0].startswith(".swarm"):
+        raise ManifestError(
+            f"file path must not start with '.swarm' (reserved for swarm's state): {path!r}"
+        )
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ManifestError(f"file path is not valid UTF-8: {path!r}") from exc
+    return path
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    """One file of the artifact and the run of pieces that covers it."""
+
+    path: str
+    size: int
+    first_piece: int
+    piece_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """One piece: a byte range of one file."""
+
+    index: int
+    file_index: int
+    path: str
+    offset: int
+    length: int
+
+
+def pieces_in(size: int, piece_size: int) -> int:
+    """How many pieces cover a file of ``size`` bytes (an empty file has none)."""
+    return -(-size // piece_size)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """An artifact version: files, piece size, a digest per piece, and the origin they came from."""
+
+    name: str
+    origin: str
+    piece_size: int
+    files: tuple[FileEntry, ...]
+    digests: tuple[bytes, ...]
+    _nonempty_files: list[int] = field(init=False, repr=False, compare=False)
+    _first_pieces: list[int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        nonempty = [i for i, f in enumerate(self.files) if f.piece_count]
+        object.__setattr__(self, "_nonempty_files", nonempty)
+        object.__setattr__(self, "_first_pieces", [self.files[i].first_piece for i in nonempty])
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        name: str,
+        origin: str,
+        piece_size: int,
+        files: Sequence[tuple[str, int]],
+        digests: Sequence[bytes],
+    ) -> Manifest:
+        """Lay out ``files`` (path, size) in pieces and attach their digests, validating all."""
+        _check_piece_size(piece_size)
+        validate_name(name)
+        entries: list[FileEntry] = []
+        next_piece = 0
+        for path, size in files:
+            count = pieces_in(size, piece_size)
+            entries.append(FileEntry(path, size, next_piece, count))
+            next_piece += count
+        manifest = cls(name, origin, piece_size, tuple(entries), tuple(digests))
+        manifest._validate()
+        return manifest
+
+    @staticmethod
+    def layout(files: Sequence[tuple[str, int]], piece_size: int) -> list[tuple[str, int, int]]:
+        """The pieces (path, offset, length) that cover ``files``, in global order."""
+        _check_piece_size(piece_size)
+        out: list[tuple[str, int, int]] = []
+        for path, size in files:
+            out.extend(
+                (path, offset, min(piece_size, size - offset))
+                for offset in range(0, size, piece_size)
+            )
+        return out
+
+    # --- derived views -------------------------------------------------------------
+
+    @property
+    def num_pieces(self) -> int:
+        return len(self.digests)
+
+    @cached_property
+    def total_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def piece(self, index: int) -> Piece:
+        """The byte range that piece ``index`` covers."""
+        if not 0 <= index < self.num_pieces:
+            raise IndexError(f"piece {index} out of range 0..{self.num_pieces - 1}")
+        file_index = self._nonempty_files[bisect.bisect_right(self._first_pieces, index) - 1]
+        entry = self.files[file_index]
+        offset = (index - entry.first_piece) * self.piece_size
+        return Piece(
+            index, file_index, entry.path, offset, min(self.piece_size, entry.size - offset)
+        )
+
+    @cached_property
+    def piece_lengths(self) -> list[int]:
+        """Length of every piece in global order (what the picker and the tracker need)."""
+        lengths: list[int] = []
+        for f in self.files:
+            if f.piece_count:
+                lengths.extend([self.piece_size] * (f.piece_count - 1))
+                lengths.append(f.size - (f.piece_count - 1) * self.piece_size)
+        return lengths
+
+    def describe_piece(self, index: int) -> str:
+        """'piece 3 (model-00001.safetensors bytes 3145728-4194303)' for error messages."""
+        p = self.piece(index)
+        return f"piece {index} ({p.path} bytes {p.offset}-{p.offset + p.length - 1})"
+
+    # --- encoding ------------------------------------------------------------------
+
+    def canonical(self) -> bytes:
+        """The canonical msgpack encoding that the root digest covers."""
+        return _canonical(self)
+
+    @cached_property
+    def root(self) -> bytes:
+        return blake3.blake3(self.canonical()).digest()
+
+    @property
+    def root_hex(self) -> str:
+        return self.root.hex()
+
+    @property
+    def ref(self) -> str:
+        """``NAME@ROOT``: this exact version."""
+        return f"{self.name}@{self.root_hex}"
+
+    def encode(self) -> bytes:
+        """Canonical encoding compressed with zstandard: what the catalog stores."""
+        return zstandard.ZstdCompressor(level=3).compress(self.canonical())
+
+    @classmethod
+    def decode(cls, data: bytes) -> Manifest:
+        """Decode and validate untrusted bytes; every failure is a ManifestError."""
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise ManifestError(f"manifest must be bytes, not {type(data).__name__}")
+        if len(data) > MAX_COMPRESSED_SIZE:
+            raise ManifestError(
+                f"manifest is {len(data)} bytes, more than the {MAX_COMPRESSED_SIZE} allowed"
+            )
+        try:
+            raw = zstandard.ZstdDecompressor().decompress(
+                bytes(data), max_output_size=MAX_ENCODED_SIZE
+            )
+        except zstandard.ZstdError as exc:
+            raise ManifestError(f"manifest is not valid zstandard data: {exc}") from exc
+        if len(raw) > MAX_ENCODED_SIZE:
+            raise ManifestError("manifest decompresses to more than the allowed size")
+        return cls.from_canonical(raw)
+
+    @classmethod
+    def from_canonical(cls, raw: bytes) -> Manifest:
+        try:
+            obj = msgpack.unpackb(
+                raw,
+                raw=False,
+                strict_map_key=True,
+                max_bin_len=MAX_PIECES * DIGEST_SIZE,
+                max_str_len=MAX_PATH_BYTES * 2,
+                max_array_len=max(MAX_FILES, 8),
+                max_map_len=16,
+                max_ext_len=0,
+            )
+        except (ValueError, msgpack.UnpackException, TypeError, UnicodeDecodeError) as exc:
+            raise ManifestError(f"manifest is not valid msgpack: {exc}") from exc
+        manifest = _from_obj(obj)
+        if manifest.canonical() != raw:
+            raise ManifestError("manifest encoding is not canonical (re-encoding differs)")
+        return manifest
+
+    # --- validation ----------------------------------------------------------------
+
+    def _validate(self) -> None:
+        validate_name(self.name)
+        if (
+            not isinstance(self.origin, str)
+            or len(self.origin) > MAX_PATH_BYTES
+            or _CONTROL.search(self.origin)
+        ):
+            raise ManifestError(f"bad origin URL in manifest: {self.origin!r}")
+        _check_piece_size(self.piece_size)
+        if len(self.files) > MAX_FILES:
+            raise ManifestError(f"manifest lists {len(self.files)} files, more than {MAX_FILES}")
+        seen: set[str] = set()
+        total = 0
+        next_piece = 0
+        for entry in self.files:
+            validate_path(entry.path)
+            if entry.path in seen:
+                raise ManifestError(f"file path appears twice: {entry.path!r}")
+            seen.add(entry.path)
+            if not isinstance(entry.size, int) or entry.size < 0:
+                raise ManifestError(f"file {entry.path!r} has an invalid size {entry.size!r}")
+            total += entry.size
+            if total > MAX_TOTAL_SIZE:
+                raise ManifestError(f"artifact larger than {MAX_TOTAL_SIZE} bytes")
+            if entry.piece_count != pieces_in(entry.size, self.piece_size):
+                raise ManifestError(
+                    f"file {entry.path!r} of {entry.size} bytes needs "
+                    f"{pieces_in(entry.size, self.piece_size)} pieces of {self.piece_size}, "
+                    f"manifest says {entry.piece_count}"
+                )
+            if entry.first_piece != next_piece:
+                raise ManifestError(
+                    f"piece table of {entry.path!r} does not follow the previous file"
+                )
+            next_piece += entry.piece_count
+        # A file may not also be a directory of another file ("a" and "a/b").
+        for path in seen:
+            parts = path.split("/")
+            for i in range(1, len(parts)):
+                if "/".join(parts[:i]) in seen:
+                    raise ManifestError(
+                        f"file path {path!r} lies inside file {'/'.join(parts[:i])!r}"
+                    )
+        if next_piece > MAX_PIECES:
+            raise ManifestError(f"manifest has {next_piece} pieces, more than {MAX_PIECES}")
+        if len(self.digests) != next_piece:
+            raise ManifestError(
+                f"manifest has {len(self.digests)} piece digests for {next_piece} pieces"
+            )
+        for i, digest in enumerate(self.digests):
+            if not isinstance(digest, bytes) or len(digest) != DIGEST_SIZE:
+                raise ManifestError(f"digest of piece {i} is not {DIGEST_SIZE} bytes")
+
+
+def _check_piece_size(piece_size: int) -> None:
+    if not isinstance(piece_size, int) or not MIN_PIECE_SIZE <= piece_size <= MAX_PIECE_SIZE:
+        raise ManifestError(
+            f"piece size must be between {MIN_PIECE_SIZE} and {MAX_PIECE_SIZE} bytes, got {piece_size!r}"
+        )
+
+
+def _canonical(m: Manifest) -> bytes:
+    obj: list[Any] = [
+        FORMAT_VERSION,
+        m.name,
+        m.origin,
+        m.piece_size,
+        [[f.path, f.size, f.piece_count] for f in m.files],
+        b"".join(m.digests),
+    ]
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _from_obj(obj: object) -> Manifest:
+    if not isinstance(obj, list) or len(obj) != 6:
+        raise ManifestError(
+            "manifest must be a list of 6 fields: version, name, origin, piece size, files, digests"
+        )
+    version, name, origin, piece_size, files, digests = obj
+    if version != FORMAT_VERSION:
+        raise ManifestError(
+            f"unsupported manifest format version {version!r} (this swarm reads {FORMAT_VERSION})"
+        )
+    if not isinstance(name, str):
+        raise ManifestError("manifest name must be a string")
+    if not isinstance(origin, str):
+        raise ManifestError("manifest origin must be a string")
+    if type(piece_size) is not int:
+        raise ManifestError("manifest piece size must be an integer")
+    _check_piece_size(piece_size)
+    if not isinstance(files, list):
+        raise ManifestError("manifest files must be a list")
+    if not isinstance(digests, bytes) or len(digests) % DIGEST_SIZE:
+        raise ManifestError(f"manifest digests must be bytes, a multiple of {DIGEST_SIZE} long")
+    entries: list[FileEntry] = []
+    next_piece = 0
+    for item in files:
+        if not isinstance(item, list) or len(item) != 3:
+            raise ManifestError("each file must be [path, size, piece count]")
+        path, size, count = item
+        if not isinstance(path, str) or type(size) is not int or type(count) is not int:
+            raise ManifestError(f"file entry has wrong types: {item!r:.200}")
+        if size < 0 or count < 0:
+            raise ManifestError(f"file {path!r:.200} has a negative size or piece count")
+        entries.append(FileEntry(path, size, next_piece, count))
+        next_piece += count
+        if next_piece > MAX_PIECES:
+            raise ManifestError(f"manifest has more than {MAX_PIECES} pieces")
+    table = tuple(digests[i : i + DIGEST_SIZE] for i in range(0, len(digests), DIGEST_SIZE))
+    manifest = Manifest(name, origin, piece_size, tuple(entries), table)
+    manifest._validate()
+    return manifest
+
+
+def parse_ref(ref: str) -> tuple[str, str | None]:
+    """Split ``NAME[@ROOT]`` into the name and the optional hex root."""
+    name, sep, root = ref.partition("@")
+    validate_name(name)
+    if not sep:
+        return name, None
+    root = root.lower()
+    if not re.fullmatch(r"[0-9a-f]{8,64}", root):
+        raise ManifestError(f"version in {ref!r} must be 8 to 64 hex digits of the manifest root")
+    return name, root

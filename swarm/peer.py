@@ -1,0 +1,778 @@
+"""The peer: one ``swarm fetch --tracker`` process on a GPU node.
+
+It plays two roles at once. As a **seeder** it pulls the pieces the tracker
+assigned to it from the origin (ranged reads into a reused buffer, verified, then
+announced to every connected peer). As a **downloader** it fetches every other
+piece from peers, rarest first, several blocks in flight per connection, one piece
+from several peers at once; blocks are written in place and the assembled piece is
+verified with blake3 before it counts, is recorded, or is served.
+
+Connections use raw non-blocking sockets with ``loop.sock_*``: payloads are read
+with ``recv_into`` straight into a reused block buffer and sent with
+``sock_sendfile`` straight from the page cache. Each connection has one reader
+task and one writer task; all swarm state (picker, upload scheduler, contributor
+records) is touched only from the event loop, so it needs no locks.
+
+Upload policy: no choking. ``UploadScheduler`` grants a fixed number of upload
+slots round-robin across every peer that asks, so no peer starves. Tit-for-tat
+exists to punish free riders among strangers; in one trusted cluster every node
+wants every other node to finish, and withholding upload only slows the swarm.
+
+A peer whose data fails verification is dropped and barred for the rest of this
+swarm: if a failed piece came from one peer, that peer; if from several, the one
+peer common to two failed pieces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from seeder.origin import Origin, open_origin
+from seeder.reader import RangedReader
+from swarm.announce import Announce, Reply, TrackerClient
+from swarm.bitfield import Bitfield
+from swarm.buffers import BufferPool
+from swarm.choker import UploadScheduler
+from swarm.errors import RemoteProtocolError, SwarmError, TrackerError, VerificationError
+from swarm.fetch import FetchConfig, FetchResult, fetch_direct
+from swarm.manifest import Manifest
+from swarm.picker import BlockRequest, PiecePicker
+from swarm.protocol import (
+    NEED_DATA,
+    PROTOCOL_VERSION,
+    BitfieldMsg,
+    BlockEnd,
+    BlockHeader,
+    BlockPayload,
+    Cancel,
+    ConnectionClosed,
+    FrameDecoder,
+    Handshake,
+    Have,
+    KeepAlive,
+    Message,
+    Reject,
+    Request,
+    encode,
+)
+from swarm.store import PieceStore
+
+log = logging.getLogger("swarm.peer")
+
+
+@dataclass
+class PeerConfig:
+    """Settings of one peer; every one is reachable from ``swarm fetch`` flags."""
+
+    listen_host: str = "0.0.0.0"
+    listen_port: int = 0
+    advertise_host: str = ""
+    block_size: int = 4 * 1024 * 1024
+    requests_per_peer: int = 6
+    upload_slots: int = 16
+    linger: float = 300.0
+    tracker_timeout: float = 120.0
+    fallback_direct: bool = False
+    catalog: str | None = None
+    origin_url: str | None = None
+    origin_pieces_in_flight: int = 2
+    range_size: int = 16 * 1024 * 1024
+    origin_concurrency: int = 16
+    durable: bool = True
+    keepalive: float = 20.0
+    idle_timeout: float = 90.0
+    serve_corrupt: bool = False  # fault injection for tests: flip a bit of every block sent
+
+
+class _Conn:
+    """One connection to another peer: a reader task, a writer task, and its queues."""
+
+    def __init__(
+        self, node: SwarmPeer, sock: socket.socket, addr: tuple[str, int], outbound: bool
+    ) -> None:
+        self.node = node
+        self.sock = sock
+        self.addr = addr
+        self.outbound = outbound
+        self.peer_id = b""
+        self.control: deque[bytes] = deque()
+        self.uploads: deque[Request] = deque()
+        self.wake = asyncio.Event()
+        self.requested: set[BlockRequest] = set()
+        # Blocks we cancelled: the data may already be on the wire, which is no offence.
+        self.cancelled: dict[BlockRequest, None] = {}
+        self.bitfield: Bitfield | None = None
+        self.closed = False
+        self.last_recv = time.monotonic()
+        self.tasks: list[asyncio.Task[None]] = []
+        self.received_bytes = 0
+
+    def send(self, msg: Message) -> None:
+        if self.closed:
+            return
+        if len(self.control) > 100_000:
+            raise RemoteProtocolError("peer is not reading: its control queue overflowed")
+        self.control.append(encode(msg))
+        self.wake.set()
+
+    def cancel(self, block: BlockRequest) -> None:
+        if block in self.requested:
+            self.requested.discard(block)
+            self.cancelled[block] = None
+            while len(self.cancelled) > 4096:
+                del self.cancelled[next(iter(self.cancelled))]
+            self.send(Cancel(*block))
+
+    def __repr__(self) -> str:
+        return f"<peer {self.peer_id.hex()[:8] or '?'} {self.addr[0]}:{self.addr[1]}>"
+
+
+class SwarmPeer:
+    """Fetch one artifact through the swarm, serve it while others need it, then leave."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        dest: os.PathLike[str] | str,
+        tracker: TrackerClient,
+        *,
+        config: PeerConfig | None = None,
+        progress: Callable[[int], None] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.m = manifest
+        self.config = config or PeerConfig()
+        self.tracker = tracker
+        self.progress = progress
+        self.rng = rng or random.Random()
+        self.peer_id = self.rng.randbytes(20)
+        self.store = PieceStore(dest, manifest, durable=self.config.durable)  # type: ignore[arg-type]
+        self.block_size = min(self.config.block_size, manifest.piece_size)
+        self.picker: PiecePicker[_Conn] = PiecePicker(
+            manifest.piece_lengths, self.block_size, self.rng
+        )
+        self.uploads: UploadScheduler[_Conn, Request] = UploadScheduler(self.config.upload_slots)
+        self.origin: Origin = open_origin(self.config.origin_url or manifest.origin)
+        self.reader = RangedReader(
+            self.origin,
+            range_size=self.config.range_size,
+            max_concurrency=self.config.origin_concurrency,
+        )
+        self.conns: dict[bytes, _Conn] = {}
+        self.pending_conns: set[_Conn] = set()
+        self.barred: set[bytes] = set()
+        self.known_peers: dict[bytes, tuple[str, int]] = {}
+        self.origin_tasks: dict[int, asyncio.Task[None]] = {}
+        self.origin_progress: dict[int, int] = {}
+        self.contributors: dict[int, set[bytes]] = {}
+        self.failed_sets: list[set[bytes]] = []
+        self.verifying: set[int] = set()
+        self.finished = asyncio.Event()
+        self._finishing = False
+        self._announce_soon = asyncio.Event()
+        self.swarm_complete = False
+        self.listen_port = 0
+        self.peer_bytes = 0
+        self.uploaded_bytes = 0
+        self.duplicate_bytes = 0
+        self.origin_pieces = 0
+        self.corrupt_pieces = 0
+        self._server: socket.socket | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._files: dict[int, BinaryIO] = {}
+        self._fatal: BaseException | None = None
+        self._origin_pool = BufferPool(
+            min(manifest.piece_size, max(manifest.piece_lengths, default=1)),
+            self.config.origin_pieces_in_flight,
+        )
+        self._upload_wake = asyncio.Event()
+        self.started = time.monotonic()
+        self.finished_at: float | None = None
+
+    # --- top level -----------------------------------------------------------------
+
+    async def run(self) -> FetchResult:
+        result = FetchResult(
+            self.m.name,
+            self.m.root_hex,
+            str(self.store.dest),
+            self.m.total_size,
+            pieces=self.m.num_pieces,
+        )
+        try:
+            await asyncio.to_thread(self.store.open)
+            result.reused_bytes = self.store.reused_bytes
+            for piece in self.store.verified_pieces():
+                self.picker.mark_have(piece)
+            if self.progress and self.store.reused_bytes:
+                self.progress(self.store.reused_bytes)
+            await self._listen()
+            self._spawn(self._accept_loop(), "accept")
+            self._spawn(self._upload_loop(), "uploads")
+            self._spawn(self._keepalive_loop(), "keepalive")
+            if self.store.complete:
+                self._finishing = True
+                await self._finish()
+            announcer = asyncio.create_task(self._announce_loop())
+            self._tasks.add(announcer)
+            await self._wait_finished(announcer)
+            result.verified = True
+            await self._linger(announcer)
+        finally:
+            await self._shutdown()
+            result.origin_bytes = self.origin.counters.bytes_read
+            result.origin_retries = self.origin.counters.retries
+            result.peer_bytes = self.peer_bytes
+            result.seconds = (self.finished_at or time.monotonic()) - self.started
+            result.extra.update(
+                uploaded_bytes=self.uploaded_bytes,
+                duplicate_bytes=self.duplicate_bytes,
+                origin_pieces=self.origin_pieces,
+                corrupt_pieces=self.corrupt_pieces,
+                barred_peers=sorted(p.hex() for p in self.barred),
+                peer_id=self.peer_id.hex(),
+                linger_seconds=round(time.monotonic() - (self.finished_at or time.monotonic()), 3),
+            )
+        return result
+
+    async def _wait_finished(self, announcer: asyncio.Task[None]) -> None:
+        done_wait = asyncio.create_task(self.finished.wait())
+        try:
+            await asyncio.wait({done_wait, announcer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            done_wait.cancel()
+        if self._fatal is not None:
+            raise self._fatal
+        if not self.finished.is_set():
+            announcer.result()  # re-raise what ended the announcer
+            raise SwarmError("announcing stopped before the artifact was complete")
+
+    async def _linger(self, announcer: asyncio.Task[None]) -> None:
+        """Keep serving until every peer of the swarm has finished (bounded by ``linger``)."""
+        deadline = time.monotonic() + self.config.linger
+        while not self.swarm_complete and time.monotonic() < deadline and not announcer.done():
+            await asyncio.sleep(0.1)
+        with contextlib.suppress(TrackerError):
+            await asyncio.wait_for(self._announce(leaving=True), 3.0)
+
+    def _spawn(self, coro: object, name: str) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and self._fatal is None:
+            log.error("%s failed: %s", task.get_name(), exc)
+            self._fatal = exc
+            self.finished.set()  # wake the waiter, which raises it
+
+    async def _shutdown(self) -> None:
+        for conn in list(self.conns.values()) + list(self.pending_conns):
+            self._close_conn(conn, None)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            self._server.close()
+        for f in self._files.values():
+            f.close()
+        self.store.close()
+        await self.origin.close()
+
+    # --- tracker -------------------------------------------------------------------
+
+    async def _announce(self, *, leaving: bool = False) -> Reply:
+        msg = Announce(
+            ref=self.m.ref,
+            peer_id=self.peer_id,
+            port=self.listen_port,
+            have=self.picker.have.to_bytes(),
+            host=self.config.advertise_host,
+            progress=dict(self.origin_progress),
+            barred=sorted(self.barred),
+            done=self.store.complete,
+            leaving=leaving,
+        )
+        return await self.tracker.announce(msg)
+
+    async def _announce_loop(self) -> None:
+        interval = 1.0
+        backoff = 0.5
+        unreachable_since: float | None = None
+        while True:
+            try:
+                reply = await self._announce()
+            except TrackerError as exc:
+                now = time.monotonic()
+                unreachable_since = unreachable_since or now
+                down = now - unreachable_since
+                log.warning(
+                    "tracker unreachable for %.0fs (%s); retrying in %.1fs", down, exc, backoff
+                )
+                if down > self.config.tracker_timeout and not self.store.complete:
+                    if self.config.fallback_direct:
+                        log.warning(
+                            "falling back to fetching the rest directly from the origin (--fallback-direct)"
+                        )
+                        await self._fallback_direct()
+                        return
+                    raise TrackerError(
+                        f"tracker unreachable for {down:.0f}s: giving up (pass --fallback-direct to read the rest "
+                        "from the origin instead)"
+                    ) from exc
+                await asyncio.sleep(backoff * (0.5 + self.rng.random()))
+                backoff = min(backoff * 2, 10.0)
+                continue
+            if unreachable_since is not None:
+                log.warning("tracker reachable again")
+            unreachable_since, backoff = None, 0.5
+            interval = reply.interval
+            self._apply_reply(reply)
+            # Announce early when an origin pull finished, so the next assignment
+            # doesn't wait a whole interval; at most every tenth of an interval.
+            await asyncio.sleep(interval / 10)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._announce_soon.wait(), interval * 0.9)
+            self._announce_soon.clear()
+
+    def _apply_reply(self, reply: Reply) -> None:
+        self.swarm_complete = reply.complete
+        assigned = set(reply.assigned)
+        for piece, task in list(self.origin_tasks.items()):
+            if piece not in assigned:
+                log.info("piece %d was reassigned by the tracker; dropping our origin pull", piece)
+                task.cancel()
+        for piece in reply.assigned:
+            if (
+                0 <= piece < self.m.num_pieces
+                and piece not in self.origin_tasks
+                and not self.store.has(piece)
+            ) and self.picker.reserve(piece):
+                self.origin_tasks[piece] = self._spawn(
+                    self._pull_from_origin(piece), f"origin-{piece}"
+                )
+        for peer_id, host, port in reply.peers:
+            if peer_id == self.peer_id or peer_id in self.barred:
+                continue
+            self.known_peers[peer_id] = (host, port)
+            # One connection per pair: the peer with the smaller id dials.
+            if peer_id not in self.conns and self.peer_id < peer_id and not self._dialing(peer_id):
+                self._spawn(self._dial(peer_id, host, port), f"dial-{peer_id.hex()[:8]}")
+
+    def _dialing(self, peer_id: bytes) -> bool:
+        return any(c.peer_id == peer_id for c in self.pending_conns)
+
+    async def _fallback_direct(self) -> None:
+        for task in self.origin_tasks.values():
+            task.cancel()
+        self.store.close()
+        result = await fetch_direct(
+            self.m,
+            self.store.dest,
+            origin=self.origin,
+            config=FetchConfig(range_size=self.config.range_size, durable=self.config.durable),
+            progress=self.progress,
+        )
+        self.store = PieceStore(self.store.dest, self.m, durable=self.config.durable)
+        await asyncio.to_thread(self.store.open)
+        if result.verified:
+            self.finished_at = time.monotonic()
+            self.swarm_complete = True
+            self.finished.set()
+
+    # --- seeder role ----------------------------------------------------------------
+
+    async def _pull_from_origin(self, index: int) -> None:
+        piece = self.m.piece(index)
+
+        def advance(n: int) -> None:
+            self.origin_progress[index] = self.origin_progress.get(index, 0) + n
+
+        try:
+            async with self._origin_pool.lease(piece.length) as buf:
+                for attempt in range(2):
+                    # Reported in announces: the tracker's stall detection watches it move.
+                    self.origin_progress[index] = 0
+                    await self.reader.read(piece.path, piece.offset, buf, advance)
+                    try:
+                        await asyncio.to_thread(self.store.write_piece, index, buf)
+                        break
+                    except VerificationError as exc:
+                        if attempt:
+                            raise VerificationError(
+                                f"{exc}: the origin's data no longer matches the published manifest {self.m.ref}",
+                                piece=index,
+                            ) from exc
+                        log.warning("%s; reading it from the origin again", exc)
+        except asyncio.CancelledError:
+            self.picker.release(index)
+            raise
+        finally:
+            self.origin_tasks.pop(index, None)
+            self.origin_progress.pop(index, None)
+        self.origin_pieces += 1
+        self._announce_soon.set()
+        self._piece_verified(index)
+
+    # --- pieces --------------------------------------------------------------------
+
+    def _piece_verified(self, index: int) -> None:
+        for conn, block in self.picker.mark_have(index):
+            conn.cancel(block)
+        self.contributors.pop(index, None)
+        for conn in self.conns.values():
+            conn.send(Have(index))
+        if self.progress:
+            self.progress(self.m.piece_lengths[index])
+        if self.store.complete and not self._finishing:
+            self._finishing = True
+            self._spawn(self._finish(), "finish")
+        self._fill_all()
+
+    async def _finish(self) -> None:
+        await asyncio.to_thread(self.store.finish)
+        self.finished_at = time.monotonic()
+        self.finished.set()
+        log.info("artifact complete and verified")
+        with contextlib.suppress(TrackerError):
+            reply = await self._announce()
+            self._apply_reply(reply)
+
+    async def _verify_assembled(self, index: int) -> None:
+        self.verifying.add(index)
+        try:
+            ok = await asyncio.to_thread(self.store.verify_assembled, index)
+        finally:
+            self.verifying.discard(index)
+        if ok:
+            self._piece_verified(index)
+            return
+        self.corrupt_pieces += 1
+        sources = self.contributors.pop(index, set())
+        log.warning(
+            "%s failed blake3 verification (from %d peers); fetching it again",
+            self.m.describe_piece(index),
+            len(sources),
+        )
+        for conn, block in self.picker.piece_failed(index):
+            conn.cancel(block)
+        culprits: set[bytes] = set()
+        if len(sources) == 1:
+            culprits = set(sources)
+        else:
+            for earlier in self.failed_sets:
+                common = earlier & sources
+                if len(common) == 1:
+                    culprits |= common
+            self.failed_sets.append(sources)
+        for peer_id in culprits:
+            self._bar(peer_id)
+        self._fill_all()
+
+    def _bar(self, peer_id: bytes) -> None:
+        if peer_id in self.barred:
+            return
+        log.warning("barring peer %s for sending data that failed verification", peer_id.hex()[:8])
+        self.barred.add(peer_id)
+        conn = self.conns.get(peer_id)
+        if conn is not None:
+            self._close_conn(conn, RemoteProtocolError("sent corrupt data"))
+
+    # --- connections ---------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.config.listen_host, self.config.listen_port))
+        sock.listen(256)
+        sock.setblocking(False)
+        self._server = sock
+        self.listen_port = sock.getsockname()[1]
+        log.info("listening for peers on %s:%d", self.config.listen_host, self.listen_port)
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._server is not None
+        while True:
+            sock, addr = await loop.sock_accept(self._server)
+            self._start_conn(sock, addr, outbound=False)
+
+    async def _dial(self, peer_id: bytes, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, (host, port)), 5.0)
+        except (OSError, TimeoutError) as exc:
+            sock.close()
+            log.info("can't connect to peer %s at %s:%d: %s", peer_id.hex()[:8], host, port, exc)
+            return
+        conn = self._start_conn(sock, (host, port), outbound=True)
+        conn.peer_id = peer_id
+
+    def _start_conn(self, sock: socket.socket, addr: tuple[str, int], *, outbound: bool) -> _Conn:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, opt, 4 * 1024 * 1024)
+        conn = _Conn(self, sock, addr, outbound)
+        self.pending_conns.add(conn)
+        conn.send(Handshake(PROTOCOL_VERSION, self.m.root, self.peer_id, self.listen_port))
+        conn.tasks = [
+            self._spawn_conn(self._reader(conn), conn, "reader"),
+            self._spawn_conn(self._writer(conn), conn, "writer"),
+        ]
+        return conn
+
+    def _spawn_conn(self, coro: object, conn: _Conn, role: str) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.create_task(coro, name=f"{role}-{conn.addr}")  # type: ignore[arg-type]
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            if t.cancelled():
+                return
+            exc = t.exception()
+            if isinstance(exc, SwarmError | OSError | EOFError) or exc is None:
+                self._close_conn(conn, exc)
+            else:
+                log.error("%s of %r crashed: %r", role, conn, exc)
+                self._close_conn(conn, exc)
+                if self._fatal is None:
+                    self._fatal = exc
+                    self.finished.set()
+
+        task.add_done_callback(done)
+        return task
+
+    def _close_conn(self, conn: _Conn, why: BaseException | None) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        if why is not None:
+            log.info("dropping %r: %s", conn, why or type(why).__name__)
+        self.pending_conns.discard(conn)
+        if self.conns.get(conn.peer_id) is conn:
+            del self.conns[conn.peer_id]
+        self.picker.remove_peer(conn)
+        self.uploads.peer_gone(conn)
+        self._upload_wake.set()
+        for task in conn.tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
+        conn.sock.close()
+        self._fill_all()
+
+    async def _reader(self, conn: _Conn) -> None:
+        loop = asyncio.get_running_loop()
+        decoder = FrameDecoder(
+            piece_lengths=self.m.piece_lengths, max_block=max(self.block_size, 1)
+        )
+        ctrl = bytearray(64 * 1024)
+        block_buf = bytearray(self.block_size)
+        block_view = memoryview(block_buf)
+        header: BlockHeader | None = None
+        filled = 0
+        discard = False
+        while True:
+            event = decoder.next_event()
+            if event is NEED_DATA:
+                remaining = decoder.payload_remaining
+                if header is not None and remaining > 0:
+                    n = await loop.sock_recv_into(
+                        conn.sock, block_view[filled : filled + remaining]
+                    )
+                    if n == 0:
+                        raise EOFError("connection closed in the middle of a block")
+                    decoder.payload_consumed(n)
+                    filled += n
+                else:
+                    n = await loop.sock_recv_into(conn.sock, ctrl)
+                    if n == 0:
+                        decoder.feed_eof()
+                    else:
+                        decoder.feed(bytes(ctrl[:n]))
+                conn.last_recv = time.monotonic()
+                continue
+            if isinstance(event, BlockHeader):
+                block = BlockRequest(event.piece, event.offset, event.length)
+                if block in conn.requested:
+                    discard = False
+                elif block in conn.cancelled:
+                    del conn.cancelled[block]
+                    discard = True  # it crossed our Cancel on the wire
+                else:
+                    raise RemoteProtocolError(f"sent block {block} that was not requested")
+                header, filled = event, 0
+            elif isinstance(event, BlockPayload):
+                block_view[filled : filled + len(event.data)] = event.data
+                filled += len(event.data)
+            elif isinstance(event, BlockEnd):
+                assert header is not None
+                if discard:
+                    self.duplicate_bytes += header.length
+                    self.peer_bytes += header.length
+                else:
+                    await self._on_block(conn, header, block_view[: header.length])
+                header = None
+            elif isinstance(event, ConnectionClosed):
+                raise EOFError("peer closed the connection")
+            else:
+                self._on_message(conn, event)
+
+    def _on_message(self, conn: _Conn, msg: Message) -> None:
+        if isinstance(msg, Handshake):
+            if msg.root != self.m.root:
+                raise RemoteProtocolError(f"peer is in another swarm ({msg.root.hex()[:12]})")
+            if msg.peer_id == self.peer_id or msg.peer_id in self.barred:
+                raise RemoteProtocolError("connection to ourselves or to a barred peer")
+            if conn.peer_id and conn.peer_id != msg.peer_id:
+                raise RemoteProtocolError("peer id differs from what the tracker said")
+            if msg.peer_id in self.conns:
+                raise RemoteProtocolError("duplicate connection")
+            conn.peer_id = msg.peer_id
+            self.pending_conns.discard(conn)
+            self.conns[msg.peer_id] = conn
+            conn.send(BitfieldMsg.from_bitfield(self.picker.have))
+            log.debug("connected to %r", conn)
+        elif isinstance(msg, BitfieldMsg):
+            conn.bitfield = msg.to_bitfield(self.m.num_pieces)
+            self.picker.add_peer(conn, conn.bitfield)
+            self._fill(conn)
+        elif isinstance(msg, Have):
+            if conn.bitfield is None:
+                conn.bitfield = Bitfield(self.m.num_pieces)
+            conn.bitfield.add(msg.piece)
+            self.picker.peer_has(conn, msg.piece)
+            self._fill(conn)
+        elif isinstance(msg, Request):
+            if not self.store.has(msg.piece) or not self.uploads.enqueue(conn, msg):
+                conn.send(Reject(msg.piece, msg.offset, msg.length))
+            else:
+                self._upload_wake.set()
+        elif isinstance(msg, Cancel):
+            req = Request(msg.piece, msg.offset, msg.length)
+            self.uploads.cancel(conn, req)
+        elif isinstance(msg, Reject):
+            block = BlockRequest(msg.piece, msg.offset, msg.length)
+            conn.cancelled.pop(block, None)
+            if block in conn.requested:
+                conn.requested.discard(block)
+                self.picker.block_failed(conn, block)
+            self._fill(conn)
+        elif isinstance(msg, KeepAlive):
+            pass
+
+    async def _on_block(self, conn: _Conn, header: BlockHeader, data: memoryview) -> None:
+        block = BlockRequest(header.piece, header.offset, header.length)
+        conn.requested.discard(block)
+        self.peer_bytes += header.length
+        conn.received_bytes += header.length
+        if self.store.has(block.piece) or header.piece in self.verifying:
+            self.duplicate_bytes += header.length
+            self._fill(conn)
+            return
+        await asyncio.to_thread(self.store.write_block, block.piece, block.offset, data)
+        if conn.closed:
+            return
+        self.contributors.setdefault(block.piece, set()).add(conn.peer_id)
+        for other, dup in self.picker.block_received(conn, block):
+            other.cancel(dup)
+        if self.picker.piece_complete(block.piece) and block.piece not in self.verifying:
+            self.verifying.add(block.piece)
+            self._spawn(self._verify_assembled(block.piece), f"verify-{block.piece}")
+        self._fill(conn)
+
+    def _fill(self, conn: _Conn) -> None:
+        """Keep ``requests_per_peer`` block requests in flight to ``conn``."""
+        if conn.closed or conn.bitfield is None or conn.peer_id not in self.conns:
+            return
+        want = self.config.requests_per_peer - len(conn.requested)
+        if want <= 0:
+            return
+        for block in self.picker.pick(conn, want):
+            conn.requested.add(block)
+            conn.send(Request(*block))
+
+    def _fill_all(self) -> None:
+        for conn in list(self.conns.values()):
+            self._fill(conn)
+
+    # --- uploads -------------------------------------------------------------------
+
+    async def _upload_loop(self) -> None:
+        while True:
+            await self._upload_wake.wait()
+            self._upload_wake.clear()
+            while (nxt := self.uploads.next()) is not None:
+                conn, req = nxt
+                conn.uploads.append(req)
+                conn.wake.set()
+
+    def _file(self, file_index: int) -> BinaryIO:
+        f = self._files.get(file_index)
+        if f is None:
+            f = self._files[file_index] = open(  # noqa: SIM115 - closed in _shutdown
+                self.store.dest / self.m.files[file_index].path, "rb"
+            )
+        return f
+
+    async def _writer(self, conn: _Conn) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if conn.control:
+                data = b"".join(conn.control)
+                conn.control.clear()
+                await loop.sock_sendall(conn.sock, data)
+                continue
+            if conn.uploads:
+                req = conn.uploads.popleft()
+                try:
+                    await self._send_block(loop, conn, req)
+                finally:
+                    self.uploads.done(conn, req)
+                    self._upload_wake.set()
+                continue
+            conn.wake.clear()
+            await conn.wake.wait()
+
+    async def _send_block(self, loop: asyncio.AbstractEventLoop, conn: _Conn, req: Request) -> None:
+        piece = self.m.piece(req.piece)
+        await loop.sock_sendall(conn.sock, encode(BlockHeader(req.piece, req.offset, req.length)))
+        if self.config.serve_corrupt:
+            buf = bytearray(req.length)
+            fd = self._file(piece.file_index).fileno()
+            await asyncio.to_thread(os.preadv, fd, [buf], piece.offset + req.offset)
+            buf[0] ^= 0xFF
+            await loop.sock_sendall(conn.sock, buf)
+        else:
+            await loop.sock_sendfile(
+                conn.sock, self._file(piece.file_index), piece.offset + req.offset, req.length
+            )
+        self.uploaded_bytes += req.length
+
+    async def _keepalive_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.keepalive / 2)
+            now = time.monotonic()
+            for conn in list(self.conns.values()):
+                if now - conn.last_recv > self.config.idle_timeout:
+                    self._close_conn(conn, RemoteProtocolError("peer silent for too long"))
+                else:
+                    conn.send(KeepAlive())

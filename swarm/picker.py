@@ -1,0 +1,557 @@
+"""Which blocks to request from which peer: rarest first, finish what is started.
+
+One :class:`PiecePicker` lives in each downloading peer (and in each simulated
+peer). It knows the pieces every connected peer has, the pieces we have, the
+pieces we are pulling from the origin ourselves, and every block request in
+flight; the engine asks it what to request next from a given peer.
+
+Why rarest first
+    Every piece starts out on exactly one node (the seeder the tracker assigned
+    it to). If peers fetched pieces in file order, they would all want the same
+    few pieces at once and leave the rest on a single node, so the swarm's
+    upload capacity would sit idle and, when that node left, the piece would
+    need a second origin fetch. Fetching the piece the fewest neighbours hold
+    spreads copies of every piece as fast as possible, keeps the swarm's piece
+    diversity high (every peer soon has something every other peer wants) and
+    means no piece becomes the bottleneck when early peers leave. Ties are broken
+    at random so that peers seeing the same availability don't all choose the
+    same piece.
+
+Why finish what is started
+    A piece is verified (blake3) and can be served onwards only once all of its
+    blocks are in. Before starting a new piece, a peer is asked for the open
+    blocks of pieces already in progress, so a piece is fetched from several
+    peers at once and completes quickly instead of many pieces being half done.
+
+Why endgame
+    At the very end every missing block is already requested, and one slow peer
+    holding the last request would delay the whole download. Then a block may be
+    requested from up to ``endgame_duplicates`` peers; the first copy to arrive
+    wins and :meth:`PiecePicker.block_received` returns the other requests so
+    the engine can cancel them.
+
+Cost
+    Pieces not yet started are kept in buckets by availability, each bucket in
+    random order (a piece is inserted at a random position). A pick looks at
+    the rarest buckets starting from a random position and stops at the first
+    piece the peer has; if that scan grows longer than the peer's own piece
+    count, it switches to scanning the peer's pieces instead. Availability
+    changes move a piece between buckets in O(1). Block bookkeeping exists only
+    for pieces in progress. Nothing here depends on the clock or on global
+    randomness; the ``random.Random`` is passed in.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from collections.abc import Hashable, Sequence
+from typing import Generic, NamedTuple, TypeVar
+
+from swarm.bitfield import Bitfield
+
+__all__ = ["BlockRequest", "PiecePicker"]
+
+PeerT = TypeVar("PeerT", bound=Hashable)
+
+_OPEN = 0
+_REQUESTED = 1
+_RECEIVED = 2
+
+
+class BlockRequest(NamedTuple):
+    """A block: ``length`` bytes of ``piece`` starting at ``offset``."""
+
+    piece: int
+    offset: int
+    length: int
+
+
+class _Partial(Generic[PeerT]):
+    """Block states of one piece in progress."""
+
+    __slots__ = ("next_open", "open", "received", "requesters", "state")
+
+    def __init__(self, num_blocks: int) -> None:
+        self.state = bytearray(num_blocks)
+        # Block index -> peers it is requested from (only for REQUESTED blocks).
+        self.requesters: dict[int, list[PeerT]] = {}
+        self.open = num_blocks
+        self.received = 0
+        self.next_open = 0  # no block below this index is open
+
+
+class PiecePicker(Generic[PeerT]):
+    """Rarest-first block picker for one downloading peer.
+
+    ``piece_lengths[i]`` is the length of piece ``i``; pieces are split into
+    blocks of ``block_size`` bytes (the last block of a piece may be shorter).
+    Peers are any hashable ids (20-byte peer ids in the engine, ints in the
+    simulator).
+
+    The engine's calls, in order of a piece's life:
+
+    * ``add_peer(peer, bitfield)`` / ``peer_has(peer, piece)`` /
+      ``remove_peer(peer)`` as peers connect, announce and leave;
+    * ``pick(peer, n)`` to fill ``peer``'s request pipeline;
+    * ``block_received(peer, block)`` (cancel the duplicates it returns) or
+      ``block_failed(peer, block)`` (rejected, timed out);
+    * ``piece_complete(piece)`` tells when to verify; then ``mark_have(piece)`` or
+      ``piece_failed(piece)``.
+
+    Pieces we pull from the origin as the assigned seeder are ``reserve``\\ d and
+    never requested from peers until ``release``\\ d or marked had.
+    """
+
+    def __init__(
+        self,
+        piece_lengths: Sequence[int],
+        block_size: int,
+        rng: random.Random,
+        endgame_duplicates: int = 2,
+    ) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if endgame_duplicates < 1:
+            raise ValueError(f"endgame_duplicates must be >= 1, got {endgame_duplicates}")
+        for index, length in enumerate(piece_lengths):
+            if length < 1:
+                raise ValueError(f"piece {index} has length {length}; pieces must be >= 1 byte")
+        self._lengths = list(piece_lengths)
+        self._block_size = block_size
+        self._rng = rng
+        self._endgame_duplicates = endgame_duplicates
+        num_pieces = len(self._lengths)
+
+        self._have = Bitfield(num_pieces)
+        self._reserved: set[int] = set()
+        self._avail = [0] * num_pieces
+        self._peers: dict[PeerT, Bitfield] = {}
+        self._outstanding: dict[PeerT, set[BlockRequest]] = {}
+
+        # Pieces not had, not reserved and not started, bucketed by availability.
+        # _pos[piece] is the piece's index in its bucket, or -1 when not bucketed.
+        self._buckets: list[list[int]] = [list(range(num_pieces))]
+        self._pos = list(range(num_pieces))
+        self._nonempty: list[int] = [0] if num_pieces else []  # sorted levels
+        self._unstarted = num_pieces
+
+        # Pieces in progress (insertion order = start order), and those of them
+        # with at least one open block.
+        self._partials: dict[int, _Partial[PeerT]] = {}
+        self._open_partials: dict[int, None] = {}
+
+    # -- read-only state ------------------------------------------------------
+
+    @property
+    def num_pieces(self) -> int:
+        return len(self._lengths)
+
+    @property
+    def block_size(self) -> int:
+        return self._block_size
+
+    @property
+    def have(self) -> Bitfield:
+        """A copy of the pieces we have verified."""
+        return self._have.copy()
+
+    @property
+    def missing_count(self) -> int:
+        """Pieces we have not verified yet (including reserved and in-progress ones)."""
+        return self.num_pieces - self._have.count()
+
+    @property
+    def done(self) -> bool:
+        return self._have.complete
+
+    @property
+    def in_endgame(self) -> bool:
+        """True when every block of every missing, unreserved piece is requested or in."""
+        return not self.done and self._unstarted == 0 and not self._open_partials
+
+    def availability(self, piece: int) -> int:
+        """How many connected peers have ``piece``."""
+        return self._avail[piece]
+
+    def is_reserved(self, piece: int) -> bool:
+        return piece in self._reserved
+
+    def in_progress(self) -> list[int]:
+        """Pieces with block requests out or blocks received, oldest first."""
+        return list(self._partials)
+
+    def outstanding(self, peer: PeerT) -> list[BlockRequest]:
+        """Requests in flight to ``peer``."""
+        return sorted(self._outstanding.get(peer, ()))
+
+    def blocks(self, piece: int) -> list[BlockRequest]:
+        """Every block of ``piece``, in order."""
+        length = self._lengths[piece]
+        size = self._block_size
+        return [
+            BlockRequest(piece, offset, min(size, length - offset))
+            for offset in range(0, length, size)
+        ]
+
+    # -- buckets --------------------------------------------------------------
+
+    def _bucket_add(self, piece: int) -> None:
+        level = self._avail[piece]
+        while len(self._buckets) <= level:
+            self._buckets.append([])
+        bucket = self._buckets[level]
+        if not bucket:
+            bisect.insort(self._nonempty, level)
+        # Insert at a random position (inside-out Fisher-Yates), so a bucket stays
+        # shuffled even though pieces arrive grouped by the peer that has them,
+        # and a scan from a random start meets any peer's pieces early.
+        size = len(bucket)
+        bucket.append(piece)
+        if size:
+            other_pos = self._rng.randrange(size + 1)
+            if other_pos != size:
+                other = bucket[other_pos]
+                bucket[other_pos] = piece
+                bucket[size] = other
+                self._pos[other] = size
+            self._pos[piece] = other_pos
+        else:
+            self._pos[piece] = 0
+        self._unstarted += 1
+
+    def _bucket_remove(self, piece: int, level: int | None = None) -> None:
+        if level is None:
+            level = self._avail[piece]
+        bucket = self._buckets[level]
+        pos = self._pos[piece]
+        last = bucket.pop()
+        if last != piece:
+            bucket[pos] = last
+            self._pos[last] = pos
+        self._pos[piece] = -1
+        if not bucket:
+            del self._nonempty[bisect.bisect_left(self._nonempty, level)]
+        self._unstarted -= 1
+
+    def _set_avail(self, piece: int, delta: int) -> None:
+        old = self._avail[piece]
+        if self._pos[piece] >= 0:
+            self._bucket_remove(piece, old)
+            self._avail[piece] = old + delta
+            self._bucket_add(piece)
+        else:
+            self._avail[piece] = old + delta
+
+    def _unbucket_if_needed(self, piece: int) -> None:
+        if self._pos[piece] >= 0:
+            self._bucket_remove(piece)
+
+    def _rebucket_if_free(self, piece: int) -> None:
+        if (
+            self._pos[piece] < 0
+            and piece not in self._have
+            and piece not in self._reserved
+            and piece not in self._partials
+        ):
+            self._bucket_add(piece)
+
+    # -- peers ----------------------------------------------------------------
+
+    def add_peer(self, peer: PeerT, bitfield: Bitfield) -> None:
+        """``peer`` connected and sent ``bitfield`` (merged with anything it sent before)."""
+        if len(bitfield) != self.num_pieces:
+            raise ValueError(
+                f"bitfield of {len(bitfield)} pieces for an artifact of {self.num_pieces}"
+            )
+        known = self._peers.get(peer)
+        if known is None:
+            self._peers[peer] = bitfield.copy()
+            self._outstanding.setdefault(peer, set())
+            for piece in bitfield:
+                self._set_avail(piece, 1)
+            return
+        for piece in bitfield:
+            if known.add(piece):
+                self._set_avail(piece, 1)
+
+    def peer_has(self, peer: PeerT, piece: int) -> None:
+        """``peer`` announced that it has verified ``piece``."""
+        known = self._peers.get(peer)
+        if known is None:
+            known = self._peers[peer] = Bitfield(self.num_pieces)
+            self._outstanding.setdefault(peer, set())
+        if known.add(piece):
+            self._set_avail(piece, 1)
+
+    def remove_peer(self, peer: PeerT) -> list[BlockRequest]:
+        """``peer`` disconnected: forget its pieces; its requests go back to open.
+
+        Returns the requests that were in flight to it (now open again).
+        """
+        known = self._peers.pop(peer, None)
+        if known is not None:
+            for piece in known:
+                self._set_avail(piece, -1)
+        returned = sorted(self._outstanding.pop(peer, ()))
+        for block in returned:
+            self._unrequest(peer, block)
+        return returned
+
+    peer_gone = remove_peer
+    """Alias of :meth:`remove_peer`."""
+
+    def peer_bitfield(self, peer: PeerT) -> Bitfield | None:
+        known = self._peers.get(peer)
+        return None if known is None else known.copy()
+
+    # -- our own pieces -------------------------------------------------------
+
+    def mark_have(self, piece: int) -> list[tuple[PeerT, BlockRequest]]:
+        """We verified ``piece`` (from peers or the origin).
+
+        Returns requests still in flight for it, which the engine should cancel.
+        """
+        self._check_piece(piece)
+        leftovers = self._drop_partial(piece)
+        self._reserved.discard(piece)
+        self._unbucket_if_needed(piece)
+        self._have.add(piece)
+        return leftovers
+
+    def reserve(self, piece: int) -> bool:
+        """We will pull ``piece`` from the origin: never request it from peers.
+
+        Returns False (and reserves nothing) if we already have the piece or are
+        already downloading it from peers; the engine should then not fetch it
+        from the origin.
+        """
+        self._check_piece(piece)
+        if piece in self._have or piece in self._partials:
+            return False
+        self._unbucket_if_needed(piece)
+        self._reserved.add(piece)
+        return True
+
+    def release(self, piece: int) -> None:
+        """The origin fetch of ``piece`` was abandoned: peers may serve it again."""
+        self._check_piece(piece)
+        self._reserved.discard(piece)
+        self._rebucket_if_free(piece)
+
+    def _check_piece(self, piece: int) -> None:
+        if not 0 <= piece < len(self._lengths):
+            raise ValueError(f"piece {piece} is out of range (0..{len(self._lengths) - 1})")
+
+    # -- picking --------------------------------------------------------------
+
+    def pick(self, peer: PeerT, max_blocks: int) -> list[BlockRequest]:
+        """Up to ``max_blocks`` new requests to send to ``peer``.
+
+        Open blocks of pieces in progress come first (oldest piece first), then
+        blocks of new pieces, rarest first with random tie-break. In endgame,
+        blocks already requested from other peers are handed out again (each at
+        most ``endgame_duplicates`` times in flight). Only pieces ``peer`` has and
+        we neither have nor reserve are picked. The returned requests are
+        recorded as in flight to ``peer``.
+        """
+        bits = self._peers.get(peer)
+        if bits is None or max_blocks <= 0 or self.done:
+            return []
+        picked: list[BlockRequest] = []
+        for piece in list(self._open_partials):
+            if piece in bits:
+                self._take_open(peer, piece, max_blocks - len(picked), picked)
+                if len(picked) >= max_blocks:
+                    return picked
+        while len(picked) < max_blocks:
+            new_piece = self._pick_new_piece(bits)
+            if new_piece is None:
+                break
+            self._start(new_piece)
+            self._take_open(peer, new_piece, max_blocks - len(picked), picked)
+        if len(picked) < max_blocks and self.in_endgame:
+            self._take_endgame(peer, bits, max_blocks - len(picked), picked)
+        return picked
+
+    def _pick_new_piece(self, bits: Bitfield) -> int | None:
+        """The rarest unstarted piece ``bits`` has, random among equals; None if none."""
+        # Scanning the buckets costs the number of pieces looked at; scanning
+        # the peer's own pieces costs its piece count. Start with the buckets
+        # (cheap when the peer has many of the rare pieces) and switch when the
+        # scan grows longer than the peer's piece count.
+        budget = bits.count() + 16
+        rng = self._rng
+        for level in self._nonempty:
+            if level == 0:
+                continue  # nobody has these
+            bucket = self._buckets[level]
+            size = len(bucket)
+            start = rng.randrange(size)
+            scan = min(size, budget)
+            for i in range(scan):
+                j = start + i
+                piece = bucket[j - size if j >= size else j]
+                if piece in bits:
+                    return piece
+            if scan < size:
+                return self._pick_from_peer_pieces(bits)
+            budget -= size
+        return None
+
+    def _pick_from_peer_pieces(self, bits: Bitfield) -> int | None:
+        best_level = -1
+        ties: list[int] = []
+        pos = self._pos
+        avail = self._avail
+        for piece in bits:
+            if pos[piece] < 0:
+                continue
+            level = avail[piece]
+            if level == best_level:
+                ties.append(piece)
+            elif level < best_level or best_level < 0:
+                best_level = level
+                ties = [piece]
+        return self._rng.choice(ties) if ties else None
+
+    def _start(self, piece: int) -> None:
+        self._bucket_remove(piece)
+        num_blocks = -(-self._lengths[piece] // self._block_size)
+        self._partials[piece] = _Partial(num_blocks)
+        self._open_partials[piece] = None
+
+    def _block(self, piece: int, index: int) -> BlockRequest:
+        offset = index * self._block_size
+        return BlockRequest(piece, offset, min(self._block_size, self._lengths[piece] - offset))
+
+    def _take_open(self, peer: PeerT, piece: int, limit: int, out: list[BlockRequest]) -> None:
+        partial = self._partials[piece]
+        state = partial.state
+        outstanding = self._outstanding[peer]
+        index = partial.next_open
+        taken = 0
+        while taken < limit and partial.open:
+            index = state.index(_OPEN, index)
+            state[index] = _REQUESTED
+            partial.requesters[index] = [peer]
+            partial.open -= 1
+            block = self._block(piece, index)
+            outstanding.add(block)
+            out.append(block)
+            taken += 1
+            index += 1
+        partial.next_open = index
+        if not partial.open:
+            self._open_partials.pop(piece, None)
+
+    def _take_endgame(
+        self, peer: PeerT, bits: Bitfield, limit: int, out: list[BlockRequest]
+    ) -> None:
+        # Fewest copies in flight first, then oldest piece: the blocks most at
+        # risk of holding up completion.
+        candidates: list[tuple[int, int, int, int]] = []
+        for order, (piece, partial) in enumerate(self._partials.items()):
+            if piece not in bits:
+                continue
+            for index, peers in partial.requesters.items():
+                if len(peers) < self._endgame_duplicates and peer not in peers:
+                    candidates.append((len(peers), order, piece, index))
+        candidates.sort()
+        outstanding = self._outstanding[peer]
+        for _, _, piece, index in candidates[:limit]:
+            self._partials[piece].requesters[index].append(peer)
+            block = self._block(piece, index)
+            outstanding.add(block)
+            out.append(block)
+
+    # -- results --------------------------------------------------------------
+
+    def _index(self, block: BlockRequest) -> int:
+        return block.offset // self._block_size
+
+    def block_received(self, peer: PeerT, block: BlockRequest) -> list[tuple[PeerT, BlockRequest]]:
+        """``peer`` delivered ``block``.
+
+        Returns the other peers the same block is still requested from (endgame
+        duplicates); they are no longer counted as in flight and the engine
+        should send them a Cancel. A block that was already received, or that
+        belongs to a piece not in progress, changes nothing and returns [].
+        """
+        self._outstanding.get(peer, set()).discard(block)
+        partial = self._partials.get(block.piece)
+        if partial is None:
+            return []
+        index = self._index(block)
+        if (
+            not 0 <= index < len(partial.state)
+            or block != self._block(block.piece, index)
+            or partial.state[index] == _RECEIVED
+        ):
+            return []
+        if partial.state[index] == _OPEN:
+            partial.open -= 1
+            if not partial.open:
+                self._open_partials.pop(block.piece, None)
+        partial.state[index] = _RECEIVED
+        partial.received += 1
+        cancels: list[tuple[PeerT, BlockRequest]] = []
+        for other in partial.requesters.pop(index, []):
+            if other != peer:
+                self._outstanding.get(other, set()).discard(block)
+                cancels.append((other, block))
+        return cancels
+
+    def block_failed(self, peer: PeerT, block: BlockRequest) -> None:
+        """The request of ``block`` to ``peer`` failed (rejected, timed out, cancelled)."""
+        outstanding = self._outstanding.get(peer)
+        if outstanding is None or block not in outstanding:
+            return
+        outstanding.discard(block)
+        self._unrequest(peer, block)
+
+    def _unrequest(self, peer: PeerT, block: BlockRequest) -> None:
+        partial = self._partials.get(block.piece)
+        if partial is None:
+            return
+        index = self._index(block)
+        peers = partial.requesters.get(index)
+        if peers is None or peer not in peers:
+            return
+        peers.remove(peer)
+        if peers:
+            return
+        del partial.requesters[index]
+        partial.state[index] = _OPEN
+        partial.open += 1
+        partial.next_open = min(partial.next_open, index)
+        self._open_partials[block.piece] = None
+
+    def piece_complete(self, piece: int) -> bool:
+        """True when every block of ``piece`` has been received (time to verify)."""
+        partial = self._partials.get(piece)
+        return partial is not None and partial.received == len(partial.state)
+
+    def piece_failed(self, piece: int) -> list[tuple[PeerT, BlockRequest]]:
+        """``piece`` failed verification: throw its blocks away and start over.
+
+        The piece goes back among the unstarted pieces (so it may come from other
+        peers this time). Returns requests still in flight for it, to cancel.
+        """
+        self._check_piece(piece)
+        leftovers = self._drop_partial(piece)
+        self._rebucket_if_free(piece)
+        return leftovers
+
+    def _drop_partial(self, piece: int) -> list[tuple[PeerT, BlockRequest]]:
+        partial = self._partials.pop(piece, None)
+        self._open_partials.pop(piece, None)
+        if partial is None:
+            return []
+        leftovers: list[tuple[PeerT, BlockRequest]] = []
+        for index, peers in sorted(partial.requesters.items()):
+            block = self._block(piece, index)
+            for peer in peers:
+                self._outstanding.get(peer, set()).discard(block)
+                leftovers.append((peer, block))
+        return leftovers

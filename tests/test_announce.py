@@ -1,0 +1,199 @@
+"""The announce codec (``swarm/announce.py``): round trips and hostile input.
+
+Every decode of bytes that did not come from ``encode`` either yields a valid
+message or raises ``BadAnnounce`` (a ``TrackerError``), never another exception:
+the tracker's UDP and HTTP endpoints rely on that to refuse one bad datagram
+without dropping the endpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from swarm.announce import (
+    MAX_BARRED,
+    PEER_ID_SIZE,
+    Announce,
+    BadAnnounce,
+    Reply,
+)
+from swarm.errors import TrackerError
+
+ROOT = "ab" * 32
+REF = f"llama@{ROOT}"
+
+peer_ids = st.binary(min_size=PEER_ID_SIZE, max_size=PEER_ID_SIZE)
+
+announces = st.builds(
+    Announce,
+    ref=st.sampled_from([REF, "org/model@" + "0" * 64, "plain-name"]),
+    peer_id=peer_ids,
+    port=st.integers(1, 65535),
+    have=st.binary(max_size=512),
+    host=st.text(max_size=40).filter(lambda h: len(h.encode()) <= 255),
+    progress=st.dictionaries(st.integers(0, 10**6), st.integers(0, 2**40), max_size=20),
+    done=st.booleans(),
+    leaving=st.booleans(),
+    txn=st.integers(0, 2**31),
+    barred=st.lists(peer_ids, max_size=8),
+)
+
+replies = st.builds(
+    Reply,
+    assigned=st.lists(st.integers(0, 10**6), max_size=20),
+    peers=st.lists(st.tuples(peer_ids, st.text(max_size=30), st.integers(1, 65535)), max_size=10),
+    complete=st.booleans(),
+    num_peers=st.integers(0, 10**6),
+    interval=st.floats(0.05, 3600),
+    txn=st.integers(0, 2**31),
+    error=st.text(max_size=50),
+)
+
+# Anything msgpack can carry, nested a little.
+msgpack_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=20)
+    | st.binary(max_size=30),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+def _decodes_or_refuses(decode: Any, data: bytes) -> None:
+    try:
+        decode(data)
+    except BadAnnounce as exc:
+        assert isinstance(exc, TrackerError)
+        assert str(exc)
+
+
+@given(announces)
+def test_announce_round_trip(msg: Announce) -> None:
+    assert Announce.decode(msg.encode()) == msg
+
+
+@given(replies)
+def test_reply_round_trip(reply: Reply) -> None:
+    assert Reply.decode(reply.encode()) == reply
+
+
+def test_announce_without_barred_field_still_decodes() -> None:
+    """Peers built before ``barred`` existed send announces without it."""
+    msg = Announce(REF, b"p" * PEER_ID_SIZE, 7000, b"\xff")
+    fields = msgpack.unpackb(msg.encode(), raw=False)
+    del fields["barred"]
+    assert Announce.decode(msgpack.packb(fields, use_bin_type=True)) == msg
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("v", 2, "version"),
+        ("peer", b"short", "peer id"),
+        ("port", 0, "port"),
+        ("port", 70000, "port"),
+        ("port", True, "port"),
+        ("ref", 5, "ref"),
+        ("have", "text", "bitfield"),
+        ("host", "h" * 256, "host"),
+        ("progress", [[1, -1]], "progress"),
+        ("progress", [[1]], "progress"),
+        ("progress", {"1": 2}, "progress"),
+        ("barred", [b"x" * 19], "barred"),
+        ("barred", [b"x" * PEER_ID_SIZE] * (MAX_BARRED + 1), "barred"),
+        ("barred", b"x" * PEER_ID_SIZE, "barred"),
+    ],
+)
+def test_announce_field_refused(field: str, value: object, match: str) -> None:
+    fields = msgpack.unpackb(Announce(REF, b"p" * PEER_ID_SIZE, 7000, b"\x00").encode(), raw=False)
+    fields[field] = value
+    with pytest.raises(BadAnnounce, match=match):
+        Announce.decode(msgpack.packb(fields, use_bin_type=True))
+
+
+@pytest.mark.parametrize("missing", ["v", "ref", "peer", "port", "host", "have", "progress"])
+def test_announce_missing_field_refused(missing: str) -> None:
+    fields = msgpack.unpackb(Announce(REF, b"p" * PEER_ID_SIZE, 7000, b"").encode(), raw=False)
+    del fields[missing]
+    with pytest.raises(BadAnnounce, match=missing):
+        Announce.decode(msgpack.packb(fields, use_bin_type=True))
+
+
+@pytest.mark.parametrize("data", [b"", b"\xc1", b"\x91\x01", msgpack.packb([1, 2]), b"\x80" + b"x"])
+def test_not_a_map_refused(data: bytes) -> None:
+    with pytest.raises(BadAnnounce):
+        Announce.decode(data)
+    with pytest.raises(BadAnnounce):
+        Reply.decode(data)
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=300))
+def test_random_bytes_never_crash_the_decoders(data: bytes) -> None:
+    _decodes_or_refuses(Announce.decode, data)
+    _decodes_or_refuses(Reply.decode, data)
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.text(max_size=10), msgpack_values, max_size=8))
+def test_random_maps_never_crash_the_decoders(obj: dict[str, Any]) -> None:
+    data = msgpack.packb(obj, use_bin_type=True)
+    _decodes_or_refuses(Announce.decode, data)
+    _decodes_or_refuses(Reply.decode, data)
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    announces,
+    replies,
+    st.sampled_from(
+        ["v", "ref", "peer", "port", "host", "have", "progress", "done", "leaving", "txn", "barred"]
+    ),
+    st.sampled_from(["txn", "assign", "peers", "complete", "npeers", "interval", "error"]),
+    msgpack_values,
+)
+def test_one_wrong_field_never_crashes_the_decoders(
+    msg: Announce, reply: Reply, a_field: str, r_field: str, value: object
+) -> None:
+    """A valid message with one field replaced by anything: valid, or BadAnnounce."""
+    fields = msgpack.unpackb(msg.encode(), raw=False)
+    fields[a_field] = value
+    _decodes_or_refuses(Announce.decode, msgpack.packb(fields, use_bin_type=True))
+    rfields = msgpack.unpackb(reply.encode(), raw=False)
+    rfields[r_field] = value
+    _decodes_or_refuses(Reply.decode, msgpack.packb(rfields, use_bin_type=True))
+
+
+@given(announces, st.integers(0, 400))
+def test_truncated_announce_refused(msg: Announce, cut: int) -> None:
+    data = msg.encode()
+    if cut < len(data):
+        with pytest.raises(BadAnnounce):
+            Announce.decode(data[:cut])
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), 2**64 - 1, -1.5])
+@pytest.mark.parametrize("field", ["npeers", "txn", "interval", "complete", "error"])
+def test_odd_numbers_in_a_reply(field: str, value: float) -> None:
+    """A float where an int belongs (infinity overflows ``int()``) is refused, not raised."""
+    fields = msgpack.unpackb(Reply([1], [], False, 3, 1.0, 9).encode(), raw=False)
+    fields[field] = value
+    _decodes_or_refuses(Reply.decode, msgpack.packb(fields, use_bin_type=True))
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), 2**64 - 1])
+@pytest.mark.parametrize("field", ["port", "txn", "done", "leaving", "v"])
+def test_odd_numbers_in_an_announce(field: str, value: float) -> None:
+    fields = msgpack.unpackb(Announce(REF, b"p" * PEER_ID_SIZE, 7000, b"").encode(), raw=False)
+    fields[field] = value
+    _decodes_or_refuses(Announce.decode, msgpack.packb(fields, use_bin_type=True))

@@ -1,0 +1,283 @@
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tracker.assignment import SeederAssignment
+
+PIECE = 1000
+
+
+def make(
+    num_pieces: int,
+    peers: int = 0,
+    *,
+    seed: int = 0,
+    per_peer_limit: int = 2,
+    origin_budget: int | None = None,
+    stall_timeout: float = 30.0,
+) -> SeederAssignment[str]:
+    policy: SeederAssignment[str] = SeederAssignment(
+        [PIECE] * num_pieces,
+        per_peer_limit=per_peer_limit,
+        origin_budget=origin_budget,
+        stall_timeout=stall_timeout,
+        rng=random.Random(seed),
+    )
+    for i in range(peers):
+        policy.peer_joined(f"p{i}", 0.0)
+    return policy
+
+
+def check_invariants(policy: SeederAssignment[str]) -> None:
+    owners: dict[int, str] = {}
+    for peer in policy.peers:
+        current = policy.assignments(peer)
+        for piece in current:
+            assert piece not in owners, f"piece {piece} assigned to two peers"
+            assert not policy.is_present(piece)
+            assert policy.owner(piece) == peer
+            owners[piece] = peer
+    assert policy.in_flight == len(owners)
+    present = sum(policy.is_present(p) for p in range(policy.num_pieces))
+    assert policy.unassigned == policy.num_pieces - present - len(owners)
+
+
+@pytest.mark.parametrize(("num_peers", "num_pieces"), [(4, 40), (7, 100), (10, 10), (3, 1)])
+def test_balance_with_round_robin_completions(num_peers: int, num_pieces: int) -> None:
+    policy = make(num_pieces, num_peers, seed=num_peers)
+    now = 0.0
+    for _ in range(num_pieces * 2):
+        policy.assign(now)
+        check_invariants(policy)
+        for peer in policy.peers:
+            current = policy.assignments(peer)
+            if current:
+                assert policy.piece_present(current[0]) == peer
+        now += 1.0
+        if policy.all_present:
+            break
+    assert policy.all_present
+    pulled = policy.stats.pulled
+    assert sum(pulled.values()) == num_pieces
+    share = num_pieces / num_peers
+    assert all(share - 1 <= n <= share + 1 for n in pulled.values()), pulled
+
+
+def test_every_piece_assigned_once_and_limits_respected() -> None:
+    policy = make(20, 3, per_peer_limit=2)
+    new = policy.assign(0.0)
+    assert sorted(len(v) for v in new.values()) == [2, 2, 2]
+    assigned = [p for pieces in new.values() for p in pieces]
+    assert len(set(assigned)) == 6
+    assert policy.assign(1.0) == {}  # every slot busy
+    assert policy.in_flight == 6
+    assert policy.unassigned == 14
+    check_invariants(policy)
+
+
+def test_origin_budget_caps_the_cluster() -> None:
+    policy = make(20, 5, origin_budget=3)
+    new = policy.assign(0.0)
+    assert sum(len(v) for v in new.values()) == 3
+    assert len(new) == 3  # spread over three peers, not two pieces on one
+    assert policy.assign(0.0) == {}
+    policy.set_budget(4)
+    assert sum(len(v) for v in policy.assign(0.0).values()) == 1
+    policy.set_budget(1)  # lowering takes nothing away
+    assert policy.in_flight == 4
+    first = policy.peers[0]
+    for piece in list(policy.assignments(first)):
+        policy.piece_present(piece)
+    assert policy.assign(0.0) == {}
+    assert policy.budget == 1
+    policy.set_budget(None)
+    assert policy.budget == 10
+    with pytest.raises(ValueError):
+        policy.set_budget(0)
+
+
+def test_present_pieces_are_never_assigned() -> None:
+    policy = make(10, 2, per_peer_limit=10)
+    for piece in (0, 3, 9):
+        assert policy.piece_present(piece) is None
+    new = policy.assign(0.0)
+    handed_out = sorted(p for pieces in new.values() for p in pieces)
+    assert handed_out == [1, 2, 4, 5, 6, 7, 8]
+    assert policy.unassigned == 0
+    check_invariants(policy)
+
+
+def test_present_while_assigned_credits_the_seeder() -> None:
+    policy = make(4, 1)
+    piece = policy.assign(0.0)["p0"][0]
+    assert policy.piece_present(piece) == "p0"
+    assert policy.piece_present(piece) is None  # twice: no double credit
+    assert policy.stats.pulled == {"p0": 1}
+    assert piece not in policy.assignments("p0")
+
+
+def test_order_is_a_seeded_shuffle() -> None:
+    def order(seed: int) -> list[int]:
+        policy = make(50, 1, seed=seed, per_peer_limit=50)
+        return policy.assign(0.0)["p0"]
+
+    assert order(1) == order(1)
+    assert order(1) != order(2)
+    assert sorted(order(1)) == list(range(50))
+    assert order(1) != list(range(50))
+
+
+def test_peer_left_returns_its_pieces_to_others() -> None:
+    policy = make(10, 2)
+    new = policy.assign(0.0)
+    gone = policy.peer_left("p0", 5.0)
+    assert gone == new["p0"]
+    assert policy.assignments("p0") == []
+    assert policy.stats.reassigned == 2
+    policy.peer_joined("p2", 5.0)
+    again = policy.assign(5.0)
+    # The returned pieces come first, to the least-loaded peer with room.
+    assert again == {"p2": gone}
+    check_invariants(policy)
+    assert policy.peer_left("nobody", 6.0) == []
+
+
+def test_stall_reassigns_after_timeout_without_progress() -> None:
+    policy = make(4, 2, per_peer_limit=1, stall_timeout=30.0)
+    new = policy.assign(0.0)
+    stuck_piece = new["p0"][0]
+    moving_piece = new["p1"][0]
+    policy.progress("p0", stuck_piece, 100, 1.0)
+    for t in range(2, 60, 5):
+        policy.progress("p1", moving_piece, t * 10, float(t))  # slow but moving
+        policy.progress("p0", stuck_piece, 100, float(t))  # same count: no progress
+        stalled = policy.tick(float(t))
+        if t < 31:
+            assert stalled == []
+    assert policy.assignments("p0") == []
+    assert policy.assignments("p1") == [moving_piece]
+    assert policy.stats.stalled == 1
+    assert policy.progress_of("p1", moving_piece) == 570
+
+
+def test_stall_is_measured_from_last_progress() -> None:
+    policy = make(1, 2, per_peer_limit=1, stall_timeout=10.0)
+    [(first, [piece])] = policy.assign(0.0).items()
+    second = "p1" if first == "p0" else "p0"
+    policy.progress(first, piece, 5, 9.0)
+    assert policy.tick(18.9) == []
+    assert policy.tick(19.0) == [(first, piece)]
+    # Repeating the old count does not win the piece back.
+    assert not policy.progress(first, piece, 5, 19.5)
+    # The stalled peer is avoided when the piece is reassigned.
+    assert policy.assign(19.0) == {second: [piece]}
+    # Its late report for the piece (now the other peer's) is ignored.
+    assert not policy.progress(first, piece, 50, 20.0)
+    assert policy.owner(piece) == second
+
+
+def test_stalled_piece_adopted_back_when_it_moves_again() -> None:
+    policy = make(1, 1, stall_timeout=10.0)
+    piece = policy.assign(0.0)["p0"][0]
+    policy.progress("p0", piece, 5, 1.0)
+    assert policy.tick(11.0) == [("p0", piece)]
+    assert policy.progress("p0", piece, 6, 12.0)
+    assert policy.assignments("p0") == [piece]
+
+
+def test_stalled_peer_gets_piece_back_if_it_is_the_only_one() -> None:
+    policy = make(1, 1, stall_timeout=10.0)
+    piece = policy.assign(0.0)["p0"][0]
+    assert policy.tick(10.0) == [("p0", piece)]
+    assert policy.assign(10.0) == {"p0": [piece]}
+
+
+def test_progress_adopts_pool_pieces_after_tracker_restart() -> None:
+    policy = make(6, 2, per_peer_limit=2)
+    # A fresh tracker hears about a pull it knows nothing of.
+    assert policy.progress("p1", 4, 300, 0.0)
+    assert policy.assignments("p1") == [4]
+    assert policy.progress_of("p1", 4) == 300
+    assert not policy.progress("p0", 4, 500, 0.0)  # already p1's
+    assert not policy.progress("p0", 5, 0, 0.0)  # no bytes: not a pull
+    assert not policy.progress("stranger", 5, 10, 0.0)
+    new = policy.assign(0.0)
+    assert 4 not in [p for pieces in new.values() for p in pieces]
+    check_invariants(policy)
+
+
+def test_lost_piece_goes_back_to_the_pool() -> None:
+    policy = make(3, 1, per_peer_limit=3)
+    policy.piece_present(1)
+    assert not policy.piece_lost(0)  # never present
+    assert policy.piece_lost(1)
+    assert policy.stats.lost == 1
+    assert sorted(policy.assign(0.0)["p0"]) == [0, 1, 2]
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError):
+        make(1, per_peer_limit=0)
+    with pytest.raises(ValueError):
+        make(1, stall_timeout=0)
+    with pytest.raises(ValueError, match="out of range"):
+        make(2).piece_present(2)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["join", "leave", "assign", "present", "progress", "tick", "lost"]),
+            st.integers(0, 1000),
+        ),
+        max_size=60,
+    ),
+    st.integers(0, 2**32),
+)
+def test_invariants_under_random_events(events: list[tuple[str, int]], seed: int) -> None:
+    num_pieces = 12
+    policy = make(num_pieces, 2, seed=seed, stall_timeout=5.0, origin_budget=None)
+    now = 0.0
+    ever_present: set[int] = set()
+    for kind, n in events:
+        now += n % 4
+        peer = f"p{n % 4}"
+        if kind == "join":
+            policy.peer_joined(peer, now)
+        elif kind == "leave":
+            policy.peer_left(peer, now)
+        elif kind == "assign":
+            room = policy.budget - policy.in_flight
+            new = policy.assign(now)
+            assert sum(map(len, new.values())) <= max(0, room)
+            for who, pieces in new.items():
+                for piece in pieces:
+                    assert piece not in ever_present or not policy.is_present(piece)
+                    assert policy.owner(piece) == who
+            for who in new:
+                assert len(policy.assignments(who)) <= policy.per_peer_limit
+        elif kind == "present":
+            piece = n % num_pieces
+            policy.piece_present(piece)
+            ever_present.add(piece)
+        elif kind == "progress":
+            pieces = policy.assignments(peer)
+            if pieces:
+                piece = pieces[n % len(pieces)]
+                before = policy.progress_of(peer, piece) or 0
+                policy.progress(peer, piece, before + n % 3, now)
+        elif kind == "tick":
+            for who, piece in policy.tick(now):
+                assert piece not in policy.assignments(who)
+        elif kind == "lost":
+            piece = n % num_pieces
+            if policy.piece_lost(piece):
+                ever_present.discard(piece)
+        check_invariants(policy)
+        for piece in ever_present:
+            assert policy.owner(piece) is None

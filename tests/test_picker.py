@@ -1,0 +1,397 @@
+"""PiecePicker tests in libtorrent's style: pickers built from availability strings.
+
+``"1213*"`` means piece 0 is held by one peer, piece 1 by two, piece 2 by one,
+piece 3 by three, and piece 4 is already ours. The holders are peers "h0",
+"h1", ... (peer ``hK`` holds every piece whose availability is > K), and the
+peer we pick from is ``SEED``, which holds every piece and so adds 1 to every
+availability without changing their order.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from swarm.bitfield import Bitfield
+from swarm.picker import BlockRequest, PiecePicker
+
+BLOCK = 16
+SEED = "seed"
+
+
+def make(
+    availability: str,
+    *,
+    blocks_per_piece: int = 1,
+    seed: int = 0,
+    endgame_duplicates: int = 2,
+    with_seed: bool = True,
+) -> PiecePicker[str]:
+    size = len(availability)
+    picker: PiecePicker[str] = PiecePicker(
+        [BLOCK * blocks_per_piece] * size,
+        BLOCK,
+        random.Random(seed),
+        endgame_duplicates=endgame_duplicates,
+    )
+    levels = [0 if c == "*" else int(c) for c in availability]
+    for k in range(max(levels, default=0)):
+        picker.add_peer(
+            f"h{k}", Bitfield.from_indices([i for i, a in enumerate(levels) if a > k], size)
+        )
+    if with_seed:
+        picker.add_peer(SEED, Bitfield.full(size))
+    for piece, c in enumerate(availability):
+        if c == "*":
+            picker.mark_have(piece)
+    return picker
+
+
+def pieces(blocks: list[BlockRequest]) -> list[int]:
+    return [b.piece for b in blocks]
+
+
+def pick_order(picker: PiecePicker[str], peer: str = SEED) -> list[int]:
+    """Pick one block at a time until nothing is left; the order pieces started in."""
+    order: list[int] = []
+    for _ in range(picker.num_pieces + 1):
+        picked = picker.pick(peer, 1)
+        if not picked or (picker.in_endgame and picked[0].piece in order):
+            break
+        order.append(picked[0].piece)
+    return order
+
+
+def test_rarest_first() -> None:
+    order = pick_order(make("1213"))
+    assert set(order[:2]) == {0, 2}
+    assert order[2:] == [1, 3]
+
+
+def test_rarest_first_skips_pieces_we_have() -> None:
+    order = pick_order(make("3*1*2"))
+    assert order == [2, 4, 0]
+
+
+def test_availability_follows_haves_and_departures() -> None:
+    picker = make("2222")
+    assert picker.availability(0) == 3
+    picker.peer_has("h0", 1)  # already had it: no change
+    picker.peer_has("late", 1)
+    assert picker.availability(1) == 4
+    picker.remove_peer("h0")
+    picker.remove_peer("h1")
+    assert [picker.availability(p) for p in range(4)] == [1, 2, 1, 1]
+    order = pick_order(picker)
+    assert order[-1] == 1
+
+
+def test_random_tie_break_depends_on_seed_only() -> None:
+    first = {make("1" * 20, seed=s).pick(SEED, 1)[0].piece for s in range(30)}
+    assert len(first) > 5
+    runs = [pick_order(make("1" * 20, seed=7)) for _ in range(3)]
+    assert runs[0] == runs[1] == runs[2]
+    assert sorted(runs[0]) == list(range(20))
+
+
+def test_tie_break_among_the_rarest_only() -> None:
+    for seed in range(20):
+        assert make("3131113", seed=seed).pick(SEED, 1)[0].piece in {1, 3, 4, 5}
+
+
+def test_never_picks_what_the_peer_lacks() -> None:
+    picker = make("1111", with_seed=False)
+    picker.add_peer("x", Bitfield.from_indices([2], 4))
+    assert pieces(picker.pick("x", 10)) == [2]
+    assert picker.pick("x", 10) == []
+    assert picker.pick("unknown", 10) == []
+
+
+def test_blocks_cover_piece_with_short_last_block() -> None:
+    picker: PiecePicker[str] = PiecePicker([40, 16], BLOCK, random.Random(0))
+    picker.add_peer("x", Bitfield.full(2))
+    assert picker.blocks(0) == [
+        BlockRequest(0, 0, 16),
+        BlockRequest(0, 16, 16),
+        BlockRequest(0, 32, 8),
+    ]
+    got = picker.pick("x", 10)
+    assert sorted(got) == sorted(picker.blocks(0) + picker.blocks(1))
+    assert picker.outstanding("x") == sorted(got)
+
+
+def test_in_progress_pieces_are_finished_first() -> None:
+    # Piece 0 is common, piece 1 is rare; once piece 0 is started, the next
+    # peer finishes it before starting the rare one.
+    picker = make("51", blocks_per_piece=4, with_seed=False)
+    picker.add_peer("a", Bitfield.from_indices([0], 2))
+    first = picker.pick("a", 2)
+    assert first == [BlockRequest(0, 0, 16), BlockRequest(0, 16, 16)]
+    picker.add_peer("b", Bitfield.full(2))
+    second = picker.pick("b", 3)
+    assert second == [BlockRequest(0, 32, 16), BlockRequest(0, 48, 16), BlockRequest(1, 0, 16)]
+    assert picker.in_progress() == [0, 1]
+
+
+def test_reserved_pieces_are_never_picked() -> None:
+    picker = make("1211")
+    assert picker.reserve(0)
+    assert picker.reserve(2)
+    assert picker.is_reserved(0)
+    assert sorted(pick_order(picker)) == [1, 3]
+    picker.release(2)
+    assert pieces(picker.pick(SEED, 5)) == [2]
+    # Reserved pieces are not part of the endgame either.
+    assert picker.in_endgame
+    assert picker.pick(SEED, 5) == []
+
+
+def test_reserve_refused_when_had_or_in_progress() -> None:
+    picker = make("11*")
+    picker.pick(SEED, 1)
+    started = picker.in_progress()[0]
+    assert not picker.reserve(started)
+    assert not picker.reserve(2)
+    other = 1 - started
+    assert picker.reserve(other)
+    picker.mark_have(other)
+    assert not picker.is_reserved(other)
+    with pytest.raises(ValueError, match="out of range"):
+        picker.reserve(3)
+
+
+def test_block_failed_reopens_block() -> None:
+    picker = make("1", blocks_per_piece=2, with_seed=False)
+    first = picker.pick("h0", 1)
+    picker.block_failed("h0", first[0])
+    assert picker.outstanding("h0") == []
+    assert picker.pick("h0", 2) == [BlockRequest(0, 0, 16), BlockRequest(0, 16, 16)]
+    picker.block_failed("h0", BlockRequest(0, 999, 1))  # unknown: ignored
+
+
+def test_piece_complete_mark_have_and_done() -> None:
+    picker = make("11", blocks_per_piece=2)
+    blocks = picker.pick(SEED, 4)
+    assert len(blocks) == 4
+    for block in blocks[:3]:
+        assert picker.block_received(SEED, block) == []
+    assert not picker.piece_complete(blocks[3].piece)
+    assert picker.piece_complete(blocks[0].piece)
+    picker.block_received(SEED, blocks[3])
+    assert picker.missing_count == 2
+    for piece in (0, 1):
+        assert picker.piece_complete(piece)
+        assert picker.mark_have(piece) == []
+    assert picker.done
+    assert picker.missing_count == 0
+    assert not picker.in_endgame
+    assert picker.pick(SEED, 4) == []
+    assert list(picker.have) == [0, 1]
+
+
+def test_piece_failed_resets_every_block() -> None:
+    picker = make("1", blocks_per_piece=3)
+    blocks = picker.pick(SEED, 3)
+    for block in blocks:
+        picker.block_received(SEED, block)
+    assert picker.piece_complete(0)
+    assert picker.piece_failed(0) == []
+    assert not picker.piece_complete(0)
+    assert picker.in_progress() == []
+    picker.remove_peer(SEED)  # the peer that sent bad data is dropped
+    assert picker.pick("h0", 3) == blocks
+
+
+def test_duplicate_or_bogus_block_received_is_ignored() -> None:
+    picker = make("1", blocks_per_piece=2)
+    block = picker.pick(SEED, 1)[0]
+    assert picker.block_received(SEED, block) == []
+    assert picker.block_received(SEED, block) == []
+    assert picker.block_received(SEED, BlockRequest(0, 3, 16)) == []
+    assert picker.block_received(SEED, BlockRequest(0, 16, 5)) == []
+    assert not picker.piece_complete(0)
+
+
+def test_peer_gone_returns_its_requests() -> None:
+    picker = make("2", blocks_per_piece=3, with_seed=False)
+    got = picker.pick("h0", 2)
+    assert picker.remove_peer("h0") == got
+    assert picker.availability(0) == 1
+    assert picker.pick("h1", 5) == picker.blocks(0)
+    assert picker.peer_gone("h1") == picker.blocks(0)
+    assert picker.outstanding("h1") == []
+
+
+def test_endgame_duplicates_and_cancels() -> None:
+    picker = make("3", blocks_per_piece=2, with_seed=False)
+    a = picker.pick("h0", 2)
+    assert picker.in_endgame
+    b = picker.pick("h1", 5)
+    assert sorted(b) == sorted(a)  # each block now in flight twice
+    assert picker.pick("h2", 5) == []  # endgame_duplicates=2 reached
+    assert picker.pick("h0", 5) == []  # never twice to the same peer
+    cancels = picker.block_received("h1", a[0])
+    assert cancels == [("h0", a[0])]
+    assert a[0] not in picker.outstanding("h0")
+    assert picker.outstanding("h1") == [a[1]]
+    # A cancelled copy arriving late is harmless.
+    assert picker.block_received("h0", a[0]) == []
+
+
+def test_endgame_with_more_duplicates_prefers_least_requested() -> None:
+    picker = make("4", blocks_per_piece=2, with_seed=False, endgame_duplicates=3)
+    first = picker.pick("h0", 2)
+    assert picker.pick("h1", 1) == [first[0]]
+    assert picker.pick("h2", 1) == [first[1]]
+    assert picker.pick("h3", 2) == first
+    cancels = picker.block_received("h0", first[0])
+    assert sorted(cancels) == [("h1", first[0]), ("h3", first[0])]
+
+
+def test_no_endgame_while_pieces_are_unstarted() -> None:
+    picker = make("10", with_seed=False)  # piece 1 has no source yet
+    picker.pick("h0", 1)
+    assert not picker.in_endgame
+    assert picker.pick("h0", 1) == []
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="block_size"):
+        PiecePicker([1], 0, random.Random(0))
+    with pytest.raises(ValueError, match="piece 1 has length 0"):
+        PiecePicker([1, 0], 4, random.Random(0))
+    picker: PiecePicker[str] = PiecePicker([1, 1], 4, random.Random(0))
+    with pytest.raises(ValueError, match="bitfield of 3 pieces"):
+        picker.add_peer("x", Bitfield(3))
+
+
+def test_add_peer_twice_merges() -> None:
+    picker: PiecePicker[str] = PiecePicker([1, 1, 1], 4, random.Random(0))
+    picker.add_peer("x", Bitfield.from_indices([0], 3))
+    picker.add_peer("x", Bitfield.from_indices([0, 2], 3))
+    assert [picker.availability(p) for p in range(3)] == [1, 0, 1]
+
+
+# -- whole downloads and invariants -------------------------------------------
+
+
+def run_download(picker: PiecePicker[int], peers: list[int], rng: random.Random) -> int:
+    """Drive a picker to completion with peers that answer in random order."""
+    in_flight: list[tuple[int, BlockRequest]] = []
+    steps = 0
+    for steps in range(1, 100_000):
+        for peer in peers:
+            for block in picker.pick(peer, 4 - len(picker.outstanding(peer))):
+                assert picker.peer_bitfield(peer) is not None
+                assert block.piece in picker.peer_bitfield(peer)  # type: ignore[operator]
+                assert block.piece not in picker.have
+                in_flight.append((peer, block))
+        if picker.done:
+            return steps
+        assert in_flight, "stalled with nothing in flight"
+        peer, block = in_flight.pop(rng.randrange(len(in_flight)))
+        if block not in picker.outstanding(peer):
+            continue  # cancelled
+        for other, dup in picker.block_received(peer, block):
+            assert dup == block and other != peer
+        if picker.piece_complete(block.piece):
+            picker.mark_have(block.piece)
+    raise AssertionError(f"download did not finish in {steps} steps")
+
+
+def test_full_download_from_partial_peers() -> None:
+    rng = random.Random(3)
+    num_pieces = 60
+    picker: PiecePicker[int] = PiecePicker([40] * 59 + [7], BLOCK, random.Random(1))
+    for peer in range(6):
+        picker.add_peer(peer, Bitfield.from_indices(rng.sample(range(num_pieces), 25), num_pieces))
+    for piece in range(num_pieces):
+        picker.peer_has(piece % 6, piece)  # every piece has a source
+    run_download(picker, list(range(6)), rng)
+    assert picker.done
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["pick", "recv", "fail", "gone", "has", "reserve"]), st.integers(0, 99)
+        ),
+        max_size=80,
+    ),
+    st.integers(0, 2**32),
+)
+def test_invariants_under_random_events(events: list[tuple[str, int]], seed: int) -> None:
+    num_pieces, num_peers, dups = 8, 4, 2
+    rng = random.Random(seed)
+    picker: PiecePicker[int] = PiecePicker(
+        [BLOCK * 2 + 3] * num_pieces, BLOCK, random.Random(seed), dups
+    )
+    held: dict[int, set[int]] = {}
+    for peer in range(num_peers):
+        held[peer] = set(rng.sample(range(num_pieces), 3))
+        picker.add_peer(peer, Bitfield.from_indices(held[peer], num_pieces))
+    endgame_seen = False
+    for kind, n in events:
+        peer = n % num_peers
+        if kind == "pick":
+            for block in picker.pick(peer, 1 + n % 5):
+                assert block.piece in held[peer]
+                assert block.piece not in picker.have
+                assert not picker.is_reserved(block.piece)
+        elif kind == "recv" and picker.outstanding(peer):
+            block = picker.outstanding(peer)[n % len(picker.outstanding(peer))]
+            picker.block_received(peer, block)
+            if picker.piece_complete(block.piece):
+                if n % 7 == 0:
+                    picker.piece_failed(block.piece)
+                else:
+                    picker.mark_have(block.piece)
+        elif kind == "fail" and picker.outstanding(peer):
+            picker.block_failed(peer, picker.outstanding(peer)[0])
+        elif kind == "gone":
+            picker.remove_peer(peer)
+            held[peer] = set()
+        elif kind == "has":
+            piece = n % num_pieces
+            held[peer].add(piece)
+            picker.peer_has(peer, piece)
+        elif kind == "reserve":
+            picker.reserve(n % num_pieces)
+        # Invariants.
+        copies: dict[BlockRequest, int] = {}
+        for p in range(num_peers):
+            for block in picker.outstanding(p):
+                copies[block] = copies.get(block, 0) + 1
+                assert block.piece in held[p]
+        assert all(c <= dups for c in copies.values())
+        endgame_seen = endgame_seen or picker.in_endgame
+        if not endgame_seen:
+            assert all(c == 1 for c in copies.values())
+        for piece in range(num_pieces):
+            assert picker.availability(piece) == sum(piece in h for h in held.values())
+        assert picker.missing_count == num_pieces - len(list(picker.have))
+
+
+def test_picks_are_cheap_with_many_pieces() -> None:
+    num_pieces = 100_000
+    rng = random.Random(5)
+    picker: PiecePicker[int] = PiecePicker([BLOCK] * num_pieces, BLOCK, random.Random(5))
+    for peer in range(8):
+        picker.add_peer(
+            peer, Bitfield.from_indices(rng.sample(range(num_pieces), 2_000), num_pieces)
+        )
+    # One peer holds only common pieces, so the rare buckets have nothing for it.
+    picker.add_peer(99, Bitfield.from_indices(range(0, num_pieces, 1000), num_pieces))
+    start = time.perf_counter()
+    picked = 0
+    for _ in range(300):
+        for peer in (*range(8), 99):
+            picked += len(picker.pick(peer, 1))
+    elapsed = time.perf_counter() - start
+    assert picked > 2000
+    assert elapsed < 2.0, f"2700 picks took {elapsed:.2f}s"

@@ -1,0 +1,535 @@
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from swarm.bitfield import Bitfield
+from swarm.errors import LocalProtocolError, RemoteProtocolError
+from swarm.protocol import (
+    HEADER_SIZE,
+    MAX_BLOCK,
+    NEED_DATA,
+    PROTOCOL_VERSION,
+    BitfieldMsg,
+    BlockEnd,
+    BlockHeader,
+    BlockPayload,
+    Cancel,
+    ConnectionClosed,
+    Event,
+    FrameDecoder,
+    Handshake,
+    Have,
+    KeepAlive,
+    Message,
+    Reject,
+    Request,
+    encode,
+)
+
+ROOT = bytes(range(32))
+PEER = b"p" * 20
+HANDSHAKE = Handshake(PROTOCOL_VERSION, ROOT, PEER, 7000)
+HS_BYTES = encode(HANDSHAKE)
+
+# Drained is a list of messages, with each block's payload as one bytes item
+# followed by its BlockEnd, so differently split inputs compare equal.
+Drained = list[object]
+
+
+def drain(decoder: FrameDecoder, out: Drained, limit: int = 100_000) -> None:
+    """Pull events until NEED_DATA, merging consecutive payload chunks."""
+    for _ in range(limit):
+        event = decoder.next_event()
+        if event is NEED_DATA:
+            return
+        if isinstance(event, BlockPayload):
+            chunk = bytes(event.data)
+            assert chunk, "empty payload chunk"
+            if out and isinstance(out[-1], bytes):
+                out[-1] += chunk
+            else:
+                out.append(chunk)
+        else:
+            out.append(event)
+    raise AssertionError("decoder produced events without end")
+
+
+def decode_in_pieces(data: bytes, cuts: list[int], **kwargs: int) -> Drained:
+    decoder = FrameDecoder(**kwargs)  # type: ignore[arg-type]
+    out: Drained = []
+    previous = 0
+    for cut in [*sorted(set(cuts)), len(data)]:
+        decoder.feed(data[previous:cut])
+        drain(decoder, out)
+        previous = cut
+    assert decoder.buffered == 0
+    return out
+
+
+def stream() -> tuple[bytes, Drained]:
+    """A realistic conversation and the events it must decode to."""
+    payload_a = bytes(range(256)) * 40
+    payload_b = b"\x00\xff" * 3
+    messages: list[tuple[Message, bytes]] = [
+        (HANDSHAKE, b""),
+        (BitfieldMsg(b"\xa0\x80"), b""),
+        (Have(3), b""),
+        (Request(1, 0, 4096), b""),
+        (BlockHeader(1, 0, len(payload_a)), payload_a),
+        (KeepAlive(), b""),
+        (BlockHeader(2, 10, len(payload_b)), payload_b),
+        (Cancel(1, 4096, 4096), b""),
+        (Reject(5, 0, 16), b""),
+    ]
+    data = b""
+    expected: Drained = []
+    for message, payload in messages:
+        data += encode(message) + payload
+        expected.append(message)
+        if isinstance(message, BlockHeader):
+            expected.append(payload)
+            expected.append(BlockEnd(message.piece, message.offset, message.length))
+    return data, expected
+
+
+# -- messages ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        KeepAlive(),
+        BitfieldMsg(b""),
+        BitfieldMsg(b"\xff\x00\x80"),
+        Have(0),
+        Have(12345),
+        Request(7, 4 << 20, 4 << 20),
+        Cancel(7, 0, 1),
+        Reject(0, 100, MAX_BLOCK),
+        BlockHeader(9, 0, 3),
+    ],
+)
+def test_every_message_round_trips(message: Message) -> None:
+    decoder = FrameDecoder()
+    decoder.feed(HS_BYTES + encode(message))
+    assert decoder.next_event() == HANDSHAKE
+    assert decoder.next_event() == message
+
+
+def test_handshake_round_trips_with_edge_values() -> None:
+    for message in (
+        Handshake(PROTOCOL_VERSION, b"\x00" * 32, b"\xff" * 20, 0),
+        Handshake(PROTOCOL_VERSION, ROOT, PEER, 65535),
+    ):
+        decoder = FrameDecoder()
+        decoder.feed(encode(message))
+        assert decoder.next_event() == message
+        assert decoder.next_event() is NEED_DATA
+
+
+def test_frame_layout_is_length_type_body() -> None:
+    assert encode(Have(258)) == b"\x00\x00\x00\x05\x03\x00\x00\x01\x02"
+    assert encode(KeepAlive()) == b"\x00\x00\x00\x01\x01"
+    header = encode(BlockHeader(1, 2, 3))
+    assert header == struct.pack("!IBIII", 13, 7, 1, 2, 3)
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda: Handshake(0, ROOT, PEER, 1), "version=0"),
+        (lambda: Handshake(1, ROOT[:31], PEER, 1), "root must be 32 bytes"),
+        (lambda: Handshake(1, ROOT, PEER + b"x", 1), "peer_id must be 20 bytes"),
+        (lambda: Handshake(1, ROOT, PEER, 65536), "listen_port"),
+        (lambda: Handshake(1, "x" * 32, PEER, 1), "root must be bytes"),  # type: ignore[arg-type]
+        (lambda: Have(-1), "piece=-1"),
+        (lambda: Have(True), "must be an int"),
+        (lambda: Request(0, 0, 0), "length=0"),
+        (lambda: Request(0, 0, MAX_BLOCK + 1), "length"),
+        (lambda: Cancel(0, -1, 1), "offset"),
+        (lambda: Reject(0, 0xFFFF_FFFF, 2), "runs past"),
+        (lambda: BlockHeader(1 << 22, 0, 1), "piece"),
+        (lambda: BitfieldMsg(bytearray(2)), "must be bytes"),  # type: ignore[arg-type]
+    ],
+)
+def test_invalid_messages_are_local_errors(build: object, match: str) -> None:
+    with pytest.raises(LocalProtocolError, match=match):
+        build()  # type: ignore[operator]
+
+
+def test_encoding_a_non_message_is_a_local_error() -> None:
+    with pytest.raises(LocalProtocolError, match="not a wire message"):
+        encode(BlockEnd(0, 0, 1))  # type: ignore[arg-type]
+
+
+def test_bitfield_message_helpers() -> None:
+    bitfield = Bitfield.from_indices([0, 9], 10)
+    message = BitfieldMsg.from_bitfield(bitfield)
+    assert message.to_bitfield(10) == bitfield
+    with pytest.raises(RemoteProtocolError, match="spare bits"):
+        BitfieldMsg(b"\x00\x7f").to_bitfield(10)
+    with pytest.raises(RemoteProtocolError, match="must be 3 bytes, got 2"):
+        message.to_bitfield(20)
+
+
+# -- streams and splitting --------------------------------------------------
+
+
+def test_stream_whole() -> None:
+    data, expected = stream()
+    assert decode_in_pieces(data, []) == expected
+
+
+def test_stream_one_byte_at_a_time() -> None:
+    data, expected = stream()
+    assert decode_in_pieces(data, list(range(1, len(data)))) == expected
+
+
+def test_stream_with_trailing_partial_frame() -> None:
+    data, expected = stream()
+    trailing = encode(Request(4, 0, 10))[:-3]
+    decoder = FrameDecoder()
+    decoder.feed(data + trailing)
+    out: Drained = []
+    drain(decoder, out)
+    assert out == expected
+    assert decoder.buffered == len(trailing)
+    decoder.feed(encode(Request(4, 0, 10))[-3:])
+    assert decoder.next_event() == Request(4, 0, 10)
+
+
+def test_stream_with_trailing_partial_payload() -> None:
+    decoder = FrameDecoder()
+    decoder.feed(HS_BYTES + encode(BlockHeader(0, 0, 10)) + b"abcd")
+    assert decoder.next_event() == HANDSHAKE
+    assert decoder.next_event() == BlockHeader(0, 0, 10)
+    event = decoder.next_event()
+    assert isinstance(event, BlockPayload)
+    assert bytes(event.data) == b"abcd"
+    assert event.data.readonly
+    assert decoder.payload_remaining == 6
+    assert decoder.next_event() is NEED_DATA
+    decoder.feed(b"efghij" + encode(KeepAlive()))
+    event = decoder.next_event()
+    assert isinstance(event, BlockPayload)
+    assert bytes(event.data) == b"efghij"
+    assert decoder.next_event() == BlockEnd(0, 0, 10)
+    assert decoder.next_event() == KeepAlive()
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=11_000), max_size=40))
+def test_stream_with_random_split_points(cuts: list[int]) -> None:
+    data, expected = stream()
+    cuts = [c for c in cuts if c <= len(data)]
+    assert decode_in_pieces(data, cuts) == expected
+
+
+def test_feed_copies_mutable_buffers() -> None:
+    buffer = bytearray(HS_BYTES)
+    decoder = FrameDecoder()
+    decoder.feed(memoryview(buffer))
+    buffer[:] = bytes(len(buffer))  # the caller reuses its receive buffer
+    assert decoder.next_event() == HANDSHAKE
+
+
+def test_payload_read_straight_into_destination() -> None:
+    """The recv_into path: no payload byte passes through the decoder."""
+    payload = bytes(range(200)) * 50
+    wire = HS_BYTES + encode(BlockHeader(3, 0, len(payload))) + payload + encode(Have(3))
+    position = 0
+
+    def recv(n: int) -> bytes:
+        nonlocal position
+        chunk = wire[position : position + n]
+        position += len(chunk)
+        return chunk
+
+    destination = bytearray(len(payload))
+    filled = 0
+    through_decoder = 0
+    decoder = FrameDecoder()
+    events: list[Event] = []
+    for _ in range(10_000):
+        event = decoder.next_event()
+        if event is NEED_DATA:
+            if position == len(wire):
+                break
+            remaining = decoder.payload_remaining
+            if remaining:
+                # What sock.recv_into(view[filled:filled + remaining]) would do.
+                n = min(remaining, 1000)
+                destination[filled : filled + n] = recv(n)
+                filled += n
+                decoder.payload_consumed(n)
+            else:
+                decoder.feed(recv(HEADER_SIZE + 2))
+            continue
+        if isinstance(event, BlockPayload):
+            # Only bytes that arrived together with the header come this way.
+            destination[filled : filled + len(event.data)] = event.data
+            filled += len(event.data)
+            through_decoder += len(event.data)
+            continue
+        events.append(event)
+    assert events == [
+        HANDSHAKE,
+        BlockHeader(3, 0, len(payload)),
+        BlockEnd(3, 0, len(payload)),
+        Have(3),
+    ]
+    assert bytes(destination) == payload
+    assert through_decoder < HEADER_SIZE + 2
+
+
+def test_payload_consumed_misuse_is_a_local_error() -> None:
+    decoder = FrameDecoder()
+    with pytest.raises(LocalProtocolError, match="outside a block"):
+        decoder.payload_consumed(1)
+    decoder.feed(HS_BYTES + encode(BlockHeader(0, 0, 10)) + b"ab")
+    decoder.next_event()
+    decoder.next_event()
+    with pytest.raises(LocalProtocolError, match="still buffered"):
+        decoder.payload_consumed(1)
+    decoder.next_event()
+    with pytest.raises(LocalProtocolError, match="only 8 payload bytes remain"):
+        decoder.payload_consumed(9)
+
+
+# -- connection close -------------------------------------------------------
+
+
+def test_clean_close_between_frames() -> None:
+    decoder = FrameDecoder()
+    decoder.feed(HS_BYTES)
+    decoder.feed_eof()
+    assert decoder.next_event() == HANDSHAKE
+    assert decoder.next_event() == ConnectionClosed()
+    assert decoder.next_event() == ConnectionClosed()
+    with pytest.raises(LocalProtocolError):
+        decoder.feed(b"x")
+
+
+def test_truncated_handshake() -> None:
+    decoder = FrameDecoder()
+    decoder.feed(HS_BYTES[:-1])
+    assert decoder.next_event() is NEED_DATA
+    decoder.feed_eof()
+    with pytest.raises(RemoteProtocolError, match="closed inside a handshake frame"):
+        decoder.next_event()
+
+
+def test_truncated_payload() -> None:
+    decoder = FrameDecoder()
+    decoder.feed(HS_BYTES + encode(BlockHeader(2, 0, 10)) + b"abc")
+    decoder.feed_eof()
+    assert decoder.next_event() == HANDSHAKE
+    assert decoder.next_event() == BlockHeader(2, 0, 10)
+    assert isinstance(decoder.next_event(), BlockPayload)
+    with pytest.raises(RemoteProtocolError, match="7 of 10 bytes missing"):
+        decoder.next_event()
+
+
+def test_truncated_header() -> None:
+    decoder = FrameDecoder()
+    decoder.feed(b"\x00\x00")
+    decoder.feed_eof()
+    with pytest.raises(RemoteProtocolError, match="inside a frame header"):
+        decoder.next_event()
+
+
+# -- remote errors ----------------------------------------------------------
+
+
+def after_handshake(**kwargs: int) -> FrameDecoder:
+    decoder = FrameDecoder(**kwargs)  # type: ignore[arg-type]
+    decoder.feed(HS_BYTES)
+    assert decoder.next_event() == HANDSHAKE
+    return decoder
+
+
+def test_wrong_version() -> None:
+    body = struct.pack("!4sH32s20sH", b"SWRM", PROTOCOL_VERSION + 1, ROOT, PEER, 1)
+    decoder = FrameDecoder()
+    decoder.feed(struct.pack("!IB", 1 + len(body), 0) + body)
+    with pytest.raises(RemoteProtocolError, match="protocol version 2, we speak 1"):
+        decoder.next_event()
+
+
+def test_future_longer_handshake_reports_version() -> None:
+    body = struct.pack("!4sH", b"SWRM", 9) + bytes(100)
+    decoder = FrameDecoder()
+    decoder.feed(struct.pack("!IB", 1 + len(body), 0) + body)
+    with pytest.raises(RemoteProtocolError, match="version 9"):
+        decoder.next_event()
+
+
+def test_wrong_magic() -> None:
+    decoder = FrameDecoder()
+    decoder.feed(HS_BYTES.replace(b"SWRM", b"HTTP"))
+    with pytest.raises(RemoteProtocolError, match="magic"):
+        decoder.next_event()
+
+
+def test_first_frame_must_be_handshake() -> None:
+    decoder = FrameDecoder()
+    decoder.feed(encode(Have(1)))
+    with pytest.raises(RemoteProtocolError, match=r"expected a handshake.*have"):
+        decoder.next_event()
+
+
+def test_second_handshake_refused() -> None:
+    decoder = after_handshake()
+    decoder.feed(HS_BYTES)
+    with pytest.raises(RemoteProtocolError, match="second handshake"):
+        decoder.next_event()
+
+
+def test_failed_decoder_stays_failed() -> None:
+    decoder = after_handshake()
+    decoder.feed(b"\x00\x00\x00\x01\x63" + encode(KeepAlive()))
+    with pytest.raises(RemoteProtocolError, match="unknown frame type 99"):
+        decoder.next_event()
+    assert decoder.buffered == 0
+    with pytest.raises(RemoteProtocolError, match="already failed: unknown frame type"):
+        decoder.next_event()
+    decoder.feed(b"x" * 1000)
+    assert decoder.buffered == 0
+
+
+def test_oversize_frame_rejected_from_its_header() -> None:
+    decoder = after_handshake(max_frame=1000)
+    decoder.feed(struct.pack("!IB", 1001, 2))  # no body buffered at all
+    with pytest.raises(RemoteProtocolError, match="frame length 1001 exceeds the limit of 1000"):
+        decoder.next_event()
+
+
+def test_zero_length_frame() -> None:
+    decoder = after_handshake()
+    decoder.feed(b"\x00\x00\x00\x00")
+    assert decoder.next_event() is NEED_DATA
+    decoder.feed(b"\x01")
+    with pytest.raises(RemoteProtocolError, match="frame length is 0"):
+        decoder.next_event()
+
+
+def test_fixed_size_body_checked_from_header() -> None:
+    decoder = after_handshake()
+    decoder.feed(struct.pack("!IB", 1 + 13, 4))
+    with pytest.raises(RemoteProtocolError, match="request frame body is 13 bytes, expected 12"):
+        decoder.next_event()
+
+
+def test_piece_out_of_range_once_layout_known() -> None:
+    decoder = after_handshake(num_pieces=10)
+    decoder.feed(encode(Have(9)) + encode(Have(10)))
+    assert decoder.next_event() == Have(9)
+    with pytest.raises(RemoteProtocolError, match="piece 10, but there are only 10"):
+        decoder.next_event()
+
+
+def test_layout_set_after_handshake() -> None:
+    decoder = after_handshake()
+    decoder.set_layout(piece_lengths=[100, 50])
+    assert decoder.num_pieces == 2
+    decoder.feed(encode(Request(1, 40, 10)) + encode(BlockHeader(1, 40, 11)))
+    assert decoder.next_event() == Request(1, 40, 10)
+    with pytest.raises(RemoteProtocolError, match=r"bytes 40\.\.51, past the piece's 50 bytes"):
+        decoder.next_event()
+
+
+def test_block_longer_than_max_block() -> None:
+    decoder = after_handshake(max_block=1024)
+    decoder.feed(encode(Request(0, 0, 1025)))
+    with pytest.raises(RemoteProtocolError, match="length 1025, limit 1024"):
+        decoder.next_event()
+
+
+def test_bitfield_length_and_spare_bits() -> None:
+    decoder = after_handshake(num_pieces=10)
+    decoder.feed(encode(BitfieldMsg(b"\x00\x00\x00")))
+    with pytest.raises(RemoteProtocolError, match="bitfield is 3 bytes, expected 2 for 10 pieces"):
+        decoder.next_event()
+    decoder = after_handshake(num_pieces=10)
+    decoder.feed(encode(BitfieldMsg(b"\xff\xc0")) + encode(BitfieldMsg(b"\x00\x20")))
+    assert decoder.next_event() == BitfieldMsg(b"\xff\xc0")
+    with pytest.raises(RemoteProtocolError, match="spare bits"):
+        decoder.next_event()
+
+
+def test_bad_configuration() -> None:
+    with pytest.raises(ValueError):
+        FrameDecoder(max_frame=10)
+    with pytest.raises(ValueError):
+        FrameDecoder(max_block=MAX_BLOCK + 1)
+    with pytest.raises(ValueError, match="too small for a bitfield"):
+        FrameDecoder(max_frame=100, num_pieces=10_000)
+    with pytest.raises(ValueError, match="disagrees"):
+        FrameDecoder(num_pieces=3, piece_lengths=[1, 2])
+
+
+# -- garbage ----------------------------------------------------------------
+
+
+def feed_garbage(decoder: FrameDecoder, data: bytes, chunk: int) -> None:
+    """Feed ``data`` in chunks; only RemoteProtocolError may escape, buffers stay bounded."""
+    bound = HEADER_SIZE + decoder.max_frame
+    for start in range(0, len(data), chunk):
+        decoder.feed(data[start : start + chunk])
+        for _ in range(len(data) + 10):
+            event = decoder.next_event()
+            if event is NEED_DATA:
+                if decoder.payload_remaining == 0:
+                    assert decoder.buffered < bound
+                else:
+                    assert decoder.buffered == 0
+                break
+        else:
+            raise AssertionError("decoder never asked for more data")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600), st.integers(min_value=1, max_value=64), st.booleans())
+def test_random_garbage_never_crashes(data: bytes, chunk: int, handshake_first: bool) -> None:
+    decoder = FrameDecoder(max_frame=256, num_pieces=100)
+    if handshake_first:
+        decoder.feed(HS_BYTES)
+        assert decoder.next_event() == HANDSHAKE
+    try:
+        feed_garbage(decoder, data, chunk)
+        decoder.feed_eof()
+        for _ in range(len(data) + 10):
+            if isinstance(decoder.next_event(), ConnectionClosed):
+                break
+    except RemoteProtocolError as exc:
+        assert str(exc)
+
+
+_frame_types = st.integers(min_value=0, max_value=9)
+
+
+@st.composite
+def plausible_frames(draw: st.DrawFn) -> bytes:
+    """Frames with valid headers but random bodies, which reach the field checks."""
+    frame_type = draw(_frame_types)
+    body = draw(st.binary(max_size=40))
+    data = struct.pack("!IB", 1 + len(body), frame_type) + body
+    if frame_type == 7 and len(body) == 12:
+        data += draw(st.binary(max_size=30))
+    return data
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(plausible_frames(), max_size=12), st.integers(min_value=1, max_value=17))
+def test_random_frames_never_crash(frames: list[bytes], chunk: int) -> None:
+    decoder = FrameDecoder(max_frame=64, num_pieces=40)
+    decoder.feed(HS_BYTES)
+    assert decoder.next_event() == HANDSHAKE
+    try:
+        feed_garbage(decoder, b"".join(frames), chunk)
+    except RemoteProtocolError as exc:
+        assert str(exc)

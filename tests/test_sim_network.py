@@ -1,0 +1,102 @@
+"""The incremental max-min solver agrees with progressive filling."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from simulations.network import Flow, Link, Network, progressive_filling
+
+
+def _noop(flow: Flow, now: float) -> None:
+    pass
+
+
+def test_two_links_share_max_min_fairly() -> None:
+    # A on l1 only, B on l1 and l2, C on l2 only; l2 is the tight one.
+    l1, l2 = Link("l1", 10.0), Link("l2", 2.0)
+    net = Network()
+    a, b, c = (Flow(links, 100.0, _noop) for links in ((l1,), (l1, l2), (l2,)))
+    for flow in (a, b, c):
+        net.add_flow(flow, 0.0)
+    net.settle(0.0)
+    assert (a.rate, b.rate, c.rate) == pytest.approx((9.0, 1.0, 1.0))
+    net.remove_flow(c, 0.0)
+    net.settle(0.0)
+    assert (a.rate, b.rate) == pytest.approx((8.0, 2.0))
+
+
+def test_flow_cap_and_completion_time() -> None:
+    link = Link("origin", 10.0)
+    net = Network()
+    capped = Flow((link,), 30.0, _noop, cap=3.0)
+    free = Flow((link,), 70.0, _noop)
+    net.add_flow(capped, 0.0)
+    net.add_flow(free, 0.0)
+    net.settle(0.0)
+    assert (capped.rate, free.rate) == pytest.approx((3.0, 7.0))
+    assert net.next_completion() == pytest.approx(10.0)
+    first = net.pop_completed(10.0)
+    second = net.pop_completed(10.0)
+    assert {first, second} == {capped, free}
+    assert net.pop_completed(10.0) is None
+    assert math.isinf(net.next_completion())
+
+
+def test_rate_change_midway_keeps_bytes() -> None:
+    link = Link("l", 4.0)
+    net = Network()
+    one = Flow((link,), 8.0, _noop)
+    net.add_flow(one, 0.0)
+    net.settle(0.0)
+    other = Flow((link,), 100.0, _noop)
+    net.add_flow(other, 1.0)  # `one` has 4 bytes left, now at 2 B/s
+    net.settle(1.0)
+    assert net.next_completion() == pytest.approx(3.0)
+    assert one.transferred(2.0) == pytest.approx(6.0)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_incremental_matches_progressive_filling(seed: int) -> None:
+    rng = random.Random(seed)
+    net = Network()
+    links = [Link(f"l{i}", rng.choice([1.0, 2.0, 5.0, rng.uniform(0.5, 10)])) for i in range(8)]
+    flows: list[Flow] = []
+    for step in range(30):
+        if flows and rng.random() < 0.35:
+            net.remove_flow(flows.pop(rng.randrange(len(flows))), step)
+        else:
+            chosen = tuple(rng.sample(links, rng.randint(1, 3)))
+            cap = rng.choice([math.inf, rng.uniform(0.1, 5.0)])
+            flow = Flow(chosen, 1e9, _noop, cap=cap)
+            net.add_flow(flow, step)
+            flows.append(flow)
+        if rng.random() < 0.1:
+            net.set_capacity(rng.choice(links), rng.uniform(0.0, 10.0))
+        net.settle(step)
+        reference = progressive_filling(flows)
+        for flow in flows:
+            assert flow.rate == pytest.approx(reference[flow], rel=1e-6, abs=1e-9)
+        for link in links:
+            assert link.load <= link.capacity * (1 + 1e-9) + 1e-12
+
+
+def test_bad_capacity_is_refused() -> None:
+    with pytest.raises(ValueError, match="capacity"):
+        Link("bad", -1.0)
+
+
+def test_series_spreads_bytes_and_grows_its_bins() -> None:
+    from simulations.engine import Series
+
+    series = Series(width=1.0, max_bins=4)
+    series.add(0.5, 2.5, 200.0)  # 100 B/s over two seconds
+    times, rates = series.rates(2.5)
+    assert times == [0.0, 1.0, 2.0]
+    assert rates == pytest.approx([50.0, 100.0, 50.0])
+    series.add(6.0, 7.0, 10.0)  # past 4 bins: they double to width 2
+    times, rates = series.rates(8.0)
+    assert series.width == 2.0
+    assert sum(r * series.width for r in rates) == pytest.approx(210.0)

@@ -1,0 +1,241 @@
+"""Fast tests of the benchmark harness: the bound, the result JSON, the README table.
+
+No namespaces are built here; the shaped runs are `make bench`, not tests.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.dataplane import dataplane_result
+from benchmarks.run_all import (
+    END_MARKER,
+    START_MARKER,
+    latest_results,
+    render_table,
+    replace_marked,
+    update_readme,
+)
+from benchmarks.shaped import (
+    GIB,
+    MBIT,
+    MIB,
+    SCENARIOS,
+    Scenario,
+    lower_bound_seconds,
+    result_path,
+    scenario_result,
+    summarize_system,
+    write_result,
+)
+from benchmarks.testbed import Shape, node_addr
+
+DAY = dt.date(2025, 1, 2)
+
+
+# --- T_min -----------------------------------------------------------------------------
+
+
+def test_origin_bound_scenario_is_limited_by_the_origin_link() -> None:
+    sc = SCENARIOS["origin-bound"]
+    assert (sc.nodes, sc.node_bps, sc.origin_bps, sc.model_bytes) == (
+        8,
+        10**9,
+        2 * 10**8,
+        512 * MIB,
+    )
+    # F/u_s = 512 MiB * 8 / 200 Mbit/s
+    assert sc.lower_bound_seconds == pytest.approx(512 * MIB * 8 / 200e6)
+    assert sc.lower_bound_seconds == pytest.approx(21.475, abs=1e-3)
+
+
+def test_fabric_bound_scenario_is_limited_by_the_node_download() -> None:
+    sc = SCENARIOS["fabric-bound"]
+    assert (sc.nodes, sc.node_bps, sc.origin_bps, sc.model_bytes) == (8, 4 * 10**8, 10**9, GIB)
+    assert sc.lower_bound_seconds == pytest.approx(GIB * 8 / 400e6)  # F/d: 21.47 s
+
+
+def test_bound_is_the_aggregate_upload_term_when_peers_upload_slowly() -> None:
+    # N·F/(u_s + N·u) = 10 * 8e9 / (1e9 + 10 * 1e8) = 40 s beats F/u_s = 8 s and F/d = 8 s.
+    t = lower_bound_seconds(10**9, nodes=10, origin_up_bps=1e9, node_down_bps=1e9, node_up_bps=1e8)
+    assert t == pytest.approx(40.0)
+
+
+def test_bound_of_one_node_is_the_slower_of_origin_and_download() -> None:
+    assert lower_bound_seconds(
+        10**9, nodes=1, origin_up_bps=2e9, node_down_bps=1e9, node_up_bps=1e9
+    ) == pytest.approx(8.0)
+
+
+@pytest.mark.parametrize("bad", [{"nodes": 0}, {"origin_up_bps": 0.0}, {"node_up_bps": -1.0}])
+def test_bound_refuses_nonsense(bad: dict[str, float]) -> None:
+    kwargs: dict[str, float] = {
+        "nodes": 4,
+        "origin_up_bps": 1e9,
+        "node_down_bps": 1e9,
+        "node_up_bps": 1e9,
+    }
+    kwargs.update(bad)
+    with pytest.raises(ValueError):
+        lower_bound_seconds(10**6, **kwargs)  # type: ignore[arg-type]
+
+
+def test_shape_and_addresses_stay_inside_the_testbed_subnet() -> None:
+    assert node_addr(1) == "10.77.0.11"
+    assert node_addr(8) == "10.77.0.18"
+    with pytest.raises(ValueError):
+        node_addr(0)
+    with pytest.raises(ValueError):
+        Shape(nodes=0, node_up_bps=1, node_down_bps=1, origin_up_bps=1)
+    shape = SCENARIOS["fabric-bound"].shape
+    assert (shape.node_up_bps, shape.node_down_bps, shape.origin_up_bps) == (
+        400 * MBIT,
+        400 * MBIT,
+        1000 * MBIT,
+    )
+
+
+# --- result JSON -----------------------------------------------------------------------
+
+
+def _scenario_json() -> dict[str, object]:
+    sc = SCENARIOS["origin-bound"]
+    bound = sc.lower_bound_seconds
+    systems = {
+        "swarm": summarize_system(
+            [22.0, 24.0, 23.0, 25.0],
+            origin_bytes=sc.model_bytes,
+            model_bytes=sc.model_bytes,
+            bound_seconds=bound,
+            extra={"verified": True},
+        ),
+        "direct": summarize_system(
+            [170.0, 172.0, 171.0, 169.0],
+            origin_bytes=8 * sc.model_bytes,
+            model_bytes=sc.model_bytes,
+            bound_seconds=bound,
+        ),
+    }
+    return scenario_result(sc, systems, date=DAY)
+
+
+def test_scenario_result_has_the_documented_shape() -> None:
+    result = _scenario_json()
+    assert {"scenario", "nodes", "model_bytes", "lower_bound_seconds", "systems"} <= set(result)
+    assert result["scenario"] == "origin-bound"
+    assert result["nodes"] == 8
+    assert result["model_bytes"] == 512 * MIB
+    systems = result["systems"]
+    assert isinstance(systems, dict)
+    for entry in systems.values():
+        assert {"p50_seconds", "max_seconds", "ratio_to_bound", "origin_bytes"} <= set(entry)
+    swarm = systems["swarm"]
+    assert swarm["p50_seconds"] == pytest.approx(23.5)  # median of four
+    assert swarm["max_seconds"] == 25.0
+    assert swarm["ratio_to_bound"] == pytest.approx(25.0 / 21.475, abs=1e-3)
+    assert swarm["origin_ratio"] == 1.0
+    assert swarm["verified"] is True
+    assert systems["direct"]["origin_ratio"] == 8.0
+    json.dumps(result)  # JSON-able as is
+
+
+def test_summary_needs_at_least_one_node() -> None:
+    with pytest.raises(ValueError):
+        summarize_system([], origin_bytes=0, model_bytes=1, bound_seconds=1.0)
+
+
+def test_result_path_names_scenario_and_date(tmp_path: Path) -> None:
+    assert result_path(tmp_path, "fabric-bound", DAY) == tmp_path / "fabric-bound-2025-01-02.json"
+    write_result(result_path(tmp_path, "origin-bound", DAY), _scenario_json())
+    assert json.loads((tmp_path / "origin-bound-2025-01-02.json").read_text())["nodes"] == 8
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_dataplane_result_reports_both_rates_and_their_ratio() -> None:
+    out = dataplane_result(size=GIB, swarm_mbps=1500.0, raw_socket_mbps=3000.0, date=DAY)
+    assert out["swarm_mbps"] == 1500.0
+    assert out["raw_socket_mbps"] == 3000.0
+    assert out["ratio"] == 0.5
+
+
+# --- README table ------------------------------------------------------------------------
+
+
+def test_table_has_one_row_per_system_with_ratios() -> None:
+    table = render_table([_scenario_json()], None)
+    rows = [r for r in table.splitlines() if r.startswith("| ") and not r.startswith("| ---")]
+    assert len(rows) == 3  # header, swarm, direct
+    swarm_row = next(r for r in rows if "| swarm |" in r)
+    assert "origin-bound" in swarm_row
+    assert "21.5 s" in swarm_row  # T_min
+    assert "| 25.0 s |" in swarm_row
+    assert "| 1.16 |" in swarm_row  # 25 / 21.475
+    assert swarm_row.endswith("| 1.00 |")
+    direct_row = next(r for r in rows if "| direct |" in r)
+    assert direct_row.endswith("| 8.00 |")
+    # swarm is listed before direct, whatever the dict order
+    assert table.index("| swarm |") < table.index("| direct |")
+
+
+def test_table_shows_a_failed_system_and_the_data_plane() -> None:
+    result = _scenario_json()
+    systems = result["systems"]
+    assert isinstance(systems, dict)
+    systems["libtorrent"] = {"error": "node 3 exited with 1"}
+    plane = dataplane_result(size=GIB, swarm_mbps=1200.0, raw_socket_mbps=3000.0, date=DAY)
+    table = render_table([result], plane)
+    assert "| libtorrent | failed: node 3 exited with 1 |" in table
+    assert "1200 MB/s" in table and "3000 MB/s" in table and "ratio 0.40" in table
+
+
+def test_replace_marked_rewrites_only_between_the_markers() -> None:
+    text = f"# swarm\n\nintro\n{START_MARKER}\nold table\n{END_MARKER}\nafter\n"
+    new = replace_marked(text, "| new |\n")
+    assert new == f"# swarm\n\nintro\n{START_MARKER}\n| new |\n{END_MARKER}\nafter\n"
+    assert replace_marked(new, "| new |\n") == new  # idempotent
+
+
+@pytest.mark.parametrize(
+    "text", ["no markers", f"only {START_MARKER}", f"{END_MARKER} before {START_MARKER}"]
+)
+def test_replace_marked_refuses_without_both_markers(text: str) -> None:
+    assert replace_marked(text, "| t |") is None
+
+
+def test_update_readme_leaves_a_readme_without_markers_alone(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text("# swarm\n")
+    assert update_readme(readme, "| t |\n") is False
+    assert readme.read_text() == "# swarm\n"
+    assert update_readme(tmp_path / "missing.md", "| t |\n") is False
+    readme.write_text(f"a\n{START_MARKER}\n{END_MARKER}\n")
+    assert update_readme(readme, "| t |\n") is True
+    assert readme.read_text() == f"a\n{START_MARKER}\n| t |\n{END_MARKER}\n"
+
+
+def test_latest_results_picks_the_newest_file_of_each_scenario(tmp_path: Path) -> None:
+    old = _scenario_json()
+    new = dict(old, date="2025-02-01", nodes=4)
+    write_result(tmp_path / "origin-bound-2025-01-02.json", old)
+    write_result(tmp_path / "origin-bound-2025-02-01.json", new)
+    fabric = scenario_result(SCENARIOS["fabric-bound"], {}, date=DAY)
+    write_result(tmp_path / "fabric-bound-2025-01-02.json", fabric)
+    plane = dataplane_result(size=GIB, swarm_mbps=1.0, raw_socket_mbps=2.0, date=DAY)
+    write_result(tmp_path / "dataplane-2025-01-02.json", plane)
+    (tmp_path / "notes.json").write_text("{}")  # not a dated result: ignored
+    dev = dict(old, date="2025-03-01", reduced=True)
+    write_result(tmp_path / "origin-bound-2025-03-01.json", dev)  # a development run: ignored
+    scenarios, got_plane = latest_results(tmp_path)
+    assert [s["scenario"] for s in scenarios] == ["origin-bound", "fabric-bound"]
+    assert scenarios[0]["nodes"] == 4
+    assert got_plane is not None and got_plane["ratio"] == 0.5
+    assert latest_results(tmp_path / "none") == ([], None)
+
+
+def test_scenario_overrides_keep_the_bound_consistent() -> None:
+    small = Scenario("dev", 4, 10**9, 2 * 10**8, 64 * MIB, 4 * MIB)
+    assert small.lower_bound_seconds == pytest.approx(64 * MIB * 8 / 2e8)

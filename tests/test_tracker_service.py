@@ -1,0 +1,170 @@
+"""The tracker service (``tracker/service.py``) in-process, on a real loopback port.
+
+A small artifact is published into a ``file://`` catalog; the tracker serves its
+manifest over HTTP, answers announces over UDP (through the peers' own
+``TrackerClient``) and over HTTP, refuses garbage with 400, reports status as JSON,
+and drops a peer that another peer reports as barred (so pieces only it held go
+back to the origin pool instead of being waited for forever).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from servers import free_port, populate
+
+from seeder.publish import publish
+from swarm.announce import PEER_ID_SIZE, Announce, Reply, TrackerClient
+from swarm.bitfield import Bitfield
+from swarm.errors import TrackerError
+from swarm.manifest import Manifest
+from tracker.service import Tracker, TrackerConfig
+
+PIECE = 64 * 1024
+NAME = "tiny-llm"
+
+
+async def _published(tmp_path: Path) -> tuple[Manifest, str]:
+    rng = random.Random(7)
+    origin = populate(
+        tmp_path / "origin",
+        {"config.json": b'{"layers": 1}\n', "weights.bin": rng.randbytes(5 * PIECE + 17)},
+    )
+    catalog = (tmp_path / "catalog").as_uri()
+    manifest = await publish(origin.as_uri(), NAME, catalog, piece_size=PIECE)
+    return manifest, catalog
+
+
+def run_with_tracker(
+    tmp_path: Path, body: Callable[[Tracker, Manifest, str], Awaitable[None]]
+) -> None:
+    """Publish, start a tracker on a free loopback port, run ``body``, close everything."""
+
+    async def main() -> None:
+        manifest, catalog = await _published(tmp_path)
+        config = TrackerConfig(
+            host="127.0.0.1",
+            port=free_port(),
+            catalog=catalog,
+            announce_interval=0.2,
+            peer_ttl=5.0,
+            stall_timeout=5.0,
+            restart_grace=0.0,
+        )
+        tracker = Tracker(config, rng=random.Random(1))
+        await tracker.start()
+        try:
+            await asyncio.wait_for(body(tracker, manifest, f"http://127.0.0.1:{config.port}"), 30.0)
+        finally:
+            await tracker.close()
+
+    asyncio.run(main())
+
+
+async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, bytes, dict[str, str]]:
+    async with session.get(url) as resp:
+        return resp.status, await resp.read(), dict(resp.headers)
+
+
+def _announce(manifest: Manifest, peer: bytes, port: int, **kw: Any) -> Announce:
+    have = kw.pop("have", Bitfield(manifest.num_pieces))
+    return Announce(manifest.ref, peer, port, have.to_bytes(), host="127.0.0.1", **kw)
+
+
+def test_manifest_endpoint(tmp_path: Path) -> None:
+    async def body(tracker: Tracker, manifest: Manifest, url: str) -> None:
+        async with aiohttp.ClientSession() as session:
+            status, data, headers = await _get(session, f"{url}/v1/manifest/{NAME}")
+            assert status == 200
+            assert headers["X-Swarm-Root"] == manifest.root_hex
+            assert Manifest.decode(data) == manifest
+            status, data, _ = await _get(session, f"{url}/v1/manifest/{manifest.ref}")
+            assert status == 200 and Manifest.decode(data).root_hex == manifest.root_hex
+            status, data, _ = await _get(session, f"{url}/v1/manifest/no-such-model")
+            assert status == 404 and b"no-such-model" in data
+            status, _, _ = await _get(session, f"{url}/v1/manifest/{NAME}@{'0' * 64}")
+            assert status == 404
+            status, data, _ = await _get(session, f"{url}/healthz")
+            assert status == 200
+        # The peers' client reads the same endpoint, and says where a miss came from.
+        client = TrackerClient(url)
+        try:
+            assert (await client.manifest(manifest.ref)).root_hex == manifest.root_hex
+            with pytest.raises(TrackerError, match="404"):
+                await client.manifest("no-such-model")
+        finally:
+            await client.close()
+
+    run_with_tracker(tmp_path, body)
+
+
+def test_announces_status_and_barring(tmp_path: Path) -> None:
+    async def body(tracker: Tracker, manifest: Manifest, url: str) -> None:
+        a, b = b"a" * PEER_ID_SIZE, b"b" * PEER_ID_SIZE
+        client = TrackerClient(url)
+        try:
+            async with aiohttp.ClientSession() as session:
+                status, data, _ = await _get(session, f"{url}/v1/swarms")
+                assert status == 200 and json.loads(data)["swarms"] == {}
+
+                # Over UDP: A joins and is given origin pieces (2 per peer at once).
+                reply_a = await client.announce(_announce(manifest, a, 7001))
+                assert client.udp_failures == 0
+                assert len(reply_a.assigned) == 2 and reply_a.peers == []
+                assert reply_a.interval == pytest.approx(0.2)
+                # Over HTTP: B joins, sees A, gets pieces of its own.
+                async with session.post(
+                    f"{url}/v1/announce", data=_announce(manifest, b, 7002).encode()
+                ) as resp:
+                    assert resp.status == 200
+                    reply_b = Reply.decode(await resp.read())
+                assert reply_b.peers == [(a, "127.0.0.1", 7001)]
+                assert reply_b.assigned and not set(reply_b.assigned) & set(reply_a.assigned)
+
+                # A finishes its pieces: the swarm status shows them present.
+                have_a = Bitfield(manifest.num_pieces)
+                for piece in reply_a.assigned:
+                    have_a.add(piece)
+                await client.announce(_announce(manifest, a, 7001, have=have_a))
+                status, data, _ = await _get(session, f"{url}/v1/swarms")
+                swarm = json.loads(data)["swarms"][manifest.root_hex]
+                assert swarm["ref"] == manifest.ref
+                assert swarm["peers"] == 2 and swarm["present_pieces"] == 2
+                assert swarm["barred"] == []
+
+                # B got corrupt data from A: A is out of the swarm, and the pieces
+                # only A held go back to be pulled from the origin.
+                await client.announce(_announce(manifest, b, 7002, barred=[a]))
+                status, data, _ = await _get(session, f"{url}/v1/swarms/{manifest.root_hex}")
+                assert status == 200
+                swarm = json.loads(data)
+                assert [p["peer_id"] for p in swarm["peer_list"]] == [b.hex()]
+                assert swarm["present_pieces"] == 0
+                assert swarm["origin"]["lost"] == 2
+                # A's next announce neither brings it back nor gives it work.
+                again = await client.announce(_announce(manifest, a, 7001, have=have_a))
+                assert again.assigned == [] and again.peers == []
+                status, data, _ = await _get(session, f"{url}/v1/swarms")
+                swarm = json.loads(data)["swarms"][manifest.root_hex]
+                assert swarm["barred"] == [a.hex()] and swarm["peers"] == 1
+
+                # Garbage and unknown swarms are refused without harm.
+                async with session.post(f"{url}/v1/announce", data=b"\x00garbage") as resp:
+                    assert resp.status == 400
+                status, _, _ = await _get(session, f"{url}/v1/swarms/{'0' * 64}")
+                assert status == 404
+                with pytest.raises(TrackerError, match="refused"):
+                    await client.announce(
+                        Announce(f"{NAME}@{'0' * 64}", a, 7001, b"", host="127.0.0.1")
+                    )
+        finally:
+            await client.close()
+
+    run_with_tracker(tmp_path, body)

@@ -1,0 +1,380 @@
+"""Who pulls each piece from the origin: the tracker's seeder assignment policy.
+
+Invariant 1 of the design says every byte leaves object storage once per
+cluster. This class is where that is decided: every piece not yet present
+anywhere in the swarm is assigned to exactly one live peer (its *seeder* for
+that piece), and a piece some peer has verified is never assigned again.
+Everything else moves peer to peer.
+
+Spreading the burst
+    Each peer pulls at most ``per_peer_limit`` pieces at a time and the whole
+    cluster at most ``origin_budget`` (None: ``per_peer_limit`` * live peers), so
+    the origin rate grows with the cluster but can be capped (and adapted, via
+    :meth:`SeederAssignment.set_budget`, when the object store throttles).
+    A free origin slot goes to the peer with the least load (pieces it has
+    pulled plus pieces it is pulling), random among equals. With N peers and P
+    pieces each pulls about P/N, but a peer that pulls faster frees its slots
+    sooner and so pulls more: nothing waits on the slowest node.
+
+Order of pieces
+    The pool of unassigned pieces is shuffled with the ``rng``. Concurrent
+    origin reads then fall on different files (and object-store partitions)
+    instead of hammering one object, and every file's pieces appear in the swarm
+    spread out over time, which rarest-first exchange handles best. Pieces that
+    come back to the pool (their seeder left or stalled) go to its front: they
+    have waited longest.
+
+Stalls
+    A seeder reports how many bytes of each assigned piece it has
+    (:meth:`SeederAssignment.progress`). A piece whose byte count has not
+    advanced for ``stall_timeout`` seconds goes back to the pool and to another
+    peer, and is removed from the stalled peer's assignments (the peer learns
+    this from its next announce reply and drops it). Stall detection is by
+    progress, not by a deadline scaled to piece size: a slow seeder that keeps
+    moving keeps its piece, a stuck one loses it after ``stall_timeout``
+    whatever the piece size. Peers report progress at least once per
+    announce, so ``stall_timeout`` must be longer than the announce interval.
+
+Time (``now``) and randomness (``rng``) are passed in; nothing here reads the
+clock or does I/O.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections import deque
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+__all__ = ["AssignmentStats", "SeederAssignment"]
+
+PeerT = TypeVar("PeerT", bound=Hashable)
+
+_POOL = 0
+_ASSIGNED = 1
+_PRESENT = 2
+
+
+@dataclass
+class AssignmentStats(Generic[PeerT]):
+    """Counters since the assignment policy was created."""
+
+    pulled: dict[PeerT, int] = field(default_factory=dict)
+    """Pieces each peer pulled from the origin and the swarm then had."""
+    assigned: int = 0
+    """Assignments made (including re-assignments)."""
+    reassigned: int = 0
+    """Pieces taken from a seeder that left or stalled and put back in the pool."""
+    stalled: int = 0
+    """Of those, pieces taken away because their progress stopped."""
+    lost: int = 0
+    """Pieces that were present, then lost with every peer holding them."""
+
+
+class _Pull:
+    """One piece being pulled by its seeder."""
+
+    __slots__ = ("bytes_done", "since")
+
+    def __init__(self, bytes_done: int, since: float) -> None:
+        self.bytes_done = bytes_done
+        self.since = since  # when bytes_done last advanced (or the assignment)
+
+
+class _Seeder(Generic[PeerT]):
+    __slots__ = ("joined", "pulled", "pulls")
+
+    def __init__(self, joined: float) -> None:
+        self.joined = joined
+        self.pulled = 0
+        self.pulls: dict[int, _Pull] = {}
+
+
+class SeederAssignment(Generic[PeerT]):
+    """Assigns every missing piece to exactly one live peer; see the module docstring."""
+
+    def __init__(
+        self,
+        piece_lengths: Sequence[int],
+        *,
+        per_peer_limit: int = 2,
+        origin_budget: int | None = None,
+        stall_timeout: float = 30.0,
+        rng: random.Random,
+    ) -> None:
+        if per_peer_limit < 1:
+            raise ValueError(f"per_peer_limit must be >= 1, got {per_peer_limit}")
+        if stall_timeout <= 0:
+            raise ValueError(f"stall_timeout must be > 0, got {stall_timeout}")
+        self._lengths = list(piece_lengths)
+        self.per_peer_limit = per_peer_limit
+        self.stall_timeout = stall_timeout
+        self._budget: int | None = None
+        self.set_budget(origin_budget)
+        self._rng = rng
+
+        order = list(range(len(self._lengths)))
+        rng.shuffle(order)
+        # May hold stale entries (pieces since assigned or present): skipped on pop.
+        self._pool: deque[int] = deque(order)
+        self._state = bytearray(len(self._lengths))  # _POOL / _ASSIGNED / _PRESENT
+        self._pool_count = len(order)
+        self._owner: dict[int, PeerT] = {}
+        # Peers a piece was taken from for stalling; avoided when reassigning it.
+        self._stalled_on: dict[int, set[PeerT]] = {}
+        # Bytes last reported for a piece taken back for stalling: a later report
+        # adopts the piece only if it went past this.
+        self._stalled_bytes: dict[int, int] = {}
+        self._seeders: dict[PeerT, _Seeder[PeerT]] = {}
+        self._in_flight = 0
+        self._stats: AssignmentStats[PeerT] = AssignmentStats()
+
+    # -- configuration ------------------------------------------------------
+
+    def set_budget(self, budget: int | None) -> None:
+        """Cap on pieces pulled from the origin at once by the whole cluster.
+
+        None means ``per_peer_limit`` * live peers. Lowering it below what is in
+        flight takes nothing away; it only holds back new assignments.
+        """
+        if budget is not None and budget < 1:
+            raise ValueError(f"origin budget must be >= 1 or None, got {budget}")
+        self._budget = budget
+
+    @property
+    def budget(self) -> int:
+        """The cluster-wide cap in effect now."""
+        if self._budget is not None:
+            return self._budget
+        return self.per_peer_limit * len(self._seeders)
+
+    # -- read-only state ----------------------------------------------------
+
+    @property
+    def num_pieces(self) -> int:
+        return len(self._lengths)
+
+    @property
+    def in_flight(self) -> int:
+        """Pieces assigned and not yet present."""
+        return self._in_flight
+
+    @property
+    def unassigned(self) -> int:
+        """Pieces neither present nor assigned."""
+        return self._pool_count
+
+    @property
+    def all_present(self) -> bool:
+        return self._pool_count == 0 and self._in_flight == 0
+
+    @property
+    def peers(self) -> list[PeerT]:
+        return list(self._seeders)
+
+    def is_present(self, piece: int) -> bool:
+        return self._state[piece] == _PRESENT
+
+    def owner(self, piece: int) -> PeerT | None:
+        """The peer pulling ``piece`` from the origin now, if any."""
+        return self._owner.get(piece)
+
+    def assignments(self, peer: PeerT) -> list[int]:
+        """Pieces ``peer`` should be pulling from the origin now, in assignment order."""
+        seeder = self._seeders.get(peer)
+        return [] if seeder is None else list(seeder.pulls)
+
+    def progress_of(self, peer: PeerT, piece: int) -> int | None:
+        """Bytes of ``piece`` that ``peer`` last reported, or None if not its piece."""
+        seeder = self._seeders.get(peer)
+        pull = None if seeder is None else seeder.pulls.get(piece)
+        return None if pull is None else pull.bytes_done
+
+    @property
+    def stats(self) -> AssignmentStats[PeerT]:
+        """A snapshot of the counters."""
+        s = self._stats
+        return AssignmentStats(dict(s.pulled), s.assigned, s.reassigned, s.stalled, s.lost)
+
+    # -- events -------------------------------------------------------------
+
+    def peer_joined(self, peer: PeerT, now: float) -> None:
+        """``peer`` is live and can pull pieces (no effect if already known)."""
+        if peer not in self._seeders:
+            self._seeders[peer] = _Seeder(now)
+            self._stats.pulled.setdefault(peer, 0)
+
+    def peer_left(self, peer: PeerT, now: float) -> list[int]:
+        """``peer`` left or expired: its pieces go back to the pool. Returns them."""
+        seeder = self._seeders.get(peer)
+        if seeder is None:
+            return []
+        returned = list(seeder.pulls)
+        for piece in reversed(returned):  # keep their order at the pool's front
+            self._unassign(peer, piece)
+        del self._seeders[peer]
+        self._stats.reassigned += len(returned)
+        for stalled in self._stalled_on.values():
+            stalled.discard(peer)
+        return returned
+
+    def piece_present(self, piece: int) -> PeerT | None:
+        """Some peer verified ``piece``: never assign it again.
+
+        Returns the peer that was pulling it, credited in :attr:`stats`, or None.
+        """
+        self._check_piece(piece)
+        state = self._state[piece]
+        if state == _PRESENT:
+            return None
+        self._state[piece] = _PRESENT
+        self._stalled_on.pop(piece, None)
+        self._stalled_bytes.pop(piece, None)
+        if state == _POOL:
+            self._pool_count -= 1  # its pool entry is skipped when reached
+            return None
+        owner = self._owner.pop(piece)
+        del self._seeders[owner].pulls[piece]
+        self._in_flight -= 1
+        self._seeders[owner].pulled += 1
+        self._stats.pulled[owner] = self._stats.pulled.get(owner, 0) + 1
+        return owner
+
+    def piece_lost(self, piece: int) -> bool:
+        """Every peer holding ``piece`` is gone: it must come from the origin again.
+
+        Returns True if the piece went back to the pool.
+        """
+        self._check_piece(piece)
+        if self._state[piece] != _PRESENT:
+            return False
+        self._state[piece] = _POOL
+        self._pool.appendleft(piece)
+        self._pool_count += 1
+        self._stats.lost += 1
+        return True
+
+    def progress(self, peer: PeerT, piece: int, bytes_done: int, now: float) -> bool:
+        """``peer`` reports ``bytes_done`` bytes of ``piece`` pulled from the origin.
+
+        Progress restarts the stall clock only if the count advanced. A report
+        of bytes for a piece in the pool (unassigned) *adopts* it: the peer is
+        already pulling it (e.g. the tracker restarted and lost its
+        assignments), and giving it to someone else would pull it twice. For a
+        piece taken back for stalling, the count must have gone past the last
+        one reported before the stall. Returns True if the piece is (now) assigned to ``peer``.
+        Reports for pieces assigned elsewhere or present are ignored.
+        """
+        self._check_piece(piece)
+        seeder = self._seeders.get(peer)
+        if seeder is None:
+            return False
+        pull = seeder.pulls.get(piece)
+        if pull is not None:
+            if bytes_done > pull.bytes_done:
+                pull.bytes_done = bytes_done
+                pull.since = now
+            return True
+        if self._state[piece] != _POOL or bytes_done <= self._stalled_bytes.get(piece, 0):
+            return False
+        self._assign(peer, piece, now, bytes_done)
+        return True
+
+    def assign(self, now: float) -> dict[PeerT, list[int]]:
+        """Hand out unassigned pieces to free origin slots; returns the new ones per peer."""
+        free = self.budget - self._in_flight
+        if free <= 0 or self._pool_count == 0 or not self._seeders:
+            return {}
+        rng = self._rng
+        limit = self.per_peer_limit
+        heap: list[tuple[int, float, int, PeerT]] = []
+        for order, (peer, seeder) in enumerate(self._seeders.items()):
+            if len(seeder.pulls) < limit:
+                heap.append((seeder.pulled + len(seeder.pulls), rng.random(), order, peer))
+        heapq.heapify(heap)
+        new: dict[PeerT, list[int]] = {}
+        while free > 0 and heap:
+            piece = self._pop_pool()
+            if piece is None:
+                break
+            entry = self._pop_eligible(heap, piece)
+            load, _, order, peer = entry
+            self._assign(peer, piece, now, 0)
+            new.setdefault(peer, []).append(piece)
+            free -= 1
+            if len(self._seeders[peer].pulls) < limit:
+                heapq.heappush(heap, (load + 1, rng.random(), order, peer))
+        return new
+
+    def tick(self, now: float) -> list[tuple[PeerT, int]]:
+        """Take back pieces whose progress stopped for ``stall_timeout`` seconds.
+
+        They go back to the pool (the next :meth:`assign` gives them to another
+        peer if there is one). Returns the (peer, piece) pairs taken away.
+        """
+        stalled: list[tuple[PeerT, int]] = []
+        for peer, seeder in self._seeders.items():
+            for piece, pull in seeder.pulls.items():
+                if now - pull.since >= self.stall_timeout:
+                    stalled.append((peer, piece))
+        for peer, piece in reversed(stalled):
+            bytes_done = self._seeders[peer].pulls[piece].bytes_done
+            self._stalled_bytes[piece] = max(self._stalled_bytes.get(piece, 0), bytes_done)
+            self._unassign(peer, piece)
+            self._stalled_on.setdefault(piece, set()).add(peer)
+        self._stats.reassigned += len(stalled)
+        self._stats.stalled += len(stalled)
+        return stalled
+
+    # -- internals ----------------------------------------------------------
+
+    def _check_piece(self, piece: int) -> None:
+        if not 0 <= piece < len(self._lengths):
+            raise ValueError(f"piece {piece} is out of range (0..{len(self._lengths) - 1})")
+
+    def _pop_pool(self) -> int | None:
+        while self._pool:
+            piece = self._pool.popleft()
+            if self._state[piece] == _POOL and piece not in self._owner:
+                return piece
+        return None
+
+    def _pop_eligible(
+        self, heap: list[tuple[int, float, int, PeerT]], piece: int
+    ) -> tuple[int, float, int, PeerT]:
+        """The least-loaded peer that did not stall on ``piece`` (any, if all did)."""
+        avoid = self._stalled_on.get(piece)
+        if not avoid:
+            return heapq.heappop(heap)
+        skipped: list[tuple[int, float, int, PeerT]] = []
+        chosen = None
+        while heap:
+            entry = heapq.heappop(heap)
+            if entry[3] not in avoid:
+                chosen = entry
+                break
+            skipped.append(entry)
+        if chosen is None:
+            chosen = skipped.pop(0)
+        for entry in skipped:
+            heapq.heappush(heap, entry)
+        return chosen
+
+    def _assign(self, peer: PeerT, piece: int, now: float, bytes_done: int) -> None:
+        if self._state[piece] == _POOL:
+            self._pool_count -= 1
+        self._state[piece] = _ASSIGNED
+        self._owner[piece] = peer
+        self._seeders[peer].pulls[piece] = _Pull(bytes_done, now)
+        self._in_flight += 1
+        self._stats.assigned += 1
+
+    def _unassign(self, peer: PeerT, piece: int) -> None:
+        del self._seeders[peer].pulls[piece]
+        del self._owner[piece]
+        self._in_flight -= 1
+        self._state[piece] = _POOL
+        self._pool_count += 1
+        self._pool.appendleft(piece)

@@ -1,0 +1,370 @@
+"""The tracker's soft state for one swarm (one artifact root).
+
+For every peer the registry keeps its address, the pieces it has verified, when
+it was last heard from and whether it has finished; from those it keeps the
+availability of every piece, and it owns the swarm's
+:class:`~tracker.assignment.SeederAssignment`, which decides who pulls each
+missing piece from the origin.
+
+All of it is *soft state*: it is rebuilt from announces. After a tracker
+restart, the first announce of each peer brings back its have-set (so a piece
+some peer already has is never assigned again) and its origin progress (so a
+pull in flight is adopted by its peer instead of started again elsewhere).
+Because a restarted tracker hears from peers one at a time, the owner can hold
+back new origin assignments until ``assign_after`` (e.g. one announce interval
+after start-up), so that peers not yet heard from are not pre-empted.
+
+Announces are the only input, and each one does the policy's periodic work:
+peers not heard from for ``peer_ttl`` seconds expire (their origin pieces go to
+others), stalled origin pieces are taken back, and free origin slots are filled.
+The owner may also call :meth:`SwarmRegistry.expire` and :meth:`SwarmRegistry.tick`
+from a timer so that this happens in a quiet swarm too.
+
+Time and randomness are passed in; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from swarm.bitfield import Bitfield
+from tracker.assignment import SeederAssignment
+from tracker.errors import BadAnnounceError
+
+__all__ = ["AnnounceReply", "PeerAddress", "SwarmRegistry"]
+
+PEER_ID_LENGTH = 20
+
+
+@dataclass(frozen=True, slots=True)
+class PeerAddress:
+    """Where to reach a peer of the swarm."""
+
+    peer_id: bytes
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class AnnounceReply:
+    """What the tracker tells an announcing peer."""
+
+    assigned: tuple[int, ...]
+    """Every piece this peer should pull from the origin now (not only new ones):
+    a piece pulled before and missing here was taken away, so drop it."""
+    peers: tuple[PeerAddress, ...]
+    """A random sample of other live peers to connect to."""
+    swarm_complete: bool
+    """Every known peer has every piece."""
+    num_peers: int
+    """Live peers in the swarm, this one included."""
+
+
+class _Peer:
+    __slots__ = ("finished", "have", "host", "last_seen", "port")
+
+    def __init__(self, host: str, port: int, num_pieces: int, now: float) -> None:
+        self.host = host
+        self.port = port
+        self.have = Bitfield(num_pieces)
+        self.last_seen = now
+        self.finished = num_pieces == 0
+
+
+class SwarmRegistry:
+    """Peers, their pieces and origin assignments for one swarm; see the module docstring.
+
+    ``max_peers_in_reply`` bounds the peer sample of an announce reply; the
+    assignment knobs are passed to :class:`~tracker.assignment.SeederAssignment`.
+    """
+
+    def __init__(
+        self,
+        piece_lengths: Sequence[int],
+        *,
+        peer_ttl: float,
+        rng: random.Random,
+        max_peers_in_reply: int = 50,
+        per_peer_limit: int = 2,
+        origin_budget: int | None = None,
+        stall_timeout: float = 30.0,
+        assign_after: float = float("-inf"),
+    ) -> None:
+        if peer_ttl <= 0:
+            raise ValueError(f"peer_ttl must be > 0, got {peer_ttl}")
+        if max_peers_in_reply < 0:
+            raise ValueError(f"max_peers_in_reply must be >= 0, got {max_peers_in_reply}")
+        self._lengths = list(piece_lengths)
+        self.peer_ttl = peer_ttl
+        self.max_peers_in_reply = max_peers_in_reply
+        self.assign_after = assign_after
+        self._rng = rng
+        self.assignment: SeederAssignment[bytes] = SeederAssignment(
+            self._lengths,
+            per_peer_limit=per_peer_limit,
+            origin_budget=origin_budget,
+            stall_timeout=stall_timeout,
+            rng=rng,
+        )
+        # Least recently seen first, so expiry pops from the front.
+        self._peers: OrderedDict[bytes, _Peer] = OrderedDict()
+        # The same peers in a list with O(1) removal, to sample replies in O(k).
+        self._peer_list: list[bytes] = []
+        self._peer_index: dict[bytes, int] = {}
+        self._avail = [0] * len(self._lengths)
+        self._finished = 0
+
+    # -- read-only state ----------------------------------------------------
+
+    @property
+    def num_pieces(self) -> int:
+        return len(self._lengths)
+
+    @property
+    def num_peers(self) -> int:
+        return len(self._peers)
+
+    def __contains__(self, peer: object) -> bool:
+        return peer in self._peers
+
+    def availability(self, piece: int) -> int:
+        """Live peers that have verified ``piece``."""
+        return self._avail[piece]
+
+    def have(self, peer: bytes) -> Bitfield | None:
+        """A copy of ``peer``'s have-set, or None if it is not in the swarm."""
+        known = self._peers.get(peer)
+        return None if known is None else known.have.copy()
+
+    @property
+    def swarm_complete(self) -> bool:
+        """At least one peer, and every peer has finished."""
+        return bool(self._peers) and self._finished == len(self._peers)
+
+    # -- announces ----------------------------------------------------------
+
+    def announce(
+        self,
+        peer: bytes,
+        addr: tuple[str, int],
+        have: Bitfield | Iterable[int] | None,
+        progress: Mapping[int, int],
+        now: float,
+    ) -> AnnounceReply:
+        """Record an announce from ``peer`` and answer it.
+
+        ``have`` is either a :class:`Bitfield` of every piece the peer has
+        verified (it replaces what was known), an iterable of pieces verified
+        since the last announce (added to what was known), or None (no change).
+        ``progress`` maps each piece the peer is pulling from the origin to the
+        bytes it has so far. Raises BadAnnounceError for invalid input, before
+        changing anything.
+        """
+        host, port, have = self._check(peer, addr, have, progress)
+        known = self._peers.get(peer)
+        if known is None:
+            known = self._peers[peer] = _Peer(host, port, self.num_pieces, now)
+            self._peer_index[peer] = len(self._peer_list)
+            self._peer_list.append(peer)
+            if known.finished:
+                self._finished += 1
+            self.assignment.peer_joined(peer, now)
+        else:
+            known.host, known.port, known.last_seen = host, port, now
+            self._peers.move_to_end(peer)
+        self.expire(now)  # others only: this peer was just seen
+
+        if isinstance(have, Bitfield):
+            self._replace_have(known, have)
+        elif have is not None:
+            for piece in have:
+                self._add_piece(known, piece)
+        for piece, bytes_done in progress.items():
+            if piece not in known.have:
+                self.assignment.progress(peer, piece, bytes_done, now)
+
+        self.tick(now)
+        return AnnounceReply(
+            assigned=tuple(self.assignment.assignments(peer)),
+            peers=self._sample_peers(peer),
+            swarm_complete=self.swarm_complete,
+            num_peers=len(self._peers),
+        )
+
+    def _check(
+        self,
+        peer: bytes,
+        addr: tuple[str, int],
+        have: Bitfield | Iterable[int] | None,
+        progress: Mapping[int, int],
+    ) -> tuple[str, int, Bitfield | list[int] | None]:
+        if not isinstance(peer, bytes) or len(peer) != PEER_ID_LENGTH:
+            raise BadAnnounceError(f"peer id must be {PEER_ID_LENGTH} bytes, got {peer!r}")
+        try:
+            host, port = addr
+        except (TypeError, ValueError) as exc:
+            raise BadAnnounceError(f"address must be (host, port), got {addr!r}") from exc
+        if not isinstance(host, str) or not host:
+            raise BadAnnounceError(f"address host must be a non-empty string, got {host!r}")
+        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 0xFFFF:
+            raise BadAnnounceError(f"address port must be in 1..65535, got {port!r}")
+        if isinstance(have, Bitfield):
+            if len(have) != self.num_pieces:
+                raise BadAnnounceError(
+                    f"have bitfield covers {len(have)} pieces, the artifact has {self.num_pieces}"
+                )
+        elif have is not None:
+            have = list(have)  # it may be a one-shot iterator
+            for piece in have:
+                self._check_piece("have", piece)
+        for piece, bytes_done in progress.items():
+            self._check_piece("progress", piece)
+            length = self._lengths[piece]
+            if (
+                not isinstance(bytes_done, int)
+                or isinstance(bytes_done, bool)
+                or not 0 <= bytes_done <= length
+            ):
+                raise BadAnnounceError(
+                    f"progress for piece {piece} is {bytes_done!r} bytes, the piece has {length}"
+                )
+        return host, port, have
+
+    def _check_piece(self, field: str, piece: object) -> None:
+        if not isinstance(piece, int) or isinstance(piece, bool):
+            raise BadAnnounceError(f"{field} names piece {piece!r}, not an integer")
+        if not 0 <= piece < self.num_pieces:
+            raise BadAnnounceError(
+                f"{field} names piece {piece}, the artifact has {self.num_pieces} pieces"
+            )
+
+    def _add_piece(self, known: _Peer, piece: int) -> None:
+        if known.have.add(piece):
+            self._avail[piece] += 1
+            self.assignment.piece_present(piece)
+            if known.have.complete:
+                known.finished = True
+                self._finished += 1
+
+    def _drop_piece(self, known: _Peer, piece: int) -> None:
+        if known.have.discard(piece):
+            if known.finished:
+                known.finished = False
+                self._finished -= 1
+            self._avail[piece] -= 1
+            if self._avail[piece] == 0:
+                self.assignment.piece_lost(piece)
+
+    def _replace_have(self, known: _Peer, have: Bitfield) -> None:
+        old = int.from_bytes(known.have.to_bytes(), "big")
+        new = int.from_bytes(have.to_bytes(), "big")
+        changed = old ^ new
+        if not changed:
+            return
+        nbytes = (self.num_pieces + 7) // 8
+        gained = Bitfield.from_bytes((changed & new).to_bytes(nbytes, "big"), self.num_pieces)
+        lost = Bitfield.from_bytes((changed & old).to_bytes(nbytes, "big"), self.num_pieces)
+        for piece in gained:
+            self._add_piece(known, piece)
+        for piece in lost:
+            self._drop_piece(known, piece)
+
+    def _sample_peers(self, peer: bytes) -> tuple[PeerAddress, ...]:
+        everyone = self._peer_list
+        wanted = min(self.max_peers_in_reply + 1, len(everyone))
+        picks = self._rng.sample(range(len(everyone)), wanted)
+        others = [everyone[i] for i in picks if everyone[i] != peer]
+        del others[self.max_peers_in_reply :]
+        return tuple(PeerAddress(p, self._peers[p].host, self._peers[p].port) for p in others)
+
+    # -- departures and periodic work ---------------------------------------
+
+    def leave(self, peer: bytes, now: float) -> bool:
+        """``peer`` said goodbye (or is known dead): forget it, reassign its pulls.
+
+        Pieces only it had go back to the origin pool. Returns False if unknown.
+        """
+        known = self._peers.pop(peer, None)
+        if known is None:
+            return False
+        index = self._peer_index.pop(peer)
+        last = self._peer_list.pop()
+        if last != peer:
+            self._peer_list[index] = last
+            self._peer_index[last] = index
+        if known.finished:
+            self._finished -= 1
+        self.assignment.peer_left(peer, now)
+        for piece in known.have:
+            self._avail[piece] -= 1
+            if self._avail[piece] == 0:
+                self.assignment.piece_lost(piece)
+        return True
+
+    def expire(self, now: float) -> list[bytes]:
+        """Peers not heard from for ``peer_ttl`` seconds leave. Returns their ids."""
+        expired: list[bytes] = []
+        while self._peers:
+            peer, known = next(iter(self._peers.items()))
+            if now - known.last_seen < self.peer_ttl:
+                break
+            self.leave(peer, now)
+            expired.append(peer)
+        return expired
+
+    def tick(self, now: float) -> list[tuple[bytes, int]]:
+        """Take back stalled origin pieces and fill free origin slots.
+
+        Returns the (peer, piece) pairs taken back for stalling.
+        """
+        stalled = self.assignment.tick(now)
+        if now >= self.assign_after:
+            self.assignment.assign(now)
+        return stalled
+
+    # -- status -------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-able summary for the status page and ``--json`` output."""
+        avail = self._avail
+        stats = self.assignment.stats
+        present = sum(1 for piece in range(self.num_pieces) if self.assignment.is_present(piece))
+        return {
+            "pieces": self.num_pieces,
+            "peers": len(self._peers),
+            "finished_peers": self._finished,
+            "swarm_complete": self.swarm_complete,
+            "present_pieces": present,
+            "availability": {
+                "min": min(avail, default=0),
+                "max": max(avail, default=0),
+                "mean": sum(avail) / len(avail) if avail else 0.0,
+                "missing": sum(1 for a in avail if a == 0),
+            },
+            "origin": {
+                "budget": self.assignment.budget,
+                "in_flight": self.assignment.in_flight,
+                "unassigned": self.assignment.unassigned,
+                "assigned_total": stats.assigned,
+                "reassigned": stats.reassigned,
+                "stalled": stats.stalled,
+                "lost": stats.lost,
+            },
+            "peer_list": [
+                {
+                    "peer_id": peer.hex(),
+                    "host": known.host,
+                    "port": known.port,
+                    "have": known.have.count(),
+                    "finished": known.finished,
+                    "last_seen": known.last_seen,
+                    "assigned": self.assignment.assignments(peer),
+                    "pulled": stats.pulled.get(peer, 0),
+                }
+                for peer, known in self._peers.items()
+            ],
+        }
