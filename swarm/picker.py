@@ -323,12 +323,20 @@ class PiecePicker(Generic[PeerT]):
         """We will pull ``piece`` from the origin: never request it from peers.
 
         Returns False (and reserves nothing) if we already have the piece or are
-        already downloading it from peers; the engine should then not fetch it
-        from the origin.
+        downloading it from connected peers that have it; the engine should then
+        not fetch it from the origin. A partial that no connected peer can finish
+        (its sources left or were barred, say for serving corrupt blocks) is
+        dropped: the tracker assigns only pieces nobody in the swarm holds, so the
+        origin is the only way left to get it.
         """
         self._check_piece(piece)
-        if piece in self._have or piece in self._partials:
+        if piece in self._have:
             return False
+        partial = self._partials.get(piece)
+        if partial is not None:
+            if self._avail[piece] > 0 or partial.requesters:
+                return False
+            self._drop_partial(piece)
         self._unbucket_if_needed(piece)
         self._reserved.add(piece)
         return True

@@ -164,6 +164,22 @@ def test_reserve_refused_when_had_or_in_progress() -> None:
         picker.reserve(3)
 
 
+def test_reserve_takes_over_a_partial_that_no_connected_peer_can_finish() -> None:
+    # The only holder sent half the piece and was then dropped (barred for corrupt
+    # data, say); the tracker then assigns us the piece because nobody holds it.
+    picker = make("1", blocks_per_piece=2, with_seed=False)
+    first = picker.pick("h0", 1)
+    picker.block_received("h0", first[0])
+    assert picker.in_progress() == [0]
+    assert not picker.reserve(0)  # h0 is still here and can finish it
+    picker.remove_peer("h0")
+    assert picker.reserve(0)
+    assert picker.is_reserved(0)
+    assert picker.in_progress() == []
+    picker.add_peer("h1", Bitfield.full(1))
+    assert picker.pick("h1", 2) == []  # reserved: never requested from peers
+
+
 def test_block_failed_reopens_block() -> None:
     picker = make("1", blocks_per_piece=2, with_seed=False)
     first = picker.pick("h0", 1)
