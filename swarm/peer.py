@@ -26,6 +26,7 @@ peer common to two failed pieces.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -44,7 +45,7 @@ from swarm.bitfield import Bitfield
 from swarm.buffers import BufferPool
 from swarm.choker import UploadScheduler
 from swarm.errors import RemoteProtocolError, SwarmError, TrackerError, VerificationError
-from swarm.fetch import FetchConfig, FetchResult, fetch_direct
+from swarm.fetch import FetchConfig, FetchResult, fetch_direct, process_age
 from swarm.manifest import Manifest
 from swarm.picker import BlockRequest, PiecePicker
 from swarm.protocol import (
@@ -86,6 +87,7 @@ class PeerConfig:
     catalog: str | None = None
     origin_url: str | None = None
     origin_pieces_in_flight: int = 2
+    blocks_in_flight: int = 8  # received blocks waiting for the disk thread, across connections
     range_size: int = 16 * 1024 * 1024
     origin_concurrency: int = 16
     durable: bool = True
@@ -195,6 +197,12 @@ class SwarmPeer:
             min(manifest.piece_size, max(manifest.piece_lengths, default=1)),
             self.config.origin_pieces_in_flight,
         )
+        # Blocks received from peers wait in these buffers while the disk thread
+        # writes (and hashes) them, so the readers keep reading meanwhile.
+        self._block_pool = BufferPool(self.block_size, self.config.blocks_in_flight)
+        # One thread owns the assembly of pieces from blocks: writes, hashing and
+        # verification of a piece happen in order without locks (see PieceStore).
+        self._disk = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="swarm-disk")
         self._upload_wake = asyncio.Event()
         self.started = time.monotonic()
         self.finished_at: float | None = None
@@ -209,6 +217,9 @@ class SwarmPeer:
             self.m.total_size,
             pieces=self.m.num_pieces,
         )
+        startup = process_age()
+        if startup is not None:
+            result.extra["startup_seconds"] = round(startup, 3)
         try:
             await asyncio.to_thread(self.store.open)
             result.reused_bytes = self.store.reused_bytes
@@ -289,6 +300,8 @@ class SwarmPeer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._server is not None:
             self._server.close()
+        # Let writes already handed to the disk thread finish before the files close.
+        await asyncio.get_running_loop().run_in_executor(None, self._disk.shutdown)
         for f in self._files.values():
             f.close()
         self.store.close()
@@ -455,8 +468,9 @@ class SwarmPeer:
 
     async def _verify_assembled(self, index: int) -> None:
         self.verifying.add(index)
+        loop = asyncio.get_running_loop()
         try:
-            ok = await asyncio.to_thread(self.store.verify_assembled, index)
+            ok = await loop.run_in_executor(self._disk, self.store.verify_assembled, index)
         finally:
             self.verifying.discard(index)
         if ok:
@@ -585,56 +599,66 @@ class SwarmPeer:
             piece_lengths=self.m.piece_lengths, max_block=max(self.block_size, 1)
         )
         ctrl = bytearray(64 * 1024)
-        block_buf = bytearray(self.block_size)
+        block_buf = bytearray()
         block_view = memoryview(block_buf)
         header: BlockHeader | None = None
         filled = 0
         discard = False
-        while True:
-            event = decoder.next_event()
-            if event is NEED_DATA:
-                remaining = decoder.payload_remaining
-                if header is not None and remaining > 0:
-                    n = await loop.sock_recv_into(
-                        conn.sock, block_view[filled : filled + remaining]
-                    )
-                    if n == 0:
-                        raise EOFError("connection closed in the middle of a block")
-                    decoder.payload_consumed(n)
-                    filled += n
-                else:
-                    n = await loop.sock_recv_into(conn.sock, ctrl)
-                    if n == 0:
-                        decoder.feed_eof()
+        holding: bytearray | None = None  # a pool buffer between a block's header and end
+        try:
+            while True:
+                event = decoder.next_event()
+                if event is NEED_DATA:
+                    remaining = decoder.payload_remaining
+                    if header is not None and remaining > 0:
+                        n = await loop.sock_recv_into(
+                            conn.sock, block_view[filled : filled + remaining]
+                        )
+                        if n == 0:
+                            raise EOFError("connection closed in the middle of a block")
+                        decoder.payload_consumed(n)
+                        filled += n
                     else:
-                        decoder.feed(bytes(ctrl[:n]))
-                conn.last_recv = time.monotonic()
-                continue
-            if isinstance(event, BlockHeader):
-                block = BlockRequest(event.piece, event.offset, event.length)
-                if block in conn.requested:
-                    discard = False
-                elif block in conn.cancelled:
-                    del conn.cancelled[block]
-                    discard = True  # it crossed our Cancel on the wire
+                        n = await loop.sock_recv_into(conn.sock, ctrl)
+                        if n == 0:
+                            decoder.feed_eof()
+                        else:
+                            decoder.feed(bytes(ctrl[:n]))
+                    conn.last_recv = time.monotonic()
+                    continue
+                if isinstance(event, BlockHeader):
+                    block = BlockRequest(event.piece, event.offset, event.length)
+                    if block in conn.requested:
+                        discard = False
+                    elif block in conn.cancelled:
+                        del conn.cancelled[block]
+                        discard = True  # it crossed our Cancel on the wire
+                    else:
+                        raise RemoteProtocolError(f"sent block {block} that was not requested")
+                    header, filled = event, 0
+                    block_buf = holding = await self._block_pool.acquire()
+                    block_view = memoryview(block_buf)
+                elif isinstance(event, BlockPayload):
+                    block_view[filled : filled + len(event.data)] = event.data
+                    filled += len(event.data)
+                elif isinstance(event, BlockEnd):
+                    assert header is not None
+                    block_view.release()
+                    holding = None
+                    if discard:
+                        self.duplicate_bytes += header.length
+                        self.peer_bytes += header.length
+                        self._block_pool.release(block_buf)
+                    else:
+                        self._on_block(conn, header, block_buf)
+                    header = None
+                elif isinstance(event, ConnectionClosed):
+                    raise EOFError("peer closed the connection")
                 else:
-                    raise RemoteProtocolError(f"sent block {block} that was not requested")
-                header, filled = event, 0
-            elif isinstance(event, BlockPayload):
-                block_view[filled : filled + len(event.data)] = event.data
-                filled += len(event.data)
-            elif isinstance(event, BlockEnd):
-                assert header is not None
-                if discard:
-                    self.duplicate_bytes += header.length
-                    self.peer_bytes += header.length
-                else:
-                    await self._on_block(conn, header, block_view[: header.length])
-                header = None
-            elif isinstance(event, ConnectionClosed):
-                raise EOFError("peer closed the connection")
-            else:
-                self._on_message(conn, event)
+                    self._on_message(conn, event)
+        finally:
+            if holding is not None:
+                self._block_pool.release(holding)
 
     def _on_message(self, conn: _Conn, msg: Message) -> None:
         if isinstance(msg, Handshake):
@@ -679,18 +703,52 @@ class SwarmPeer:
         elif isinstance(msg, KeepAlive):
             pass
 
-    async def _on_block(self, conn: _Conn, header: BlockHeader, data: memoryview) -> None:
+    def _on_block(self, conn: _Conn, header: BlockHeader, buf: bytearray) -> None:
+        """A whole block arrived in ``buf`` (a pool buffer): hand it to the disk thread."""
         block = BlockRequest(header.piece, header.offset, header.length)
         conn.requested.discard(block)
         self.peer_bytes += header.length
         conn.received_bytes += header.length
         if self.store.has(block.piece) or header.piece in self.verifying:
             self.duplicate_bytes += header.length
+            self._block_pool.release(buf)
             self._fill(conn)
             return
-        await asyncio.to_thread(self.store.write_block, block.piece, block.offset, data)
-        if conn.closed:
+        view = memoryview(buf)[: block.length]
+        written = asyncio.get_running_loop().run_in_executor(
+            self._disk, self.store.write_block, block.piece, block.offset, view
+        )
+        written.add_done_callback(lambda fut: self._block_written(conn, block, buf, view, fut))
+        self._fill(conn)
+
+    def _block_written(
+        self,
+        conn: _Conn,
+        block: BlockRequest,
+        buf: bytearray,
+        view: memoryview,
+        fut: asyncio.Future[bool],
+    ) -> None:
+        view.release()
+        self._block_pool.release(buf)
+        if fut.cancelled():
             return
+        exc = fut.exception()
+        if exc is not None:
+            # The disk, not the peer, failed (full, read-only): nothing more can land.
+            if self._fatal is None:
+                log.error(
+                    "writing a block of %s failed: %s", self.m.describe_piece(block.piece), exc
+                )
+                self._fatal = exc
+                self.finished.set()
+            return
+        if not fut.result():
+            self.duplicate_bytes += block.length  # that block of the piece was already on disk
+            self._fill(conn)
+            return
+        # Counted even if ``conn`` has closed since: the bytes are on disk and in the
+        # piece's hash, and ``contributors`` still names their source if it lied.
         self.contributors.setdefault(block.piece, set()).add(conn.peer_id)
         for other, dup in self.picker.block_received(conn, block):
             other.cancel(dup)

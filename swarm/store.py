@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import errno
 import json
-import mmap
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,6 +36,20 @@ COMPLETE_MARKER = ".swarm-complete"
 def digest(data: memoryview | bytes | bytearray) -> bytes:
     """blake3 of a piece, using every core for large pieces (the GIL is released)."""
     return blake3.blake3(data, max_threads=blake3.blake3.AUTO).digest()
+
+
+_SCRATCH = 4 * 1024 * 1024  # read-back chunk when a piece must be hashed from disk
+
+
+class _Assembly:
+    """A piece being assembled from blocks: the blocks on disk and the hash of its prefix."""
+
+    __slots__ = ("hashed", "hasher", "written")
+
+    def __init__(self) -> None:
+        self.hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        self.hashed = 0  # bytes [0, hashed) of the piece are in ``hasher``
+        self.written: dict[int, int] = {}  # block offset -> length, for blocks on disk
 
 
 def _store_error(exc: OSError, what: str) -> StoreError:
@@ -75,6 +88,8 @@ class PieceStore:
         self._state_fd = -1
         self._verified = bytearray(manifest.num_pieces)
         self.reused_bytes = 0
+        self._assemblies: dict[int, _Assembly] = {}
+        self._scratch: bytearray | None = None
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -193,38 +208,82 @@ class PieceStore:
             os.pwrite(self._state_fd, b"\x01", index)
         self._verified[index] = 1
 
-    def write_block(self, index: int, offset: int, data: memoryview) -> None:
-        """Write part of a piece that is still being assembled from peers (not yet verified).
+    def write_block(self, index: int, offset: int, data: memoryview) -> bool:
+        """Write a block of a piece that is being assembled from peers (not yet verified).
+
+        The piece is hashed as its blocks land: a block that continues the hashed
+        prefix is hashed from ``data`` while it is still in memory, and blocks that
+        arrived ahead of it are read back once the gap fills. So a piece received in
+        order is never read back from disk to be verified.
+
+        Returns False, writing nothing, if this block of the piece's current
+        attempt is already on disk (an endgame duplicate): a block once hashed is
+        never overwritten, so the hash always describes what is on disk.
 
         Unverified bytes on disk are harmless: they are neither served nor recorded,
-        and a restart fetches the piece again.
+        and a restart fetches the piece again. Not thread-safe: the engine calls
+        ``write_block``, ``verify_assembled`` and ``discard_assembly`` from one
+        thread.
         """
         piece = self.manifest.piece(index)
         if offset < 0 or offset + len(data) > piece.length:
             raise StoreError(
                 f"block {offset}+{len(data)} lies outside {self.manifest.describe_piece(index)}"
             )
+        asm = self._assemblies.get(index)
+        if asm is None:
+            asm = self._assemblies[index] = _Assembly()
+        if offset in asm.written:
+            return False
         fd = self._fds[piece.file_index]
         with _translated(f"can't write {self.dest / piece.path}"):
             done = 0
             while done < len(data):
                 done += os.pwritev(fd, [data[done:]], piece.offset + offset + done)
+        asm.written[offset] = len(data)
+        if offset == asm.hashed:
+            asm.hasher.update(data)
+            asm.hashed += len(data)
+            self._hash_written(index, asm)
+        return True
 
-    def verify_assembled(self, index: int) -> bool:
-        """Hash a piece assembled on disk by ``write_block``; record it if it matches."""
+    def _hash_written(self, index: int, asm: _Assembly) -> None:
+        """Extend the hashed prefix over blocks already on disk."""
+        while (length := asm.written.get(asm.hashed)) is not None:
+            self._hash_from_disk(index, asm, asm.hashed + length)
+
+    def _hash_from_disk(self, index: int, asm: _Assembly, end: int) -> None:
         piece = self.manifest.piece(index)
         fd = self._fds[piece.file_index]
-        start = piece.offset - piece.offset % mmap.ALLOCATIONGRANULARITY
-        skip = piece.offset - start
+        if self._scratch is None:
+            self._scratch = bytearray(_SCRATCH)
+        view = memoryview(self._scratch)
         with _translated(f"can't read back {self.dest / piece.path}"):
-            with mmap.mmap(fd, skip + piece.length, prot=mmap.PROT_READ, offset=start) as mapped:
-                view = memoryview(mapped)
-                try:
-                    ok = digest(view[skip:]) == self.manifest.digests[index]
-                finally:
-                    view.release()
-            if not ok:
-                return False
+            while asm.hashed < end:
+                n = os.preadv(
+                    fd, [view[: min(_SCRATCH, end - asm.hashed)]], piece.offset + asm.hashed
+                )
+                if n == 0:
+                    raise StoreError(f"{self.dest / piece.path} is shorter than the manifest says")
+                asm.hasher.update(view[:n])
+                asm.hashed += n
+
+    def discard_assembly(self, index: int) -> None:
+        """Forget the blocks written for ``index`` (its verification failed; it starts over)."""
+        self._assemblies.pop(index, None)
+
+    def verify_assembled(self, index: int) -> bool:
+        """Check a piece assembled by ``write_block``; record it if it matches.
+
+        On a mismatch the assembly is discarded, so the next attempt starts clean.
+        """
+        piece = self.manifest.piece(index)
+        asm = self._assemblies.pop(index, None) or _Assembly()
+        fd = self._fds[piece.file_index]
+        self._hash_from_disk(index, asm, piece.length)
+        if asm.hasher.digest() != self.manifest.digests[index]:
+            return False
+        with _translated(f"can't record {self.dest / piece.path}"):
             if self.durable:
                 os.fdatasync(fd)
             os.pwrite(self._state_fd, b"\x01", index)

@@ -121,3 +121,58 @@ def test_full_disk_is_a_clear_error(tiny_fs: Path) -> None:
         with PieceStore(tiny_fs / "model", m) as store:
             store.write_piece(0, memoryview(big["weights.bin"][: 64 * KIB]))
     assert read_complete_marker(tiny_fs / "model") is None
+
+
+def blocks_of(m: Manifest, i: int, size: int) -> list[tuple[int, memoryview]]:
+    data = piece_bytes(m, i)
+    return [(o, data[o : o + size]) for o in range(0, len(data), size)]
+
+
+@pytest.mark.parametrize("order", ["in order", "reversed", "middle first"])
+def test_blocks_assembled_in_any_order_verify(tmp_path: Path, order: str) -> None:
+    m = artifact(FILES)
+    blocks = blocks_of(m, 0, 100)  # 11 blocks, the last one short
+    if order == "reversed":
+        blocks.reverse()
+    elif order == "middle first":
+        blocks = blocks[5:] + blocks[:5]
+    with PieceStore(tmp_path, m) as store:
+        for offset, data in blocks:
+            assert store.write_block(0, offset, data)
+        assert store.verify_assembled(0)
+        assert store.has(0)
+    assert (tmp_path / "a.bin").read_bytes()[:KIB] == FILES["a.bin"][:KIB]
+
+
+def test_a_block_once_written_is_never_overwritten(tmp_path: Path) -> None:
+    """An endgame duplicate that differs (a liar's copy) must not replace hashed bytes."""
+    m = artifact(FILES)
+    blocks = blocks_of(m, 0, 256)
+    with PieceStore(tmp_path, m) as store:
+        offset, good = blocks[0]
+        assert store.write_block(0, offset, good)
+        assert not store.write_block(0, offset, memoryview(bytes(len(good))))
+        for offset, data in blocks[1:]:
+            store.write_block(0, offset, data)
+        assert store.verify_assembled(0)
+    assert (tmp_path / "a.bin").read_bytes()[:256] == FILES["a.bin"][:256]
+
+
+def test_a_corrupt_block_fails_verification_and_the_next_attempt_starts_clean(
+    tmp_path: Path,
+) -> None:
+    m = artifact(FILES)
+    blocks = blocks_of(m, 1, 256)
+    with PieceStore(tmp_path, m) as store:
+        for k, (offset, data) in enumerate(blocks):
+            bad = bytearray(data)
+            if k == 2:
+                bad[7] ^= 1
+            store.write_block(1, offset, memoryview(bad))
+        assert not store.verify_assembled(1)
+        assert not store.has(1)
+        for offset, data in blocks:  # the retry from an honest peer
+            assert store.write_block(1, offset, data)
+        assert store.verify_assembled(1)
+        with pytest.raises(StoreError, match="outside"):
+            store.write_block(1, 1000, memoryview(b"x" * 100))
