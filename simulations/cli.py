@@ -103,6 +103,13 @@ def simulate(
     json_output: Annotated[
         bool, typer.Option("--json", help="Print one JSON object on stdout at the end.")
     ] = False,
+    per_node: Annotated[
+        bool,
+        typer.Option(
+            "--per-node",
+            help="With --json: add each node's completion and finish time (node order).",
+        ),
+    ] = False,
     plot: Annotated[
         Path | None, typer.Option(help="Write a PNG: completion CDF and throughput over time.")
     ] = None,
@@ -150,7 +157,7 @@ def simulate(
         plot_results(results, plot, title=f"{title}: {chosen.nodes} nodes")
         stderr.print(f"plot written to {plot}")
     if json_output:
-        summaries = [result.summary() for result in results]
+        summaries = [result.summary(per_node=per_node) for result in results]
         obj: dict[str, Any] = {**summaries[0], "results": summaries}
         sys.stdout.write(json.dumps(obj, sort_keys=True) + "\n")
         sys.stdout.flush()

@@ -134,8 +134,12 @@ class Result:
         rank = max(1, math.ceil(q / 100 * len(done)))
         return done[min(rank, len(done)) - 1]
 
-    def summary(self) -> dict[str, Any]:
-        """The JSON object of ``swarm simulate --json``."""
+    def summary(self, *, per_node: bool = False) -> dict[str, Any]:
+        """The JSON object of ``swarm simulate --json``.
+
+        ``per_node`` adds ``node_completion_seconds`` and ``node_finish_seconds``
+        (one entry per node, in node order; null for a node that never finished).
+        """
         bound = self.lower_bound_seconds
 
         def ratio(value: float | None) -> float | None:
@@ -174,6 +178,14 @@ class Result:
             "events": self.events,
             "network_fallbacks": self.network_fallbacks,
             **self.extra,
+            **(
+                {
+                    "node_completion_seconds": list(self.completion),
+                    "node_finish_seconds": list(self.finish_time),
+                }
+                if per_node
+                else {}
+            ),
         }
 
 

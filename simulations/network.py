@@ -268,15 +268,18 @@ class Network:
         if not dirty:
             return
         touched: dict[Link, None] = {}
+        # Flows whose rate changed; each gets one completion-heap entry at the
+        # end, however often the iteration moved it.
+        changed: dict[Flow, None] = {}
         budget = self._max_relevels * (len(dirty) + 8)
         count = 0
-        set_rate = self._set_rate
         while dirty:
             link = dirty.pop()
             link.queued = False
             touched[link] = None
             count += 1
             if count > budget:
+                self._reschedule(changed, now)
                 self._fallback(touched, now)
                 return
             flows = link.flows
@@ -297,12 +300,31 @@ class Network:
                 rate = bound if bound < level else level
                 old = flow.rate
                 if abs(rate - old) > _REL_TOL * (rate + old) or (rate == 0.0) != (old == 0.0):
-                    set_rate(flow, rate, now)
+                    if now > flow.stamp:
+                        flow.remaining -= old * (now - flow.stamp)
+                        flow.stamp = now
+                    flow.rate = rate
+                    changed[flow] = None
                     for other in flow.links:
                         if other is not link and not other.queued:
                             other.queued = True
                             dirty.append(other)
         self.relevels += count
+        self._reschedule(changed, now)
+
+    def _reschedule(self, flows: dict[Flow, None], now: float) -> None:
+        """Queue the completion of each of ``flows`` at its current rate (older entries go stale)."""
+        heap = self._completions
+        push = heapq.heappush
+        seq = self._seq
+        for flow in flows:
+            flow.version += 1
+            rate = flow.rate
+            if rate > 0:
+                remaining = flow.remaining if flow.remaining > 0 else 0.0
+                seq += 1
+                push(heap, (now + remaining / rate, seq, flow.version, flow))
+        self._seq = seq
 
     def _fallback(self, touched: dict[Link, None], now: float) -> None:
         """Solve exactly every flow connected to the links touched so far."""

@@ -85,3 +85,36 @@ def test_bad_input_is_a_clear_error() -> None:
     bad_size = runner.invoke(_app(), ["simulate", "dragonfly-1200", "--model-size", "lots"])
     assert bad_size.exit_code == 2
     assert "not a size" in bad_size.stderr
+
+
+def test_per_node_times_from_a_scenario_file_with_measured_rates(tmp_path: Path) -> None:
+    scenario = tmp_path / "measured.toml"
+    scenario.write_text(
+        """
+model_size = "16MiB"
+piece_size = "1MiB"
+nodes = 3
+nic_gbps = 10
+origin_gbps = 10
+
+[[node_group]]
+count = 1
+down_gbps = 0.5
+
+[[node_group]]
+count = 1
+up_gbps = 2
+down_gbps = 2
+"""
+    )
+    result = CliRunner().invoke(
+        _app(), ["simulate", str(scenario), "--strategy", "swarm", "--json", "--per-node"]
+    )
+    assert result.exit_code == 0, result.output
+    obj = json.loads(result.stdout)
+    completion = obj["node_completion_seconds"]
+    assert len(completion) == 3 == len(obj["node_finish_seconds"])
+    assert max(completion) == obj["completion_seconds"]["max"]
+    # The 0.5 Gbit/s node is the slowest and can't beat F / d.
+    assert completion[0] == max(completion)
+    assert completion[0] >= 16 * 1024**2 / (0.5e9 / 8) * (1 - 1e-9)

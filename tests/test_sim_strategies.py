@@ -69,7 +69,7 @@ def test_cache_against_its_own_bound(origin_gbps: float) -> None:
     assert finish >= bound * (1 - 1e-9)
     # Readers in file order all hit the same owners at once; the slow-origin
     # case hides that, the fast one shows it.
-    assert finish <= bound * (1.05 if origin_gbps == 1.0 else 1.5)
+    assert finish <= bound * (1.05 if origin_gbps == 1.0 else 1.35)  # measured 1.03, 1.27
     assert result.origin_bytes == scenario.model_size
 
 
@@ -201,3 +201,22 @@ def test_bad_scenario_values_are_refused(tmp_path: object) -> None:
         Scenario(nodes=3, crashes=(Crash(node=9, at=1.0),))
     with pytest.raises(ConfigError, match="unknown strategy"):
         Scenario(strategies=("bittorrent",))
+
+
+def test_measured_link_rates_give_per_node_completion_times() -> None:
+    # Measured downlinks of 1, 2, 4 and 8 Gbit/s behind a fast origin: each node
+    # finishes at F / d_i, and the result reports each one separately.
+    downs = (1.0, 2.0, 4.0, 8.0)
+    scenario = Scenario(
+        nodes=4,
+        model_size=64 * MiB,
+        piece_size=4 * MiB,
+        nic_gbps=10,
+        origin_gbps=100,
+        node_groups=tuple(NodeGroup(1, down_gbps=d) for d in downs),
+    )
+    result = run_strategy(scenario, "direct")
+    for node, down in enumerate(downs):
+        completion = result.completion[node]
+        assert completion == pytest.approx(64 * MiB / gbps(down), rel=0.01)
+    assert result.lower_bound_seconds == pytest.approx(64 * MiB / gbps(1.0))
