@@ -279,6 +279,13 @@ def fetch(
             help="Don't flush each piece to disk before recording it (faster, not crash-safe against power loss).",
         ),
     ] = False,
+    no_direct_io: Annotated[
+        bool,
+        typer.Option(
+            "--no-direct-io",
+            help="Write and serve pieces through the page cache instead of with O_DIRECT (used automatically where O_DIRECT is unsupported).",
+        ),
+    ] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON summary object on stdout at the end.")
     ] = False,
@@ -315,6 +322,7 @@ def fetch(
             range_size=range_size,
             origin_concurrency=origin_concurrency,
             durable=not no_fsync,
+            direct_io=not no_direct_io,
             serve_corrupt=serve_corrupt,
         )
         run(_fetch_swarm(ref, dest, tracker, catalog, as_json, config))
@@ -328,6 +336,7 @@ def fetch(
             range_size=range_size,
             origin_concurrency=origin_concurrency,
             durable=not no_fsync,
+            direct_io=not no_direct_io,
         )
         src = open_origin(origin) if origin else None
         try:

@@ -5,12 +5,14 @@ assigned an origin piece never pays for (or touches) a piece-sized buffer. On
 the virtual machines we measure on, the first touch of a fresh page costs
 several microseconds (FIELD-NOTES), so allocating 512 MiB that may never be
 used delays the start of a fetch by seconds. Once allocated, a buffer is reused
-for the life of the pool, so its pages are touched only once.
+for the life of the pool, so its pages are touched only once. Buffers are
+anonymous memory maps, so they start on a page boundary, as direct I/O needs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import mmap
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -24,16 +26,16 @@ class BufferPool:
         self.size = size
         self.count = count
         self._allocated = 0
-        self._free: asyncio.Queue[bytearray] = asyncio.Queue()
+        self._free: asyncio.Queue[mmap.mmap] = asyncio.Queue()
 
-    async def acquire(self) -> bytearray:
+    async def acquire(self) -> mmap.mmap:
         """A free buffer (waiting for one if all ``count`` are lent out); give it back with :meth:`release`."""
         if self._free.empty() and self._allocated < self.count:
             self._allocated += 1
-            return bytearray(self.size)
+            return mmap.mmap(-1, self.size)
         return await self._free.get()
 
-    def release(self, buf: bytearray) -> None:
+    def release(self, buf: mmap.mmap) -> None:
         self._free.put_nowait(buf)
 
     @asynccontextmanager
@@ -49,5 +51,5 @@ class BufferPool:
             except BufferError:
                 # A cancelled read still runs in a thread and writes into this buffer:
                 # abandon it to that thread and put a fresh one in its place.
-                buf = bytearray(self.size)
+                buf = mmap.mmap(-1, self.size)
             self.release(buf)

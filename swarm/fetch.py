@@ -57,6 +57,7 @@ class FetchConfig:
     origin_concurrency: int = 16
     verify_retries: int = 1
     durable: bool = True
+    direct_io: bool = True  # write pieces bypassing the page cache where possible
 
 
 @dataclass
@@ -96,7 +97,7 @@ async def fetch_direct(
     started = time.monotonic()
     own_origin = origin is None
     origin = origin or open_origin(manifest.origin)
-    store = PieceStore(dest, manifest, durable=config.durable)
+    store = PieceStore(dest, manifest, durable=config.durable, direct_io=config.direct_io)
     result = FetchResult(
         manifest.name, manifest.root_hex, str(dest), manifest.total_size, pieces=manifest.num_pieces
     )

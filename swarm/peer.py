@@ -29,6 +29,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import mmap
 import os
 import random
 import socket
@@ -91,6 +92,7 @@ class PeerConfig:
     range_size: int = 16 * 1024 * 1024
     origin_concurrency: int = 16
     durable: bool = True
+    direct_io: bool = True  # write and serve pieces bypassing the page cache where possible
     keepalive: float = 20.0
     idle_timeout: float = 90.0
     serve_corrupt: bool = False  # fault injection for tests: flip a bit of every block sent
@@ -158,7 +160,12 @@ class SwarmPeer:
         self.progress = progress
         self.rng = rng or random.Random()
         self.peer_id = self.rng.randbytes(20)
-        self.store = PieceStore(dest, manifest, durable=self.config.durable)  # type: ignore[arg-type]
+        self.store = PieceStore(
+            dest,  # type: ignore[arg-type]
+            manifest,
+            durable=self.config.durable,
+            direct_io=self.config.direct_io,
+        )
         self.block_size = min(self.config.block_size, manifest.piece_size)
         self.picker: PiecePicker[_Conn] = PiecePicker(
             manifest.piece_lengths, self.block_size, self.rng
@@ -174,6 +181,7 @@ class SwarmPeer:
         self.pending_conns: set[_Conn] = set()
         self.barred: set[bytes] = set()
         self.known_peers: dict[bytes, tuple[str, int]] = {}
+        self._dials: set[bytes] = set()  # peers we are connecting to
         self.origin_tasks: dict[int, asyncio.Task[None]] = {}
         self.origin_progress: dict[int, int] = {}
         self.contributors: dict[int, set[bytes]] = {}
@@ -200,6 +208,8 @@ class SwarmPeer:
         # Blocks received from peers wait in these buffers while the disk thread
         # writes (and hashes) them, so the readers keep reading meanwhile.
         self._block_pool = BufferPool(self.block_size, self.config.blocks_in_flight)
+        # Blocks read for upload (direct I/O); rounded up to whole pages for the read.
+        self._upload_pool = BufferPool(-(-self.block_size // 4096) * 4096, self.config.upload_slots)
         # One thread owns the assembly of pieces from blocks: writes, hashing and
         # verification of a piece happen in order without locks (see PieceStore).
         self._disk = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="swarm-disk")
@@ -383,12 +393,14 @@ class SwarmPeer:
             if peer_id == self.peer_id or peer_id in self.barred:
                 continue
             self.known_peers[peer_id] = (host, port)
-            # One connection per pair: the peer with the smaller id dials.
-            if peer_id not in self.conns and self.peer_id < peer_id and not self._dialing(peer_id):
+            # Whoever learns of the other first dials at once, rather than waiting for
+            # the other's next announce; if both dial, the handshake keeps one.
+            if peer_id not in self.conns and not self._dialing(peer_id):
+                self._dials.add(peer_id)
                 self._spawn(self._dial(peer_id, host, port), f"dial-{peer_id.hex()[:8]}")
 
     def _dialing(self, peer_id: bytes) -> bool:
-        return any(c.peer_id == peer_id for c in self.pending_conns)
+        return peer_id in self._dials or any(c.peer_id == peer_id for c in self.pending_conns)
 
     async def _fallback_direct(self) -> None:
         for task in self.origin_tasks.values():
@@ -398,10 +410,16 @@ class SwarmPeer:
             self.m,
             self.store.dest,
             origin=self.origin,
-            config=FetchConfig(range_size=self.config.range_size, durable=self.config.durable),
+            config=FetchConfig(
+                range_size=self.config.range_size,
+                durable=self.config.durable,
+                direct_io=self.config.direct_io,
+            ),
             progress=self.progress,
         )
-        self.store = PieceStore(self.store.dest, self.m, durable=self.config.durable)
+        self.store = PieceStore(
+            self.store.dest, self.m, durable=self.config.durable, direct_io=self.config.direct_io
+        )
         await asyncio.to_thread(self.store.open)
         if result.verified:
             self.finished_at = time.monotonic()
@@ -536,6 +554,8 @@ class SwarmPeer:
             sock.close()
             log.info("can't connect to peer %s at %s:%d: %s", peer_id.hex()[:8], host, port, exc)
             return
+        finally:
+            self._dials.discard(peer_id)
         conn = self._start_conn(sock, (host, port), outbound=True)
         conn.peer_id = peer_id
 
@@ -599,12 +619,12 @@ class SwarmPeer:
             piece_lengths=self.m.piece_lengths, max_block=max(self.block_size, 1)
         )
         ctrl = bytearray(64 * 1024)
-        block_buf = bytearray()
-        block_view = memoryview(block_buf)
+        block_buf: mmap.mmap | None = None
+        block_view = memoryview(b"")
         header: BlockHeader | None = None
         filled = 0
         discard = False
-        holding: bytearray | None = None  # a pool buffer between a block's header and end
+        holding: mmap.mmap | None = None  # a pool buffer between a block's header and end
         try:
             while True:
                 event = decoder.next_event()
@@ -642,7 +662,7 @@ class SwarmPeer:
                     block_view[filled : filled + len(event.data)] = event.data
                     filled += len(event.data)
                 elif isinstance(event, BlockEnd):
-                    assert header is not None
+                    assert header is not None and block_buf is not None
                     block_view.release()
                     holding = None
                     if discard:
@@ -651,6 +671,7 @@ class SwarmPeer:
                         self._block_pool.release(block_buf)
                     else:
                         self._on_block(conn, header, block_buf)
+                    block_buf = None
                     header = None
                 elif isinstance(event, ConnectionClosed):
                     raise EOFError("peer closed the connection")
@@ -668,8 +689,13 @@ class SwarmPeer:
                 raise RemoteProtocolError("connection to ourselves or to a barred peer")
             if conn.peer_id and conn.peer_id != msg.peer_id:
                 raise RemoteProtocolError("peer id differs from what the tracker said")
-            if msg.peer_id in self.conns:
-                raise RemoteProtocolError("duplicate connection")
+            existing = self.conns.get(msg.peer_id)
+            if existing is not None:
+                # Both dialed at once. Both ends keep the connection that the peer
+                # with the smaller id dialed, so they agree without another message.
+                if conn.outbound != (self.peer_id < msg.peer_id):
+                    raise RemoteProtocolError("duplicate connection")
+                self._close_conn(existing, RemoteProtocolError("duplicate connection"))
             conn.peer_id = msg.peer_id
             self.pending_conns.discard(conn)
             self.conns[msg.peer_id] = conn
@@ -703,7 +729,7 @@ class SwarmPeer:
         elif isinstance(msg, KeepAlive):
             pass
 
-    def _on_block(self, conn: _Conn, header: BlockHeader, buf: bytearray) -> None:
+    def _on_block(self, conn: _Conn, header: BlockHeader, buf: mmap.mmap) -> None:
         """A whole block arrived in ``buf`` (a pool buffer): hand it to the disk thread."""
         block = BlockRequest(header.piece, header.offset, header.length)
         conn.requested.discard(block)
@@ -725,7 +751,7 @@ class SwarmPeer:
         self,
         conn: _Conn,
         block: BlockRequest,
-        buf: bytearray,
+        buf: mmap.mmap,
         view: memoryview,
         fut: asyncio.Future[bool],
     ) -> None:
@@ -812,13 +838,33 @@ class SwarmPeer:
 
     async def _send_block(self, loop: asyncio.AbstractEventLoop, conn: _Conn, req: Request) -> None:
         piece = self.m.piece(req.piece)
-        await loop.sock_sendall(conn.sock, encode(BlockHeader(req.piece, req.offset, req.length)))
+        header = encode(BlockHeader(req.piece, req.offset, req.length))
+        if self.store.direct_io and not self.config.serve_corrupt:
+            # The pieces were written around the page cache, so sendfile would read
+            # them into fresh cache pages first; a direct read into a reused buffer
+            # and one copy into the socket cost less (see PieceStore._write_at).
+            buf = await self._upload_pool.acquire()
+            reading = loop.run_in_executor(
+                None, self.store.read_direct, req.piece, req.offset, req.length, buf
+            )
+            try:
+                if await reading:
+                    await loop.sock_sendall(conn.sock, header)
+                    await loop.sock_sendall(conn.sock, memoryview(buf)[: req.length])
+                    self.uploaded_bytes += req.length
+                    return
+            finally:
+                if reading.done():
+                    self._upload_pool.release(buf)
+                else:  # cancelled while the thread still reads into it
+                    reading.add_done_callback(lambda _: self._upload_pool.release(buf))
+        await loop.sock_sendall(conn.sock, header)
         if self.config.serve_corrupt:
-            buf = bytearray(req.length)
+            bad = bytearray(req.length)
             fd = self._file(piece.file_index).fileno()
-            await asyncio.to_thread(os.preadv, fd, [buf], piece.offset + req.offset)
-            buf[0] ^= 0xFF
-            await loop.sock_sendall(conn.sock, buf)
+            await asyncio.to_thread(os.preadv, fd, [bad], piece.offset + req.offset)
+            bad[0] ^= 0xFF
+            await loop.sock_sendall(conn.sock, bad)
         else:
             await loop.sock_sendfile(
                 conn.sock, self._file(piece.file_index), piece.offset + req.offset, req.length

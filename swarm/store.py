@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,6 +40,7 @@ def digest(data: memoryview | bytes | bytearray) -> bytes:
 
 
 _SCRATCH = 4 * 1024 * 1024  # read-back chunk when a piece must be hashed from disk
+_ALIGN = 4096  # direct I/O alignment: the largest logical block size in common use
 
 
 class _Assembly:
@@ -80,11 +82,15 @@ def read_complete_marker(dest: Path) -> dict[str, object] | None:
 class PieceStore:
     """One artifact version's files under ``dest`` and which of its pieces are verified."""
 
-    def __init__(self, dest: Path, manifest: Manifest, *, durable: bool = True) -> None:
+    def __init__(
+        self, dest: Path, manifest: Manifest, *, durable: bool = True, direct_io: bool = True
+    ) -> None:
         self.dest = Path(dest)
         self.manifest = manifest
         self.durable = durable
+        self.direct_io = direct_io and hasattr(os, "O_DIRECT")
         self._fds: list[int] = []
+        self._direct_fds: list[int] = []  # O_DIRECT twins of _fds, or -1
         self._state_fd = -1
         self._verified = bytearray(manifest.num_pieces)
         self.reused_bytes = 0
@@ -119,9 +125,81 @@ class PieceStore:
                 if os.fstat(fd).st_size != entry.size:
                     os.ftruncate(fd, entry.size)
                 self._preallocate(fd, entry.size, path)
+            self._direct_fds.append(self._open_direct(path) if entry.size else -1)
         self.reused_bytes = sum(
             length for length, ok in zip(m.piece_lengths, self._verified, strict=True) if ok
         )
+
+    def _open_direct(self, path: Path) -> int:
+        if not self.direct_io:
+            return -1
+        try:
+            return os.open(path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise _store_error(exc, f"can't open {path}") from exc
+            self.direct_io = False  # e.g. tmpfs: no O_DIRECT; the page cache it is
+            return -1
+
+    def _write_at(self, file_index: int, offset: int, data: memoryview) -> None:
+        """Write ``data`` at ``offset`` of a file, bypassing the page cache where possible.
+
+        Direct I/O needs the offset, the length and the buffer's address aligned to
+        the device's blocks. Pieces and blocks start at multiples of their sizes, and
+        our buffers are page-aligned, so all but a file's last few bytes qualify; those
+        (and any caller's unaligned buffer) go through the page cache. Why bypass it:
+        on the virtual machines we measure on, copying into fresh page-cache pages
+        ran at 0.4 GB/s and cost the peers 37% of their CPU (perf), while direct
+        writes from a reused buffer ran at 2 to 3.5 GB/s for a tenth of the CPU.
+        """
+        direct = self._direct_fds[file_index] if self.direct_io else -1
+        aligned = len(data) - len(data) % _ALIGN if offset % _ALIGN == 0 else 0
+        done = 0
+        if direct >= 0 and aligned:
+            try:
+                while done < aligned:
+                    done += os.pwritev(direct, [data[done:aligned]], offset + done)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                # An unaligned buffer: this write goes through the page cache.
+        fd = self._fds[file_index]
+        while done < len(data):
+            done += os.pwritev(fd, [data[done:]], offset + done)
+
+    def read_direct(self, index: int, offset: int, length: int, buf: bytearray | mmap.mmap) -> bool:
+        """Read ``length`` bytes of verified piece ``index`` at ``offset`` into the start
+        of ``buf`` (page-aligned, e.g. from a ``BufferPool``), bypassing the page cache.
+
+        Returns False, having read nothing, when that can't be done (no direct I/O
+        here, an unaligned offset, ``buf`` too small for the padded length); the
+        caller then uses ``sendfile`` from the page cache instead.
+        """
+        piece = self.manifest.piece(index)
+        direct = self._direct_fds[piece.file_index] if self.direct_io else -1
+        start = piece.offset + offset
+        view = memoryview(buf)
+        padded = -(-length // _ALIGN) * _ALIGN
+        try:
+            if direct < 0 or start % _ALIGN or padded > len(view):
+                return False
+            with _translated(f"can't read {self.dest / piece.path}"):
+                done = 0
+                while done < length:
+                    # Whole aligned blocks; at the end of a file the read comes up short.
+                    n = os.preadv(direct, [view[done:padded]], start + done)
+                    if n == 0:
+                        raise StoreError(
+                            f"{self.dest / piece.path} is shorter than the manifest says"
+                        )
+                    done += n
+            return True
+        except StoreError as exc:
+            if isinstance(exc.__cause__, OSError) and exc.__cause__.errno == errno.EINVAL:
+                return False
+            raise
+        finally:
+            view.release()
 
     def _preallocate(self, fd: int, size: int, path: Path) -> None:
         if size == 0:
@@ -147,9 +225,10 @@ class PieceStore:
                 os.pwrite(self._state_fd, bytes(n), 0)
 
     def close(self) -> None:
-        for fd in self._fds:
+        for fd in self._fds + [d for d in self._direct_fds if d >= 0]:
             os.close(fd)
         self._fds.clear()
+        self._direct_fds.clear()
         if self._state_fd >= 0:
             os.close(self._state_fd)
             self._state_fd = -1
@@ -199,9 +278,7 @@ class PieceStore:
         fd = self._fds[piece.file_index]
         what = f"can't write {self.dest / piece.path}"
         with _translated(what):
-            done = 0
-            while done < piece.length:
-                done += os.pwritev(fd, [data[done:]], piece.offset + done)
+            self._write_at(piece.file_index, piece.offset, data)
             if self.durable:
                 os.fdatasync(fd)
             # Only after the data is durable does the state say so.
@@ -235,11 +312,8 @@ class PieceStore:
             asm = self._assemblies[index] = _Assembly()
         if offset in asm.written:
             return False
-        fd = self._fds[piece.file_index]
         with _translated(f"can't write {self.dest / piece.path}"):
-            done = 0
-            while done < len(data):
-                done += os.pwritev(fd, [data[done:]], piece.offset + offset + done)
+            self._write_at(piece.file_index, piece.offset + offset, data)
         asm.written[offset] = len(data)
         if offset == asm.hashed:
             asm.hasher.update(data)
