@@ -819,47 +819,81 @@ class SwarmPeer:
 
     async def _writer(self, conn: _Conn) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            if conn.control:
-                data = b"".join(conn.control)
-                conn.control.clear()
-                await loop.sock_sendall(conn.sock, data)
-                continue
-            if conn.uploads:
-                req = conn.uploads.popleft()
-                try:
-                    await self._send_block(loop, conn, req)
-                finally:
-                    self.uploads.done(conn, req)
-                    self._upload_wake.set()
-                continue
-            conn.wake.clear()
-            await conn.wake.wait()
+        # The next block is read from disk while the current one goes out, so the
+        # socket doesn't sit idle for each read.
+        ahead: tuple[Request, asyncio.Task[mmap.mmap | None]] | None = None
+        try:
+            while True:
+                if conn.control:
+                    data = b"".join(conn.control)
+                    conn.control.clear()
+                    await loop.sock_sendall(conn.sock, data)
+                    continue
+                if ahead is None and conn.uploads:
+                    req = conn.uploads.popleft()
+                    ahead = (req, asyncio.create_task(self._load_block(req)))
+                if ahead is not None:
+                    req, loading = ahead
+                    ahead = None
+                    if conn.uploads:
+                        nxt = conn.uploads.popleft()
+                        ahead = (nxt, asyncio.create_task(self._load_block(nxt)))
+                    try:
+                        await self._send_block(loop, conn, req, await loading)
+                    finally:
+                        self.uploads.done(conn, req)
+                        self._upload_wake.set()
+                    continue
+                conn.wake.clear()
+                await conn.wake.wait()
+        finally:
+            if ahead is not None:
+                req, loading = ahead
+                loading.cancel()
+                loading.add_done_callback(self._release_loaded)
+                self.uploads.done(conn, req)
 
-    async def _send_block(self, loop: asyncio.AbstractEventLoop, conn: _Conn, req: Request) -> None:
+    def _release_loaded(self, task: asyncio.Task[mmap.mmap | None]) -> None:
+        if not task.cancelled() and task.exception() is None and (buf := task.result()):
+            self._upload_pool.release(buf)
+
+    async def _load_block(self, req: Request) -> mmap.mmap | None:
+        """Read a block to upload into a pool buffer with direct I/O; None to use sendfile.
+
+        The pieces were written around the page cache, so sendfile would first read
+        them into fresh cache pages; a direct read into a reused buffer and one copy
+        into the socket cost less (see PieceStore._write_at).
+        """
+        if not self.store.direct_io or self.config.serve_corrupt:
+            return None
+        buf = await self._upload_pool.acquire()
+        reading = asyncio.get_running_loop().run_in_executor(
+            None, self.store.read_direct, req.piece, req.offset, req.length, buf
+        )
+        try:
+            ok = await reading
+        except BaseException:
+            if reading.done():
+                self._upload_pool.release(buf)
+            else:  # cancelled while the thread still reads into it
+                reading.add_done_callback(lambda _: self._upload_pool.release(buf))
+            raise
+        if not ok:
+            self._upload_pool.release(buf)
+            return None
+        return buf
+
+    async def _send_block(
+        self, loop: asyncio.AbstractEventLoop, conn: _Conn, req: Request, buf: mmap.mmap | None
+    ) -> None:
         piece = self.m.piece(req.piece)
-        header = encode(BlockHeader(req.piece, req.offset, req.length))
-        if self.store.direct_io and not self.config.serve_corrupt:
-            # The pieces were written around the page cache, so sendfile would read
-            # them into fresh cache pages first; a direct read into a reused buffer
-            # and one copy into the socket cost less (see PieceStore._write_at).
-            buf = await self._upload_pool.acquire()
-            reading = loop.run_in_executor(
-                None, self.store.read_direct, req.piece, req.offset, req.length, buf
-            )
+        await loop.sock_sendall(conn.sock, encode(BlockHeader(req.piece, req.offset, req.length)))
+        if buf is not None:
             try:
-                if await reading:
-                    await loop.sock_sendall(conn.sock, header)
-                    await loop.sock_sendall(conn.sock, memoryview(buf)[: req.length])
-                    self.uploaded_bytes += req.length
-                    return
+                await loop.sock_sendall(conn.sock, memoryview(buf)[: req.length])
             finally:
-                if reading.done():
-                    self._upload_pool.release(buf)
-                else:  # cancelled while the thread still reads into it
-                    reading.add_done_callback(lambda _: self._upload_pool.release(buf))
-        await loop.sock_sendall(conn.sock, header)
-        if self.config.serve_corrupt:
+                self._upload_pool.release(buf)
+        elif self.config.serve_corrupt:
             bad = bytearray(req.length)
             fd = self._file(piece.file_index).fileno()
             await asyncio.to_thread(os.preadv, fd, [bad], piece.offset + req.offset)
