@@ -258,6 +258,17 @@ def test_endgame_duplicates_and_cancels() -> None:
     assert picker.block_received("h0", a[0]) == []
 
 
+def test_endgame_duplicates_go_only_to_idle_peers() -> None:
+    picker = make("3", blocks_per_piece=3, with_seed=False)
+    a = picker.pick("h0", 2)
+    b = picker.pick("h1", 1)  # the last open block
+    assert picker.in_endgame
+    assert picker.pick("h1", 5) == []  # h1 still has its own block in flight
+    picker.block_received("h1", b[0])
+    assert sorted(picker.pick("h1", 5)) == sorted(a)  # now idle: duplicates
+    assert picker.pick("h2", 5) == []  # each block is in flight twice already
+
+
 def test_endgame_with_more_duplicates_prefers_least_requested() -> None:
     picker = make("4", blocks_per_piece=2, with_seed=False, endgame_duplicates=3)
     first = picker.pick("h0", 2)
