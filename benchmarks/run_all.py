@@ -46,12 +46,54 @@ def latest_results(results_dir: Path) -> tuple[list[dict[str, Any]], dict[str, A
         if name not in newest or date > newest[name][0]:
             newest[name] = (date, path)
     order = {name: i for i, name in enumerate(shaped.SCENARIOS)}
-    names = sorted(
-        (n for n in newest if n != "dataplane"), key=lambda n: (order.get(n, len(order)), n)
-    )
+    names = sorted((n for n in newest if n in order), key=lambda n: (order.get(n, len(order)), n))
     scenarios = [json.loads(newest[n][1].read_text()) for n in names]
     plane = json.loads(newest["dataplane"][1].read_text()) if "dataplane" in newest else None
     return scenarios, plane
+
+
+def newest_result(results_dir: Path, name: str) -> dict[str, Any] | None:
+    """The newest ``<name>-<date>.json`` in ``results_dir`` (reduced runs skipped), or None."""
+    best: tuple[str, Path] | None = None
+    for path in results_dir.glob(f"{name}-*.json") if results_dir.is_dir() else []:
+        m = _DATED.match(path.name)
+        if m is None or m["name"] != name or json.loads(path.read_text()).get("reduced"):
+            continue
+        if best is None or m["date"] > best[0]:
+            best = (m["date"], path)
+    return None if best is None else dict(json.loads(best[1].read_text()))
+
+
+def render_other(origin_read: dict[str, Any] | None, loopback: dict[str, Any] | None) -> str:
+    """Markdown for the origin-read and loopback-swarm benchmarks (not run by ``make bench``)."""
+    out = ""
+    if origin_read is not None:
+        r = origin_read
+        out += (
+            f"\nOrigin read ({r['date']}, `python -m benchmarks.origin_read`): one "
+            f"{format_size(r['object_bytes'])} object from `rclone serve s3` on loopback. "
+            f"`RangedReader` {r['reader']['best_mb_s']:.0f} MB/s (median "
+            f"{r['reader']['median_mb_s']:.0f}), boto3 `download_file` "
+            f"{r['boto3_download_file']['best_mb_s']:.0f} MB/s (median "
+            f"{r['boto3_download_file']['median_mb_s']:.0f}); ratio {r['ratio_best']:.2f} "
+            f"(median {r['ratio_median']:.2f}).\n"
+        )
+    if loopback is not None:
+        r = loopback
+        out += (
+            f"\nLoopback swarm ({r['date']}, `python -m benchmarks.swarm_loopback`): `swarm demo` "
+            f"with a {format_size(r['model_bytes'])} model in {format_size(r['piece_size'])} "
+            "pieces, every peer on this 2-core machine (so the aggregate rate is the data "
+            "path's CPU cost, not a network's):\n\n"
+            "| peers | seconds | origin bytes ÷ F | aggregate MB/s | verified |\n"
+            "| ---: | ---: | ---: | ---: | --- |\n"
+        )
+        for run in r["runs"]:
+            out += (
+                f"| {run['peers']} | {run['seconds']:.1f} | {run['origin_ratio']:.3f} "
+                f"| {run['aggregate_mb_per_s']:.0f} | {'yes' if run['verified'] else 'NO'} |\n"
+            )
+    return out
 
 
 def _mbit(bps: float) -> str:
@@ -185,7 +227,10 @@ def main(argv: list[str] | None = None) -> int:
             failures += 1
             print(f"data-plane benchmark failed: {exc}", file=sys.stderr)
 
-    table = render_table(*latest_results(args.results_dir))
+    table = render_table(*latest_results(args.results_dir)) + render_other(
+        newest_result(args.results_dir, "origin-read"),
+        newest_result(args.results_dir, "swarm-loopback"),
+    )
     if not args.print_only and update_readme(args.readme, table):
         print(f"updated the benchmark table in {args.readme}", file=sys.stderr)
     else:
