@@ -230,6 +230,7 @@ class SwarmPeer:
         startup = process_age()
         if startup is not None:
             result.extra["startup_seconds"] = round(startup, 3)
+            log.info("peer engine starting %.2fs after the process started", startup)
         try:
             await asyncio.to_thread(self.store.open)
             result.reused_bytes = self.store.reused_bytes
@@ -380,6 +381,12 @@ class SwarmPeer:
             if piece not in assigned:
                 log.info("piece %d was reassigned by the tracker; dropping our origin pull", piece)
                 task.cancel()
+        if reply.assigned and not self.origin_pieces and not self.origin_tasks:
+            log.info(
+                "first origin assignment (%d pieces) %.2fs after the process started",
+                len(reply.assigned),
+                process_age() or 0.0,
+            )
         for piece in reply.assigned:
             if (
                 0 <= piece < self.m.num_pieces
