@@ -455,6 +455,14 @@ def tracker_command(
             help="Origin pieces the whole cluster pulls at once (default: per-peer limit x peers).",
         ),
     ] = None,
+    manifest_ttl: Annotated[
+        float,
+        typer.Option(
+            "--manifest-ttl",
+            min=0.0,
+            help="Seconds a name's latest version is cached (a burst by name reads the catalog once; a republish is served within this time).",
+        ),
+    ] = 5.0,
 ) -> None:
     """Run the per-cluster tracker: manifests, swarm registry, seeder assignment (HTTP + UDP)."""
     from seeder.catalog import catalog_url
@@ -474,6 +482,7 @@ def tracker_command(
             stall_timeout=stall_timeout,
             per_peer_limit=per_peer_limit,
             origin_budget=origin_budget,
+            manifest_ttl=manifest_ttl,
         )
         await Tracker(config).serve_forever()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -168,3 +169,41 @@ def test_announces_status_and_barring(tmp_path: Path) -> None:
             await client.close()
 
     run_with_tracker(tmp_path, body)
+
+
+def test_a_burst_by_name_reads_the_catalog_once_and_a_republish_shows_after_the_ttl(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        manifest, catalog = await _published(tmp_path)
+        tracker = Tracker(
+            TrackerConfig(host="127.0.0.1", port=free_port(), catalog=catalog, manifest_ttl=0.5)
+        )
+        reads: list[str] = []
+        real_get = tracker._catalog.get
+
+        async def counting_get(ref: str) -> Manifest:
+            reads.append(ref)
+            return await real_get(ref)
+
+        tracker._catalog.get = counting_get  # type: ignore[method-assign]
+        got = await asyncio.gather(*(tracker.manifest(NAME) for _ in range(50)))
+        assert {m.root_hex for m in got} == {manifest.root_hex}
+        assert reads == [NAME]  # fifty concurrent look-ups, one catalog read
+        assert (await tracker.manifest(manifest.ref)).root_hex == manifest.root_hex
+        assert reads == [NAME]  # by root: from memory
+
+        origin = tmp_path / "origin"
+        (origin / "config.json").write_bytes(b'{"layers": 2}\n')
+        newer = await publish(origin.as_uri(), NAME, catalog, piece_size=PIECE)
+        assert newer.root_hex != manifest.root_hex
+        assert (await tracker.manifest(NAME)).root_hex == manifest.root_hex  # within the TTL
+        deadline = time.monotonic() + 10
+        while (await tracker.manifest(NAME)).root_hex != newer.root_hex:
+            assert time.monotonic() < deadline, "the republished version never showed"
+            await asyncio.sleep(0.1)
+        # The old version stays addressable by root for fetches already under way.
+        assert (await tracker.manifest(manifest.ref)).root_hex == manifest.root_hex
+        await tracker.close()
+
+    asyncio.run(main())

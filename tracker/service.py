@@ -53,6 +53,9 @@ class TrackerConfig:
     stall_timeout: float = 30.0
     max_peers_in_reply: int = 50
     restart_grace: float | None = None  # default: 1.5 announce intervals
+    manifest_ttl: float = 5.0
+    """Seconds a name's latest version is remembered: a burst of N fetches by name
+    costs one catalog read, and a republished version is served within this time."""
 
     def validate(self) -> None:
         if self.stall_timeout <= self.announce_interval:
@@ -78,6 +81,8 @@ class Tracker:
         self._rng = rng or random.Random()
         self._catalog = Catalog(config.catalog)
         self._manifests: dict[str, Manifest] = {}
+        self._latest: dict[str, tuple[float, str]] = {}  # name -> (expires, root)
+        self._loading: dict[str, asyncio.Future[Manifest]] = {}  # ref -> catalog read
         self._swarms: dict[str, _Swarm] = {}
         self._started = time.monotonic()
         self._runner: web.AppRunner | None = None
@@ -88,11 +93,29 @@ class Tracker:
     # --- state ---------------------------------------------------------------------
 
     async def manifest(self, ref: str) -> Manifest:
-        _name, root = parse_ref(ref)
+        """The manifest ``ref`` names: by root from memory, by name from a short-lived
+        cache; concurrent look-ups of one ref share one catalog read."""
+        name, root = parse_ref(ref)
+        if root is None:
+            latest = self._latest.get(name)
+            if latest is not None and latest[0] > time.monotonic():
+                root = latest[1]
         if root is not None and len(root) == 64 and root in self._manifests:
             return self._manifests[root]
+        loading = self._loading.get(ref)
+        if loading is None:
+            loading = self._loading[ref] = asyncio.ensure_future(self._load(ref))
+            loading.add_done_callback(lambda _: self._loading.pop(ref, None))
+        return await asyncio.shield(loading)
+
+    async def _load(self, ref: str) -> Manifest:
         manifest = await self._catalog.get(ref)
         self._manifests[manifest.root_hex] = manifest
+        if parse_ref(ref)[1] is None:
+            self._latest[manifest.name] = (
+                time.monotonic() + self.config.manifest_ttl,
+                manifest.root_hex,
+            )
         return manifest
 
     async def _swarm(self, ref: str) -> _Swarm:
