@@ -15,6 +15,12 @@ until F bytes are sent, timed from connect to the receiver's one-byte ack. It is
 measured before and after the swarm transfer; the better of the two is the
 baseline (the conservative choice for the ratio). MB/s are 10^6 bytes per second.
 
+A second reference, also measured before and after: writing F bytes into a new
+file in the same directory the way the piece store does (4 MiB positional writes
+from a reused page-aligned buffer, O_DIRECT where possible). The socket baseline
+keeps nothing; the fetching peer must also put every byte on disk, and on the
+virtual machines we measure on, that write is often the slower of the two.
+
 ``python -m benchmarks.dataplane [--size 1GiB] [--results-dir DIR]``
 """
 
@@ -96,6 +102,38 @@ async def _send(port: int, total: int) -> float:
     if ack != b"k":
         raise BenchmarkError("raw-socket receiver did not acknowledge the transfer")
     return elapsed
+
+
+def disk_write_mbps(directory: Path, total: int) -> float:
+    """How fast this machine writes ``total`` bytes into a new file in ``directory``, in MB/s.
+
+    The same way the swarm's piece store does: positional 4 MiB writes from one
+    reused, pre-touched, page-aligned buffer, with O_DIRECT where the file system
+    allows it, no fsync. A second reference besides the raw socket: the fetching
+    peer must also put every byte on disk, which the socket baseline does not.
+    """
+    import mmap
+
+    buf = mmap.mmap(-1, CHUNK)
+    buf.write(random.Random(2).randbytes(CHUNK))
+    view = memoryview(buf)
+    path = directory / "disk-baseline.bin"
+    flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC
+    try:
+        fd = os.open(path, flags | getattr(os, "O_DIRECT", 0))
+    except OSError:
+        fd = os.open(path, flags)
+    try:
+        os.ftruncate(fd, total)
+        started = time.monotonic()
+        for offset in range(0, total, CHUNK):
+            os.pwritev(fd, [view[: min(CHUNK, total - offset)]], offset)
+        elapsed = time.monotonic() - started
+    finally:
+        os.close(fd)
+        path.unlink()
+        view.release()
+    return total / elapsed / 1e6
 
 
 def raw_socket_mbps(total: int) -> float:
@@ -298,13 +336,16 @@ def run(
     work = Path(tempfile.mkdtemp(prefix="swarm-dataplane-", dir=workdir))
     try:
         raw_before = raw_socket_mbps(size)
+        disk_before = disk_write_mbps(work, size)
         fetched = swarm_transfer(work, size, piece_size, fsync)
         raw_after = raw_socket_mbps(size)
+        disk_after = disk_write_mbps(work, size)
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
     swarm_mbps = size / float(fetched["seconds"]) / 1e6
     raw = max(raw_before, raw_after)
+    disk = max(disk_before, disk_after)
     return dataplane_result(
         size=size,
         swarm_mbps=swarm_mbps,
@@ -312,6 +353,9 @@ def run(
         date=dt.date.today(),
         extra={
             "raw_socket_runs_mbps": [round(raw_before, 1), round(raw_after, 1)],
+            "disk_write_mbps": round(disk, 1),
+            "disk_write_runs_mbps": [round(disk_before, 1), round(disk_after, 1)],
+            "ratio_to_disk_write": round(swarm_mbps / disk, 3),
             "swarm_seconds": round(float(fetched["seconds"]), 3),
             "piece_size": fetched["piece_size"],
             "fsync": fsync,

@@ -146,8 +146,14 @@ def render_table(scenarios: Sequence[dict[str, Any]], plane: dict[str, Any] | No
             f"\nData plane ({plane.get('date', '?')}): one peer serves "
             f"{format_size(plane['model_bytes'])} to another over loopback, verified and written "
             f"to disk, at {plane['swarm_mbps']:.0f} MB/s; raw-socket baseline "
-            f"{plane['raw_socket_mbps']:.0f} MB/s; ratio {plane['ratio']:.2f}.\n"
+            f"{plane['raw_socket_mbps']:.0f} MB/s; ratio {plane['ratio']:.2f}."
         )
+        if "disk_write_mbps" in plane:
+            out += (
+                f" Writing the same bytes to a new file on this disk, alone: "
+                f"{plane['disk_write_mbps']:.0f} MB/s (ratio {plane['ratio_to_disk_write']:.2f})."
+            )
+        out += "\n"
     out += (
         "\nTimes run from the launch of every node's process to its verified copy; origin bytes "
         "are the origin interface's transmit counter. Raw figures: `benchmarks/results/`.\n"
