@@ -59,6 +59,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -244,6 +245,57 @@ class _CpuMeter:
     def busy_fraction(self) -> float:
         busy, total = self._read()
         return (busy - self.busy0) / max(1, total - self.total0)
+
+
+class _OriginSampler:
+    """Samples the origin interface's transmit counter while a system runs.
+
+    It tells when the origin link started and stopped carrying the artifact
+    (relative to the launch of the system's processes) and its rate in between,
+    so a result shows how much of a completion time was start-up, how much the
+    origin transfer, and how much the tail after the origin's last byte.
+    """
+
+    INTERVAL = 0.25
+    QUIET = 256 * 1024  # less than this in one interval is control traffic, not data
+
+    def __init__(self, tb: Testbed) -> None:
+        self.tb = tb
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="origin-sampler", daemon=True)
+
+    def start(self, t0: float) -> None:
+        self.t0 = t0
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                tx = self.tb.counters(self.tb.origin_ns).tx_bytes
+            except BenchmarkError:
+                return
+            self.samples.append((time.monotonic() - self.t0, tx))
+            self._stop.wait(self.INTERVAL)
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        busy = [
+            (t1, b1 - b0)
+            for (_, b0), (t1, b1) in zip(self.samples, self.samples[1:], strict=False)
+            if b1 - b0 > self.QUIET
+        ]
+        if not busy:
+            return {}
+        first = busy[0][0] - self.INTERVAL
+        last = busy[-1][0]
+        moved = sum(n for _, n in busy)
+        return {
+            "first_byte_seconds": round(max(first, 0.0), 2),
+            "last_byte_seconds": round(last, 2),
+            "mbit_per_s_while_busy": round(8 * moved / max(last - first, 1e-9) / 1e6, 1),
+        }
 
 
 def _children_cpu() -> float:
@@ -604,7 +656,9 @@ class ScenarioRunner:
         meter = _CpuMeter()
         procs: list[subprocess.Popen[bytes]] = []
         outs: list[Path] = []
+        sampler = _OriginSampler(tb)
         t0 = time.monotonic()
+        sampler.start(t0)
         for i, (argv, _) in enumerate(launch, start=1):
             out = self.work / "logs" / f"{system}-n{i}.out"
             outs.append(out)
@@ -641,6 +695,7 @@ class ScenarioRunner:
                 time.sleep(0.02)
             busy = meter.busy_fraction()
             wall = time.monotonic() - t0
+            origin_link = sampler.stop()
             if stop_after_done:
                 for proc in procs:
                     proc.terminate()
@@ -657,6 +712,7 @@ class ScenarioRunner:
                         f"{_tail(self.work / 'logs' / f'{system}-n{i}.err')}"
                     )
         finally:
+            sampler.stop()
             for proc in procs:
                 tb.forget(proc)
             shutil.rmtree(self.work / "dest" / system, ignore_errors=True)
@@ -667,6 +723,7 @@ class ScenarioRunner:
             cpu_seconds=_children_cpu() - cpu0,
             host_cpu_busy=busy,
             wall_seconds=wall,
+            origin_link=origin_link,
         )
 
     def _summary(
@@ -693,6 +750,7 @@ class ScenarioRunner:
                 ),
                 "self_max_seconds": round(max(self_seconds), 3),
                 "cpu_seconds": round(outcome.cpu_seconds, 2),
+                "origin_link": outcome.origin_link,
                 "host_cpu_busy": round(outcome.host_cpu_busy, 3),
             },
         )
@@ -705,6 +763,7 @@ class _Outcome:
     cpu_seconds: float
     host_cpu_busy: float
     wall_seconds: float
+    origin_link: dict[str, Any]
 
 
 def _last_json(text: str) -> dict[str, Any]:
