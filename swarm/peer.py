@@ -71,6 +71,15 @@ from swarm.store import PieceStore
 
 log = logging.getLogger("swarm.peer")
 
+_PAYLOAD_LOWAT = 256 * 1024
+
+
+def _set_rcvlowat(sock: socket.socket, n: int) -> int:
+    """Make ``sock`` readable only once ``n`` bytes are waiting; returns ``n``."""
+    with contextlib.suppress(OSError):  # not every platform lets SO_RCVLOWAT be set
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n)
+    return n
+
 
 @dataclass
 class PeerConfig:
@@ -632,12 +641,19 @@ class SwarmPeer:
         filled = 0
         discard = False
         holding: mmap.mmap | None = None  # a pool buffer between a block's header and end
+        lowat = 1
         try:
             while True:
                 event = decoder.next_event()
                 if event is NEED_DATA:
                     remaining = decoder.payload_remaining
                     if header is not None and remaining > 0:
+                        # Wake for a payload only once a good part of it is there: at 50 MB/s
+                        # a socket is readable thousands of times a second, a few bytes each
+                        # time, and every wake-up costs a turn of the event loop.
+                        want = min(remaining, _PAYLOAD_LOWAT)
+                        if want != lowat:
+                            lowat = _set_rcvlowat(conn.sock, want)
                         n = await loop.sock_recv_into(
                             conn.sock, block_view[filled : filled + remaining]
                         )
@@ -646,6 +662,8 @@ class SwarmPeer:
                         decoder.payload_consumed(n)
                         filled += n
                     else:
+                        if lowat != 1:
+                            lowat = _set_rcvlowat(conn.sock, 1)
                         n = await loop.sock_recv_into(conn.sock, ctrl)
                         if n == 0:
                             decoder.feed_eof()
