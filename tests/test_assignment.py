@@ -79,6 +79,19 @@ def test_every_piece_assigned_once_and_limits_respected() -> None:
     check_invariants(policy)
 
 
+def test_default_budget_grows_with_the_cluster_up_to_a_cap() -> None:
+    from tracker.assignment import DEFAULT_MAX_BUDGET
+
+    small = make(1000, 5)
+    assert small.budget == 2 * 5
+    big = make(10_000, 500)
+    assert big.budget == DEFAULT_MAX_BUDGET
+    in_flight = sum(len(a) for a in big.assign(0.0).values())
+    assert in_flight == DEFAULT_MAX_BUDGET
+    big.set_budget(1000)  # an operator's explicit budget is not capped
+    assert big.budget == 1000
+
+
 def test_origin_budget_caps_the_cluster() -> None:
     policy = make(20, 5, origin_budget=3)
     new = policy.assign(0.0)
