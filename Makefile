@@ -26,6 +26,7 @@ demo: setup
 	$(BIN)/swarm demo
 
 bench: setup
+	$(BIN)/python -m pip install --quiet -e '.[test,sim,bench]'
 	$(BIN)/python -m benchmarks.run_all
 
 clean:
