@@ -204,6 +204,8 @@ class SwarmPeer:
         self.peer_bytes = 0
         self.uploaded_bytes = 0
         self.duplicate_bytes = 0
+        # Why: crossed our Cancel / piece already verified or verifying / block already on disk.
+        self.duplicate_causes = {"cancelled": 0, "had": 0, "written": 0}
         self.origin_pieces = 0
         self.corrupt_pieces = 0
         self._server: socket.socket | None = None
@@ -268,6 +270,7 @@ class SwarmPeer:
             result.extra.update(
                 uploaded_bytes=self.uploaded_bytes,
                 duplicate_bytes=self.duplicate_bytes,
+                duplicate_causes=dict(self.duplicate_causes),
                 origin_pieces=self.origin_pieces,
                 corrupt_pieces=self.corrupt_pieces,
                 barred_peers=sorted(p.hex() for p in self.barred),
@@ -692,6 +695,7 @@ class SwarmPeer:
                     holding = None
                     if discard:
                         self.duplicate_bytes += header.length
+                        self.duplicate_causes["cancelled"] += header.length
                         self.peer_bytes += header.length
                         self._block_pool.release(block_buf)
                     else:
@@ -762,6 +766,7 @@ class SwarmPeer:
         conn.received_bytes += header.length
         if self.store.has(block.piece) or header.piece in self.verifying:
             self.duplicate_bytes += header.length
+            self.duplicate_causes["had"] += header.length
             self._block_pool.release(buf)
             self._fill(conn)
             return
@@ -796,6 +801,7 @@ class SwarmPeer:
             return
         if not fut.result():
             self.duplicate_bytes += block.length  # that block of the piece was already on disk
+            self.duplicate_causes["written"] += block.length
             self._fill(conn)
             return
         # Counted even if ``conn`` has closed since: the bytes are on disk and in the

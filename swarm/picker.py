@@ -364,7 +364,10 @@ class PiecePicker(Generic[PeerT]):
         upload, and in a swarm whose uplinks are the limit, duplicates handed to
         busy peers cost more than they save (measured: ~10% of the bytes each
         peer received were duplicates in the fabric-bound testbed run before
-        this rule). Only pieces ``peer`` has and
+        this rule), and only once no more blocks are left to arrive than there
+        are peers: with a deep request pipeline "everything requested" comes long
+        before the end, and a race for a block sends it twice over the uplinks
+        that bound such a swarm. Only pieces ``peer`` has and
         we neither have nor reserve are picked. The returned requests are
         recorded as in flight to ``peer``.
         """
@@ -383,7 +386,12 @@ class PiecePicker(Generic[PeerT]):
                 break
             self._start(new_piece)
             self._take_open(peer, new_piece, max_blocks - len(picked), picked)
-        if not picked and not self._outstanding.get(peer) and self.in_endgame:
+        if (
+            not picked
+            and not self._outstanding.get(peer)
+            and self.in_endgame
+            and self._blocks_to_go() <= len(self._peers)
+        ):
             self._take_endgame(peer, bits, max_blocks - len(picked), picked)
         return picked
 
@@ -457,6 +465,10 @@ class PiecePicker(Generic[PeerT]):
         partial.next_open = index
         if not partial.open:
             self._open_partials.pop(piece, None)
+
+    def _blocks_to_go(self) -> int:
+        """Blocks of pieces in progress not received yet (in endgame, all that is left)."""
+        return sum(len(p.state) - p.received for p in self._partials.values())
 
     def _take_endgame(
         self, peer: PeerT, bits: Bitfield, limit: int, out: list[BlockRequest]
