@@ -452,7 +452,7 @@ def tracker_command(
         typer.Option(
             "--origin-budget",
             min=1,
-            help="Origin pieces the whole cluster pulls at once (default: per-peer limit x peers, at most 64: pieces in flight share the origin and help nobody until whole).",
+            help="Origin pieces the whole cluster pulls at once (default: per-peer limit x peers, at most 256: pieces in flight share the origin and help nobody until whole).",
         ),
     ] = None,
     manifest_ttl: Annotated[

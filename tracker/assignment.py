@@ -17,10 +17,11 @@ Spreading the burst
     finish together, and a piece helps nobody until it is whole. With two pulls
     per peer a 1000-node cluster had 2000 pieces of a 4096-piece artifact in
     flight: they left the origin in two waves and the fabric idled for the first
-    half of the run (simulator, fireworks-kimi, 1000 nodes, 64 GiB, 25 Gbit/s
-    origin: 1.40 x T_min uncapped, 1.08 x with 64; 10 Gbit/s: 1.16 x and 1.02 x).
-    64 pieces keep any origin busy: each pull is itself several concurrent
-    ranged reads.
+    half of the run. Too low a cap starves a fast origin instead. Simulator,
+    fireworks-kimi (``swarm simulate`` with ``origin_budget`` set): 1000 nodes,
+    256 GiB, 25 Gbit/s origin: 1.39 x T_min uncapped, 1.08 x with 256, 1.02 x
+    with 64; but 100 nodes, 1 TiB, 100 Gbit/s origin: 1.43 x uncapped and with
+    256, 2.0 x with 64 (64 single-stream pulls of ~100 MB/s can't fill it).
     A free origin slot goes to the peer with the least load (pieces it has
     pulled plus pieces it is pulling), random among equals. With N peers and P
     pieces each pulls about P/N, but a peer that pulls faster frees its slots
@@ -60,7 +61,7 @@ from typing import Generic, TypeVar
 
 __all__ = ["DEFAULT_MAX_BUDGET", "AssignmentStats", "SeederAssignment"]
 
-DEFAULT_MAX_BUDGET = 64
+DEFAULT_MAX_BUDGET = 256
 """The cluster's origin pieces in flight when no budget is set, however many peers."""
 
 PeerT = TypeVar("PeerT", bound=Hashable)
