@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import mmap
 import os
 import random
 import shutil
@@ -112,8 +113,6 @@ def disk_write_mbps(directory: Path, total: int) -> float:
     allows it, no fsync. A second reference besides the raw socket: the fetching
     peer must also put every byte on disk, which the socket baseline does not.
     """
-    import mmap
-
     buf = mmap.mmap(-1, CHUNK)
     buf.write(random.Random(2).randbytes(CHUNK))
     view = memoryview(buf)

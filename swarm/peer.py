@@ -203,8 +203,8 @@ class SwarmPeer:
         self.listen_port = 0
         self.peer_bytes = 0
         self.uploaded_bytes = 0
-        self.duplicate_bytes = 0
-        # Why: crossed our Cancel / piece already verified or verifying / block already on disk.
+        # Bytes received twice, by why: crossed our Cancel / piece already verified or
+        # verifying / block already on disk.
         self.duplicate_causes = {"cancelled": 0, "had": 0, "written": 0}
         self.origin_pieces = 0
         self.corrupt_pieces = 0
@@ -269,7 +269,7 @@ class SwarmPeer:
             result.seconds = (self.finished_at or time.monotonic()) - self.started
             result.extra.update(
                 uploaded_bytes=self.uploaded_bytes,
-                duplicate_bytes=self.duplicate_bytes,
+                duplicate_bytes=sum(self.duplicate_causes.values()),
                 duplicate_causes=dict(self.duplicate_causes),
                 origin_pieces=self.origin_pieces,
                 corrupt_pieces=self.corrupt_pieces,
@@ -638,12 +638,11 @@ class SwarmPeer:
             piece_lengths=self.m.piece_lengths, max_block=max(self.block_size, 1)
         )
         ctrl = bytearray(64 * 1024)
-        block_buf: mmap.mmap | None = None
+        block_buf: mmap.mmap | None = None  # a pool buffer between a block's header and end
         block_view = memoryview(b"")
         header: BlockHeader | None = None
         filled = 0
         discard = False
-        holding: mmap.mmap | None = None  # a pool buffer between a block's header and end
         lowat = 1
         try:
             while True:
@@ -684,7 +683,7 @@ class SwarmPeer:
                     else:
                         raise RemoteProtocolError(f"sent block {block} that was not requested")
                     header, filled = event, 0
-                    block_buf = holding = await self._block_pool.acquire()
+                    block_buf = await self._block_pool.acquire()
                     block_view = memoryview(block_buf)
                 elif isinstance(event, BlockPayload):
                     block_view[filled : filled + len(event.data)] = event.data
@@ -692,23 +691,21 @@ class SwarmPeer:
                 elif isinstance(event, BlockEnd):
                     assert header is not None and block_buf is not None
                     block_view.release()
-                    holding = None
+                    buf, block_buf = block_buf, None  # handed on: no longer ours to release
                     if discard:
-                        self.duplicate_bytes += header.length
                         self.duplicate_causes["cancelled"] += header.length
                         self.peer_bytes += header.length
-                        self._block_pool.release(block_buf)
+                        self._block_pool.release(buf)
                     else:
-                        self._on_block(conn, header, block_buf)
-                    block_buf = None
+                        self._on_block(conn, header, buf)
                     header = None
                 elif isinstance(event, ConnectionClosed):
                     raise EOFError("peer closed the connection")
                 else:
                     self._on_message(conn, event)
         finally:
-            if holding is not None:
-                self._block_pool.release(holding)
+            if block_buf is not None:
+                self._block_pool.release(block_buf)
 
     def _on_message(self, conn: _Conn, msg: Message) -> None:
         if isinstance(msg, Handshake):
@@ -765,7 +762,6 @@ class SwarmPeer:
         self.peer_bytes += header.length
         conn.received_bytes += header.length
         if self.store.has(block.piece) or header.piece in self.verifying:
-            self.duplicate_bytes += header.length
             self.duplicate_causes["had"] += header.length
             self._block_pool.release(buf)
             self._fill(conn)
@@ -800,7 +796,6 @@ class SwarmPeer:
                 self.finished.set()
             return
         if not fut.result():
-            self.duplicate_bytes += block.length  # that block of the piece was already on disk
             self.duplicate_causes["written"] += block.length
             self._fill(conn)
             return
@@ -885,7 +880,7 @@ class SwarmPeer:
                 self.uploads.done(conn, req)
 
     def _release_loaded(self, task: asyncio.Task[mmap.mmap | None]) -> None:
-        if not task.cancelled() and task.exception() is None and (buf := task.result()):
+        if not task.cancelled() and task.exception() is None and (buf := task.result()) is not None:
             self._upload_pool.release(buf)
 
     async def _load_block(self, req: Request) -> mmap.mmap | None:

@@ -299,8 +299,7 @@ class PieceStore:
 
         Unverified bytes on disk are harmless: they are neither served nor recorded,
         and a restart fetches the piece again. Not thread-safe: the engine calls
-        ``write_block``, ``verify_assembled`` and ``discard_assembly`` from one
-        thread.
+        ``write_block`` and ``verify_assembled`` from one thread.
         """
         piece = self.manifest.piece(index)
         if offset < 0 or offset + len(data) > piece.length:
@@ -341,10 +340,6 @@ class PieceStore:
                     raise StoreError(f"{self.dest / piece.path} is shorter than the manifest says")
                 asm.hasher.update(view[:n])
                 asm.hashed += n
-
-    def discard_assembly(self, index: int) -> None:
-        """Forget the blocks written for ``index`` (its verification failed; it starts over)."""
-        self._assemblies.pop(index, None)
 
     def verify_assembled(self, index: int) -> bool:
         """Check a piece assembled by ``write_block``; record it if it matches.
