@@ -296,7 +296,8 @@ class Network:
                 bounds.append(bound)
             level = _waterfill(link.capacity, bounds[:]) if link.capacity > 0 else 0.0
             link.level = level
-            for flow, bound in zip(flows, bounds, strict=True):
+            for i, flow in enumerate(flows):
+                bound = bounds[i]
                 rate = bound if bound < level else level
                 old = flow.rate
                 if abs(rate - old) > _REL_TOL * (rate + old) or (rate == 0.0) != (old == 0.0):

@@ -259,7 +259,8 @@ class Cache:
         self.serving[owner][(reader, piece)] = None
 
     def _read_done(self, flow: Flow, now: float) -> None:
-        reader, piece = flow.data
+        data: tuple[int, int] = flow.data
+        reader, piece = data
         self.serving[self.owner[piece]].pop((reader, piece), None)
         self._done_reading(reader, piece)
 
@@ -350,7 +351,6 @@ class Swarm:
         self.cursor = [0] * n
         self.holders = [0] * self.num_pieces
         self.pulls: list[dict[int, OriginRequest]] = [{} for _ in range(n)]
-        self.sending: dict[tuple[int, int, BlockRequest], Flow] = {}
         self.ticking = False
 
     def extra(self) -> dict[str, Any]:
@@ -453,7 +453,8 @@ class Swarm:
             sim.at(sim.now + sim.scenario.announce_interval, self._tick)
 
     def _pulled(self, flow: Flow, now: float) -> None:
-        peer, piece = flow.data
+        data: tuple[int, int] = flow.data
+        peer, piece = data
         del self.pulls[peer][piece]
         picker = self.pickers[peer]
         assert picker is not None
@@ -570,13 +571,11 @@ class Swarm:
             if granted is None:
                 return
             dst, block = granted
-            self.sending[(src, dst, block)] = sim.send(
-                src, dst, block.length, self._block_done, (src, dst, block)
-            )
+            sim.send(src, dst, block.length, self._block_done, (src, dst, block))
 
     def _block_done(self, flow: Flow, now: float) -> None:
-        src, dst, block = flow.data
-        del self.sending[(src, dst, block)]
+        data: tuple[int, int, BlockRequest] = flow.data
+        src, dst, block = data
         self.uploads[src].done(dst, block)
         self._unask(dst, src)
         picker = self.pickers[dst]
@@ -589,10 +588,18 @@ class Swarm:
             self._fill(dst)
         self._serve(src)
 
+    def _sending(self, src: int, dst: int, block: BlockRequest) -> Flow | None:
+        """The flow sending ``block`` from ``src`` to ``dst``, if it started."""
+        key = (src, dst, block)
+        for flow in self.sim.up[src].flows:  # at most ``upload_slots`` of them
+            if flow.data == key:
+                return flow
+        return None
+
     def _cancel_all(self, dst: int, requests: list[tuple[int, BlockRequest]]) -> None:
         """Cancel duplicate requests (endgame) that ``dst``'s picker returned."""
         for src, block in requests:
-            flow = self.sending.pop((src, dst, block), None)
+            flow = self._sending(src, dst, block)
             if flow is not None:
                 self.sim.cancel(flow)
                 self.uploads[src].done(dst, block)
@@ -606,8 +613,6 @@ class Swarm:
     def node_crashed(self, node: int) -> None:
         sim = self.sim
         now = sim.now
-        for key in [key for key in self.sending if node in (key[0], key[1])]:
-            del self.sending[key]
         self.pulls[node].clear()
         affected: list[int] = []
         for other in self.neighbours[node]:

@@ -197,51 +197,61 @@ class PiecePicker(Generic[PeerT]):
     # -- buckets --------------------------------------------------------------
 
     def _bucket_add(self, piece: int) -> None:
-        level = self._avail[piece]
-        while len(self._buckets) <= level:
-            self._buckets.append([])
-        bucket = self._buckets[level]
-        if not bucket:
+        self._bucket_insert(piece, self._avail[piece])
+        self._unstarted += 1
+
+    def _bucket_insert(self, piece: int, level: int) -> None:
+        buckets = self._buckets
+        while len(buckets) <= level:
+            buckets.append([])
+        bucket = buckets[level]
+        size = len(bucket)
+        if not size:
             bisect.insort(self._nonempty, level)
+            bucket.append(piece)
+            self._pos[piece] = 0
+            return
         # Insert at a random position (inside-out Fisher-Yates), so a bucket stays
         # shuffled even though pieces arrive grouped by the peer that has them,
         # and a scan from a random start meets any peer's pieces early.
-        size = len(bucket)
-        bucket.append(piece)
-        if size:
-            other_pos = self._rng.randrange(size + 1)
-            if other_pos != size:
-                other = bucket[other_pos]
-                bucket[other_pos] = piece
-                bucket[size] = other
-                self._pos[other] = size
-            self._pos[piece] = other_pos
+        # (random() rather than randrange(): this runs on every HAVE, and the
+        # bias of flooring a double is nil at bucket sizes.)
+        pos = self._pos
+        other_pos = int(self._rng.random() * (size + 1))
+        if other_pos == size:
+            bucket.append(piece)
         else:
-            self._pos[piece] = 0
-        self._unstarted += 1
+            other = bucket[other_pos]
+            bucket[other_pos] = piece
+            bucket.append(other)
+            pos[other] = size
+        pos[piece] = other_pos
 
     def _bucket_remove(self, piece: int, level: int | None = None) -> None:
-        if level is None:
-            level = self._avail[piece]
+        self._bucket_take(piece, self._avail[piece] if level is None else level)
+        self._unstarted -= 1
+
+    def _bucket_take(self, piece: int, level: int) -> None:
         bucket = self._buckets[level]
-        pos = self._pos[piece]
+        pos = self._pos
         last = bucket.pop()
         if last != piece:
-            bucket[pos] = last
-            self._pos[last] = pos
-        self._pos[piece] = -1
+            index = pos[piece]
+            bucket[index] = last
+            pos[last] = index
+        pos[piece] = -1
         if not bucket:
-            del self._nonempty[bisect.bisect_left(self._nonempty, level)]
-        self._unstarted -= 1
+            nonempty = self._nonempty
+            del nonempty[bisect.bisect_left(nonempty, level)]
 
     def _set_avail(self, piece: int, delta: int) -> None:
         old = self._avail[piece]
+        self._avail[piece] = old + delta
         if self._pos[piece] >= 0:
-            self._bucket_remove(piece, old)
-            self._avail[piece] = old + delta
-            self._bucket_add(piece)
-        else:
-            self._avail[piece] = old + delta
+            # An unstarted piece moves to its new bucket (O(1) but for the
+            # sorted list of non-empty levels, which is a handful long).
+            self._bucket_take(piece, old)
+            self._bucket_insert(piece, old + delta)
 
     def _unbucket_if_needed(self, piece: int) -> None:
         if self._pos[piece] >= 0:
@@ -298,8 +308,9 @@ class PiecePicker(Generic[PeerT]):
             self._unrequest(peer, block)
         return returned
 
-    peer_gone = remove_peer
-    """Alias of :meth:`remove_peer`."""
+    def peer_gone(self, peer: PeerT) -> list[BlockRequest]:
+        """Alias of :meth:`remove_peer`."""
+        return self.remove_peer(peer)
 
     def peer_bitfield(self, peer: PeerT) -> Bitfield | None:
         known = self._peers.get(peer)
