@@ -1,13 +1,15 @@
 """Regenerate ``simulations/RESULTS.md`` and ``simulations/plots/*.png``.
 
-    .venv/bin/python -m simulations.make_results [SCENARIO[:VARIANT] ...]
+    .venv/bin/python -m simulations.make_results [--native] [SCENARIO[:VARIANT] ...]
 
 With arguments, only those entries are run again; the table keeps the rows of
 the others as they are in RESULTS.md. Runs every (scenario, variant, strategies) listed in :data:`RUNS`, writes one
 plot per scenario variant and the table. The 1000-replica fireworks variants
 dominate: each swarm run there moves 4096 pieces to 1000 nodes (4.1 million
 piece transfers) and takes several minutes, so the whole script takes about
-half an hour on a 2-core machine (see the speed section of RESULTS.md).
+half an hour on a 2-core machine interpreted; ``--native`` runs the mypyc
+build of the same sources (:mod:`simulations.native`) instead, and the table
+says which engine produced each row (see the speed section of RESULTS.md).
 
 ``direct`` at 1000 replicas is not simulated: 8000 concurrent origin GETs share
 one origin link, the request-rate limit staggers them, and every completion
@@ -20,9 +22,11 @@ back to the exact one, and the run did not finish in 6 minutes.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
+import simulations.native
 from simulations.engine import Result
 from simulations.runner import plot_results, run_strategy
 from simulations.scenario import Scenario, load_scenario
@@ -56,7 +60,7 @@ def _direct_row(name: str, variant: str, scenario: Scenario) -> str:
         f"| {scenario.nodes} | {_fmt(scenario.lower_bound())} "
         f"| {_fmt(ratio)} | {_fmt(ratio)} | {_fmt(ratio)} "
         f"| {_fmt(direct)} / {_fmt(direct)} / {_fmt(direct)} "
-        f"| {scenario.nodes:.3f} | 0/0 | {scenario.anchor or '–'} | – |"
+        f"| {scenario.nodes:.3f} | 0/0 | {scenario.anchor or '–'} | – | – |"
     )
 
 
@@ -72,8 +76,24 @@ def _existing_rows(text: str) -> dict[tuple[str, str], list[str]]:
 
 
 def main(argv: list[str]) -> None:
-    only = {tuple(arg.split(":", 1)) if ":" in arg else (arg, "") for arg in argv}
-    existing = _existing_rows((HERE / "RESULTS.md").read_text())
+    parser = argparse.ArgumentParser(
+        prog="python -m simulations.make_results", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("runs", nargs="*", metavar="SCENARIO[:VARIANT]")
+    parser.add_argument("--native", action="store_true", help="run the mypyc build")
+    parser.add_argument("--out", type=Path, default=HERE, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.native and not simulations.native.reexecuted():
+        build = simulations.native.ensure_built(log=lambda line: print(line, file=sys.stderr))
+        simulations.native.reexec(
+            "simulations.make_results",
+            ["--native", "--out", str(args.out.resolve()), *args.runs],
+            build,
+        )
+    engine = "mypyc" if simulations.native.active() else "cpython"
+    out: Path = args.out
+    only = {tuple(arg.split(":", 1)) if ":" in arg else (arg, "") for arg in args.runs}
+    existing = _existing_rows((out / "RESULTS.md").read_text())
     rows: list[str] = []
     for name, variant, strategies in RUNS:
         if only and (name, variant) not in only:
@@ -95,28 +115,30 @@ def main(argv: list[str]) -> None:
                 f"| {_fmt(r['p50'])} | {_fmt(r['p99'])} | {_fmt(r['max'])} "
                 f"| {_fmt(t['p50'])} / {_fmt(t['p99'])} / {_fmt(t['p999'])} "
                 f"| {s['origin_ratio']:.3f} | {s['crashed']}/{s['incomplete']} "
-                f"| {scenario.anchor or '–'} | {s['wall_seconds']:.1f} |"
+                f"| {scenario.anchor or '–'} | {s['wall_seconds']:.1f} | {engine} |"
             )
             print(rows[-1], file=sys.stderr, flush=True)
         if name == "fireworks-kimi" and scenario.nodes >= 1000:
             rows.append(_direct_row(name, variant, scenario))
         stem = f"{name}-{variant}" if variant else name
         plot_results(
-            results, HERE / "plots" / f"{stem}.png", title=f"{stem}: {scenario.nodes} nodes"
+            results, out / "plots" / f"{stem}.png", title=f"{stem}: {scenario.nodes} nodes"
         )
     table = "\n".join(
         [
             "| scenario | variant | strategy | N | T_min s | p50 ÷ T_min | p99 ÷ T_min | max ÷ T_min "
-            "| ours p50 / p99 / p99.9 s | origin ÷ F | crashed/incomplete | anchor (published) | wall s |",
-            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+            "| ours p50 / p99 / p99.9 s | origin ÷ F | crashed/incomplete | anchor (published) "
+            "| wall s | engine |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: "
+            "| --- |",
             *rows,
         ]
     )
-    template = (HERE / "RESULTS.md").read_text()
+    template = (out / "RESULTS.md").read_text()
     start, end = "<!-- table:start -->", "<!-- table:end -->"
     head, _, rest = template.partition(start)
     _, _, tail = rest.partition(end)
-    (HERE / "RESULTS.md").write_text(f"{head}{start}\n{table}\n{end}{tail}")
+    (out / "RESULTS.md").write_text(f"{head}{start}\n{table}\n{end}{tail}")
 
 
 if __name__ == "__main__":

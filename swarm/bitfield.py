@@ -106,7 +106,8 @@ class Bitfield:
 
     def add(self, index: int) -> bool:
         """Set ``index``; return True if it was not set before."""
-        self._check(index)
+        if not 0 <= index < self._size:  # _check, inlined: this runs on every HAVE
+            self._check(index)
         mask = 0x80 >> (index & 7)
         byte = self._bits[index >> 3]
         if byte & mask:

@@ -386,11 +386,12 @@ class PiecePicker(Generic[PeerT]):
         if bits is None or max_blocks <= 0 or self.done:
             return []
         picked: list[BlockRequest] = []
-        for piece in list(self._open_partials):
-            if piece in bits:
-                self._take_open(peer, piece, max_blocks - len(picked), picked)
-                if len(picked) >= max_blocks:
-                    return picked
+        if self._open_partials:
+            for piece in list(self._open_partials):
+                if piece in bits:
+                    self._take_open(peer, piece, max_blocks - len(picked), picked)
+                    if len(picked) >= max_blocks:
+                        return picked
         while len(picked) < max_blocks:
             new_piece = self._pick_new_piece(bits)
             if new_piece is None:
@@ -419,7 +420,7 @@ class PiecePicker(Generic[PeerT]):
                 continue  # nobody has these
             bucket = self._buckets[level]
             size = len(bucket)
-            start = rng.randrange(size)
+            start = int(rng.random() * size)
             scan = min(size, budget)
             for i in range(scan):
                 j = start + i
