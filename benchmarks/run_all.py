@@ -64,8 +64,13 @@ def newest_result(results_dir: Path, name: str) -> dict[str, Any] | None:
     return None if best is None else dict(json.loads(best[1].read_text()))
 
 
-def render_other(origin_read: dict[str, Any] | None, loopback: dict[str, Any] | None) -> str:
-    """Markdown for the origin-read and loopback-swarm benchmarks (not run by ``make bench``)."""
+def render_other(
+    origin_read: dict[str, Any] | None,
+    loopback: dict[str, Any] | None,
+    sim_speed: dict[str, Any] | None = None,
+) -> str:
+    """Markdown for the origin-read, loopback-swarm and simulator-speed benchmarks
+    (not run by ``make bench``)."""
     out = ""
     if origin_read is not None:
         r = origin_read
@@ -93,6 +98,23 @@ def render_other(origin_read: dict[str, Any] | None, loopback: dict[str, Any] | 
                 f"| {run['peers']} | {run['seconds']:.1f} | {run['origin_ratio']:.3f} "
                 f"| {run['aggregate_mb_per_s']:.0f} | {'yes' if run['verified'] else 'NO'} |\n"
             )
+    if sim_speed is not None:
+        r = sim_speed
+        compiled = r["compiled"]
+        out += (
+            f"\nSimulator speed ({r['date']}, `python -m benchmarks.sim_speed`): "
+            f"`{r['scenario']}` `{r['variant']}`, {r['strategy']}, {r['nodes']} nodes × "
+            f"{format_size(r['model_bytes'])} in {format_size(r['piece_bytes'])} pieces "
+            f"({compiled['events']:,} events): compiled (`--native`) "
+            f"{compiled['wall_seconds']:.0f} s"
+        )
+        interpreted = r.get("interpreted")
+        if interpreted is not None:
+            out += (
+                f", interpreted {interpreted['wall_seconds']:.0f} s (ratio "
+                f"{r['speedup']:.2f}, same result: {'yes' if r['same_result'] else 'NO'})"
+            )
+        out += f"; target {r['target_wall_seconds']} s.\n"
     return out
 
 
@@ -236,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     table = render_table(*latest_results(args.results_dir)) + render_other(
         newest_result(args.results_dir, "origin-read"),
         newest_result(args.results_dir, "swarm-loopback"),
+        newest_result(args.results_dir, "sim-speed"),
     )
     if not args.print_only and update_readme(args.readme, table):
         print(f"updated the benchmark table in {args.readme}", file=sys.stderr)
