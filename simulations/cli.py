@@ -127,20 +127,23 @@ def simulate(
 ) -> None:
     """Simulate a burst of replicas fetching one artifact (flow-level, discrete events)."""
     stderr = Console(stderr=True)
+    overrides: dict[str, Any] = {
+        "variant": variant,
+        "nodes": nodes,
+        "model_size": model_size,
+        "piece_size": piece_size,
+        "nic_gbps": nic_gbps,
+        "origin_gbps": origin_gbps,
+        "seed": seed,
+    }
     if native and not simulations.native.reexecuted():
         argv = _argv(
             scenario,
-            variant=variant,
-            nodes=nodes,
-            model_size=model_size,
-            piece_size=piece_size,
-            nic_gbps=nic_gbps,
-            origin_gbps=origin_gbps,
             strategy=strategy,
-            seed=seed,
             json_output=json_output,
             per_node=per_node,
             plot=plot,
+            **overrides,
         )
         try:
             build = simulations.native.ensure_built(log=lambda line: stderr.print(line))
@@ -150,16 +153,7 @@ def simulate(
         simulations.native.reexec("cli.main", ["simulate", *argv, "--native"], build)
     engine = "mypyc" if simulations.native.active() else "cpython"
     try:
-        chosen = build_scenario(
-            scenario,
-            variant=variant,
-            nodes=nodes,
-            model_size=model_size,
-            piece_size=piece_size,
-            nic_gbps=nic_gbps,
-            origin_gbps=origin_gbps,
-            seed=seed,
-        )
+        chosen = build_scenario(scenario, **overrides)
         names: list[str] = []
         for item in strategy or list(chosen.strategies):
             for name in item.split(","):
