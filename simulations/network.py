@@ -156,7 +156,10 @@ def progressive_filling(flows: Iterable[Flow]) -> dict[Flow, float]:
         for link in flow.links:
             unfrozen[link] += 1
     level = 0.0
-    live = set(active)
+    # Insertion-ordered (not a set of objects hashed by address): the order of
+    # the result decides the order of completion-heap entries, and so of
+    # simultaneous completions; a run must not depend on memory layout.
+    live = dict.fromkeys(active)
     while live:
         step = INF
         for link, count in unfrozen.items():
@@ -180,7 +183,7 @@ def progressive_filling(flows: Iterable[Flow]) -> dict[Flow, float]:
             frozen = list(live)
         for flow in frozen:
             rates[flow] = level
-            live.discard(flow)
+            del live[flow]
             for link in flow.links:
                 unfrozen[link] -= 1
     return rates

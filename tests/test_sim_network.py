@@ -100,3 +100,15 @@ def test_series_spreads_bytes_and_grows_its_bins() -> None:
     times, rates = series.rates(8.0)
     assert series.width == 2.0
     assert sum(r * series.width for r in rates) == pytest.approx(210.0)
+
+
+def test_flows_frozen_together_come_back_in_the_order_given() -> None:
+    # The order of the exact solver's result is the order of completion-heap
+    # entries, so of simultaneous completions: it must not depend on where the
+    # flows happen to sit in memory (a set of flows would order them so).
+    shared = Link("shared", 100.0)
+    flows = [Flow((shared, Link(f"own{i}", 1e9)), 10.0, _noop) for i in range(64)]
+    order = random.Random(5).sample(flows, len(flows))
+    rates = progressive_filling(order)
+    assert list(rates) == order
+    assert set(rates.values()) == {100.0 / 64}
