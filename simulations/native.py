@@ -83,7 +83,12 @@ def _sources(root: Path) -> list[Path]:
 
 def source_digest(root: Path | None = None) -> str:
     """Digest of everything that determines the build: sources, module list, toolchain."""
-    import mypy.version
+    try:
+        import mypy.version
+    except ImportError:
+        raise NativeBuildError(
+            "--native needs mypy (which ships mypyc): pip install 'swarm[sim]' or pip install mypy"
+        ) from None
 
     root = _root() if root is None else root
     digest = hashlib.sha256()
