@@ -141,6 +141,8 @@ def ensure_built(root: Path | None = None, *, log: Callable[[str], None] = lambd
                 work / package,
                 ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.png", "*.md"),
             )
+        if source_digest(work) != target.name:
+            raise NativeBuildError("the sources changed while they were copied; run again")
         log(
             f"compiling {len(COMPILED)} simulator modules with mypyc "
             "(under a minute, once per change of the sources)"
@@ -158,7 +160,7 @@ def ensure_built(root: Path | None = None, *, log: Callable[[str], None] = lambd
             raise NativeBuildError(
                 f"mypyc failed (exit {done.returncode}); last lines of its log:\n" + "\n".join(tail)
             )
-        (work / _MARKER).write_text(source_digest(root) + "\n")
+        (work / _MARKER).write_text(target.name + "\n")
         try:
             work.rename(target)
         except OSError:
