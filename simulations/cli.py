@@ -136,21 +136,6 @@ def simulate(
         "origin_gbps": origin_gbps,
         "seed": seed,
     }
-    if native and not simulations.native.reexecuted():
-        argv = _argv(
-            scenario,
-            strategy=strategy,
-            json_output=json_output,
-            per_node=per_node,
-            plot=plot,
-            **overrides,
-        )
-        try:
-            build = simulations.native.ensure_built(log=lambda line: stderr.print(line))
-        except SwarmError as exc:
-            stderr.print(f"[bold red]error:[/] {exc}", highlight=False)
-            raise typer.Exit(1) from None
-        simulations.native.reexec("cli.main", ["simulate", *argv, "--native"], build)
     engine = "mypyc" if simulations.native.active() else "cpython"
     try:
         chosen = build_scenario(scenario, **overrides)
@@ -167,6 +152,18 @@ def simulate(
                 elif name:
                     names.append(name)
         names = list(dict.fromkeys(names))
+        if native and not simulations.native.reexecuted():
+            # The arguments are valid: build (once per source change) and run there.
+            build = simulations.native.ensure_built(log=stderr.print)
+            argv = _argv(
+                scenario,
+                strategy=strategy,
+                json_output=json_output,
+                per_node=per_node,
+                plot=plot,
+                **overrides,
+            )
+            simulations.native.reexec("cli.main", ["simulate", *argv, "--native"], build)
         results: list[Result] = []
         for name in names:
             stderr.print(

@@ -310,6 +310,8 @@ class PiecePicker(Generic[PeerT]):
 
     def peer_gone(self, peer: PeerT) -> list[BlockRequest]:
         """Alias of :meth:`remove_peer`."""
+        # A method, not ``peer_gone = remove_peer``: mypyc (swarm simulate
+        # --native) cannot compile a class attribute aliasing a method.
         return self.remove_peer(peer)
 
     def peer_bitfield(self, peer: PeerT) -> Bitfield | None:
