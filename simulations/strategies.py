@@ -312,7 +312,7 @@ class RandomOrderPicker(PiecePicker[int]):
     def _pick_new_piece(self, bits: Bitfield) -> int | None:
         # Pieces still unstarted are exactly those the parent keeps in its
         # availability buckets; ignore the levels and draw uniformly.
-        candidates = [piece for piece in bits if self._pos[piece] >= 0]
+        candidates = [piece for piece in bits if self._bucketed(piece)]
         return self._rng.choice(candidates) if candidates else None
 
 

@@ -330,6 +330,23 @@ def run_download(picker: PiecePicker[int], peers: list[int], rng: random.Random)
     raise AssertionError(f"download did not finish in {steps} steps")
 
 
+def assert_layout(picker: PiecePicker[int]) -> None:
+    """The availability buckets hold exactly the unstarted pieces, each in its level's bucket."""
+    order, pos, bounds = list(picker._order), list(picker._pos), list(picker._bounds)
+    assert sorted(order) == list(range(picker.num_pieces))
+    assert all(order[pos[piece]] == piece for piece in range(picker.num_pieces))
+    assert bounds[0] == 0 and bounds == sorted(bounds)
+    for level in range(len(bounds) - 1):
+        for piece in order[bounds[level] : bounds[level + 1]]:
+            assert picker.availability(piece) == level
+    unstarted = {
+        p
+        for p in range(picker.num_pieces)
+        if p not in picker.have and not picker.is_reserved(p) and p not in picker.in_progress()
+    }
+    assert set(order[: bounds[-1]]) == unstarted
+
+
 def test_full_download_from_partial_peers() -> None:
     rng = random.Random(3)
     num_pieces = 60
@@ -402,6 +419,7 @@ def test_invariants_under_random_events(events: list[tuple[str, int]], seed: int
         for piece in range(num_pieces):
             assert picker.availability(piece) == sum(piece in h for h in held.values())
         assert picker.missing_count == num_pieces - len(list(picker.have))
+        assert_layout(picker)
 
 
 def test_picks_are_cheap_with_many_pieces() -> None:
