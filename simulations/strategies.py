@@ -38,6 +38,9 @@ from bisect import bisect_left
 from collections import deque
 from typing import Any
 
+from librt.vecs import vec
+from mypy_extensions import u8
+
 from simulations.engine import OriginRequest, Simulation
 from simulations.network import Flow
 from simulations.scenario import Scenario
@@ -316,6 +319,18 @@ class RandomOrderPicker(PiecePicker[int]):
         return self._rng.choice(candidates) if candidates else None
 
 
+class _Conn:
+    """One end of a connection: what ``peer`` offers the node whose list holds this."""
+
+    __slots__ = ("asked", "back", "interest", "peer")
+
+    def __init__(self, peer: int, interest: int) -> None:
+        self.peer = peer
+        self.interest = interest  # pieces ``peer`` has that we lack
+        self.asked = 0  # our requests in flight to ``peer``
+        self.back = self  # the other end (``peer``'s record of us), set on connecting
+
+
 class Swarm:
     """Tracker assignment plus rarest-first exchange (see the module docstring)."""
 
@@ -340,13 +355,14 @@ class Swarm:
         self.uploads: list[UploadScheduler[int, BlockRequest]] = [
             UploadScheduler(scenario.upload_slots) for _ in range(n)
         ]
-        self.neighbours: list[list[int]] = [[] for _ in range(n)]
-        self.interest: list[dict[int, int]] = [{} for _ in range(n)]
-        self.have = [bytearray(self.num_pieces) for _ in range(n)]
+        # Each node's connections, in the order they were made, and by peer.
+        self.conns: list[list[_Conn]] = [[] for _ in range(n)]
+        self.conn_to: list[dict[int, _Conn]] = [{} for _ in range(n)]
+        # Which pieces each node holds (machine bytes: read on every HAVE).
+        self.have = [vec[u8]([0] * self.num_pieces) for _ in range(n)]
         self.count = [0] * n
         self.done = [False] * n
         self.inflight = [0] * n
-        self.asked: list[dict[int, int]] = [{} for _ in range(n)]  # dst -> src -> requests
         self.starved = [False] * n
         self.cursor = [0] * n
         self.holders = [0] * self.num_pieces
@@ -375,12 +391,16 @@ class Swarm:
         )
 
     def _connect(self, a: int, b: int) -> None:
-        if b in self.interest[a] or a == b:
+        if b in self.conn_to[a] or a == b:
             return
-        self.neighbours[a].append(b)
-        self.neighbours[b].append(a)
-        self.interest[a][b] = self._lacking(a, b)
-        self.interest[b][a] = self._lacking(b, a)
+        ab = _Conn(b, self._lacking(a, b))
+        ba = _Conn(a, self._lacking(b, a))
+        ab.back = ba
+        ba.back = ab
+        self.conns[a].append(ab)
+        self.conns[b].append(ba)
+        self.conn_to[a][b] = ab
+        self.conn_to[b][a] = ba
         for x, y in ((a, b), (b, a)):
             picker = self.pickers[x]
             if picker is not None and not self.done[x]:
@@ -496,21 +516,21 @@ class Swarm:
         self.holders[piece] += 1
         self.count[node] += 1
         have = self.have
-        interest = self.interest
         pickers = self.pickers
         done = self.done
-        for other in self.neighbours[node]:
+        for conn in self.conns[node]:
+            other = conn.peer
             if have[other][piece]:
-                interest[node][other] -= 1
+                conn.interest -= 1
             elif not done[other]:
                 picker = pickers[other]
                 if picker is not None:
                     picker.peer_has(node, piece)
-                    interest[other][node] += 1
+                    conn.back.interest += 1
                     if self.starved[other]:
                         self._fill(other)
             else:
-                interest[other][node] += 1
+                conn.back.interest += 1
         if self.count[node] == self.num_pieces:
             done[node] = True
             self.sim.node_finished(node)
@@ -521,22 +541,20 @@ class Swarm:
         if picker is None or self.done[node] or not self.sim.alive[node]:
             return
         limit = self.sim.scenario.max_downloads
-        neighbours = self.neighbours[node]
-        interest = self.interest[node]
-        asked = self.asked[node]
-        count = len(neighbours)
+        conns = self.conns[node]
+        count = len(conns)
         while self.inflight[node] < limit:
             request = None
             # First pass: neighbours not yet asked; second: any.
             for busy_ok in (False, True):
                 start = self.cursor[node]
                 for i in range(count):
-                    other = neighbours[(start + i) % count]
-                    if interest[other] <= 0 or (not busy_ok and asked.get(other)):
+                    conn = conns[(start + i) % count]
+                    if conn.interest <= 0 or (not busy_ok and conn.asked):
                         continue
-                    picked = picker.pick(other, 1)
+                    picked = picker.pick(conn.peer, 1)
                     if picked:
-                        request = (other, picked[0])
+                        request = (conn, picked[0])
                         self.cursor[node] = (start + i + 1) % count
                         break
                 if request is not None:
@@ -545,9 +563,10 @@ class Swarm:
                 self.starved[node] = True
                 return
             self.starved[node] = False
-            other, block = request
+            conn, block = request
+            other = conn.peer
             self.inflight[node] += 1
-            asked[other] = asked.get(other, 0) + 1
+            conn.asked += 1
             if not self.uploads[other].enqueue(node, block):
                 self._unask(node, other)
                 picker.block_failed(other, block)
@@ -556,12 +575,9 @@ class Swarm:
 
     def _unask(self, node: int, other: int) -> None:
         self.inflight[node] -= 1
-        asked = self.asked[node]
-        left = asked.get(other, 0) - 1
-        if left > 0:
-            asked[other] = left
-        else:
-            asked.pop(other, None)
+        conn = self.conn_to[node].get(other)
+        if conn is not None and conn.asked > 0:
+            conn.asked -= 1
 
     def _serve(self, src: int) -> None:
         uploads = self.uploads[src]
@@ -615,20 +631,19 @@ class Swarm:
         now = sim.now
         self.pulls[node].clear()
         affected: list[int] = []
-        for other in self.neighbours[node]:
-            self.neighbours[other].remove(node)
-            self.interest[other].pop(node, None)
+        for conn in self.conns[node]:
+            other = conn.peer
+            self.conns[other].remove(conn.back)
+            del self.conn_to[other][node]
             self.uploads[other].peer_gone(node)
             picker = self.pickers[other]
             if picker is not None:
                 for _ in picker.remove_peer(node):
                     pass
-            lost_requests = self.asked[other].pop(node, 0)
-            self.inflight[other] -= lost_requests
+            self.inflight[other] -= conn.back.asked
             affected.append(other)
-        self.neighbours[node] = []
-        self.interest[node] = {}
-        self.asked[node] = {}
+        self.conns[node] = []
+        self.conn_to[node] = {}
         self.inflight[node] = 0
         self.pickers[node] = None
         self.assignment.peer_left(node, now)

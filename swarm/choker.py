@@ -118,7 +118,10 @@ class UploadScheduler(Generic[PeerT, RequestT]):
         self._pending_count -= 1
         if queue:
             self._ring[peer] = None  # back of the line
-        self._active.setdefault(peer, deque()).append(request)
+        active = self._active.get(peer)
+        if active is None:
+            active = self._active[peer] = deque()
+        active.append(request)
         self._active_count += 1
         return peer, request
 

@@ -562,14 +562,20 @@ class PiecePicker(Generic[PeerT]):
         should send them a Cancel. A block that was already received, or that
         belongs to a piece not in progress, changes nothing and returns [].
         """
-        self._outstanding.get(peer, set()).discard(block)
-        partial = self._partials.get(block.piece)
+        outstanding = self._outstanding.get(peer)
+        if outstanding is not None:
+            outstanding.discard(block)
+        piece = block.piece
+        partial = self._partials.get(piece)
         if partial is None:
             return []
-        index = self._index(block)
+        size = self._block_size
+        offset = block.offset
+        index = offset // size
         if (
             not 0 <= index < len(partial.state)
-            or block != self._block(block.piece, index)
+            or offset != index * size
+            or block.length != min(size, self._lengths[piece] - offset)
             or partial.state[index] == _RECEIVED
         ):
             return []
