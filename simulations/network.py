@@ -199,8 +199,12 @@ class Network:
 
     def __init__(self, *, max_relevels_per_link: int = 64) -> None:
         self._dirty: list[Link] = []
-        self._completions: list[tuple[float, int, int, Flow]] = []
-        self._seq = 0
+        # Completion times: a heap of distinct times, and for each the flows
+        # due then with their version, in the order they were queued (so
+        # simultaneous completions come out in a reproducible order). A heap of
+        # bare floats compares much faster than one of tuples.
+        self._due: list[float] = []
+        self._due_flows: dict[float, list[tuple[int, Flow]]] = {}
         self._max_relevels = max_relevels_per_link
         self.flows: dict[Flow, None] = {}
         self.relevels = 0
@@ -260,10 +264,16 @@ class Network:
         flow.version += 1
         if rate > 0:
             remaining = flow.remaining if flow.remaining > 0 else 0.0
-            self._seq += 1
-            heapq.heappush(
-                self._completions, (now + remaining / rate, self._seq, flow.version, flow)
-            )
+            self._queue(now + remaining / rate, flow)
+
+    def _queue(self, when: float, flow: Flow) -> None:
+        """Queue ``flow``'s completion at ``when`` (an entry goes stale when its version does)."""
+        entries = self._due_flows.get(when)
+        if entries is None:
+            self._due_flows[when] = [(flow.version, flow)]
+            heapq.heappush(self._due, when)
+        else:
+            entries.append((flow.version, flow))
 
     def settle(self, now: float) -> None:
         """Bring every rate back to max-min fair after flows or capacities changed."""
@@ -318,17 +328,12 @@ class Network:
 
     def _reschedule(self, flows: dict[Flow, None], now: float) -> None:
         """Queue the completion of each of ``flows`` at its current rate (older entries go stale)."""
-        heap = self._completions
-        push = heapq.heappush
-        seq = self._seq
         for flow in flows:
             flow.version += 1
             rate = flow.rate
             if rate > 0:
                 remaining = flow.remaining if flow.remaining > 0 else 0.0
-                seq += 1
-                push(heap, (now + remaining / rate, seq, flow.version, flow))
-        self._seq = seq
+                self._queue(now + remaining / rate, flow)
 
     def _fallback(self, touched: dict[Link, None], now: float) -> None:
         """Solve exactly every flow connected to the links touched so far."""
@@ -367,12 +372,17 @@ class Network:
 
     def next_completion(self) -> float:
         """When the next flow finishes at current rates (``inf`` if none will)."""
-        heap = self._completions
-        while heap:
-            when, _, version, flow = heap[0]
-            if version == flow.version and flow in self.flows:
-                return when
-            heapq.heappop(heap)
+        # (A flow's version moves on whenever it is removed or its rate
+        # changes, so an entry with the current version is live.)
+        due = self._due
+        due_flows = self._due_flows
+        while due:
+            when = due[0]
+            for version, flow in due_flows[when]:
+                if version == flow.version:
+                    return when
+            del due_flows[when]
+            heapq.heappop(due)
         return INF
 
     def pop_completed(self, now: float) -> Flow | None:
@@ -381,12 +391,20 @@ class Network:
         One at a time: handling one completion may cancel another due at the
         same instant, which must then not be reported.
         """
-        heap = self._completions
-        flows = self.flows
-        while heap and heap[0][0] <= now:
-            _, _, version, flow = heapq.heappop(heap)
-            if version == flow.version and flow in flows:
-                self.remove_flow(flow, now)
-                flow.remaining = 0.0
-                return flow
+        due = self._due
+        due_flows = self._due_flows
+        while due and due[0] <= now:
+            when = due[0]
+            entries = due_flows[when]
+            while entries:
+                version, flow = entries.pop(0)
+                if version == flow.version:
+                    if not entries:
+                        del due_flows[when]
+                        heapq.heappop(due)
+                    self.remove_flow(flow, now)
+                    flow.remaining = 0.0
+                    return flow
+            del due_flows[when]
+            heapq.heappop(due)
         return None
