@@ -108,11 +108,13 @@ class Bitfield:
         """Set ``index``; return True if it was not set before."""
         if not 0 <= index < self._size:  # _check, inlined: this runs on every HAVE
             self._check(index)
+        byte_index = index >> 3
         mask = 0x80 >> (index & 7)
-        byte = self._bits[index >> 3]
+        bits = self._bits
+        byte = bits[byte_index]
         if byte & mask:
             return False
-        self._bits[index >> 3] = byte | mask
+        bits[byte_index] = byte | mask
         self._count += 1
         return True
 

@@ -131,9 +131,12 @@ class UploadScheduler(Generic[PeerT, RequestT]):
         Unknown pairs (e.g. after :meth:`peer_gone`) are ignored.
         """
         active = self._active.get(peer)
-        if active is None or request not in active:
+        if active is None:
             return
-        active.remove(request)
+        try:
+            active.remove(request)
+        except ValueError:
+            return
         if not active:
             del self._active[peer]
         self._active_count -= 1

@@ -562,9 +562,7 @@ class PiecePicker(Generic[PeerT]):
         should send them a Cancel. A block that was already received, or that
         belongs to a piece not in progress, changes nothing and returns [].
         """
-        outstanding = self._outstanding.get(peer)
-        if outstanding is not None:
-            outstanding.discard(block)
+        self._discard_outstanding(peer, block)
         piece = block.piece
         partial = self._partials.get(piece)
         if partial is None:
@@ -586,11 +584,19 @@ class PiecePicker(Generic[PeerT]):
         partial.state[index] = _RECEIVED
         partial.received += 1
         cancels: list[tuple[PeerT, BlockRequest]] = []
-        for other in partial.requesters.pop(index, []):
-            if other != peer:
-                self._outstanding.get(other, set()).discard(block)
-                cancels.append((other, block))
+        requesters = partial.requesters.get(index)
+        if requesters is not None:
+            del partial.requesters[index]
+            for other in requesters:
+                if other != peer:
+                    self._discard_outstanding(other, block)
+                    cancels.append((other, block))
         return cancels
+
+    def _discard_outstanding(self, peer: PeerT, block: BlockRequest) -> None:
+        outstanding = self._outstanding.get(peer)
+        if outstanding is not None:
+            outstanding.discard(block)
 
     def block_failed(self, peer: PeerT, block: BlockRequest) -> None:
         """The request of ``block`` to ``peer`` failed (rejected, timed out, cancelled)."""
@@ -642,6 +648,6 @@ class PiecePicker(Generic[PeerT]):
         for index, peers in sorted(partial.requesters.items()):
             block = self._block(piece, index)
             for peer in peers:
-                self._outstanding.get(peer, set()).discard(block)
+                self._discard_outstanding(peer, block)
                 leftovers.append((peer, block))
         return leftovers
