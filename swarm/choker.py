@@ -89,7 +89,8 @@ class UploadScheduler(Generic[PeerT, RequestT]):
             return False
         queue[request] = None
         self._pending_count += 1
-        self._ring.setdefault(peer, None)
+        if peer not in self._ring:
+            self._ring[peer] = None
         return True
 
     def cancel(self, peer: PeerT, request: RequestT) -> bool:
