@@ -120,8 +120,8 @@ def simulate(
         typer.Option(
             "--native",
             help="Run a compiled build of the simulator (mypyc, from these same sources; "
-            "built once per source change, needs a C compiler). Same results, 1.5 to 3.5 "
-            "times faster (measured): use it for 1000-node runs.",
+            "built once per source change, needs a C compiler). Same results, about 2.5 "
+            "times faster at 1000 nodes (measured): use it for 1000-node runs.",
         ),
     ] = False,
 ) -> None:
