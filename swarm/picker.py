@@ -174,9 +174,7 @@ class PiecePicker(Generic[PeerT]):
     @property
     def in_endgame(self) -> bool:
         """True when every block of every missing, unreserved piece is requested or in."""
-        return (
-            not self.done and self._bounds[len(self._bounds) - 1] == 0 and not self._open_partials
-        )
+        return not self.done and self._unstarted() == 0 and not self._open_partials
 
     def availability(self, piece: int) -> int:
         """How many connected peers have ``piece``."""
@@ -211,9 +209,13 @@ class PiecePicker(Generic[PeerT]):
     # piece out of the buckets, or putting one back, walks it across the levels
     # above its own: O(number of levels), which is at most the number of peers.
 
+    def _unstarted(self) -> i64:
+        """How many pieces are bucketed: they fill ``_order`` up to this index."""
+        return i64(self._bounds[len(self._bounds) - 1])
+
     def _bucketed(self, piece: int) -> bool:
         """True if ``piece`` is not had, not reserved and not started."""
-        return self._pos[piece] < self._bounds[len(self._bounds) - 1]
+        return i64(self._pos[piece]) < self._unstarted()
 
     def _swap(self, i: i64, j: i64) -> None:
         """Swap the pieces at positions ``i`` and ``j`` of the order."""
@@ -288,7 +290,7 @@ class PiecePicker(Generic[PeerT]):
 
     def _set_avail(self, piece: int, delta: int) -> None:
         """One more (``delta`` = 1) or one fewer (-1) connected peer has ``piece``."""
-        if self._pos[piece] < self._bounds[len(self._bounds) - 1]:
+        if self._bucketed(piece):
             if delta > 0:
                 self._raise(piece)
             else:
@@ -296,12 +298,12 @@ class PiecePicker(Generic[PeerT]):
         self._avail[piece] += i32(delta)
 
     def _unbucket_if_needed(self, piece: int) -> None:
-        if self._pos[piece] < self._bounds[len(self._bounds) - 1]:
+        if self._bucketed(piece):
             self._unbucket(piece)
 
     def _rebucket_if_free(self, piece: int) -> None:
         if (
-            self._pos[piece] >= self._bounds[len(self._bounds) - 1]
+            not self._bucketed(piece)
             and piece not in self._have
             and piece not in self._reserved
             and piece not in self._partials
@@ -483,9 +485,9 @@ class PiecePicker(Generic[PeerT]):
         ties: list[int] = []
         pos = self._pos
         avail = self._avail
-        end = self._bounds[len(self._bounds) - 1]
+        end = self._unstarted()
         for piece in bits:
-            if pos[piece] >= end:
+            if i64(pos[piece]) >= end:
                 continue
             level = int(avail[piece])
             if level == best_level:
