@@ -26,14 +26,14 @@ other flow gets more. Two solvers compute it:
   :func:`progressive_filling` and the count is kept in
   :attr:`Network.fallbacks`.
 
-Each flow knows its bytes left; its completion time is kept in a heap with lazy
-invalidation (a version number per flow), so a rate change costs one push.
-Time is passed in; nothing here reads a clock.
+Each flow knows its bytes left; its completion time is kept in an indexed
+binary heap (each flow knows its slot), so a rate change moves one entry and
+no stale entries pile up. Ties go to the flow queued first. Time is passed
+in; nothing here reads a clock.
 """
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -80,14 +80,16 @@ class Flow:
     __slots__ = (
         "cap",
         "data",
+        "due",
         "links",
         "on_done",
         "rate",
         "remaining",
         "size",
+        "slot",
         "stamp",
         "started",
-        "version",
+        "turn",
     )
 
     def __init__(
@@ -108,7 +110,11 @@ class Flow:
         self.rate = 0.0
         self.stamp = 0.0  # time `remaining` was last brought up to date
         self.started = 0.0
-        self.version = 0
+        # Completion queue entry: when it is due, the order in which it was
+        # queued (ties go to the earlier) and its slot in the heap (-1: none).
+        self.due = INF
+        self.turn = 0
+        self.slot = -1
         self.on_done = on_done
         self.data = data
 
@@ -199,12 +205,10 @@ class Network:
 
     def __init__(self, *, max_relevels_per_link: int = 64) -> None:
         self._dirty: list[Link] = []
-        # Completion times: a heap of distinct times, and for each the flows
-        # due then with their version, in the order they were queued (so
-        # simultaneous completions come out in a reproducible order). A heap of
-        # bare floats compares much faster than one of tuples.
-        self._due: list[float] = []
-        self._due_flows: dict[float, list[tuple[int, Flow]]] = {}
+        # Completions: a binary heap of flows ordered by (due, turn), each
+        # flow holding its own slot, so a re-rated flow moves in place.
+        self._heap: list[Flow] = []
+        self._turns = 0
         self._max_relevels = max_relevels_per_link
         self.flows: dict[Flow, None] = {}
         self.relevels = 0
@@ -237,7 +241,7 @@ class Network:
             return
         self._advance(flow, now)
         del self.flows[flow]
-        flow.version += 1  # its queued completion is now stale
+        self._unqueue(flow)
         flow.rate = 0.0
         for link in flow.links:
             del link.flows[flow]
@@ -261,19 +265,78 @@ class Network:
     def _set_rate(self, flow: Flow, rate: float, now: float) -> None:
         self._advance(flow, now)
         flow.rate = rate
-        flow.version += 1
         if rate > 0:
             remaining = flow.remaining if flow.remaining > 0 else 0.0
             self._queue(now + remaining / rate, flow)
+        else:
+            self._unqueue(flow)
+
+    # -- the completion heap --------------------------------------------------
 
     def _queue(self, when: float, flow: Flow) -> None:
-        """Queue ``flow``'s completion at ``when`` (an entry goes stale when its version does)."""
-        entries = self._due_flows.get(when)
-        if entries is None:
-            self._due_flows[when] = [(flow.version, flow)]
-            heapq.heappush(self._due, when)
+        """(Re)queue ``flow``'s completion at ``when``, behind any flow already due then."""
+        self._turns += 1
+        flow.due = when
+        flow.turn = self._turns
+        heap = self._heap
+        slot = flow.slot
+        if slot < 0:
+            flow.slot = len(heap)
+            heap.append(flow)
+            self._sift_up(flow, len(heap) - 1)
+        elif slot > 0 and _before(flow, heap[(slot - 1) >> 1]):
+            self._sift_up(flow, slot)
         else:
-            entries.append((flow.version, flow))
+            self._sift_down(flow, slot)
+
+    def _unqueue(self, flow: Flow) -> None:
+        """Take ``flow`` out of the completion heap, if it is there."""
+        slot = flow.slot
+        if slot < 0:
+            return
+        flow.slot = -1
+        heap = self._heap
+        last = heap.pop()
+        if slot == len(heap):
+            return
+        if slot > 0 and _before(last, heap[(slot - 1) >> 1]):
+            self._sift_up(last, slot)
+        else:
+            self._sift_down(last, slot)
+
+    def _sift_up(self, flow: Flow, slot: int) -> None:
+        heap = self._heap
+        while slot > 0:
+            parent = (slot - 1) >> 1
+            above = heap[parent]
+            if not _before(flow, above):
+                break
+            heap[slot] = above
+            above.slot = slot
+            slot = parent
+        heap[slot] = flow
+        flow.slot = slot
+
+    def _sift_down(self, flow: Flow, slot: int) -> None:
+        heap = self._heap
+        size = len(heap)
+        while True:
+            child = 2 * slot + 1
+            if child >= size:
+                break
+            below = heap[child]
+            if child + 1 < size:
+                right = heap[child + 1]
+                if _before(right, below):
+                    child += 1
+                    below = right
+            if not _before(below, flow):
+                break
+            heap[slot] = below
+            below.slot = slot
+            slot = child
+        heap[slot] = flow
+        flow.slot = slot
 
     def settle(self, now: float) -> None:
         """Bring every rate back to max-min fair after flows or capacities changed."""
@@ -329,11 +392,12 @@ class Network:
     def _reschedule(self, flows: dict[Flow, None], now: float) -> None:
         """Queue the completion of each of ``flows`` at its current rate (older entries go stale)."""
         for flow in flows:
-            flow.version += 1
             rate = flow.rate
             if rate > 0:
                 remaining = flow.remaining if flow.remaining > 0 else 0.0
                 self._queue(now + remaining / rate, flow)
+            else:
+                self._unqueue(flow)
 
     def _fallback(self, touched: dict[Link, None], now: float) -> None:
         """Solve exactly every flow connected to the links touched so far."""
@@ -372,18 +436,8 @@ class Network:
 
     def next_completion(self) -> float:
         """When the next flow finishes at current rates (``inf`` if none will)."""
-        # (A flow's version moves on whenever it is removed or its rate
-        # changes, so an entry with the current version is live.)
-        due = self._due
-        due_flows = self._due_flows
-        while due:
-            when = due[0]
-            for version, flow in due_flows[when]:
-                if version == flow.version:
-                    return when
-            del due_flows[when]
-            heapq.heappop(due)
-        return INF
+        heap = self._heap
+        return heap[0].due if heap else INF
 
     def pop_completed(self, now: float) -> Flow | None:
         """Remove and return one flow finishing at or before ``now``, or None.
@@ -391,20 +445,15 @@ class Network:
         One at a time: handling one completion may cancel another due at the
         same instant, which must then not be reported.
         """
-        due = self._due
-        due_flows = self._due_flows
-        while due and due[0] <= now:
-            when = due[0]
-            entries = due_flows[when]
-            while entries:
-                version, flow = entries.pop(0)
-                if version == flow.version:
-                    if not entries:
-                        del due_flows[when]
-                        heapq.heappop(due)
-                    self.remove_flow(flow, now)
-                    flow.remaining = 0.0
-                    return flow
-            del due_flows[when]
-            heapq.heappop(due)
-        return None
+        heap = self._heap
+        if not heap or heap[0].due > now:
+            return None
+        flow = heap[0]
+        self.remove_flow(flow, now)
+        flow.remaining = 0.0
+        return flow
+
+
+def _before(a: Flow, b: Flow) -> bool:
+    """Whether ``a`` completes before ``b`` (ties: the one queued first)."""
+    return a.due < b.due or (a.due == b.due and a.turn < b.turn)

@@ -112,3 +112,57 @@ def test_flows_frozen_together_come_back_in_the_order_given() -> None:
     rates = progressive_filling(order)
     assert list(rates) == order
     assert set(rates.values()) == {100.0 / 64}
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_next_completion_is_the_earliest_live_flow(seed: int) -> None:
+    # The completion heap against a scan of every flow, through starts,
+    # removals and capacity changes that re-rate flows in place.
+    rng = random.Random(seed)
+    net = Network()
+    links = [Link(f"l{i}", rng.choice([1.0, 2.0, 4.0])) for i in range(5)]
+    flows: list[Flow] = []
+    now = 0.0
+    for _ in range(80):
+        roll = rng.random()
+        if flows and roll < 0.3:
+            net.remove_flow(flows.pop(rng.randrange(len(flows))), now)
+        elif roll < 0.45:
+            net.set_capacity(rng.choice(links), rng.choice([0.0, 1.0, 3.0, 8.0]))
+        else:
+            chosen = tuple(rng.sample(links, rng.randint(1, 2)))
+            flow = Flow(chosen, rng.choice([1.0, 4.0, rng.uniform(1.0, 9.0)]), _noop)
+            net.add_flow(flow, now)
+            flows.append(flow)
+        net.settle(now)
+        due = [f.stamp + f.remaining / f.rate for f in flows if f.rate > 0]
+        assert net.next_completion() == pytest.approx(min(due, default=math.inf))
+        done = net.pop_completed(now + 0.05)
+        if done is not None:
+            assert done in flows and done.remaining == 0.0
+            flows.remove(done)
+            net.settle(now)
+        now += 0.05
+
+
+def test_simultaneous_completions_come_out_in_the_order_queued() -> None:
+    link = Link("l", 4.0)
+    net = Network()
+    flows = [Flow((link,), 2.0, _noop) for _ in range(6)]
+    for flow in flows:
+        net.add_flow(flow, 0.0)
+    net.settle(0.0)  # all at 4/6 B/s, due at 3 s
+    late = Flow((Link("own", 1.0),), 4.0, _noop)
+    net.add_flow(late, 1.0)
+    net.settle(1.0)  # 1 B/s, due at 5 s
+    net.set_capacity(late.links[0], 3.0)
+    net.settle(2.0)  # 3 B left at 3 B/s: re-rated to tie with the six, queued after them
+    assert net.next_completion() == 3.0
+    popped = []
+    for _ in range(10):
+        flow = net.pop_completed(3.0)
+        if flow is None:
+            break
+        popped.append(flow)
+    assert popped == [*flows, late]
+    assert math.isinf(net.next_completion())
