@@ -57,7 +57,7 @@ class Link:
             raise ValueError(f"link {name}: capacity must be >= 0 B/s, got {capacity}")
         self.name = name
         self.capacity = float(capacity)
-        self.flows: dict[Flow, None] = {}  # insertion-ordered set: runs are reproducible
+        self.flows: list[Flow] = []  # in the order they started: runs are reproducible
         self.level = INF
         self.queued = False
 
@@ -82,6 +82,7 @@ class Flow:
         "data",
         "due",
         "links",
+        "mark",
         "on_done",
         "rate",
         "remaining",
@@ -115,6 +116,7 @@ class Flow:
         self.due = INF
         self.turn = 0
         self.slot = -1
+        self.mark = 0  # the last settle that changed its rate
         self.on_done = on_done
         self.data = data
 
@@ -209,6 +211,7 @@ class Network:
         # flow holding its own slot, so a re-rated flow moves in place.
         self._heap: list[Flow] = []
         self._turns = 0
+        self._settles = 0
         self._max_relevels = max_relevels_per_link
         self.flows: dict[Flow, None] = {}
         self.relevels = 0
@@ -230,7 +233,7 @@ class Network:
         flow.rate = 0.0
         self.flows[flow] = None
         for link in flow.links:
-            link.flows[flow] = None
+            link.flows.append(flow)
             self._mark(link)
         if not flow.links:  # only its own cap limits it
             self._set_rate(flow, flow.cap, now)
@@ -244,7 +247,7 @@ class Network:
         self._unqueue(flow)
         flow.rate = 0.0
         for link in flow.links:
-            del link.flows[flow]
+            link.flows.remove(flow)
             self._mark(link)
 
     def set_capacity(self, link: Link, capacity: float) -> None:
@@ -343,16 +346,19 @@ class Network:
         dirty = self._dirty
         if not dirty:
             return
-        touched: dict[Link, None] = {}
-        # Flows whose rate changed; each gets one completion-heap entry at the
-        # end, however often the iteration moved it.
-        changed: dict[Flow, None] = {}
+        touched: list[Link] = []  # for the fallback
+        # Flows whose rate changed (marked with this settle's number); each
+        # gets one completion-heap entry at the end, however often the
+        # iteration moved it.
+        self._settles += 1
+        mark = self._settles
+        changed: list[Flow] = []
         budget = self._max_relevels * (len(dirty) + 8)
         count = 0
         while dirty:
             link = dirty.pop()
             link.queued = False
-            touched[link] = None
+            touched.append(link)
             count += 1
             if count > budget:
                 self._reschedule(changed, now)
@@ -381,7 +387,9 @@ class Network:
                         flow.remaining -= old * (now - flow.stamp)
                         flow.stamp = now
                     flow.rate = rate
-                    changed[flow] = None
+                    if flow.mark != mark:
+                        flow.mark = mark
+                        changed.append(flow)
                     for other in flow.links:
                         if other is not link and not other.queued:
                             other.queued = True
@@ -389,7 +397,7 @@ class Network:
         self.relevels += count
         self._reschedule(changed, now)
 
-    def _reschedule(self, flows: dict[Flow, None], now: float) -> None:
+    def _reschedule(self, flows: list[Flow], now: float) -> None:
         """Queue the completion of each of ``flows`` at its current rate (older entries go stale)."""
         for flow in flows:
             rate = flow.rate
@@ -399,13 +407,14 @@ class Network:
             else:
                 self._unqueue(flow)
 
-    def _fallback(self, touched: dict[Link, None], now: float) -> None:
+    def _fallback(self, touched: list[Link], now: float) -> None:
         """Solve exactly every flow connected to the links touched so far."""
         self.fallbacks += 1
         for link in self._dirty:
             link.queued = False
-            touched[link] = None
+            touched.append(link)
         self._dirty.clear()
+        touched = list(dict.fromkeys(touched))
         # The connected component of the touched links.
         seen_links: set[Link] = set(touched)
         stack = list(touched)
