@@ -23,7 +23,7 @@ for each Request, :meth:`~UploadScheduler.next` whenever a slot may be free, and
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Hashable
 from typing import Generic, TypeVar
 
@@ -50,9 +50,13 @@ class UploadScheduler(Generic[PeerT, RequestT]):
         self.max_queue = max_queue
         # Peer -> its pending requests, in arrival order (dict as ordered set).
         self._queues: dict[PeerT, dict[RequestT, None]] = {}
-        # Peers with pending requests, in round-robin order.
-        self._ring: OrderedDict[PeerT, None] = OrderedDict()
-        self._active: dict[PeerT, deque[RequestT]] = {}
+        # Peers with pending requests, in round-robin order: exactly the peers
+        # whose queue is not empty.
+        self._ring: deque[PeerT] = deque()
+        # Sends in progress, in the order they were granted (at most
+        # ``max_active``, so a scan beats any index).
+        self._active_peers: list[PeerT] = []
+        self._active_requests: list[RequestT] = []
         self._active_count = 0
         self._pending_count = 0
 
@@ -72,7 +76,11 @@ class UploadScheduler(Generic[PeerT, RequestT]):
 
     def active_for(self, peer: PeerT) -> list[RequestT]:
         """Requests of ``peer`` being sent now."""
-        return list(self._active.get(peer, ()))
+        return [
+            request
+            for other, request in zip(self._active_peers, self._active_requests, strict=True)
+            if other == peer
+        ]
 
     def enqueue(self, peer: PeerT, request: RequestT) -> bool:
         """Queue ``request`` from ``peer``.
@@ -89,8 +97,8 @@ class UploadScheduler(Generic[PeerT, RequestT]):
             return False
         queue[request] = None
         self._pending_count += 1
-        if peer not in self._ring:
-            self._ring[peer] = None
+        if len(queue) == 1:
+            self._ring.append(peer)
         return True
 
     def cancel(self, peer: PeerT, request: RequestT) -> bool:
@@ -101,7 +109,7 @@ class UploadScheduler(Generic[PeerT, RequestT]):
         del queue[request]
         self._pending_count -= 1
         if not queue:
-            self._ring.pop(peer, None)
+            self._ring.remove(peer)
         return True
 
     def next(self) -> tuple[PeerT, RequestT] | None:
@@ -112,17 +120,15 @@ class UploadScheduler(Generic[PeerT, RequestT]):
         """
         if self._active_count >= self.max_active or not self._ring:
             return None
-        peer, _ = self._ring.popitem(last=False)
+        peer = self._ring.popleft()
         queue = self._queues[peer]
         request = next(iter(queue))
         del queue[request]
         self._pending_count -= 1
         if queue:
-            self._ring[peer] = None  # back of the line
-        active = self._active.get(peer)
-        if active is None:
-            active = self._active[peer] = deque()
-        active.append(request)
+            self._ring.append(peer)  # back of the line
+        self._active_peers.append(peer)
+        self._active_requests.append(request)
         self._active_count += 1
         return peer, request
 
@@ -131,24 +137,28 @@ class UploadScheduler(Generic[PeerT, RequestT]):
 
         Unknown pairs (e.g. after :meth:`peer_gone`) are ignored.
         """
-        active = self._active.get(peer)
-        if active is None:
-            return
-        try:
-            active.remove(request)
-        except ValueError:
-            return
-        if not active:
-            del self._active[peer]
-        self._active_count -= 1
+        peers = self._active_peers
+        requests = self._active_requests
+        for i in range(len(peers)):
+            if peers[i] == peer and (requests[i] is request or requests[i] == request):
+                del peers[i]
+                del requests[i]
+                self._active_count -= 1
+                return
 
     def peer_gone(self, peer: PeerT) -> list[RequestT]:
         """``peer`` disconnected: drop its queue and free its slots.
 
         Returns the requests that were being sent to it (the engine aborts them).
         """
-        self._pending_count -= len(self._queues.pop(peer, {}))
-        self._ring.pop(peer, None)
-        active = self._active.pop(peer, deque())
-        self._active_count -= len(active)
-        return list(active)
+        queue = self._queues.pop(peer, {})
+        if queue:
+            self._pending_count -= len(queue)
+            self._ring.remove(peer)
+        gone = self.active_for(peer)
+        if gone:
+            kept = [i for i, other in enumerate(self._active_peers) if other != peer]
+            self._active_peers = [self._active_peers[i] for i in kept]
+            self._active_requests = [self._active_requests[i] for i in kept]
+            self._active_count = len(kept)
+        return gone
