@@ -437,7 +437,7 @@ class Simulation:
         self._drop_flow(flow)
 
     def _drop_flow(self, flow: Flow) -> None:
-        was_active = flow in self.net.flows
+        was_active = flow.running
         self.net.remove_flow(flow, self.now)
         data = flow.data
         if isinstance(data, OriginRequest):
@@ -493,7 +493,7 @@ class Simulation:
         held = self._stalled_flows.setdefault(node, [])
         for flow in list(self.node_flows[node]):
             request = flow.data
-            if isinstance(request, OriginRequest) and flow in self.net.flows:
+            if isinstance(request, OriginRequest) and flow.running:
                 self.net.remove_flow(flow, self.now)
                 held.append((flow, request))
         self.at(until, self._unstall, node)

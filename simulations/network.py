@@ -86,6 +86,7 @@ class Flow:
         "on_done",
         "rate",
         "remaining",
+        "running",
         "size",
         "slot",
         "stamp",
@@ -117,6 +118,7 @@ class Flow:
         self.turn = 0
         self.slot = -1
         self.mark = 0  # the last settle that changed its rate
+        self.running = False  # between add_flow and remove_flow
         self.on_done = on_done
         self.data = data
 
@@ -213,7 +215,6 @@ class Network:
         self._turns = 0
         self._settles = 0
         self._max_relevels = max_relevels_per_link
-        self.flows: dict[Flow, None] = {}
         self.relevels = 0
         """Link re-levellings done so far (a cost counter)."""
         self.fallbacks = 0
@@ -231,7 +232,7 @@ class Network:
         flow.stamp = now
         flow.started = now
         flow.rate = 0.0
-        self.flows[flow] = None
+        flow.running = True
         for link in flow.links:
             link.flows.append(flow)
             self._mark(link)
@@ -240,10 +241,10 @@ class Network:
 
     def remove_flow(self, flow: Flow, now: float) -> None:
         """Stop ``flow`` (finished or abandoned); bytes it moved are kept in ``remaining``."""
-        if flow not in self.flows:
+        if not flow.running:
             return
+        flow.running = False
         self._advance(flow, now)
-        del self.flows[flow]
         self._unqueue(flow)
         flow.rate = 0.0
         for link in flow.links:

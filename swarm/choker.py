@@ -91,11 +91,12 @@ class UploadScheduler(Generic[PeerT, RequestT]):
         queue = self._queues.get(peer)
         if queue is None:
             queue = self._queues[peer] = {}
-        if request in queue:
+        size = len(queue)
+        if size >= self.max_queue:
+            return request in queue
+        queue[request] = None  # a request already pending keeps its place
+        if len(queue) == size:
             return True
-        if len(queue) >= self.max_queue:
-            return False
-        queue[request] = None
         self._pending_count += 1
         if len(queue) == 1:
             self._ring.append(peer)
