@@ -39,7 +39,7 @@ from collections import deque
 from typing import Any
 
 from librt.vecs import vec
-from mypy_extensions import u8
+from mypy_extensions import i64, u8
 
 from simulations.engine import OriginRequest, Simulation
 from simulations.network import Flow
@@ -358,14 +358,15 @@ class Swarm:
         # Each node's connections, in the order they were made, and by peer.
         self.conns: list[list[_Conn]] = [[] for _ in range(n)]
         self.conn_to: list[dict[int, _Conn]] = [{} for _ in range(n)]
-        # Which pieces each node holds (machine bytes: read on every HAVE).
-        self.have = [vec[u8]([0] * self.num_pieces) for _ in range(n)]
-        self.count = [0] * n
+        # Which pieces each node holds: piece p of node x at x * num_pieces + p
+        # (one array of machine bytes, read for every neighbour on every HAVE).
+        self.have = vec[u8]([0] * (n * self.num_pieces))
+        self.count = vec[i64]([0] * n)
         self.done = [False] * n
         self.inflight = [0] * n
         self.starved = [False] * n
         self.cursor = [0] * n
-        self.holders = [0] * self.num_pieces
+        self.holders = vec[i64]([0] * self.num_pieces)
         self.pulls: list[dict[int, OriginRequest]] = [{} for _ in range(n)]
         self.ticking = False
 
@@ -404,12 +405,9 @@ class Swarm:
         for x, y in ((a, b), (b, a)):
             picker = self.pickers[x]
             if picker is not None and not self.done[x]:
-                have = self.have[y]
                 picker.add_peer(
                     y,
-                    Bitfield.from_indices(
-                        (p for p in range(self.num_pieces) if have[p]), self.num_pieces
-                    )
+                    Bitfield.from_indices(self._held(y), self.num_pieces)
                     if self.count[y]
                     else Bitfield(self.num_pieces),
                 )
@@ -418,8 +416,15 @@ class Swarm:
         """Pieces ``b`` has that ``a`` lacks."""
         if not self.count[b]:
             return 0
-        have_a, have_b = self.have[a], self.have[b]
-        return sum(1 for p in range(self.num_pieces) if have_b[p] and not have_a[p])
+        have = self.have
+        base_a, base_b = a * self.num_pieces, b * self.num_pieces
+        return sum(1 for p in range(self.num_pieces) if have[base_b + p] and not have[base_a + p])
+
+    def _held(self, node: int) -> list[int]:
+        """The pieces ``node`` holds."""
+        have = self.have
+        base = node * self.num_pieces
+        return [p for p in range(self.num_pieces) if have[base + p]]
 
     def start(self) -> None:
         sim = self.sim
@@ -512,15 +517,16 @@ class Swarm:
 
     def _got_piece(self, node: int, piece: int) -> None:
         """``node`` verified ``piece``: tell the neighbours that lack it."""
-        self.have[node][piece] = 1
+        num_pieces = self.num_pieces
+        have = self.have
+        have[node * num_pieces + piece] = 1
         self.holders[piece] += 1
         self.count[node] += 1
-        have = self.have
         pickers = self.pickers
         done = self.done
         for conn in self.conns[node]:
             other = conn.peer
-            if have[other][piece]:
+            if have[other * num_pieces + piece]:
                 conn.interest -= 1
             elif not done[other]:
                 picker = pickers[other]
@@ -531,7 +537,7 @@ class Swarm:
                         self._fill(other)
             else:
                 conn.back.interest += 1
-        if self.count[node] == self.num_pieces:
+        if self.count[node] == num_pieces:
             done[node] = True
             self.sim.node_finished(node)
 
@@ -647,12 +653,10 @@ class Swarm:
         self.inflight[node] = 0
         self.pickers[node] = None
         self.assignment.peer_left(node, now)
-        have = self.have[node]
-        for piece in range(self.num_pieces):
-            if have[piece]:
-                self.holders[piece] -= 1
-                if self.holders[piece] == 0:
-                    self.assignment.piece_lost(piece)
+        for piece in self._held(node):
+            self.holders[piece] -= 1
+            if self.holders[piece] == 0:
+                self.assignment.piece_lost(piece)
         self._assign()
         for other in affected:
             self._serve(other)

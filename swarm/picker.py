@@ -50,7 +50,7 @@ from collections.abc import Hashable, Sequence
 from typing import Generic, NamedTuple, TypeVar
 
 from librt.vecs import append, vec
-from mypy_extensions import i32, i64
+from mypy_extensions import i32, i64, u8
 
 from swarm.bitfield import Bitfield
 
@@ -58,9 +58,9 @@ __all__ = ["BlockRequest", "PiecePicker"]
 
 PeerT = TypeVar("PeerT", bound=Hashable)
 
-_OPEN = 0
-_REQUESTED = 1
-_RECEIVED = 2
+_OPEN: u8 = 0
+_REQUESTED: u8 = 1
+_RECEIVED: u8 = 2
 
 
 class BlockRequest(NamedTuple):
@@ -77,7 +77,7 @@ class _Partial(Generic[PeerT]):
     __slots__ = ("next_open", "open", "received", "requesters", "state")
 
     def __init__(self, num_blocks: int) -> None:
-        self.state = bytearray(num_blocks)
+        self.state = vec[u8]([_OPEN] * num_blocks)
         # Block index -> peers it is requested from (only for REQUESTED blocks).
         self.requesters: dict[int, list[PeerT]] = {}
         self.open = num_blocks
@@ -514,7 +514,8 @@ class PiecePicker(Generic[PeerT]):
         index = partial.next_open
         taken = 0
         while taken < limit and partial.open:
-            index = state.index(_OPEN, index)
+            while state[index] != _OPEN:
+                index += 1
             state[index] = _REQUESTED
             partial.requesters[index] = [peer]
             partial.open -= 1
@@ -644,9 +645,9 @@ class PiecePicker(Generic[PeerT]):
     def _drop_partial(self, piece: int) -> list[tuple[PeerT, BlockRequest]]:
         partial = self._partials.pop(piece, None)
         self._open_partials.pop(piece, None)
-        if partial is None:
-            return []
         leftovers: list[tuple[PeerT, BlockRequest]] = []
+        if partial is None or not partial.requesters:
+            return leftovers
         for index, peers in sorted(partial.requesters.items()):
             block = self._block(piece, index)
             for peer in peers:
