@@ -21,7 +21,10 @@ other flow gets more. Two solvers compute it:
   (the distributed max-min iteration of Charny, Clark and Jain, 1995). At the
   fixpoint every flow has a bottleneck, which is the max-min condition; the
   work done is proportional to the part of the network that actually changed,
-  not to the network. If the iteration runs unusually long (it has no tight
+  not to the network; a change can ripple across hundreds of links of a
+  large swarm, and that is still far cheaper than solving it all. If the
+  iteration oscillates instead (a link re-levelled more than
+  ``max_relevels_per_link`` times in one settle; the iteration has no tight
   worst-case bound), the links touched are solved exactly by
   :func:`progressive_filling` and the count is kept in
   :attr:`Network.fallbacks`.
@@ -50,7 +53,7 @@ _REL_TOL = 1e-9
 class Link:
     """A shared capacity in bytes per second."""
 
-    __slots__ = ("capacity", "flows", "level", "name", "queued")
+    __slots__ = ("capacity", "flows", "level", "name", "queued", "settle", "visits")
 
     def __init__(self, name: str, capacity: float) -> None:
         if not capacity >= 0:
@@ -60,6 +63,8 @@ class Link:
         self.flows: list[Flow] = []  # in the order they started: runs are reproducible
         self.level = INF
         self.queued = False
+        self.settle = 0  # the last settle that re-levelled it ...
+        self.visits = 0  # ... and how often it did
 
     def __repr__(self) -> str:
         return f"Link({self.name!r}, {self.capacity:.4g} B/s, {len(self.flows)} flows)"
@@ -354,14 +359,18 @@ class Network:
         self._settles += 1
         mark = self._settles
         changed: list[Flow] = []
-        budget = self._max_relevels * (len(dirty) + 8)
+        limit = self._max_relevels
         count = 0
         while dirty:
             link = dirty.pop()
             link.queued = False
             touched.append(link)
             count += 1
-            if count > budget:
+            if link.settle != mark:
+                link.settle = mark
+                link.visits = 0
+            link.visits += 1
+            if link.visits > limit:
                 self._reschedule(changed, now)
                 self._fallback(touched, now)
                 return
