@@ -10,12 +10,21 @@ For a million pieces the whole set is 125 KiB. Membership, ``add`` and
 ``discard`` are O(1); the population count is kept up to date so ``count`` and
 ``complete`` are O(1); iteration skips whole zero (or, for :meth:`missing`, whole
 0xFF) bytes.
+
+The bytes live in a ``librt.vecs`` ``vec[u8]`` rather than a bytearray: the
+same buffer (it exports the buffer protocol, so the regex scans and
+``bytes()`` work unchanged), but the compiled simulator (``swarm simulate
+--native``) reads and writes its elements as machine bytes, where a
+bytearray element goes through a boxed int on every HAVE.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
+
+from librt.vecs import vec
+from mypy_extensions import u8
 
 __all__ = ["Bitfield"]
 
@@ -29,7 +38,7 @@ _NOT_FULL = re.compile(rb"[^\xff]")
 
 
 class Bitfield:
-    """A set of piece indices in ``range(size)`` backed by a bytearray."""
+    """A set of piece indices in ``range(size)`` backed by a byte vector."""
 
     __slots__ = ("_bits", "_count", "_size")
 
@@ -37,7 +46,7 @@ class Bitfield:
         if size < 0:
             raise ValueError(f"bitfield size must be >= 0, got {size}")
         self._size = size
-        self._bits = bytearray((size + 7) // 8)
+        self._bits = vec[u8](bytes((size + 7) // 8))
         self._count = 0
 
     # -- construction -------------------------------------------------------
@@ -58,8 +67,8 @@ class Bitfield:
         spare = expected * 8 - size
         if spare and data[-1] & ((1 << spare) - 1):
             raise ValueError(f"bitfield for {size} pieces has spare bits set in its last byte")
-        bitfield._bits[:] = data
-        bitfield._count = int.from_bytes(bitfield._bits, "big").bit_count()
+        bitfield._bits = vec[u8](bytes(data))
+        bitfield._count = int.from_bytes(bytes(data), "big").bit_count()
         return bitfield
 
     @classmethod
@@ -76,9 +85,8 @@ class Bitfield:
         bitfield = cls(size)
         nbytes = len(bitfield._bits)
         if nbytes:
-            bitfield._bits[:] = b"\xff" * nbytes
             spare = nbytes * 8 - size
-            bitfield._bits[-1] &= (0xFF << spare) & 0xFF
+            bitfield._bits = vec[u8](b"\xff" * (nbytes - 1) + bytes([(0xFF << spare) & 0xFF]))
         bitfield._count = size
         return bitfield
 
@@ -89,7 +97,7 @@ class Bitfield:
     def copy(self) -> Bitfield:
         other = Bitfield(0)
         other._size = self._size
-        other._bits = bytearray(self._bits)
+        other._bits = vec[u8](self._bits)
         other._count = self._count
         return other
 
@@ -102,14 +110,14 @@ class Bitfield:
     def __contains__(self, index: object) -> bool:
         if not isinstance(index, int) or not 0 <= index < self._size:
             return False
-        return bool(self._bits[index >> 3] & (0x80 >> (index & 7)))
+        return bool(self._bits[index >> 3] & u8(0x80 >> (index & 7)))
 
     def add(self, index: int) -> bool:
         """Set ``index``; return True if it was not set before."""
         if not 0 <= index < self._size:  # _check, inlined: this runs on every HAVE
             self._check(index)
         byte_index = index >> 3
-        mask = 0x80 >> (index & 7)
+        mask = u8(0x80 >> (index & 7))
         bits = self._bits
         byte = bits[byte_index]
         if byte & mask:
@@ -121,11 +129,11 @@ class Bitfield:
     def discard(self, index: int) -> bool:
         """Clear ``index``; return True if it was set before."""
         self._check(index)
-        mask = 0x80 >> (index & 7)
+        mask = u8(0x80 >> (index & 7))
         byte = self._bits[index >> 3]
         if not byte & mask:
             return False
-        self._bits[index >> 3] = byte & ~mask
+        self._bits[index >> 3] = byte ^ mask
         self._count -= 1
         return True
 
@@ -151,23 +159,27 @@ class Bitfield:
 
     def __iter__(self) -> Iterator[int]:
         """Set piece indices in ascending order."""
+        if not self._count:
+            return  # (an empty vector has no buffer to scan)
         table = _SET_BITS
         # The regex engine skips runs of zero bytes at C speed, which matters
         # for the sparse bitfields of peers that have just joined.
         for match in _NONZERO.finditer(self._bits):
             byte_index = match.start()
             base = byte_index << 3
-            for bit in table[self._bits[byte_index]]:
+            for bit in table[int(self._bits[byte_index])]:
                 yield base + bit
 
     def missing(self) -> Iterator[int]:
         """Piece indices that are not set, in ascending order."""
         size = self._size
+        if self._count == size:
+            return  # nothing missing (and an empty vector has no buffer to scan)
         table = _SET_BITS
         for match in _NOT_FULL.finditer(self._bits):
             byte_index = match.start()
             base = byte_index << 3
-            for bit in table[self._bits[byte_index] ^ 0xFF]:
+            for bit in table[int(self._bits[byte_index]) ^ 0xFF]:
                 index = base + bit
                 if index >= size:
                     return
