@@ -255,6 +255,9 @@ class Simulation:
                 self.rack_up.append(Link(f"rack{r}-up", up))
                 self.rack_down.append(Link(f"rack{r}-down", down))
         self.origin_link = Link("origin", scenario.origin_rate)
+        # Thousands of GETs can share it (direct: every node's); the ones only
+        # it can limit move as one pool (see simulations.network).
+        self.net.pool(self.origin_link)
         self.connection_cap = (
             scenario.origin_connection_gbps * 1e9 / 8
             if scenario.origin_connection_gbps is not None

@@ -29,6 +29,19 @@ other flow gets more. Two solvers compute it:
   :func:`progressive_filling` and the count is kept in
   :attr:`Network.fallbacks`.
 
+*Pooled links.* A link with thousands of flows (the origin under ``direct``:
+8000 GETs) would make every start or finish re-rate all of them. A link
+marked with :meth:`Network.pool` keeps the flows that can only ever be
+limited by it -- same cap, and every other link they cross *slack-proof*
+(no uncapped flow on it, and the caps of its flows sum to less than its
+capacity, so it can never saturate) -- as *members* of one pool moving at one
+shared rate. The pool keeps a virtual clock (bytes each member has moved
+since the pool began) and each member the clock reading at which it will be
+done, in a heap; a change of the shared rate then touches the clock and one
+completion entry, not the members. A member whose other link stops being
+slack-proof (an uncapped flow arrives on it) is turned back into an ordinary
+flow first. The rates are the same max-min fair ones.
+
 Each flow knows its bytes left; its completion time is kept in an indexed
 binary heap (each flow knows its slot), so a rate change moves one entry and
 no stale entries pile up. Ties go to the flow queued first. Time is passed
@@ -53,7 +66,19 @@ _REL_TOL = 1e-9
 class Link:
     """A shared capacity in bytes per second."""
 
-    __slots__ = ("capacity", "flows", "level", "name", "queued", "settle", "visits")
+    __slots__ = (
+        "capacity",
+        "capsum",
+        "flows",
+        "level",
+        "members",
+        "name",
+        "pool",
+        "queued",
+        "settle",
+        "uncapped",
+        "visits",
+    )
 
     def __init__(self, name: str, capacity: float) -> None:
         if not capacity >= 0:
@@ -65,6 +90,17 @@ class Link:
         self.queued = False
         self.settle = 0  # the last settle that re-levelled it ...
         self.visits = 0  # ... and how often it did
+        # For the pool of another link: the caps of the flows here summed, how
+        # many have no cap, and how many are members of a pool.
+        self.capsum = 0.0
+        self.uncapped = 0
+        self.members = 0
+        self.pool: _Pool | None = None  # set by Network.pool: this link's pool
+
+    @property
+    def slack_proof(self) -> bool:
+        """True if no allocation could ever saturate this link."""
+        return self.uncapped == 0 and self.capsum < self.capacity
 
     def __repr__(self) -> str:
         return f"Link({self.name!r}, {self.capacity:.4g} B/s, {len(self.flows)} flows)"
@@ -72,7 +108,10 @@ class Link:
     @property
     def load(self) -> float:
         """Sum of the rates of the flows on this link now."""
-        return sum(flow.rate for flow in self.flows)
+        load = sum(flow.current_rate() for flow in self.flows)
+        if self.pool is not None:
+            load += self.pool.rate * len(self.pool.heap)
+        return load
 
 
 class Flow:
@@ -89,6 +128,7 @@ class Flow:
         "links",
         "mark",
         "on_done",
+        "pool",
         "rate",
         "remaining",
         "running",
@@ -124,6 +164,10 @@ class Flow:
         self.slot = -1
         self.mark = 0  # the last settle that changed its rate
         self.running = False  # between add_flow and remove_flow
+        # The pool this flow is a member of; while it is, ``due`` holds the
+        # pool clock reading at which it is done and ``slot`` its place in the
+        # pool's heap (``rate``, ``remaining`` and ``stamp`` are not kept).
+        self.pool: _Pool | None = None
         self.on_done = on_done
         self.data = data
 
@@ -132,7 +176,43 @@ class Flow:
 
     def transferred(self, now: float) -> float:
         """Bytes delivered by ``now``."""
+        pool = self.pool
+        if pool is not None:
+            return self.size - (self.due - pool.clock_at(now))
         return self.size - (self.remaining - self.rate * (now - self.stamp))
+
+    def current_rate(self) -> float:
+        """Bytes per second now."""
+        return self.rate if self.pool is None else self.pool.rate
+
+
+class _Pool:
+    """The members of a pooled link: flows that all move at ``rate``."""
+
+    __slots__ = ("cap", "clock", "heap", "link", "rate", "sentinel", "stamp")
+
+    def __init__(self, link: Link) -> None:
+        self.link = link
+        self.cap = INF  # every member's cap (set by the first to join)
+        self.rate = 0.0
+        self.clock = 0.0  # bytes each member has moved since the pool began ...
+        self.stamp = 0.0  # ... as of this time
+        self.heap: list[Flow] = []  # members by (clock reading when done, turn)
+        # Stands for the pool's next completion in the network's heap.
+        self.sentinel = Flow((link,), 0.0, _ignore)
+        self.sentinel.pool = self
+
+    def clock_at(self, now: float) -> float:
+        return self.clock + self.rate * (now - self.stamp) if now > self.stamp else self.clock
+
+    def advance(self, now: float) -> None:
+        if now > self.stamp:
+            self.clock += self.rate * (now - self.stamp)
+            self.stamp = now
+
+
+def _ignore(flow: Flow, now: float) -> None:
+    pass
 
 
 def _waterfill(capacity: float, bounds: list[float]) -> float:
@@ -149,6 +229,32 @@ def _waterfill(capacity: float, bounds: list[float]) -> float:
             n -= 1
         else:
             return left / n
+    return INF
+
+
+def _waterfill_pooled(capacity: float, bounds: list[float], count: int, cap: float) -> float:
+    """:func:`_waterfill` with ``count`` more flows, each bounded by ``cap``."""
+    bounds.sort()
+    left = capacity
+    n = len(bounds) + count
+    block = count > 0
+    for bound in bounds:
+        if block and cap <= bound:
+            # The block as one step: each of its flows passes the test below
+            # exactly when the first does.
+            if cap * n < left:
+                left -= cap * count
+                n -= count
+                block = False
+            else:
+                return left / n
+        if bound * n < left:
+            left -= bound
+            n -= 1
+        else:
+            return left / n
+    if block:
+        return INF if cap * n < left else left / n
     return INF
 
 
@@ -220,6 +326,7 @@ class Network:
         self._turns = 0
         self._settles = 0
         self._max_relevels = max_relevels_per_link
+        self._pools: list[_Pool] = []
         self.relevels = 0
         """Link re-levellings done so far (a cost counter)."""
         self.fallbacks = 0
@@ -232,12 +339,42 @@ class Network:
             link.queued = True
             self._dirty.append(link)
 
+    def pool(self, link: Link) -> None:
+        """Let ``link`` keep the flows only it can limit as one pool (see the module docstring)."""
+        if link.pool is None:
+            link.pool = _Pool(link)
+            self._pools.append(link.pool)
+
     def add_flow(self, flow: Flow, now: float) -> None:
         """Start ``flow`` at ``now`` (its rate is set by the next :meth:`settle`)."""
         flow.stamp = now
         flow.started = now
         flow.rate = 0.0
         flow.running = True
+        pool: _Pool | None = None
+        pools = 0
+        capped = flow.cap < INF
+        for link in flow.links:
+            if link.pool is not None:
+                pool = link.pool
+                pools += 1
+            if capped:
+                link.capsum += flow.cap
+            else:
+                link.uncapped += 1
+        for link in flow.links:
+            if link.members and not link.slack_proof:
+                self._unpool_members(link, now)
+        if pools == 1 and pool is not None and (not pool.heap or pool.cap == flow.cap):
+            for link in flow.links:
+                if link is not pool.link and not link.slack_proof:
+                    pool = None
+                    break
+        else:
+            pool = None
+        if pool is not None:
+            self._join(pool, flow, now)
+            return
         for link in flow.links:
             link.flows.append(flow)
             self._mark(link)
@@ -249,19 +386,100 @@ class Network:
         if not flow.running:
             return
         flow.running = False
-        self._advance(flow, now)
-        self._unqueue(flow)
+        pool = flow.pool
+        if pool is not None:
+            self._leave(pool, flow, now)
+        else:
+            self._advance(flow, now)
+            self._unqueue(flow)
+            for link in flow.links:
+                link.flows.remove(flow)
+                self._mark(link)
         flow.rate = 0.0
+        capped = flow.cap < INF
         for link in flow.links:
-            link.flows.remove(flow)
-            self._mark(link)
+            if capped:
+                link.capsum -= flow.cap
+            else:
+                link.uncapped -= 1
+            if not link.flows and link.pool is None:
+                link.capsum = 0.0  # no drift from adding and subtracting caps
 
-    def set_capacity(self, link: Link, capacity: float) -> None:
-        """Change ``link``'s capacity (a throttling episode, a measured rate)."""
+    def set_capacity(self, link: Link, capacity: float, now: float) -> None:
+        """Change ``link``'s capacity at ``now`` (a throttling episode, a measured rate)."""
         if not capacity >= 0:
             raise ValueError(f"link {link.name}: capacity must be >= 0 B/s, got {capacity}")
         link.capacity = float(capacity)
+        if link.members and not link.slack_proof:
+            self._unpool_members(link, now)
         self._mark(link)
+
+    # -- pools --------------------------------------------------------------
+
+    def _join(self, pool: _Pool, flow: Flow, now: float) -> None:
+        """Make ``flow`` (just started) a member of ``pool``."""
+        if not pool.heap:
+            pool.cap = flow.cap
+        pool.advance(now)
+        flow.pool = pool
+        flow.due = pool.clock + flow.remaining
+        self._turns += 1
+        flow.turn = self._turns
+        _heap_fix(pool.heap, flow)
+        for link in flow.links:
+            if link is not pool.link:
+                link.flows.append(flow)
+                link.members += 1
+            self._mark(link)
+        self._repool(pool, now)
+
+    def _leave(self, pool: _Pool, flow: Flow, now: float) -> None:
+        """Take member ``flow`` out of ``pool``, with its bytes left in ``remaining``."""
+        pool.advance(now)
+        flow.remaining = flow.due - pool.clock
+        flow.stamp = now
+        flow.rate = pool.rate
+        _heap_remove(pool.heap, flow)
+        flow.pool = None
+        for link in flow.links:
+            if link is not pool.link:
+                link.flows.remove(flow)
+                link.members -= 1
+            self._mark(link)
+        self._repool(pool, now)
+
+    def _unpool(self, flow: Flow, now: float) -> None:
+        """Turn member ``flow`` into an ordinary flow of its pooled link, at the pool's rate."""
+        pool = flow.pool
+        assert pool is not None
+        pool.advance(now)
+        remaining = flow.due - pool.clock
+        _heap_remove(pool.heap, flow)
+        flow.pool = None
+        flow.remaining = remaining
+        flow.stamp = now
+        flow.rate = pool.rate
+        for link in flow.links:
+            if link is not pool.link:
+                link.members -= 1
+        pool.link.flows.append(flow)
+        self._mark(pool.link)
+        if flow.rate > 0:
+            self._queue(now + (remaining if remaining > 0 else 0.0) / flow.rate, flow)
+        self._repool(pool, now)
+
+    def _unpool_members(self, link: Link, now: float) -> None:
+        for flow in [f for f in link.flows if f.pool is not None]:
+            self._unpool(flow, now)
+
+    def _repool(self, pool: _Pool, now: float) -> None:
+        """Queue the pool's next completion (its first member at the pool's rate)."""
+        if pool.heap and pool.rate > 0:
+            pool.advance(now)
+            left = pool.heap[0].due - pool.clock
+            self._queue(now + (left if left > 0 else 0.0) / pool.rate, pool.sentinel)
+        else:
+            self._unqueue(pool.sentinel)
 
     # -- rates --------------------------------------------------------------
 
@@ -287,65 +505,11 @@ class Network:
         self._turns += 1
         flow.due = when
         flow.turn = self._turns
-        heap = self._heap
-        slot = flow.slot
-        if slot < 0:
-            flow.slot = len(heap)
-            heap.append(flow)
-            self._sift_up(flow, len(heap) - 1)
-        elif slot > 0 and _before(flow, heap[(slot - 1) >> 1]):
-            self._sift_up(flow, slot)
-        else:
-            self._sift_down(flow, slot)
+        _heap_fix(self._heap, flow)
 
     def _unqueue(self, flow: Flow) -> None:
         """Take ``flow`` out of the completion heap, if it is there."""
-        slot = flow.slot
-        if slot < 0:
-            return
-        flow.slot = -1
-        heap = self._heap
-        last = heap.pop()
-        if slot == len(heap):
-            return
-        if slot > 0 and _before(last, heap[(slot - 1) >> 1]):
-            self._sift_up(last, slot)
-        else:
-            self._sift_down(last, slot)
-
-    def _sift_up(self, flow: Flow, slot: int) -> None:
-        heap = self._heap
-        while slot > 0:
-            parent = (slot - 1) >> 1
-            above = heap[parent]
-            if not _before(flow, above):
-                break
-            heap[slot] = above
-            above.slot = slot
-            slot = parent
-        heap[slot] = flow
-        flow.slot = slot
-
-    def _sift_down(self, flow: Flow, slot: int) -> None:
-        heap = self._heap
-        size = len(heap)
-        while True:
-            child = 2 * slot + 1
-            if child >= size:
-                break
-            below = heap[child]
-            if child + 1 < size:
-                right = heap[child + 1]
-                if _before(right, below):
-                    child += 1
-                    below = right
-            if not _before(below, flow):
-                break
-            heap[slot] = below
-            below.slot = slot
-            slot = child
-        heap[slot] = flow
-        flow.slot = slot
+        _heap_remove(self._heap, flow)
 
     def settle(self, now: float) -> None:
         """Bring every rate back to max-min fair after flows or capacities changed."""
@@ -375,7 +539,9 @@ class Network:
                 self._fallback(touched, now)
                 return
             flows = link.flows
-            if not flows:
+            pool = link.pool
+            members = 0 if pool is None else len(pool.heap)
+            if not flows and not members:
                 link.level = INF
                 continue
             # Each flow's bound from everything except this link.
@@ -386,9 +552,25 @@ class Network:
                     if other is not link and other.level < bound:
                         bound = other.level
                 bounds.append(bound)
-            level = _waterfill(link.capacity, bounds[:]) if link.capacity > 0 else 0.0
+            if link.capacity <= 0:
+                level = 0.0
+            elif members and pool is not None:
+                level = _waterfill_pooled(link.capacity, bounds[:], members, pool.cap)
+            else:
+                level = _waterfill(link.capacity, bounds[:])
             link.level = level
+            if members and pool is not None:
+                # Members cross only links that cannot limit them: the pool
+                # moves at this link's level (or the members' cap).
+                rate = pool.cap if pool.cap < level else level
+                old = pool.rate
+                if abs(rate - old) > _REL_TOL * (rate + old) or (rate == 0.0) != (old == 0.0):
+                    pool.advance(now)
+                    pool.rate = rate
+                    self._repool(pool, now)
             for i, flow in enumerate(flows):
+                if flow.pool is not None:
+                    continue  # a member of another link's pool: its rate is the pool's
                 bound = bounds[i]
                 rate = bound if bound < level else level
                 old = flow.rate
@@ -420,6 +602,9 @@ class Network:
     def _fallback(self, touched: list[Link], now: float) -> None:
         """Solve exactly every flow connected to the links touched so far."""
         self.fallbacks += 1
+        for pool in self._pools:  # the exact solver rates flows one by one
+            for flow in list(pool.heap):
+                self._unpool(flow, now)
         for link in self._dirty:
             link.queued = False
             touched.append(link)
@@ -468,9 +653,74 @@ class Network:
         if not heap or heap[0].due > now:
             return None
         flow = heap[0]
+        pool = flow.pool
+        if pool is not None:  # the pool's sentinel: its first member is done
+            flow = pool.heap[0]
         self.remove_flow(flow, now)
         flow.remaining = 0.0
         return flow
+
+
+def _heap_fix(heap: list[Flow], flow: Flow) -> None:
+    """Put ``flow`` (new, or with a changed key) in its place in ``heap``."""
+    slot = flow.slot
+    if slot < 0:
+        flow.slot = len(heap)
+        heap.append(flow)
+        _sift_up(heap, flow, len(heap) - 1)
+    elif slot > 0 and _before(flow, heap[(slot - 1) >> 1]):
+        _sift_up(heap, flow, slot)
+    else:
+        _sift_down(heap, flow, slot)
+
+
+def _heap_remove(heap: list[Flow], flow: Flow) -> None:
+    """Take ``flow`` out of ``heap``, if it is there."""
+    slot = flow.slot
+    if slot < 0:
+        return
+    flow.slot = -1
+    last = heap.pop()
+    if slot == len(heap):
+        return
+    if slot > 0 and _before(last, heap[(slot - 1) >> 1]):
+        _sift_up(heap, last, slot)
+    else:
+        _sift_down(heap, last, slot)
+
+
+def _sift_up(heap: list[Flow], flow: Flow, slot: int) -> None:
+    while slot > 0:
+        parent = (slot - 1) >> 1
+        above = heap[parent]
+        if not _before(flow, above):
+            break
+        heap[slot] = above
+        above.slot = slot
+        slot = parent
+    heap[slot] = flow
+    flow.slot = slot
+
+
+def _sift_down(heap: list[Flow], flow: Flow, slot: int) -> None:
+    size = len(heap)
+    while True:
+        child = 2 * slot + 1
+        if child >= size:
+            break
+        below = heap[child]
+        if child + 1 < size:
+            right = heap[child + 1]
+            if _before(right, below):
+                child += 1
+                below = right
+        if not _before(below, flow):
+            break
+        heap[slot] = below
+        below.slot = slot
+        slot = child
+    heap[slot] = flow
+    flow.slot = slot
 
 
 def _before(a: Flow, b: Flow) -> bool:

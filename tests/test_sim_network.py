@@ -86,7 +86,7 @@ def _check_against_progressive_filling(seed: int, net: Network) -> None:
             net.add_flow(flow, step)
             flows.append(flow)
         if rng.random() < 0.1:
-            net.set_capacity(rng.choice(links), rng.uniform(0.0, 10.0))
+            net.set_capacity(rng.choice(links), rng.uniform(0.0, 10.0), step)
         net.settle(step)
         reference = progressive_filling(flows)
         for flow in flows:
@@ -140,7 +140,7 @@ def test_next_completion_is_the_earliest_live_flow(seed: int) -> None:
         if flows and roll < 0.3:
             net.remove_flow(flows.pop(rng.randrange(len(flows))), now)
         elif roll < 0.45:
-            net.set_capacity(rng.choice(links), rng.choice([0.0, 1.0, 3.0, 8.0]))
+            net.set_capacity(rng.choice(links), rng.choice([0.0, 1.0, 3.0, 8.0]), now)
         else:
             chosen = tuple(rng.sample(links, rng.randint(1, 2)))
             flow = Flow(chosen, rng.choice([1.0, 4.0, rng.uniform(1.0, 9.0)]), _noop)
@@ -167,7 +167,7 @@ def test_simultaneous_completions_come_out_in_the_order_queued() -> None:
     late = Flow((Link("own", 1.0),), 4.0, _noop)
     net.add_flow(late, 1.0)
     net.settle(1.0)  # 1 B/s, due at 5 s
-    net.set_capacity(late.links[0], 3.0)
+    net.set_capacity(late.links[0], 3.0, 2.0)
     net.settle(2.0)  # 3 B left at 3 B/s: re-rated to tie with the six, queued after them
     assert net.next_completion() == 3.0
     popped = []
@@ -178,3 +178,85 @@ def test_simultaneous_completions_come_out_in_the_order_queued() -> None:
         popped.append(flow)
     assert popped == [*flows, late]
     assert math.isinf(net.next_completion())
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_pooled_link_gives_the_same_rates_and_completions(seed: int) -> None:
+    # The same run twice, once with the origin pooled: capped origin flows
+    # become pool members while their downlink cannot saturate, and turn back
+    # into ordinary flows when an uncapped flow arrives there.
+    rng = random.Random(seed)
+    downs = [rng.choice([3.0, 5.0, 40.0]) for _ in range(5)]
+    origin_capacity = rng.choice([2.0, 6.0])
+    nets: list[tuple[Network, Link, list[Link], list[Link]]] = []
+    for pooled in (False, True):
+        net = Network()
+        origin = Link("origin", origin_capacity)
+        if pooled:
+            net.pool(origin)
+        nets.append(
+            (
+                net,
+                origin,
+                [Link(f"down{i}", cap) for i, cap in enumerate(downs)],
+                [Link(f"up{i}", 4.0) for i in range(5)],
+            )
+        )
+    rng = random.Random(seed + 1000)
+    flows: list[list[Flow]] = [[], []]
+    done: list[list[int]] = [[], []]
+    now = 0.0
+    pooled_net = nets[1][0]
+    for _ in range(120):
+        roll = rng.random()
+        node, size = rng.randrange(5), rng.uniform(1.0, 30.0)
+        for k, (net, origin, down, up) in enumerate(nets):
+            if roll < 0.55:
+                flow = Flow((origin, down[node]), size, _noop, cap=0.5)
+            elif roll < 0.7:
+                flow = Flow((up[(node + 1) % 5], down[node]), size, _noop)
+            else:
+                flow = None
+            if flow is not None:
+                net.add_flow(flow, now)
+                flows[k].append(flow)
+            elif flows[k]:
+                net.remove_flow(flows[k][int(roll * 1000) % len(flows[k])], now)
+            net.settle(now)
+        for plain, pooled in zip(flows[0], flows[1], strict=True):
+            assert pooled.current_rate() == pytest.approx(plain.current_rate(), rel=1e-9)
+        assert nets[1][0].next_completion() == pytest.approx(nets[0][0].next_completion())
+        now += rng.uniform(0.0, 3.0)
+        for k, (net, *_) in enumerate(nets):
+            for _ in range(50):  # completions one by one, as the engine runs them
+                when = net.next_completion()
+                if when > now:
+                    break
+                flow = net.pop_completed(when)
+                assert flow is not None
+                done[k].append(flows[k].index(flow))
+                net.settle(when)
+        assert done[1] == done[0]
+    assert pooled_net._pools[0].heap or any(f.pool is None for f in flows[1])
+    assert len(done[0]) > 10
+
+
+def test_pool_members_move_together_and_report_their_bytes() -> None:
+    net = Network()
+    origin = Link("origin", 8.0)
+    net.pool(origin)
+    flows = [
+        Flow((origin, Link(f"down{i}", 100.0)), 8.0 * (i + 1), _noop, cap=5.0) for i in range(4)
+    ]
+    for flow in flows:
+        net.add_flow(flow, 0.0)
+    net.settle(0.0)
+    assert all(flow.pool is not None for flow in flows)  # members, not ordinary flows
+    assert [flow.current_rate() for flow in flows] == [2.0] * 4
+    assert origin.load == pytest.approx(8.0)
+    assert flows[3].transferred(1.5) == pytest.approx(3.0)
+    assert net.next_completion() == pytest.approx(4.0)
+    assert net.pop_completed(4.0) is flows[0]
+    net.settle(4.0)  # three left at 8/3 each
+    assert flows[1].transferred(4.0) == pytest.approx(8.0)
+    assert net.next_completion() == pytest.approx(7.0)
