@@ -170,12 +170,12 @@ def test_simultaneous_completions_come_out_in_the_order_queued() -> None:
     net.set_capacity(late.links[0], 3.0, 2.0)
     net.settle(2.0)  # 3 B left at 3 B/s: re-rated to tie with the six, queued after them
     assert net.next_completion() == 3.0
-    popped = []
+    popped: list[Flow] = []
     for _ in range(10):
-        flow = net.pop_completed(3.0)
-        if flow is None:
+        done = net.pop_completed(3.0)
+        if done is None:
             break
-        popped.append(flow)
+        popped.append(done)
     assert popped == [*flows, late]
     assert math.isinf(net.next_completion())
 
@@ -223,8 +223,8 @@ def test_pooled_link_gives_the_same_rates_and_completions(seed: int) -> None:
             elif flows[k]:
                 net.remove_flow(flows[k][int(roll * 1000) % len(flows[k])], now)
             net.settle(now)
-        for plain, pooled in zip(flows[0], flows[1], strict=True):
-            assert pooled.current_rate() == pytest.approx(plain.current_rate(), rel=1e-9)
+        for plain, member in zip(flows[0], flows[1], strict=True):
+            assert member.current_rate() == pytest.approx(plain.current_rate(), rel=1e-9)
         assert nets[1][0].next_completion() == pytest.approx(nets[0][0].next_completion())
         now += rng.uniform(0.0, 3.0)
         for k, (net, *_) in enumerate(nets):
