@@ -11,12 +11,8 @@ half an hour on a 2-core machine interpreted; ``--native`` runs the mypyc
 build of the same sources (:mod:`simulations.native`) instead, and the table
 says which engine produced each row (see the speed section of RESULTS.md).
 
-``direct`` at 1000 replicas is not simulated: 8000 concurrent origin GETs share
-one origin link, the request-rate limit staggers them, and every completion
-re-levels all 8000 flows (about 0.2 ms an event compiled, so hours for 1 TiB).
-Its completion is N·F/u_s exactly (the exactness test holds the simulated
-``direct`` to that within 1%), so those rows give the analytical figure and
-say so.
+Every strategy of a scenario is simulated, ``direct`` and ``cache`` at 1000
+replicas included (the origin link is pooled, :mod:`simulations.network`).
 """
 
 from __future__ import annotations
@@ -28,7 +24,7 @@ from pathlib import Path
 import simulations.native
 from simulations.engine import Result
 from simulations.runner import plot_results, run_strategy
-from simulations.scenario import Scenario, load_scenario
+from simulations.scenario import load_scenario
 
 HERE = Path(__file__).parent
 
@@ -39,28 +35,15 @@ RUNS: list[tuple[str, str, tuple[str, ...]]] = [
     ("fireworks-kimi", "n100-o10", ("swarm", "cache", "direct")),
     ("fireworks-kimi", "n100-o25", ("swarm", "cache", "direct")),
     ("fireworks-kimi", "n100-o100", ("swarm", "cache", "direct")),
-    ("fireworks-kimi", "n1000-o10", ("swarm", "cache")),
-    ("fireworks-kimi", "n1000-o25", ("swarm", "cache")),
-    ("fireworks-kimi", "n1000-o100", ("swarm", "cache")),
+    ("fireworks-kimi", "n1000-o10", ("swarm", "cache", "direct")),
+    ("fireworks-kimi", "n1000-o25", ("swarm", "cache", "direct")),
+    ("fireworks-kimi", "n1000-o100", ("swarm", "cache", "direct")),
     ("faults", "", ("swarm", "swarm-random", "cache", "direct")),
 ]
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}g}"
-
-
-def _direct_row(name: str, variant: str, scenario: Scenario) -> str:
-    """The analytical ``direct`` row: N·F/u_s, for runs too large to simulate it."""
-    direct = scenario.nodes * scenario.model_size / scenario.origin_rate
-    ratio = direct / scenario.lower_bound()
-    return (
-        f"| {name} | {variant} | direct (analytical N·F/u_s, not simulated) "
-        f"| {scenario.nodes} | {_fmt(scenario.lower_bound())} "
-        f"| {_fmt(ratio)} | {_fmt(ratio)} | {_fmt(ratio)} "
-        f"| {_fmt(direct)} / {_fmt(direct)} / {_fmt(direct)} "
-        f"| {scenario.nodes:.3f} | 0/0 | {scenario.anchor or '–'} | – | – |"
-    )
 
 
 def _existing_rows(text: str) -> dict[tuple[str, str], list[str]]:
@@ -117,8 +100,6 @@ def main(argv: list[str]) -> None:
                 f"| {scenario.anchor or '–'} | {s['wall_seconds']:.1f} | {engine} |"
             )
             print(rows[-1], file=sys.stderr, flush=True)
-        if name == "fireworks-kimi" and scenario.nodes >= 1000:
-            rows.append(_direct_row(name, variant, scenario))
         stem = f"{name}-{variant}" if variant else name
         plot_results(
             results, out / "plots" / f"{stem}.png", title=f"{stem}: {scenario.nodes} nodes"
