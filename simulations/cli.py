@@ -120,8 +120,9 @@ def simulate(
         typer.Option(
             "--native",
             help="Run a compiled build of the simulator (mypyc, from these same sources; "
-            "built once per source change, needs a C compiler). Same results, about 2.5 "
-            "times faster at 1000 nodes (measured): use it for 1000-node runs.",
+            "built once per source change, needs a C compiler). Same results, about 7 "
+            "times faster at 1000 nodes (measured: 58 s against 396 s for 1000 x 1 TiB): "
+            "use it for 1000-node runs.",
         ),
     ] = False,
 ) -> None:
