@@ -108,6 +108,9 @@ def render_other(
             f"({compiled['events']:,} events): compiled (`--native`) "
             f"{compiled['wall_seconds']:.0f} s"
         )
+        walls = r.get("compiled_walls") or []
+        if len(walls) > 1:
+            out += f" (median of {len(walls)}: {', '.join(f'{w:.0f}' for w in walls)} s)"
         interpreted = r.get("interpreted")
         if interpreted is not None:
             out += (
