@@ -54,9 +54,14 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from librt.vecs import append, vec
+
 __all__ = ["Flow", "Link", "Network", "progressive_filling"]
 
 INF = math.inf
+
+# Links with more flows than this sort their bounds as a list, not in place.
+_INSERTION_MAX = 32
 
 # Relative change of a rate below which neighbours are not re-levelled. Far below
 # anything measurable, far above float rounding.
@@ -215,46 +220,33 @@ def _ignore(flow: Flow, now: float) -> None:
     pass
 
 
-def _waterfill(capacity: float, bounds: list[float]) -> float:
-    """Level granted by a link of ``capacity`` to flows each bounded by ``bounds``.
+def _waterfill(capacity: float, ordered: vec[float], n: int, count: int, cap: float) -> float:
+    """Level a link of ``capacity`` grants to its flows; ``inf`` if it limits nobody.
 
-    ``inf`` if the bounds fit (the link limits nobody).
+    The flows are bounded by ``ordered[:n]`` (ascending) and ``count`` more
+    (a pool's members) each by ``cap``.
     """
-    bounds.sort()
     left = capacity
-    n = len(bounds)
-    for bound in bounds:
-        if bound * n < left:
-            left -= bound
-            n -= 1
-        else:
-            return left / n
-    return INF
-
-
-def _waterfill_pooled(capacity: float, bounds: list[float], count: int, cap: float) -> float:
-    """:func:`_waterfill` with ``count`` more flows, each bounded by ``cap``."""
-    bounds.sort()
-    left = capacity
-    n = len(bounds) + count
+    k = n + count
     block = count > 0
-    for bound in bounds:
+    for i in range(n):
+        bound = ordered[i]
         if block and cap <= bound:
             # The block as one step: each of its flows passes the test below
             # exactly when the first does.
-            if cap * n < left:
+            if cap * k < left:
                 left -= cap * count
-                n -= count
+                k -= count
                 block = False
             else:
-                return left / n
-        if bound * n < left:
+                return left / k
+        if bound * k < left:
             left -= bound
-            n -= 1
+            k -= 1
         else:
-            return left / n
+            return left / k
     if block:
-        return INF if cap * n < left else left / n
+        return INF if cap * k < left else left / k
     return INF
 
 
@@ -327,6 +319,10 @@ class Network:
         self._settles = 0
         self._max_relevels = max_relevels_per_link
         self._pools: list[_Pool] = []
+        # Scratch for settle: each flow's bound, by flow and sorted (machine
+        # doubles: no float object per flow per re-levelling).
+        self._bounds = vec[float]()
+        self._ordered = vec[float]()
         self.relevels = 0
         """Link re-levellings done so far (a cost counter)."""
         self.fallbacks = 0
@@ -544,20 +540,37 @@ class Network:
             if not flows and not members:
                 link.level = INF
                 continue
-            # Each flow's bound from everything except this link.
-            bounds: list[float] = []
-            for flow in flows:
+            # Each flow's bound from everything except this link, by flow and
+            # in ascending order.
+            n = len(flows)
+            while len(self._bounds) < n:
+                self._bounds = append(self._bounds, 0.0)
+                self._ordered = append(self._ordered, 0.0)
+            bounds = self._bounds
+            ordered = self._ordered
+            small = n <= _INSERTION_MAX
+            for i in range(n):
+                flow = flows[i]
                 bound = flow.cap
                 for other in flow.links:
                     if other is not link and other.level < bound:
                         bound = other.level
-                bounds.append(bound)
+                bounds[i] = bound
+                if small:
+                    j = i
+                    while j > 0 and ordered[j - 1] > bound:
+                        ordered[j] = ordered[j - 1]
+                        j -= 1
+                    ordered[j] = bound
+            if not small:
+                for i, bound in enumerate(sorted([bounds[i] for i in range(n)])):
+                    ordered[i] = bound
             if link.capacity <= 0:
                 level = 0.0
-            elif members and pool is not None:
-                level = _waterfill_pooled(link.capacity, bounds[:], members, pool.cap)
+            elif pool is not None:
+                level = _waterfill(link.capacity, ordered, n, members, pool.cap)
             else:
-                level = _waterfill(link.capacity, bounds[:])
+                level = _waterfill(link.capacity, ordered, n, 0, INF)
             link.level = level
             if members and pool is not None:
                 # Members cross only links that cannot limit them: the pool
@@ -568,7 +581,8 @@ class Network:
                     pool.advance(now)
                     pool.rate = rate
                     self._repool(pool, now)
-            for i, flow in enumerate(flows):
+            for i in range(n):
+                flow = flows[i]
                 if flow.pool is not None:
                     continue  # a member of another link's pool: its rate is the pool's
                 bound = bounds[i]
