@@ -31,7 +31,7 @@ HERE = Path(__file__).parent
 # (scenario, variant or "", strategies)
 RUNS: list[tuple[str, str, tuple[str, ...]]] = [
     ("dragonfly-1200", "", ("swarm", "swarm-random", "cache", "direct")),
-    ("kraken-2600", "", ("swarm", "direct")),
+    ("kraken-2600", "", ("swarm", "swarm-random", "cache", "direct")),
     ("fireworks-kimi", "n100-o10", ("swarm", "cache", "direct")),
     ("fireworks-kimi", "n100-o25", ("swarm", "cache", "direct")),
     ("fireworks-kimi", "n100-o100", ("swarm", "cache", "direct")),

@@ -682,10 +682,8 @@ def _heap_fix(heap: list[Flow], flow: Flow) -> None:
         flow.slot = len(heap)
         heap.append(flow)
         _sift_up(heap, flow, len(heap) - 1)
-    elif slot > 0 and _before(flow, heap[(slot - 1) >> 1]):
-        _sift_up(heap, flow, slot)
     else:
-        _sift_down(heap, flow, slot)
+        _resift(heap, flow, slot)
 
 
 def _heap_remove(heap: list[Flow], flow: Flow) -> None:
@@ -695,12 +693,16 @@ def _heap_remove(heap: list[Flow], flow: Flow) -> None:
         return
     flow.slot = -1
     last = heap.pop()
-    if slot == len(heap):
-        return
-    if slot > 0 and _before(last, heap[(slot - 1) >> 1]):
-        _sift_up(heap, last, slot)
+    if slot < len(heap):
+        _resift(heap, last, slot)
+
+
+def _resift(heap: list[Flow], flow: Flow, slot: int) -> None:
+    """Move ``flow``, put at ``slot``, up or down to where its key belongs."""
+    if slot > 0 and _before(flow, heap[(slot - 1) >> 1]):
+        _sift_up(heap, flow, slot)
     else:
-        _sift_down(heap, last, slot)
+        _sift_down(heap, flow, slot)
 
 
 def _sift_up(heap: list[Flow], flow: Flow, slot: int) -> None:
