@@ -2,14 +2,15 @@
 
     .venv/bin/python -m simulations.make_results [--native] [SCENARIO[:VARIANT] ...]
 
-With arguments, only those entries are run again; the table keeps the rows of
-the others as they are in RESULTS.md. Runs every (scenario, variant, strategies) listed in :data:`RUNS`, writes one
-plot per scenario variant and the table. The 1000-replica fireworks variants
-dominate: each swarm run there moves 4096 pieces to 1000 nodes (4.1 million
-piece transfers) and takes several minutes, so the whole script takes about
-half an hour on a 2-core machine interpreted; ``--native`` runs the mypyc
-build of the same sources (:mod:`simulations.native`) instead, and the table
-says which engine produced each row (see the speed section of RESULTS.md).
+Runs every (scenario, variant, strategies) listed in :data:`RUNS`, writes one
+plot per scenario variant and the table. With arguments, only those entries
+are run again; the table keeps the rows of the others as they are in
+RESULTS.md. The 1000-replica fireworks swarm runs dominate: each moves 4096
+pieces to 1000 nodes (4.1 million piece transfers), about a minute compiled
+and seven interpreted, so the whole script takes about ten minutes with
+``--native`` (the mypyc build of the same sources, :mod:`simulations.native`)
+on a 2-core machine. The table says which engine produced each row (see the
+speed section of RESULTS.md).
 
 Every strategy of a scenario is simulated, ``direct`` and ``cache`` at 1000
 replicas included (the origin link is pooled, :mod:`simulations.network`).
