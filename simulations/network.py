@@ -418,10 +418,7 @@ class Network:
             pool.cap = flow.cap
         pool.advance(now)
         flow.pool = pool
-        flow.due = pool.clock + flow.remaining
-        self._turns += 1
-        flow.turn = self._turns
-        _heap_fix(pool.heap, flow)
+        self._push(pool.heap, pool.clock + flow.remaining, flow)
         for link in flow.links:
             if link is not pool.link:
                 link.flows.append(flow)
@@ -429,8 +426,8 @@ class Network:
             self._mark(link)
         self._repool(pool, now)
 
-    def _leave(self, pool: _Pool, flow: Flow, now: float) -> None:
-        """Take member ``flow`` out of ``pool``, with its bytes left in ``remaining``."""
+    def _detach(self, pool: _Pool, flow: Flow, now: float) -> None:
+        """Take member ``flow`` out of ``pool``: bytes left in ``remaining``, the pool's rate."""
         pool.advance(now)
         flow.remaining = flow.due - pool.clock
         flow.stamp = now
@@ -439,8 +436,14 @@ class Network:
         flow.pool = None
         for link in flow.links:
             if link is not pool.link:
-                link.flows.remove(flow)
                 link.members -= 1
+
+    def _leave(self, pool: _Pool, flow: Flow, now: float) -> None:
+        """Member ``flow`` stops."""
+        self._detach(pool, flow, now)
+        for link in flow.links:
+            if link is not pool.link:
+                link.flows.remove(flow)
             self._mark(link)
         self._repool(pool, now)
 
@@ -448,20 +451,10 @@ class Network:
         """Turn member ``flow`` into an ordinary flow of its pooled link, at the pool's rate."""
         pool = flow.pool
         assert pool is not None
-        pool.advance(now)
-        remaining = flow.due - pool.clock
-        _heap_remove(pool.heap, flow)
-        flow.pool = None
-        flow.remaining = remaining
-        flow.stamp = now
-        flow.rate = pool.rate
-        for link in flow.links:
-            if link is not pool.link:
-                link.members -= 1
+        self._detach(pool, flow, now)
         pool.link.flows.append(flow)
         self._mark(pool.link)
-        if flow.rate > 0:
-            self._queue(now + (remaining if remaining > 0 else 0.0) / flow.rate, flow)
+        self._requeue(flow, now)
         self._repool(pool, now)
 
     def _unpool_members(self, link: Link, now: float) -> None:
@@ -473,7 +466,7 @@ class Network:
         if pool.heap and pool.rate > 0:
             pool.advance(now)
             left = pool.heap[0].due - pool.clock
-            self._queue(now + (left if left > 0 else 0.0) / pool.rate, pool.sentinel)
+            self._queue(now + max(left, 0.0) / pool.rate, pool.sentinel)
         else:
             self._unqueue(pool.sentinel)
 
@@ -488,20 +481,28 @@ class Network:
     def _set_rate(self, flow: Flow, rate: float, now: float) -> None:
         self._advance(flow, now)
         flow.rate = rate
-        if rate > 0:
-            remaining = flow.remaining if flow.remaining > 0 else 0.0
-            self._queue(now + remaining / rate, flow)
-        else:
-            self._unqueue(flow)
+        self._requeue(flow, now)
 
     # -- the completion heap --------------------------------------------------
 
+    def _requeue(self, flow: Flow, now: float) -> None:
+        """Queue ``flow``'s completion at its current rate (none while it is stopped)."""
+        rate = flow.rate
+        if rate > 0:
+            self._queue(now + max(flow.remaining, 0.0) / rate, flow)
+        else:
+            self._unqueue(flow)
+
     def _queue(self, when: float, flow: Flow) -> None:
         """(Re)queue ``flow``'s completion at ``when``, behind any flow already due then."""
+        self._push(self._heap, when, flow)
+
+    def _push(self, heap: list[Flow], when: float, flow: Flow) -> None:
+        """Put ``flow`` in ``heap`` with key ``when``, after any entry with the same key."""
         self._turns += 1
         flow.due = when
         flow.turn = self._turns
-        _heap_fix(self._heap, flow)
+        _heap_fix(heap, flow)
 
     def _unqueue(self, flow: Flow) -> None:
         """Take ``flow`` out of the completion heap, if it is there."""
@@ -606,12 +607,7 @@ class Network:
     def _reschedule(self, flows: list[Flow], now: float) -> None:
         """Queue the completion of each of ``flows`` at its current rate (older entries go stale)."""
         for flow in flows:
-            rate = flow.rate
-            if rate > 0:
-                remaining = flow.remaining if flow.remaining > 0 else 0.0
-                self._queue(now + remaining / rate, flow)
-            else:
-                self._unqueue(flow)
+            self._requeue(flow, now)
 
     def _fallback(self, touched: list[Link], now: float) -> None:
         """Solve exactly every flow connected to the links touched so far."""

@@ -57,13 +57,12 @@ class UploadScheduler(Generic[PeerT, RequestT]):
         # ``max_active``, so a scan beats any index).
         self._active_peers: list[PeerT] = []
         self._active_requests: list[RequestT] = []
-        self._active_count = 0
         self._pending_count = 0
 
     @property
     def active(self) -> int:
         """Sends in progress."""
-        return self._active_count
+        return len(self._active_peers)
 
     @property
     def pending(self) -> int:
@@ -119,7 +118,7 @@ class UploadScheduler(Generic[PeerT, RequestT]):
         None means either every slot is busy or nothing is pending. Call it
         repeatedly until None to fill every free slot.
         """
-        if self._active_count >= self.max_active or not self._ring:
+        if len(self._active_peers) >= self.max_active or not self._ring:
             return None
         peer = self._ring.popleft()
         queue = self._queues[peer]
@@ -130,7 +129,6 @@ class UploadScheduler(Generic[PeerT, RequestT]):
             self._ring.append(peer)  # back of the line
         self._active_peers.append(peer)
         self._active_requests.append(request)
-        self._active_count += 1
         return peer, request
 
     def done(self, peer: PeerT, request: RequestT) -> None:
@@ -144,7 +142,6 @@ class UploadScheduler(Generic[PeerT, RequestT]):
             if peers[i] == peer and (requests[i] is request or requests[i] == request):
                 del peers[i]
                 del requests[i]
-                self._active_count -= 1
                 return
 
     def peer_gone(self, peer: PeerT) -> list[RequestT]:
@@ -161,5 +158,4 @@ class UploadScheduler(Generic[PeerT, RequestT]):
             kept = [i for i, other in enumerate(self._active_peers) if other != peer]
             self._active_peers = [self._active_peers[i] for i in kept]
             self._active_requests = [self._active_requests[i] for i in kept]
-            self._active_count = len(kept)
         return gone
