@@ -319,13 +319,47 @@ class RandomOrderPicker(PiecePicker[int]):
         return self._rng.choice(candidates) if candidates else None
 
 
+class _Node:
+    """One node's side of the exchange: its picker, upload queue and connections."""
+
+    __slots__ = (
+        "conn_to",
+        "conns",
+        "count",
+        "cursor",
+        "done",
+        "id",
+        "inflight",
+        "picker",
+        "pulls",
+        "starved",
+        "uploads",
+    )
+
+    def __init__(self, node: int, upload_slots: int) -> None:
+        self.id = node
+        self.picker: PiecePicker[int] | None = None  # None until it joins, and after a crash
+        # Requests to serve, by the requester's end of the connection.
+        self.uploads: UploadScheduler[_Conn, BlockRequest] = UploadScheduler(upload_slots)
+        # Connections in the order they were made, and by peer.
+        self.conns: list[_Conn] = []
+        self.conn_to: dict[int, _Conn] = {}
+        self.pulls: dict[int, OriginRequest] = {}  # piece -> our origin pull of it
+        self.count = 0  # pieces held
+        self.done = False
+        self.inflight = 0  # our requests in flight, over all connections
+        self.starved = False  # the last fill found nothing to request
+        self.cursor = 0  # where the next fill starts in ``conns``
+
+
 class _Conn:
     """One end of a connection: what ``peer`` offers the node whose list holds this."""
 
-    __slots__ = ("asked", "back", "interest", "peer")
+    __slots__ = ("asked", "back", "interest", "node", "peer")
 
-    def __init__(self, peer: int, interest: int) -> None:
-        self.peer = peer
+    def __init__(self, node: _Node, interest: int) -> None:
+        self.node = node  # the peer's own record
+        self.peer = node.id
         self.interest = interest  # pieces ``peer`` has that we lack
         self.asked = 0  # our requests in flight to ``peer``
         self.back = self  # the other end (``peer``'s record of us), set on connecting
@@ -351,23 +385,11 @@ class Swarm:
             stall_timeout=scenario.stall_timeout,
             rng=random.Random(f"{seed}:tracker"),
         )
-        self.pickers: list[PiecePicker[int] | None] = [None] * n
-        self.uploads: list[UploadScheduler[int, BlockRequest]] = [
-            UploadScheduler(scenario.upload_slots) for _ in range(n)
-        ]
-        # Each node's connections, in the order they were made, and by peer.
-        self.conns: list[list[_Conn]] = [[] for _ in range(n)]
-        self.conn_to: list[dict[int, _Conn]] = [{} for _ in range(n)]
+        self.nodes = [_Node(node, scenario.upload_slots) for node in range(n)]
         # Which pieces each node holds: piece p of node x at x * num_pieces + p
         # (one array of machine bytes, read for every neighbour on every HAVE).
         self.have = vec[u8]([0] * (n * self.num_pieces))
-        self.count = vec[i64]([0] * n)
-        self.done = [False] * n
-        self.inflight = [0] * n
-        self.starved = [False] * n
-        self.cursor = [0] * n
         self.holders = vec[i64]([0] * self.num_pieces)
-        self.pulls: list[dict[int, OriginRequest]] = [{} for _ in range(n)]
         self.ticking = False
 
     def extra(self) -> dict[str, Any]:
@@ -391,33 +413,33 @@ class Swarm:
             endgame_duplicates=self.sim.scenario.endgame_duplicates,
         )
 
-    def _connect(self, a: int, b: int) -> None:
-        if b in self.conn_to[a] or a == b:
+    def _connect(self, a: _Node, b: _Node) -> None:
+        if b.id in a.conn_to or a is b:
             return
         ab = _Conn(b, self._lacking(a, b))
         ba = _Conn(a, self._lacking(b, a))
         ab.back = ba
         ba.back = ab
-        self.conns[a].append(ab)
-        self.conns[b].append(ba)
-        self.conn_to[a][b] = ab
-        self.conn_to[b][a] = ba
+        a.conns.append(ab)
+        b.conns.append(ba)
+        a.conn_to[b.id] = ab
+        b.conn_to[a.id] = ba
         for x, y in ((a, b), (b, a)):
-            picker = self.pickers[x]
-            if picker is not None and not self.done[x]:
+            picker = x.picker
+            if picker is not None and not x.done:
                 picker.add_peer(
-                    y,
-                    Bitfield.from_indices(self._held(y), self.num_pieces)
-                    if self.count[y]
+                    y.id,
+                    Bitfield.from_indices(self._held(y.id), self.num_pieces)
+                    if y.count
                     else Bitfield(self.num_pieces),
                 )
 
-    def _lacking(self, a: int, b: int) -> int:
+    def _lacking(self, a: _Node, b: _Node) -> int:
         """Pieces ``b`` has that ``a`` lacks."""
-        if not self.count[b]:
+        if not b.count:
             return 0
         have = self.have
-        base_a, base_b = a * self.num_pieces, b * self.num_pieces
+        base_a, base_b = a.id * self.num_pieces, b.id * self.num_pieces
         return sum(1 for p in range(self.num_pieces) if have[base_b + p] and not have[base_a + p])
 
     def _held(self, node: int) -> list[int]:
@@ -430,8 +452,9 @@ class Swarm:
         sim = self.sim
         now = sim.now
         initial = [node for node in range(sim.scenario.nodes) if sim.joined[node]]
+        nodes = self.nodes
         for node in initial:
-            self.pickers[node] = self._new_picker(node)
+            nodes[node].picker = self._new_picker(node)
             self.assignment.peer_joined(node, now)
         # Each node dials half its connections; with the incoming ones the mean
         # degree is ``peer_connections``.
@@ -443,68 +466,71 @@ class Swarm:
                 if dialled == dial:
                     break
                 if other != node:
-                    self._connect(node, other)
+                    self._connect(nodes[node], nodes[other])
                     dialled += 1
         self._assign()
         for node in initial:
-            self._fill(node)
+            self._fill(nodes[node])
 
     def node_joined(self, node: int) -> None:
         sim = self.sim
-        self.pickers[node] = self._new_picker(node)
+        me = self.nodes[node]
+        me.picker = self._new_picker(node)
         self.assignment.peer_joined(node, sim.now)
         live = [
             x for x in range(sim.scenario.nodes) if sim.joined[x] and sim.alive[x] and x != node
         ]
         for other in sim.rng.sample(live, min(len(live), sim.scenario.peer_connections)):
-            self._connect(node, other)
+            self._connect(me, self.nodes[other])
         self._assign()
-        self._fill(node)
+        self._fill(me)
 
     # -- origin pulls ---------------------------------------------------------
 
     def _assign(self) -> None:
         sim = self.sim
         for peer, pieces in self.assignment.assign(sim.now).items():
-            picker = self.pickers[peer]
+            me = self.nodes[peer]
+            picker = me.picker
             for piece in pieces:
                 if picker is None or not picker.reserve(piece):
                     continue  # the tracker reclaims it when no progress comes
-                self.pulls[peer][piece] = sim.origin_get(
-                    peer, self.lengths[piece], self._pulled, (peer, piece)
+                me.pulls[piece] = sim.origin_get(
+                    peer, self.lengths[piece], self._pulled, (me, piece)
                 )
         if not self.ticking and self.assignment.in_flight:
             self.ticking = True
             sim.at(sim.now + sim.scenario.announce_interval, self._tick)
 
     def _pulled(self, flow: Flow, now: float) -> None:
-        data: tuple[int, int] = flow.data
-        peer, piece = data
-        del self.pulls[peer][piece]
-        picker = self.pickers[peer]
+        data: tuple[_Node, int] = flow.data
+        me, piece = data
+        del me.pulls[piece]
+        picker = me.picker
         assert picker is not None
-        self._cancel_all(peer, picker.mark_have(piece))
-        self._got_piece(peer, piece)
+        self._cancel_all(me, picker.mark_have(piece))
+        self._got_piece(me, piece)
         self.assignment.piece_present(piece)
         self._assign()
-        self._fill(peer)
+        self._fill(me)
 
     def _tick(self, _: object) -> None:
         """A round of announces: origin progress to the tracker, stall reclaims, new assignments."""
         sim = self.sim
         now = sim.now
         assignment = self.assignment
-        for peer, pulls in enumerate(self.pulls):
-            for piece, request in pulls.items():
+        for me in self.nodes:
+            for piece, request in me.pulls.items():
                 flow = request.flow
                 done = 0 if flow is None else int(flow.transferred(now))
-                assignment.progress(peer, piece, done, now)
+                assignment.progress(me.id, piece, done, now)
         for peer, piece in assignment.tick(now):
-            reclaimed = self.pulls[peer].get(piece)
+            me = self.nodes[peer]
+            reclaimed = me.pulls.get(piece)
             if reclaimed is not None:
-                del self.pulls[peer][piece]
+                del me.pulls[piece]
                 sim.cancel(reclaimed)
-            picker = self.pickers[peer]
+            picker = me.picker
             if picker is not None:
                 picker.release(piece)
         self.ticking = False
@@ -515,45 +541,44 @@ class Swarm:
 
     # -- exchange -------------------------------------------------------------
 
-    def _got_piece(self, node: int, piece: int) -> None:
-        """``node`` verified ``piece``: tell the neighbours that lack it."""
+    def _got_piece(self, me: _Node, piece: int) -> None:
+        """``me`` verified ``piece``: tell the neighbours that lack it."""
         num_pieces = self.num_pieces
         have = self.have
+        node = me.id
         have[node * num_pieces + piece] = 1
         self.holders[piece] += 1
-        self.count[node] += 1
-        pickers = self.pickers
-        done = self.done
-        for conn in self.conns[node]:
-            other = conn.peer
-            if have[other * num_pieces + piece]:
+        me.count += 1
+        for conn in me.conns:
+            other = conn.node
+            if have[other.id * num_pieces + piece]:
                 conn.interest -= 1
-            elif not done[other]:
-                picker = pickers[other]
+            elif not other.done:
+                picker = other.picker
                 if picker is not None:
                     picker.peer_has(node, piece)
                     conn.back.interest += 1
-                    if self.starved[other]:
+                    if other.starved:
                         self._fill(other)
             else:
                 conn.back.interest += 1
-        if self.count[node] == num_pieces:
-            done[node] = True
+        if me.count == num_pieces:
+            me.done = True
             self.sim.node_finished(node)
 
-    def _fill(self, node: int) -> None:
+    def _fill(self, me: _Node) -> None:
         """Keep ``max_downloads`` requests in flight from neighbours that have what we lack."""
-        picker = self.pickers[node]
-        if picker is None or self.done[node] or not self.sim.alive[node]:
+        picker = me.picker
+        if picker is None or me.done or not self.sim.alive[me.id]:
             return
         limit = self.sim.scenario.max_downloads
-        conns = self.conns[node]
+        conns = me.conns
         count = len(conns)
-        while self.inflight[node] < limit:
+        while me.inflight < limit:
             request = None
             # First pass: neighbours not yet asked; second: any.
             for busy_ok in (False, True):
-                start = self.cursor[node]
+                start = me.cursor
                 for i in range(count):
                     conn = conns[(start + i) % count]
                     if conn.interest <= 0 or (not busy_ok and conn.asked):
@@ -561,48 +586,50 @@ class Swarm:
                     picked = picker.pick(conn.peer, 1)
                     if picked:
                         request = (conn, picked[0])
-                        self.cursor[node] = (start + i + 1) % count
+                        me.cursor = (start + i + 1) % count
                         break
                 if request is not None:
                     break
             if request is None:
-                self.starved[node] = True
+                me.starved = True
                 return
-            self.starved[node] = False
+            me.starved = False
             conn, block = request
-            other = conn.peer
-            self.inflight[node] += 1
+            me.inflight += 1
             conn.asked += 1
-            if not self.uploads[other].enqueue(node, block):
-                self._unask(node, other)
-                picker.block_failed(other, block)
+            other = conn.node
+            if not other.uploads.enqueue(conn, block):
+                self._unask(me, conn)
+                picker.block_failed(other.id, block)
                 return
             self._serve(other)
 
-    def _unask(self, node: int, other: int) -> None:
-        self.inflight[node] -= 1
-        conn = self.conn_to[node].get(other)
-        if conn is not None and conn.asked > 0:
+    def _unask(self, me: _Node, conn: _Conn) -> None:
+        """One of ``me``'s requests over ``conn`` ended."""
+        me.inflight -= 1
+        if conn.asked > 0:
             conn.asked -= 1
 
-    def _serve(self, src: int) -> None:
-        uploads = self.uploads[src]
+    def _serve(self, src: _Node) -> None:
+        uploads = src.uploads
         sim = self.sim
         while True:
             granted = uploads.next()
             if granted is None:
                 return
-            dst, block = granted
-            sim.send(src, dst, block.length, self._block_done, (src, dst, block))
+            conn, block = granted  # the requester's end of the connection
+            sim.send(src.id, conn.back.node.id, block.length, self._block_done, (conn, block))
 
     def _block_done(self, flow: Flow, now: float) -> None:
-        data: tuple[int, int, BlockRequest] = flow.data
-        src, dst, block = data
-        self.uploads[src].done(dst, block)
-        self._unask(dst, src)
-        picker = self.pickers[dst]
-        if picker is not None and self.sim.alive[dst]:
-            self._cancel_all(dst, picker.block_received(src, block))
+        data: tuple[_Conn, BlockRequest] = flow.data
+        conn, block = data
+        src = conn.node
+        dst = conn.back.node
+        src.uploads.done(conn, block)
+        self._unask(dst, conn)
+        picker = dst.picker
+        if picker is not None and self.sim.alive[dst.id]:
+            self._cancel_all(dst, picker.block_received(src.id, block))
             piece = block.piece
             if picker.piece_complete(piece):
                 self._cancel_all(dst, picker.mark_have(piece))
@@ -610,24 +637,26 @@ class Swarm:
             self._fill(dst)
         self._serve(src)
 
-    def _sending(self, src: int, dst: int, block: BlockRequest) -> Flow | None:
-        """The flow sending ``block`` from ``src`` to ``dst``, if it started."""
-        key = (src, dst, block)
-        for flow in self.sim.up[src].flows:  # at most ``upload_slots`` of them
-            if flow.data == key:
+    def _sending(self, conn: _Conn, block: BlockRequest) -> Flow | None:
+        """The flow sending ``block`` over ``conn``, if it started."""
+        for flow in self.sim.up[conn.node.id].flows:  # at most ``upload_slots`` of them
+            data: tuple[_Conn, BlockRequest] = flow.data
+            if data[0] is conn and data[1] == block:
                 return flow
         return None
 
-    def _cancel_all(self, dst: int, requests: list[tuple[int, BlockRequest]]) -> None:
+    def _cancel_all(self, dst: _Node, requests: list[tuple[int, BlockRequest]]) -> None:
         """Cancel duplicate requests (endgame) that ``dst``'s picker returned."""
-        for src, block in requests:
-            flow = self._sending(src, dst, block)
+        for src_id, block in requests:
+            conn = dst.conn_to[src_id]
+            src = conn.node
+            flow = self._sending(conn, block)
             if flow is not None:
                 self.sim.cancel(flow)
-                self.uploads[src].done(dst, block)
+                src.uploads.done(conn, block)
             else:
-                self.uploads[src].cancel(dst, block)
-            self._unask(dst, src)
+                src.uploads.cancel(conn, block)
+            self._unask(dst, conn)
             self._serve(src)
 
     # -- faults ---------------------------------------------------------------
@@ -635,23 +664,24 @@ class Swarm:
     def node_crashed(self, node: int) -> None:
         sim = self.sim
         now = sim.now
-        self.pulls[node].clear()
-        affected: list[int] = []
-        for conn in self.conns[node]:
-            other = conn.peer
-            self.conns[other].remove(conn.back)
-            del self.conn_to[other][node]
-            self.uploads[other].peer_gone(node)
-            picker = self.pickers[other]
+        me = self.nodes[node]
+        me.pulls.clear()
+        affected: list[_Node] = []
+        for conn in me.conns:
+            other = conn.node
+            other.conns.remove(conn.back)
+            del other.conn_to[node]
+            other.uploads.peer_gone(conn)
+            picker = other.picker
             if picker is not None:
                 for _ in picker.remove_peer(node):
                     pass
-            self.inflight[other] -= conn.back.asked
+            other.inflight -= conn.back.asked
             affected.append(other)
-        self.conns[node] = []
-        self.conn_to[node] = {}
-        self.inflight[node] = 0
-        self.pickers[node] = None
+        me.conns = []
+        me.conn_to = {}
+        me.inflight = 0
+        me.picker = None
         self.assignment.peer_left(node, now)
         for piece in self._held(node):
             self.holders[piece] -= 1
