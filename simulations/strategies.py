@@ -386,9 +386,13 @@ class Swarm:
             rng=random.Random(f"{seed}:tracker"),
         )
         self.nodes = [_Node(node, scenario.upload_slots) for node in range(n)]
-        # Which pieces each node holds: piece p of node x at x * num_pieces + p
-        # (one array of machine bytes, read for every neighbour on every HAVE).
-        self.have = vec[u8]([0] * (n * self.num_pieces))
+        # Which pieces each node holds, one bit each, piece-major: node x holds
+        # piece p if bit p * nodes + x is set. Every HAVE reads the bit of each
+        # neighbour for one piece, and a piece's row of 1000 nodes spans two
+        # cache lines: the fan-out costs a cache miss or two, not one per
+        # neighbour (which a node-major layout costs, bits or bytes).
+        self.n = n
+        self.have = vec[u8]([0] * ((n * self.num_pieces + 7) >> 3))
         self.holders = vec[i64]([0] * self.num_pieces)
         self.ticking = False
 
@@ -434,19 +438,21 @@ class Swarm:
                     else Bitfield(self.num_pieces),
                 )
 
+    def _holds(self, node: int, piece: int) -> bool:
+        bit = piece * self.n + node
+        return bool(self.have[bit >> 3] >> (bit & 7) & 1)
+
     def _lacking(self, a: _Node, b: _Node) -> int:
         """Pieces ``b`` has that ``a`` lacks."""
         if not b.count:
             return 0
-        have = self.have
-        base_a, base_b = a.id * self.num_pieces, b.id * self.num_pieces
-        return sum(1 for p in range(self.num_pieces) if have[base_b + p] and not have[base_a + p])
+        return sum(
+            1 for p in range(self.num_pieces) if self._holds(b.id, p) and not self._holds(a.id, p)
+        )
 
     def _held(self, node: int) -> list[int]:
         """The pieces ``node`` holds."""
-        have = self.have
-        base = node * self.num_pieces
-        return [p for p in range(self.num_pieces) if have[base + p]]
+        return [p for p in range(self.num_pieces) if self._holds(node, p)]
 
     def start(self) -> None:
         sim = self.sim
@@ -546,12 +552,15 @@ class Swarm:
         num_pieces = self.num_pieces
         have = self.have
         node = me.id
-        have[node * num_pieces + piece] = 1
+        row = piece * self.n
+        bit = row + node
+        have[bit >> 3] |= u8(1 << (bit & 7))
         self.holders[piece] += 1
         me.count += 1
         for conn in me.conns:
             other = conn.node
-            if have[other.id * num_pieces + piece]:
+            bit = row + other.id
+            if have[bit >> 3] >> (bit & 7) & 1:
                 conn.interest -= 1
             elif not other.done:
                 picker = other.picker
