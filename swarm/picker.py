@@ -131,7 +131,6 @@ class PiecePicker(Generic[PeerT]):
         self._reserved: set[int] = set()
         self._avail = vec[i32]([0] * num_pieces)
         self._peers: dict[PeerT, Bitfield] = {}
-        self._outstanding: dict[PeerT, set[BlockRequest]] = {}
 
         # Pieces not had, not reserved and not started ("bucketed"), sorted by
         # availability in one array: _order[_bounds[k]:_bounds[k + 1]] is the
@@ -143,7 +142,10 @@ class PiecePicker(Generic[PeerT]):
         self._bounds = vec[i32]([0, num_pieces])
 
         # Pieces in progress (insertion order = start order), and those of them
-        # with at least one open block.
+        # with at least one open block. A piece's requesters are the one record
+        # of which peer each block is requested from: a request costs no
+        # per-peer bookkeeping, and a peer's requests are found (rarely: when it
+        # leaves, in endgame) by walking the pieces in progress.
         self._partials: dict[int, _Partial[PeerT]] = {}
         self._open_partials: dict[int, None] = {}
 
@@ -189,7 +191,15 @@ class PiecePicker(Generic[PeerT]):
 
     def outstanding(self, peer: PeerT) -> list[BlockRequest]:
         """Requests in flight to ``peer``."""
-        return sorted(self._outstanding.get(peer, ()))
+        return sorted(self._requested_from(peer))
+
+    def _requested_from(self, peer: PeerT) -> list[BlockRequest]:
+        return [
+            self._block(piece, index)
+            for piece, partial in self._partials.items()
+            for index, peers in partial.requesters.items()
+            if peer in peers
+        ]
 
     def blocks(self, piece: int) -> list[BlockRequest]:
         """Every block of ``piece``, in order."""
@@ -321,7 +331,6 @@ class PiecePicker(Generic[PeerT]):
         known = self._peers.get(peer)
         if known is None:
             self._peers[peer] = bitfield.copy()
-            self._outstanding.setdefault(peer, set())
             for piece in bitfield:
                 self._set_avail(piece, 1)
             return
@@ -334,7 +343,6 @@ class PiecePicker(Generic[PeerT]):
         known = self._peers.get(peer)
         if known is None:
             known = self._peers[peer] = Bitfield(self.num_pieces)
-            self._outstanding.setdefault(peer, set())
         if known.add(piece):
             self._set_avail(piece, 1)
 
@@ -347,7 +355,7 @@ class PiecePicker(Generic[PeerT]):
         if known is not None:
             for piece in known:
                 self._set_avail(piece, -1)
-        returned = sorted(self._outstanding.pop(peer, ()))
+        returned = sorted(self._requested_from(peer))
         for block in returned:
             self._unrequest(peer, block)
         return returned
@@ -446,9 +454,9 @@ class PiecePicker(Generic[PeerT]):
             self._take_open(peer, new_piece, max_blocks - len(picked), picked)
         if (
             not picked
-            and not self._outstanding.get(peer)
             and self.in_endgame
             and self._blocks_to_go() <= len(self._peers)
+            and not self._requested_from(peer)
         ):
             self._take_endgame(peer, bits, max_blocks - len(picked), picked)
         return picked
@@ -510,7 +518,6 @@ class PiecePicker(Generic[PeerT]):
     def _take_open(self, peer: PeerT, piece: int, limit: int, out: list[BlockRequest]) -> None:
         partial = self._partials[piece]
         state = partial.state
-        outstanding = self._outstanding[peer]
         index = partial.next_open
         taken = 0
         while taken < limit and partial.open:
@@ -519,9 +526,7 @@ class PiecePicker(Generic[PeerT]):
             state[index] = _REQUESTED
             partial.requesters[index] = [peer]
             partial.open -= 1
-            block = self._block(piece, index)
-            outstanding.add(block)
-            out.append(block)
+            out.append(self._block(piece, index))
             taken += 1
             index += 1
         partial.next_open = index
@@ -545,12 +550,9 @@ class PiecePicker(Generic[PeerT]):
                 if len(peers) < self._endgame_duplicates and peer not in peers:
                     candidates.append((len(peers), order, piece, index))
         candidates.sort()
-        outstanding = self._outstanding[peer]
         for _, _, piece, index in candidates[:limit]:
             self._partials[piece].requesters[index].append(peer)
-            block = self._block(piece, index)
-            outstanding.add(block)
-            out.append(block)
+            out.append(self._block(piece, index))
 
     # -- results --------------------------------------------------------------
 
@@ -565,7 +567,6 @@ class PiecePicker(Generic[PeerT]):
         should send them a Cancel. A block that was already received, or that
         belongs to a piece not in progress, changes nothing and returns [].
         """
-        self._discard_outstanding(peer, block)
         piece = block.piece
         partial = self._partials.get(piece)
         if partial is None:
@@ -592,22 +593,15 @@ class PiecePicker(Generic[PeerT]):
             del partial.requesters[index]
             for other in requesters:
                 if other != peer:
-                    self._discard_outstanding(other, block)
                     cancels.append((other, block))
         return cancels
 
-    def _discard_outstanding(self, peer: PeerT, block: BlockRequest) -> None:
-        outstanding = self._outstanding.get(peer)
-        if outstanding is not None:
-            outstanding.discard(block)
-
     def block_failed(self, peer: PeerT, block: BlockRequest) -> None:
         """The request of ``block`` to ``peer`` failed (rejected, timed out, cancelled)."""
-        outstanding = self._outstanding.get(peer)
-        if outstanding is None or block not in outstanding:
-            return
-        outstanding.discard(block)
-        self._unrequest(peer, block)
+        if 0 <= block.piece < len(self._lengths) and block == self._block(
+            block.piece, self._index(block)
+        ):
+            self._unrequest(peer, block)
 
     def _unrequest(self, peer: PeerT, block: BlockRequest) -> None:
         partial = self._partials.get(block.piece)
@@ -651,6 +645,5 @@ class PiecePicker(Generic[PeerT]):
         for index, peers in sorted(partial.requesters.items()):
             block = self._block(piece, index)
             for peer in peers:
-                self._discard_outstanding(peer, block)
                 leftovers.append((peer, block))
         return leftovers
