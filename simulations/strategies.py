@@ -305,22 +305,13 @@ class Cache:
 # -- swarm --------------------------------------------------------------------
 
 
-class RandomOrderPicker(PiecePicker[int]):
-    """The real picker with one change: new pieces in random order, not rarest first.
-
-    Everything else (finish started pieces first, reservations, endgame) is
-    the parent's. Used only for the ``swarm-random`` ablation.
-    """
-
-    def _pick_new_piece(self, bits: Bitfield) -> int | None:
-        # Pieces still unstarted are exactly those the parent keeps in its
-        # availability buckets; ignore the levels and draw uniformly.
-        candidates = [piece for piece in bits if self._bucketed(piece)]
-        return self._rng.choice(candidates) if candidates else None
-
-
 class _Node:
-    """One node's side of the exchange: its picker, upload queue and connections."""
+    """One node's side of the exchange: its picker, upload queue and connections.
+
+    Pickers know their peers by these records, not by node number: a record
+    hashes by identity, so the picker's lookups on every HAVE and arrival need
+    neither a boxed int nor an int comparison.
+    """
 
     __slots__ = (
         "conn_to",
@@ -338,7 +329,7 @@ class _Node:
 
     def __init__(self, node: int, upload_slots: int) -> None:
         self.id = node
-        self.picker: PiecePicker[int] | None = None  # None until it joins, and after a crash
+        self.picker: PiecePicker[_Node] | None = None  # None until it joins, and after a crash
         # Requests to serve, by the requester's end of the connection.
         self.uploads: UploadScheduler[_Conn, BlockRequest] = UploadScheduler(upload_slots)
         # Connections in the order they were made, and by peer.
@@ -353,16 +344,29 @@ class _Node:
 
 
 class _Conn:
-    """One end of a connection: what ``peer`` offers the node whose list holds this."""
+    """One end of a connection: what ``node`` offers the node whose list holds this."""
 
-    __slots__ = ("asked", "back", "interest", "node", "peer")
+    __slots__ = ("asked", "back", "interest", "node")
 
     def __init__(self, node: _Node, interest: int) -> None:
         self.node = node  # the peer's own record
-        self.peer = node.id
-        self.interest = interest  # pieces ``peer`` has that we lack
-        self.asked = 0  # our requests in flight to ``peer``
-        self.back = self  # the other end (``peer``'s record of us), set on connecting
+        self.interest = interest  # pieces ``node`` has that we lack
+        self.asked = 0  # our requests in flight to ``node``
+        self.back = self  # the other end (``node``'s record of us), set on connecting
+
+
+class RandomOrderPicker(PiecePicker["_Node"]):
+    """The real picker with one change: new pieces in random order, not rarest first.
+
+    Everything else (finish started pieces first, reservations, endgame) is
+    the parent's. Used only for the ``swarm-random`` ablation.
+    """
+
+    def _pick_new_piece(self, bits: Bitfield) -> int | None:
+        # Pieces still unstarted are exactly those the parent keeps in its
+        # availability buckets; ignore the levels and draw uniformly.
+        candidates = [piece for piece in bits if self._bucketed(piece)]
+        return self._rng.choice(candidates) if candidates else None
 
 
 class Swarm:
@@ -407,7 +411,7 @@ class Swarm:
 
     # -- set-up -------------------------------------------------------------
 
-    def _new_picker(self, node: int) -> PiecePicker[int]:
+    def _new_picker(self, node: int) -> PiecePicker[_Node]:
         rng = random.Random(f"{self.sim.scenario.seed}:picker:{node}")
         cls = RandomOrderPicker if self.random_order else PiecePicker
         return cls(
@@ -432,7 +436,7 @@ class Swarm:
             picker = x.picker
             if picker is not None and not x.done:
                 picker.add_peer(
-                    y.id,
+                    y,
                     Bitfield.from_indices(self._held(y.id), self.num_pieces)
                     if y.count
                     else Bitfield(self.num_pieces),
@@ -565,7 +569,7 @@ class Swarm:
             elif not other.done:
                 picker = other.picker
                 if picker is not None:
-                    picker.peer_has(node, piece)
+                    picker.peer_has(me, piece)
                     conn.back.interest += 1
                     if other.starved:
                         self._fill(other)
@@ -592,7 +596,7 @@ class Swarm:
                     conn = conns[(start + i) % count]
                     if conn.interest <= 0 or (not busy_ok and conn.asked):
                         continue
-                    picked = picker.pick(conn.peer, 1)
+                    picked = picker.pick(conn.node, 1)
                     if picked:
                         request = (conn, picked[0])
                         me.cursor = (start + i + 1) % count
@@ -609,7 +613,7 @@ class Swarm:
             other = conn.node
             if not other.uploads.enqueue(conn, block):
                 self._unask(me, conn)
-                picker.block_failed(other.id, block)
+                picker.block_failed(other, block)
                 return
             self._serve(other)
 
@@ -638,7 +642,7 @@ class Swarm:
         self._unask(dst, conn)
         picker = dst.picker
         if picker is not None and self.sim.alive[dst.id]:
-            self._cancel_all(dst, picker.block_received(src.id, block))
+            self._cancel_all(dst, picker.block_received(src, block))
             piece = block.piece
             if picker.piece_complete(piece):
                 self._cancel_all(dst, picker.mark_have(piece))
@@ -654,11 +658,10 @@ class Swarm:
                 return flow
         return None
 
-    def _cancel_all(self, dst: _Node, requests: list[tuple[int, BlockRequest]]) -> None:
+    def _cancel_all(self, dst: _Node, requests: list[tuple[_Node, BlockRequest]]) -> None:
         """Cancel duplicate requests (endgame) that ``dst``'s picker returned."""
-        for src_id, block in requests:
-            conn = dst.conn_to[src_id]
-            src = conn.node
+        for src, block in requests:
+            conn = dst.conn_to[src.id]
             flow = self._sending(conn, block)
             if flow is not None:
                 self.sim.cancel(flow)
@@ -683,7 +686,7 @@ class Swarm:
             other.uploads.peer_gone(conn)
             picker = other.picker
             if picker is not None:
-                for _ in picker.remove_peer(node):
+                for _ in picker.remove_peer(me):
                     pass
             other.inflight -= conn.back.asked
             affected.append(other)
