@@ -328,7 +328,7 @@ class _Node:
     )
 
     def __init__(self, node: int, upload_slots: int) -> None:
-        self.id = node
+        self.id: i64 = node
         self.picker: PiecePicker[_Node] | None = None  # None until it joins, and after a crash
         # Requests to serve, by the requester's end of the connection.
         self.uploads: UploadScheduler[_Conn, BlockRequest] = UploadScheduler(upload_slots)
@@ -336,11 +336,11 @@ class _Node:
         self.conns: list[_Conn] = []
         self.conn_to: dict[int, _Conn] = {}
         self.pulls: dict[int, OriginRequest] = {}  # piece -> our origin pull of it
-        self.count = 0  # pieces held
+        self.count: i64 = 0  # pieces held
         self.done = False
-        self.inflight = 0  # our requests in flight, over all connections
+        self.inflight: i64 = 0  # our requests in flight, over all connections
         self.starved = False  # the last fill found nothing to request
-        self.cursor = 0  # where the next fill starts in ``conns``
+        self.cursor: i64 = 0  # where the next fill starts in ``conns``
 
 
 class _Conn:
@@ -350,8 +350,8 @@ class _Conn:
 
     def __init__(self, node: _Node, interest: int) -> None:
         self.node = node  # the peer's own record
-        self.interest = interest  # pieces ``node`` has that we lack
-        self.asked = 0  # our requests in flight to ``node``
+        self.interest: i64 = interest  # pieces ``node`` has that we lack
+        self.asked: i64 = 0  # our requests in flight to ``node``
         self.back = self  # the other end (``node``'s record of us), set on connecting
 
 
@@ -564,7 +564,7 @@ class Swarm:
         for conn in me.conns:
             other = conn.node
             bit = row + other.id
-            if have[bit >> 3] >> (bit & 7) & 1:
+            if have[bit >> 3] & u8(1 << (bit & 7)):
                 conn.interest -= 1
             elif not other.done:
                 picker = other.picker

@@ -33,6 +33,16 @@ PeerT = TypeVar("PeerT", bound=Hashable)
 RequestT = TypeVar("RequestT", bound=Hashable)
 
 
+class _Queue(Generic[PeerT, RequestT]):
+    """One peer's pending requests, in arrival order (a dict as an ordered set)."""
+
+    __slots__ = ("peer", "requests")
+
+    def __init__(self, peer: PeerT) -> None:
+        self.peer = peer
+        self.requests: dict[RequestT, None] = {}
+
+
 class UploadScheduler(Generic[PeerT, RequestT]):
     """Fair round-robin queue of upload requests with ``max_active`` send slots.
 
@@ -48,11 +58,10 @@ class UploadScheduler(Generic[PeerT, RequestT]):
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         self.max_active = max_active
         self.max_queue = max_queue
-        # Peer -> its pending requests, in arrival order (dict as ordered set).
-        self._queues: dict[PeerT, dict[RequestT, None]] = {}
-        # Peers with pending requests, in round-robin order: exactly the peers
-        # whose queue is not empty.
-        self._ring: deque[PeerT] = deque()
+        # Peer -> its queue of pending requests.
+        self._queues: dict[PeerT, _Queue[PeerT, RequestT]] = {}
+        # The queues that are not empty, in round-robin order.
+        self._ring: deque[_Queue[PeerT, RequestT]] = deque()
         # Sends in progress, in the order they were granted (at most
         # ``max_active``, so a scan beats any index).
         self._active_peers: list[PeerT] = []
@@ -71,7 +80,8 @@ class UploadScheduler(Generic[PeerT, RequestT]):
 
     def queued(self, peer: PeerT) -> int:
         """Requests of ``peer`` waiting for a slot."""
-        return len(self._queues.get(peer, ()))
+        queue = self._queues.get(peer)
+        return 0 if queue is None else len(queue.requests)
 
     def active_for(self, peer: PeerT) -> list[RequestT]:
         """Requests of ``peer`` being sent now."""
@@ -89,27 +99,28 @@ class UploadScheduler(Generic[PeerT, RequestT]):
         """
         queue = self._queues.get(peer)
         if queue is None:
-            queue = self._queues[peer] = {}
-        size = len(queue)
+            queue = self._queues[peer] = _Queue(peer)
+        requests = queue.requests
+        size = len(requests)
         if size >= self.max_queue:
-            return request in queue
-        queue[request] = None  # a request already pending keeps its place
-        if len(queue) == size:
+            return request in requests
+        requests[request] = None  # a request already pending keeps its place
+        if len(requests) == size:
             return True
         self._pending_count += 1
-        if len(queue) == 1:
-            self._ring.append(peer)
+        if not size:
+            self._ring.append(queue)
         return True
 
     def cancel(self, peer: PeerT, request: RequestT) -> bool:
         """Drop a pending request; False if it was not pending (maybe already sending)."""
         queue = self._queues.get(peer)
-        if queue is None or request not in queue:
+        if queue is None or request not in queue.requests:
             return False
-        del queue[request]
+        del queue.requests[request]
         self._pending_count -= 1
-        if not queue:
-            self._ring.remove(peer)
+        if not queue.requests:
+            self._ring.remove(queue)
         return True
 
     def next(self) -> tuple[PeerT, RequestT] | None:
@@ -120,13 +131,14 @@ class UploadScheduler(Generic[PeerT, RequestT]):
         """
         if len(self._active_peers) >= self.max_active or not self._ring:
             return None
-        peer = self._ring.popleft()
-        queue = self._queues[peer]
-        request = next(iter(queue))
-        del queue[request]
+        queue = self._ring.popleft()
+        requests = queue.requests
+        request = next(iter(requests))  # the oldest
+        del requests[request]
         self._pending_count -= 1
-        if queue:
-            self._ring.append(peer)  # back of the line
+        if requests:
+            self._ring.append(queue)  # back of the line
+        peer = queue.peer
         self._active_peers.append(peer)
         self._active_requests.append(request)
         return peer, request
@@ -149,10 +161,10 @@ class UploadScheduler(Generic[PeerT, RequestT]):
 
         Returns the requests that were being sent to it (the engine aborts them).
         """
-        queue = self._queues.pop(peer, {})
-        if queue:
-            self._pending_count -= len(queue)
-            self._ring.remove(peer)
+        queue = self._queues.pop(peer, None)
+        if queue is not None and queue.requests:
+            self._pending_count -= len(queue.requests)
+            self._ring.remove(queue)
         gone = self.active_for(peer)
         if gone:
             kept = [i for i, other in enumerate(self._active_peers) if other != peer]
