@@ -34,13 +34,17 @@ RequestT = TypeVar("RequestT", bound=Hashable)
 
 
 class _Queue(Generic[PeerT, RequestT]):
-    """One peer's pending requests, in arrival order (a dict as an ordered set)."""
+    """One peer's pending requests, in arrival order.
+
+    A plain FIFO: a peer keeps a few requests pending (its pipeline), so the
+    scan for a duplicate is shorter than hashing the request twice would be.
+    """
 
     __slots__ = ("peer", "requests")
 
     def __init__(self, peer: PeerT) -> None:
         self.peer = peer
-        self.requests: dict[RequestT, None] = {}
+        self.requests: deque[RequestT] = deque()
 
 
 class UploadScheduler(Generic[PeerT, RequestT]):
@@ -101,12 +105,12 @@ class UploadScheduler(Generic[PeerT, RequestT]):
         if queue is None:
             queue = self._queues[peer] = _Queue(peer)
         requests = queue.requests
+        if request in requests:
+            return True  # already pending: it keeps its place
         size = len(requests)
         if size >= self.max_queue:
-            return request in requests
-        requests[request] = None  # a request already pending keeps its place
-        if len(requests) == size:
-            return True
+            return False
+        requests.append(request)
         self._pending_count += 1
         if not size:
             self._ring.append(queue)
@@ -117,7 +121,7 @@ class UploadScheduler(Generic[PeerT, RequestT]):
         queue = self._queues.get(peer)
         if queue is None or request not in queue.requests:
             return False
-        del queue.requests[request]
+        queue.requests.remove(request)
         self._pending_count -= 1
         if not queue.requests:
             self._ring.remove(queue)
@@ -133,8 +137,7 @@ class UploadScheduler(Generic[PeerT, RequestT]):
             return None
         queue = self._ring.popleft()
         requests = queue.requests
-        request = next(iter(requests))  # the oldest
-        del requests[request]
+        request = requests.popleft()
         self._pending_count -= 1
         if requests:
             self._ring.append(queue)  # back of the line
