@@ -77,7 +77,7 @@ class _Partial(Generic[PeerT]):
     __slots__ = ("next_open", "open", "received", "requesters", "state")
 
     def __init__(self, num_blocks: int) -> None:
-        self.state = vec[u8]([_OPEN] * num_blocks)
+        self.state = vec[u8](bytes(num_blocks))  # all _OPEN
         # Block index -> peers it is requested from (only for REQUESTED blocks).
         self.requesters: dict[int, list[PeerT]] = {}
         self.open = num_blocks
@@ -513,7 +513,10 @@ class PiecePicker(Generic[PeerT]):
 
     def _block(self, piece: int, index: int) -> BlockRequest:
         offset = index * self._block_size
-        return BlockRequest(piece, offset, min(self._block_size, self._lengths[piece] - offset))
+        length = min(self._block_size, self._lengths[piece] - offset)
+        # tuple.__new__ directly: the NamedTuple's own __new__ is generated
+        # Python code, a frame per call, and this runs for every request.
+        return tuple.__new__(BlockRequest, (piece, offset, length))
 
     def _take_open(self, peer: PeerT, piece: int, limit: int, out: list[BlockRequest]) -> None:
         partial = self._partials[piece]
