@@ -322,13 +322,18 @@ class _Node:
         "id",
         "inflight",
         "picker",
+        "pieces",
         "pulls",
         "starved",
         "uploads",
     )
 
-    def __init__(self, node: int, upload_slots: int) -> None:
+    def __init__(self, node: int, num_pieces: int, upload_slots: int) -> None:
         self.id: i64 = node
+        # The pieces it holds: every neighbour's picker reads this as its
+        # record of the node (a neighbour that lacks a piece is told of it
+        # at once, so its record could differ only in pieces it holds).
+        self.pieces = Bitfield(num_pieces)
         self.picker: PiecePicker[_Node] | None = None  # None until it joins, and after a crash
         # Requests to serve, by the requester's end of the connection.
         self.uploads: UploadScheduler[_Conn, BlockRequest] = UploadScheduler(upload_slots)
@@ -389,7 +394,7 @@ class Swarm:
             stall_timeout=scenario.stall_timeout,
             rng=random.Random(f"{seed}:tracker"),
         )
-        self.nodes = [_Node(node, scenario.upload_slots) for node in range(n)]
+        self.nodes = [_Node(node, self.num_pieces, scenario.upload_slots) for node in range(n)]
         # Which pieces each node holds, one bit each, piece-major: node x holds
         # piece p if bit p * nodes + x is set. Every HAVE reads the bit of each
         # neighbour for one piece, and a piece's row of 1000 nodes spans two
@@ -435,28 +440,12 @@ class Swarm:
         for x, y in ((a, b), (b, a)):
             picker = x.picker
             if picker is not None and not x.done:
-                picker.add_peer(
-                    y,
-                    Bitfield.from_indices(self._held(y.id), self.num_pieces)
-                    if y.count
-                    else Bitfield(self.num_pieces),
-                )
-
-    def _holds(self, node: int, piece: int) -> bool:
-        bit = piece * self.n + node
-        return bool(self.have[bit >> 3] >> (bit & 7) & 1)
+                picker.add_peer(y, y.pieces)
 
     def _lacking(self, a: _Node, b: _Node) -> int:
         """Pieces ``b`` has that ``a`` lacks."""
-        if not b.count:
-            return 0
-        return sum(
-            1 for p in range(self.num_pieces) if self._holds(b.id, p) and not self._holds(a.id, p)
-        )
-
-    def _held(self, node: int) -> list[int]:
-        """The pieces ``node`` holds."""
-        return [p for p in range(self.num_pieces) if self._holds(node, p)]
+        mine = a.pieces
+        return sum(1 for p in b.pieces if p not in mine)
 
     def start(self) -> None:
         sim = self.sim
@@ -559,6 +548,7 @@ class Swarm:
         row = piece * self.n
         bit = row + node
         have[bit >> 3] |= u8(1 << (bit & 7))
+        me.pieces.add(piece)
         self.holders[piece] += 1
         me.count += 1
         for conn in me.conns:
@@ -695,7 +685,7 @@ class Swarm:
         me.inflight = 0
         me.picker = None
         self.assignment.peer_left(node, now)
-        for piece in self._held(node):
+        for piece in me.pieces:
             self.holders[piece] -= 1
             if self.holders[piece] == 0:
                 self.assignment.piece_lost(piece)

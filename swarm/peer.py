@@ -728,14 +728,19 @@ class SwarmPeer:
             conn.send(BitfieldMsg.from_bitfield(self.picker.have))
             log.debug("connected to %r", conn)
         elif isinstance(msg, BitfieldMsg):
-            conn.bitfield = msg.to_bitfield(self.m.num_pieces)
-            self.picker.add_peer(conn, conn.bitfield)
+            # conn.bitfield is the one record of the peer's pieces; the picker
+            # reads it (and merges a second Bitfield into it).
+            sent = msg.to_bitfield(self.m.num_pieces)
+            if conn.bitfield is None:
+                conn.bitfield = sent
+            self.picker.add_peer(conn, sent)
             self._fill(conn)
         elif isinstance(msg, Have):
             if conn.bitfield is None:
                 conn.bitfield = Bitfield(self.m.num_pieces)
-            conn.bitfield.add(msg.piece)
-            self.picker.peer_has(conn, msg.piece)
+                self.picker.add_peer(conn, conn.bitfield)
+            if conn.bitfield.add(msg.piece):
+                self.picker.peer_has(conn, msg.piece)
             self._fill(conn)
         elif isinstance(msg, Request):
             if not self.store.has(msg.piece) or not self.uploads.enqueue(conn, msg):

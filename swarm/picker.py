@@ -90,8 +90,14 @@ class PiecePicker(Generic[PeerT]):
 
     ``piece_lengths[i]`` is the length of piece ``i``; pieces are split into
     blocks of ``block_size`` bytes (the last block of a piece may be shorter).
-    Peers are any hashable ids (20-byte peer ids in the engine, ints in the
-    simulator).
+    Peers are any hashable ids (the engine's connections; the simulator's node
+    records).
+
+    The engine keeps the record of which pieces each peer has (a
+    :class:`Bitfield` per peer) and hands it to the picker, which reads it
+    but keeps no copy: one record per peer, not two to keep in step, and an
+    announced piece costs the picker one count. (libtorrent's picker is told
+    the same way.)
 
     The engine's calls, in order of a piece's life:
 
@@ -179,7 +185,7 @@ class PiecePicker(Generic[PeerT]):
         return not self.done and self._unstarted() == 0 and not self._open_partials
 
     def availability(self, piece: int) -> int:
-        """How many connected peers have ``piece``."""
+        """How many connected peers have ``piece`` (kept for the pieces we lack)."""
         return int(self._avail[piece])
 
     def is_reserved(self, piece: int) -> bool:
@@ -323,14 +329,19 @@ class PiecePicker(Generic[PeerT]):
     # -- peers ----------------------------------------------------------------
 
     def add_peer(self, peer: PeerT, bitfield: Bitfield) -> None:
-        """``peer`` connected and sent ``bitfield`` (merged with anything it sent before)."""
+        """``peer`` connected; ``bitfield`` is the engine's record of its pieces.
+
+        The picker reads the record from now on. The engine only ever adds to
+        it, and calls :meth:`peer_has` for each piece it adds. Adding a known
+        peer again merges ``bitfield`` into the record already given.
+        """
         if len(bitfield) != self.num_pieces:
             raise ValueError(
                 f"bitfield of {len(bitfield)} pieces for an artifact of {self.num_pieces}"
             )
         known = self._peers.get(peer)
         if known is None:
-            self._peers[peer] = bitfield.copy()
+            self._peers[peer] = bitfield
             for piece in bitfield:
                 self._set_avail(piece, 1)
             return
@@ -339,12 +350,13 @@ class PiecePicker(Generic[PeerT]):
                 self._set_avail(piece, 1)
 
     def peer_has(self, peer: PeerT, piece: int) -> None:
-        """``peer`` announced that it has verified ``piece``."""
-        known = self._peers.get(peer)
-        if known is None:
-            known = self._peers[peer] = Bitfield(self.num_pieces)
-        if known.add(piece):
-            self._set_avail(piece, 1)
+        """``piece`` was just added to the record of ``peer``, a connected peer.
+
+        Call it once per piece added. It only counts the piece: the picker
+        does not look ``peer`` up, which keeps a HAVE to the fewest memory
+        reads (it runs for every neighbour of every peer that verifies a piece).
+        """
+        self._set_avail(piece, 1)
 
     def remove_peer(self, peer: PeerT) -> list[BlockRequest]:
         """``peer`` disconnected: forget its pieces; its requests go back to open.
@@ -353,8 +365,13 @@ class PiecePicker(Generic[PeerT]):
         """
         known = self._peers.pop(peer, None)
         if known is not None:
+            have = self._have
             for piece in known:
-                self._set_avail(piece, -1)
+                # Counts matter only for pieces we lack, and only those are
+                # sure to have been counted: an engine need not announce a
+                # piece to a peer that has it already (HAVE suppression).
+                if piece not in have:
+                    self._set_avail(piece, -1)
         returned = sorted(self._requested_from(peer))
         for block in returned:
             self._unrequest(peer, block)

@@ -80,7 +80,9 @@ def test_rarest_first_skips_pieces_we_have() -> None:
 def test_availability_follows_haves_and_departures() -> None:
     picker = make("2222")
     assert picker.availability(0) == 3
-    picker.peer_has("h0", 1)  # already had it: no change
+    late = Bitfield(4)
+    picker.add_peer("late", late)
+    late.add(1)
     picker.peer_has("late", 1)
     assert picker.availability(1) == 4
     picker.remove_peer("h0")
@@ -88,6 +90,32 @@ def test_availability_follows_haves_and_departures() -> None:
     assert [picker.availability(p) for p in range(4)] == [1, 2, 1, 1]
     order = pick_order(picker)
     assert order[-1] == 1
+
+
+def test_picker_reads_the_engines_record_of_a_peer() -> None:
+    picker = make("0000", with_seed=False)
+    record = Bitfield(4)
+    picker.add_peer("x", record)
+    assert picker.pick("x", 1) == []
+    record.add(2)  # the engine adds to its record, then tells the picker
+    picker.peer_has("x", 2)
+    assert pieces(picker.pick("x", 1)) == [2]
+    assert picker.availability(2) == 1
+    assert picker.peer_bitfield("x") == record
+    assert picker.peer_bitfield("x") is not record  # callers get a copy
+
+
+def test_departure_uncounts_only_pieces_we_lack() -> None:
+    # An engine need not announce a piece to a peer that has it (HAVE
+    # suppression), so a departing peer's record may hold pieces we have that
+    # were never counted: they must not drive a count below zero.
+    picker = make("*00", with_seed=False)
+    record = Bitfield.from_indices([1], 3)
+    picker.add_peer("x", record)
+    record.add(0)  # we have piece 0: not announced to us
+    picker.remove_peer("x")
+    assert [picker.availability(p) for p in (1, 2)] == [0, 0]
+    assert picker.availability(0) == 0
 
 
 def test_random_tie_break_depends_on_seed_only() -> None:
@@ -351,10 +379,14 @@ def test_full_download_from_partial_peers() -> None:
     rng = random.Random(3)
     num_pieces = 60
     picker: PiecePicker[int] = PiecePicker([40] * 59 + [7], BLOCK, random.Random(1))
-    for peer in range(6):
-        picker.add_peer(peer, Bitfield.from_indices(rng.sample(range(num_pieces), 25), num_pieces))
+    records = [
+        Bitfield.from_indices(rng.sample(range(num_pieces), 25), num_pieces) for _ in range(6)
+    ]
+    for peer, record in enumerate(records):
+        picker.add_peer(peer, record)
     for piece in range(num_pieces):
-        picker.peer_has(piece % 6, piece)  # every piece has a source
+        if records[piece % 6].add(piece):  # every piece has a source
+            picker.peer_has(piece % 6, piece)
     run_download(picker, list(range(6)), rng)
     assert picker.done
 
@@ -376,9 +408,11 @@ def test_invariants_under_random_events(events: list[tuple[str, int]], seed: int
         [BLOCK * 2 + 3] * num_pieces, BLOCK, random.Random(seed), dups
     )
     held: dict[int, set[int]] = {}
+    records: dict[int, Bitfield] = {}
     for peer in range(num_peers):
         held[peer] = set(rng.sample(range(num_pieces), 3))
-        picker.add_peer(peer, Bitfield.from_indices(held[peer], num_pieces))
+        records[peer] = Bitfield.from_indices(held[peer], num_pieces)
+        picker.add_peer(peer, records[peer])
     endgame_seen = False
     for kind, n in events:
         peer = n % num_peers
@@ -397,13 +431,16 @@ def test_invariants_under_random_events(events: list[tuple[str, int]], seed: int
                     picker.mark_have(block.piece)
         elif kind == "fail" and picker.outstanding(peer):
             picker.block_failed(peer, picker.outstanding(peer)[0])
-        elif kind == "gone":
+        elif kind == "gone":  # and back at once, with nothing
             picker.remove_peer(peer)
             held[peer] = set()
+            records[peer] = Bitfield(num_pieces)
+            picker.add_peer(peer, records[peer])
         elif kind == "has":
             piece = n % num_pieces
             held[peer].add(piece)
-            picker.peer_has(peer, piece)
+            if records[peer].add(piece):
+                picker.peer_has(peer, piece)
         elif kind == "reserve":
             picker.reserve(n % num_pieces)
         # Invariants.
@@ -417,7 +454,8 @@ def test_invariants_under_random_events(events: list[tuple[str, int]], seed: int
         if not endgame_seen:
             assert all(c == 1 for c in copies.values())
         for piece in range(num_pieces):
-            assert picker.availability(piece) == sum(piece in h for h in held.values())
+            if piece not in picker.have:  # counts are kept for the pieces we lack
+                assert picker.availability(piece) == sum(piece in h for h in held.values())
         assert picker.missing_count == num_pieces - len(list(picker.have))
         assert_layout(picker)
 
