@@ -35,7 +35,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from seeder.retry import RetryPolicy
 from simulations.network import Flow, Link, Network
@@ -43,7 +43,7 @@ from simulations.scenario import Scenario
 
 __all__ = ["OriginRequest", "Result", "Series", "Simulation", "StrategyProtocol"]
 
-INF = math.inf
+INF: Final = math.inf
 
 FlowDone = Callable[[Flow, float], None]
 

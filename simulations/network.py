@@ -52,20 +52,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Final
 
 from librt.vecs import append, vec
 
 __all__ = ["Flow", "Link", "Network", "progressive_filling"]
 
-INF = math.inf
+# Final: compiled (swarm simulate --native), a constant is a C static, not a
+# lookup in the module dict every time a hot loop reads it.
+INF: Final = math.inf
 
 # Links with more flows than this sort their bounds as a list, not in place.
-_INSERTION_MAX = 32
+_INSERTION_MAX: Final = 32
 
 # Relative change of a rate below which neighbours are not re-levelled. Far below
 # anything measurable, far above float rounding.
-_REL_TOL = 1e-9
+_REL_TOL: Final = 1e-9
 
 
 class Link:

@@ -386,6 +386,7 @@ class Swarm:
         self.num_pieces = len(self.lengths)
         self.block_size = scenario.block_size or max(self.lengths)
         self.random_order = random_order
+        self.max_downloads = scenario.max_downloads
         n = scenario.nodes
         self.assignment: SeederAssignment[int] = SeederAssignment(
             self.lengths,
@@ -574,7 +575,7 @@ class Swarm:
         picker = me.picker
         if picker is None or me.done or not self.sim.alive[me.id]:
             return
-        limit = self.sim.scenario.max_downloads
+        limit = self.max_downloads
         conns = me.conns
         count = len(conns)
         while me.inflight < limit:

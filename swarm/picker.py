@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Hashable, Sequence
-from typing import Generic, NamedTuple, TypeVar
+from typing import Final, Generic, NamedTuple, TypeVar
 
 from librt.vecs import append, vec
 from mypy_extensions import i32, i64, u8
@@ -58,9 +58,9 @@ __all__ = ["BlockRequest", "PiecePicker"]
 
 PeerT = TypeVar("PeerT", bound=Hashable)
 
-_OPEN: u8 = 0
-_REQUESTED: u8 = 1
-_RECEIVED: u8 = 2
+_OPEN: Final[u8] = 0
+_REQUESTED: Final[u8] = 1
+_RECEIVED: Final[u8] = 2
 
 
 class BlockRequest(NamedTuple):
