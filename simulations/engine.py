@@ -37,6 +37,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
+from librt.vecs import vec
+
 from seeder.retry import RetryPolicy
 from simulations.network import Flow, Link, Network
 from simulations.scenario import Scenario
@@ -66,13 +68,13 @@ class Series:
     def __init__(self, width: float, max_bins: int = 400) -> None:
         self.width = max(width, 1e-9)
         self.max_bins = max_bins
-        self.bins = [0.0] * max_bins
+        self.bins = vec[float]([0.0] * max_bins)  # machine floats: an add boxes none
 
     def add(self, start: float, end: float, nbytes: float) -> None:
         """Spread ``nbytes`` evenly over ``[start, end]``."""
         while end >= self.width * self.max_bins:
             merged = [self.bins[i] + self.bins[i + 1] for i in range(0, self.max_bins, 2)]
-            self.bins = merged + [0.0] * (self.max_bins - len(merged))
+            self.bins = vec[float](merged + [0.0] * (self.max_bins - len(merged)))
             self.width *= 2
         width = self.width
         first = int(start / width)

@@ -41,7 +41,7 @@ from typing import Any
 from librt.vecs import vec
 from mypy_extensions import i64, u8
 
-from simulations.engine import OriginRequest, Simulation
+from simulations.engine import FlowDone, OriginRequest, Simulation
 from simulations.network import Flow
 from simulations.scenario import Scenario
 from swarm.bitfield import Bitfield
@@ -387,6 +387,8 @@ class Swarm:
         self.block_size = scenario.block_size or max(self.lengths)
         self.random_order = random_order
         self.max_downloads = scenario.max_downloads
+        # Bound once: compiled, naming a method makes a new bound method each time.
+        self.block_done: FlowDone = self._block_done
         n = scenario.nodes
         self.assignment: SeederAssignment[int] = SeederAssignment(
             self.lengths,
@@ -581,7 +583,8 @@ class Swarm:
         while me.inflight < limit:
             request = None
             # First pass: neighbours not yet asked; second: any.
-            for busy_ok in (False, True):
+            for attempt in range(2):
+                busy_ok = attempt == 1
                 start = me.cursor
                 for i in range(count):
                     conn = conns[(start + i) % count]
@@ -622,7 +625,7 @@ class Swarm:
             if granted is None:
                 return
             conn, block = granted  # the requester's end of the connection
-            sim.send(src.id, conn.back.node.id, block.length, self._block_done, (conn, block))
+            sim.send(src.id, conn.back.node.id, block.length, self.block_done, (conn, block))
 
     def _block_done(self, flow: Flow, now: float) -> None:
         data: tuple[_Conn, BlockRequest] = flow.data

@@ -550,8 +550,8 @@ class PiecePicker(Generic[PeerT]):
             taken += 1
             index += 1
         partial.next_open = index
-        if not partial.open:
-            self._open_partials.pop(piece, None)
+        if not partial.open and piece in self._open_partials:
+            del self._open_partials[piece]
 
     def _blocks_to_go(self) -> int:
         """Blocks of pieces in progress not received yet (in endgame, all that is left)."""
@@ -604,7 +604,7 @@ class PiecePicker(Generic[PeerT]):
         if partial.state[index] == _OPEN:
             partial.open -= 1
             if not partial.open:
-                self._open_partials.pop(block.piece, None)
+                del self._open_partials[piece]
         partial.state[index] = _RECEIVED
         partial.received += 1
         cancels: list[tuple[PeerT, BlockRequest]] = []
@@ -612,7 +612,7 @@ class PiecePicker(Generic[PeerT]):
         if requesters is not None:
             del partial.requesters[index]
             for other in requesters:
-                if other != peer:
+                if other is not peer and other != peer:  # identity first: no generic call
                     cancels.append((other, block))
         return cancels
 
@@ -657,10 +657,16 @@ class PiecePicker(Generic[PeerT]):
         return leftovers
 
     def _drop_partial(self, piece: int) -> list[tuple[PeerT, BlockRequest]]:
-        partial = self._partials.pop(piece, None)
-        self._open_partials.pop(piece, None)
+        # ``in`` and ``del`` rather than pop(piece, None): compiled, those are
+        # native dict operations and pop is a generic method call.
+        partial = self._partials.get(piece)
+        if partial is None:
+            return []
+        del self._partials[piece]
+        if piece in self._open_partials:
+            del self._open_partials[piece]
         leftovers: list[tuple[PeerT, BlockRequest]] = []
-        if partial is None or not partial.requesters:
+        if not partial.requesters:
             return leftovers
         for index, peers in sorted(partial.requesters.items()):
             block = self._block(piece, index)
