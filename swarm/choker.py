@@ -157,7 +157,10 @@ class UploadScheduler(Generic[PeerT, RequestT]):
         peers = self._active_peers
         requests = self._active_requests
         for i in range(len(peers)):
-            if peers[i] == peer and (requests[i] is request or requests[i] == request):
+            # Identity first: compiled, == on arbitrary objects is a generic call.
+            if (peers[i] is peer or peers[i] == peer) and (
+                requests[i] is request or requests[i] == request
+            ):
                 del peers[i]
                 del requests[i]
                 return

@@ -46,7 +46,7 @@ Cost
 from __future__ import annotations
 
 import random
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Final, Generic, NamedTuple, TypeVar
 
 from librt.vecs import append, vec
@@ -130,6 +130,8 @@ class PiecePicker(Generic[PeerT]):
         self._lengths = list(piece_lengths)
         self._block_size = block_size
         self._rng = rng
+        # Bound once: compiled, rng.random() looks the method up on every call.
+        self._random: Callable[[], float] = rng.random
         self._endgame_duplicates = endgame_duplicates
         num_pieces = len(self._lengths)
 
@@ -255,7 +257,7 @@ class PiecePicker(Generic[PeerT]):
         """
         size = hi - lo
         if size > 1:
-            other = lo + i64(int(self._rng.random() * float(size)))
+            other = lo + i64(int(self._random() * float(size)))
             if other != at:
                 self._swap(at, other)
 
@@ -485,7 +487,7 @@ class PiecePicker(Generic[PeerT]):
         # (cheap when the peer has many of the rare pieces) and switch when the
         # scan grows longer than the peer's piece count.
         budget: i64 = bits.count() + 16
-        rng = self._rng
+        random = self._random
         order = self._order
         bounds = self._bounds
         for level in range(1, len(bounds) - 1):  # level 0: nobody has these
@@ -493,7 +495,7 @@ class PiecePicker(Generic[PeerT]):
             size = i64(bounds[level + 1]) - lo
             if not size:
                 continue
-            begin = i64(int(rng.random() * float(size)))
+            begin = i64(int(random() * float(size)))
             scan = min(size, budget)
             for i in range(scan):
                 j = begin + i
