@@ -120,8 +120,8 @@ def simulate(
         typer.Option(
             "--native",
             help="Run a compiled build of the simulator (mypyc, from these same sources; "
-            "built once per source change, needs a C compiler). Same results, about 7 "
-            "times faster at 1000 nodes (measured: 58 s against 396 s for 1000 x 1 TiB): "
+            "built once per source change, needs a C compiler). Same results, about 12 "
+            "times faster at 1000 nodes (measured: 29 s against 359 s for 1000 x 1 TiB): "
             "use it for 1000-node runs.",
         ),
     ] = False,

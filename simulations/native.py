@@ -2,12 +2,13 @@
 
 A 1000-node, 4096-piece burst is about four million piece transfers, each of
 which runs the real picker, upload scheduler and network solver. Interpreted,
-that is six and a half minutes; compiled with mypyc (which turns the
-type-annotated modules into C extensions, statement for statement) it is
-about one (``benchmarks/sim_speed.py``). Nothing is rewritten for speed: the compiled modules are the
-production :mod:`swarm.picker`, :mod:`swarm.choker` and :mod:`swarm.bitfield`
-and the simulator's own engine, network and strategies, built from the files
-in this checkout, so the policy simulated is still the policy the peers run.
+that is six minutes; compiled with mypyc (which turns the type-annotated
+modules into C extensions, statement for statement) it is half a minute to
+three quarters of one, as this VM's speed drifts (``benchmarks/sim_speed.py``).
+Nothing is rewritten for speed: the compiled modules are the production
+:mod:`swarm.picker`, :mod:`swarm.choker` and :mod:`swarm.bitfield` and the
+simulator's own engine, network and strategies, built from the files in this
+checkout, so the policy simulated is still the policy the peers run.
 
 How it works: :func:`ensure_built` copies the packages the simulator imports
 into a cache directory named by a digest of their sources (and of the Python
