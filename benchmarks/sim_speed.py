@@ -12,8 +12,8 @@ It reports each run's wall time as the simulator measures it (``wall_seconds``:
 the event loop, not interpreter start-up or the build), events per second, the
 ratio interpreted ÷ compiled, and whether the runs gave the same result in
 every field but the wall time. The compiled run is repeated (``--repeat``,
-default 3) because this shared VM's speed drifts by a third or more over an
-hour: ``compiled`` is the median run, ``compiled_walls`` all of them. Results
+default 3) because this shared VM's speed drifts by half or more within
+minutes: ``compiled`` is the median run, ``compiled_walls`` all of them. Results
 go to ``benchmarks/results/sim-speed-<YYYY-MM-DD>.json``.
 
     .venv/bin/python -m benchmarks.sim_speed [--scenario fireworks-kimi]
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--skip-interpreted",
         action="store_true",
-        help="time only the compiled run (the interpreted one takes about seven minutes)",
+        help="time only the compiled run (the interpreted one takes about six minutes)",
     )
     parser.add_argument(
         "--repeat", type=int, default=3, help="compiled runs to time (the median is reported)"

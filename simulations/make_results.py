@@ -2,7 +2,8 @@
 
     .venv/bin/python -m simulations.make_results [--native] [SCENARIO[:VARIANT] ...]
 
-Runs every (scenario, variant, strategies) listed in :data:`RUNS`, writes one
+Runs every strategy (:data:`STRATEGIES`) of every (scenario, variant) listed
+in :data:`RUNS`, writes one
 plot per scenario variant and the table. With arguments, only those entries
 are run again; the table keeps the rows of the others as they are in
 RESULTS.md. The 1000-replica fireworks runs dominate: each moves 4096
@@ -11,11 +12,11 @@ takes about half a minute (six interpreted) and a swarm-random run four to
 five minutes (its random picks list the candidates far more often than the
 rarest-first scan looks past a few), so the whole script takes about twenty
 minutes with ``--native`` (the mypyc build of the same sources,
-:mod:`simulations.native`) on a 2-core machine. The table says which engine produced each row (see the
-speed section of RESULTS.md).
+:mod:`simulations.native`) on a 2-core machine. The table says which engine
+produced each row (see the speed section of RESULTS.md).
 
-Every strategy of a scenario is simulated, ``direct`` and ``cache`` at 1000
-replicas included (the origin link is pooled, :mod:`simulations.network`).
+``direct`` and ``cache`` at 1000 replicas are simulated too (the origin link
+is pooled, :mod:`simulations.network`).
 """
 
 from __future__ import annotations
@@ -31,17 +32,18 @@ from simulations.scenario import load_scenario
 
 HERE = Path(__file__).parent
 
-# (scenario, variant or "", strategies)
-RUNS: list[tuple[str, str, tuple[str, ...]]] = [
-    ("dragonfly-1200", "", ("swarm", "swarm-random", "cache", "direct")),
-    ("kraken-2600", "", ("swarm", "swarm-random", "cache", "direct")),
-    ("fireworks-kimi", "n100-o10", ("swarm", "swarm-random", "cache", "direct")),
-    ("fireworks-kimi", "n100-o25", ("swarm", "swarm-random", "cache", "direct")),
-    ("fireworks-kimi", "n100-o100", ("swarm", "swarm-random", "cache", "direct")),
-    ("fireworks-kimi", "n1000-o10", ("swarm", "swarm-random", "cache", "direct")),
-    ("fireworks-kimi", "n1000-o25", ("swarm", "swarm-random", "cache", "direct")),
-    ("fireworks-kimi", "n1000-o100", ("swarm", "swarm-random", "cache", "direct")),
-    ("faults", "", ("swarm", "swarm-random", "cache", "direct")),
+# Every strategy, for every (scenario, variant or "").
+STRATEGIES = ("swarm", "swarm-random", "cache", "direct")
+RUNS: list[tuple[str, str]] = [
+    ("dragonfly-1200", ""),
+    ("kraken-2600", ""),
+    ("fireworks-kimi", "n100-o10"),
+    ("fireworks-kimi", "n100-o25"),
+    ("fireworks-kimi", "n100-o100"),
+    ("fireworks-kimi", "n1000-o10"),
+    ("fireworks-kimi", "n1000-o25"),
+    ("fireworks-kimi", "n1000-o100"),
+    ("faults", ""),
 ]
 
 
@@ -80,7 +82,7 @@ def main(argv: list[str]) -> None:
     only = {tuple(arg.split(":", 1)) if ":" in arg else (arg, "") for arg in args.runs}
     existing = _existing_rows((out / "RESULTS.md").read_text())
     rows: list[str] = []
-    for name, variant, strategies in RUNS:
+    for name, variant in RUNS:
         if only and (name, variant) not in only:
             rows.extend(existing.get((name, variant), []))
             continue
@@ -88,7 +90,7 @@ def main(argv: list[str]) -> None:
         if variant:
             scenario = scenario.select_variant(variant)
         results: list[Result] = []
-        for strategy in strategies:
+        for strategy in STRATEGIES:
             print(f"{name} {variant} {strategy} …", file=sys.stderr, flush=True)
             result = run_strategy(scenario, strategy)
             results.append(result)

@@ -316,7 +316,6 @@ class _Node:
     __slots__ = (
         "conn_to",
         "conns",
-        "count",
         "cursor",
         "done",
         "id",
@@ -341,7 +340,6 @@ class _Node:
         self.conns: list[_Conn] = []
         self.conn_to: dict[int, _Conn] = {}
         self.pulls: dict[int, OriginRequest] = {}  # piece -> our origin pull of it
-        self.count: i64 = 0  # pieces held
         self.done = False
         self.inflight: i64 = 0  # our requests in flight, over all connections
         self.starved = False  # the last fill found nothing to request
@@ -564,7 +562,6 @@ class Swarm:
 
     def _got_piece(self, me: _Node, piece: int) -> None:
         """``me`` verified ``piece``: tell the neighbours that lack it."""
-        num_pieces = self.num_pieces
         have = self.have
         node = me.id
         row = piece * self.node_count
@@ -572,7 +569,6 @@ class Swarm:
         have[bit >> 3] |= u8(1 << (bit & 7))
         me.pieces.add(piece)
         self.holders[piece] += 1
-        me.count += 1
         for conn in me.conns:
             other = conn.node
             bit = row + other.id
@@ -587,7 +583,7 @@ class Swarm:
                         self._fill(other)
             else:
                 conn.back.interest += 1
-        if me.count == num_pieces:
+        if me.pieces.complete:
             me.done = True
             self.sim.node_finished(node)
 
@@ -699,8 +695,9 @@ class Swarm:
             other.uploads.peer_gone(conn)
             picker = other.picker
             if picker is not None:
-                for _ in picker.remove_peer(me):
-                    pass
+                # The requests it reopens went to the crashed node, whose flows
+                # the engine has dropped already: nothing to cancel.
+                picker.remove_peer(me)
             other.inflight -= conn.back.asked
             affected.append(other)
         me.conns = []
