@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
@@ -18,6 +19,15 @@ from cli.progress import byte_progress, stderr
 from swarm.errors import ConfigError, SwarmError
 from swarm.manifest import DEFAULT_PIECE_SIZE
 from swarm.units import format_size, parse_size
+
+try:  # typer >= 0.22 vendors click; older releases use click itself
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click.exceptions import (  # type: ignore[assignment]
+        ClickException,
+        NoArgsIsHelpError,
+        UsageError,
+    )
 
 if TYPE_CHECKING:
     from swarm.peer import PeerConfig
@@ -44,16 +54,74 @@ def size_option(value: str) -> int:
         raise typer.BadParameter(str(exc)) from exc
 
 
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run one command's coroutine; a SwarmError becomes a one-line message and exit code 1."""
+class Terminated(Exception):
+    """SIGTERM or SIGINT arrived: the command stops cleanly (a fetch keeps its verified pieces)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+async def _until_signalled(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro``; SIGTERM or SIGINT cancels it (its ``finally`` blocks run) and raises Terminated.
+
+    An explicit handler matters in a container: as PID 1 a process gets no default
+    action for SIGTERM, so without one ``swarm tracker`` would ignore ``docker stop``.
+    """
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(coro)
+    received: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        if not received:
+            logging.getLogger("swarm").warning("%s received: stopping", signal.Signals(signum).name)
+        received.append(signum)
+        task.cancel()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
     try:
-        return asyncio.run(coro)
+        return await task
+    except asyncio.CancelledError:
+        if received:
+            raise Terminated(received[0]) from None
+        raise
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+
+
+def run(coro: Coroutine[Any, Any, T], *, clean_exit_on_signal: bool = False) -> T:
+    """Run one command's coroutine; a SwarmError becomes a one-line message and exit code 1.
+
+    SIGTERM/SIGINT stop the command cleanly: exit 0 for a service
+    (``clean_exit_on_signal``), else 128 + the signal's number, as shells report it.
+    """
+    try:
+        return asyncio.run(_until_signalled(coro))
     except SwarmError as exc:
         stderr.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2 if isinstance(exc, ConfigError) else 1) from None
+    except Terminated as exc:
+        if clean_exit_on_signal:
+            raise typer.Exit(0) from None
+        stderr.print(f"[yellow]stopped by {exc}[/]")
+        raise typer.Exit(128 + exc.signum) from None
     except KeyboardInterrupt:
         stderr.print("[yellow]interrupted[/]")
         raise typer.Exit(130) from None
+
+
+def parse_listen(flag: str, value: str, *, default_port: int | None = None) -> tuple[str, int]:
+    """``HOST:PORT`` (or ``:PORT``) from a flag, as a usage error when it is not one."""
+    host, sep, port = value.rpartition(":")
+    if not sep and default_port is not None and value and not value.isdigit():
+        host, port = value, str(default_port)
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise typer.BadParameter(
+            f"{flag} must be HOST:PORT with a port from 0 to 65535, got {value!r}"
+        )
+    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def emit_json(obj: dict[str, Any]) -> None:
@@ -303,12 +371,12 @@ def fetch(
             "give exactly one of --tracker URL (swarm) or --direct (origin only)"
         )
     if tracker:
-        host, _, port = listen.rpartition(":")
+        host, port = parse_listen("--listen", listen)
         from swarm.peer import PeerConfig
 
         config = PeerConfig(
-            listen_host=host or "0.0.0.0",
-            listen_port=int(port or 0),
+            listen_host=host,
+            listen_port=port,
             advertise_host=advertise,
             block_size=block_size,
             requests_per_peer=requests_per_peer,
@@ -468,14 +536,12 @@ def tracker_command(
     from seeder.catalog import catalog_url
     from tracker.service import Tracker, TrackerConfig
 
-    host, _, port = listen.rpartition(":")
-    if not port.isdigit():
-        raise typer.BadParameter(f"--listen must be HOST:PORT, got {listen!r}")
+    host, port = parse_listen("--listen", listen)
 
     async def go() -> None:
         config = TrackerConfig(
-            host=host or "0.0.0.0",
-            port=int(port),
+            host=host,
+            port=port,
             catalog=catalog_url(catalog),
             announce_interval=announce_interval,
             peer_ttl=peer_ttl,
@@ -484,9 +550,21 @@ def tracker_command(
             origin_budget=origin_budget,
             manifest_ttl=manifest_ttl,
         )
-        await Tracker(config).serve_forever()
+        tracker = Tracker(config)
+        try:
+            await tracker.start()
+        except OSError as exc:
+            await tracker.close()
+            raise SwarmError(
+                f"can't listen on {host}:{port}: {exc.strerror or exc} "
+                "(is another tracker running there? pick another --listen)"
+            ) from exc
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await tracker.close()
 
-    run(go())
+    run(go(), clean_exit_on_signal=True)
 
 
 @app.command()
@@ -549,7 +627,27 @@ _register_optional()
 
 
 def main() -> None:
-    app()
+    """Entry point: usage errors are one line and exit 2, as runtime errors are one line and exit 1."""
+    try:
+        code = app(standalone_mode=False)
+    except NoArgsIsHelpError as exc:
+        typer.echo(exc.ctx.get_help() if exc.ctx else str(exc), err=True)
+        sys.exit(2)
+    except UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx else "swarm"
+        stderr.print(
+            f"[bold red]error:[/] {escape(exc.format_message())} (see '{where} --help')",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(2)
+    except ClickException as exc:
+        stderr.print(f"[bold red]error:[/] {escape(exc.format_message())}", highlight=False)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        stderr.print("[yellow]interrupted[/]")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -194,8 +194,9 @@ def test_versions_by_root_and_prefix_survive_a_new_publish(
 # -- 2. resume after SIGKILL ----------------------------------------------------------
 
 
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_killed_fetch_resumes_without_rereading_verified_pieces(
-    faulty_http_server: Callable[..., FaultyHTTPServer], tmp_path: Path
+    faulty_http_server: Callable[..., FaultyHTTPServer], tmp_path: Path, signum: signal.Signals
 ) -> None:
     piece_size = 1 * MiB
     pieces_in_flight = 2
@@ -253,12 +254,19 @@ def test_killed_fetch_resumes_without_rereading_verified_pieces(
                 time.sleep(0.01)
             else:
                 pytest.fail(f"only {len(recorded)} pieces verified after 30 s")
-            proc.send_signal(signal.SIGKILL)
+            proc.send_signal(signum)
+            proc.wait(timeout=10)
         finally:
             if proc.poll() is None:
                 proc.kill()
             proc.wait(timeout=10)
-    assert proc.returncode == -signal.SIGKILL
+    if signum == signal.SIGTERM:
+        # Stopped cleanly: the shell's 128 + 15, one line saying why, no traceback.
+        stderr = (tmp_path / "first.err").read_text()
+        assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+        assert "Traceback" not in stderr and "SIGTERM" in stderr, stderr[-2000:]
+    else:
+        assert proc.returncode == -signal.SIGKILL
 
     verified = verified_pieces(dest, root)
     assert 4 <= len(verified) < len(table), f"{len(verified)} of {len(table)} pieces verified"
