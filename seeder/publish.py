@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from seeder.catalog import Catalog
 from seeder.origin import ObjectInfo, Origin, open_origin
 from seeder.reader import RangedReader
+from swarm.auth import ClusterKey
 from swarm.buffers import BufferPool
 from swarm.errors import ConfigError, SwarmError
 from swarm.manifest import DEFAULT_PIECE_SIZE, Manifest, validate_path
@@ -38,8 +39,13 @@ async def build_manifest(
     range_size: int = 16 * 1024 * 1024,
     progress: Callable[[int, int], None] | None = None,
     origin: Origin | None = None,
+    retry_time: float | None = None,
 ) -> Manifest:
-    """Hash every piece of the artifact at ``origin_url`` (parallel ranged reads)."""
+    """Hash every piece of the artifact at ``origin_url`` (parallel ranged reads).
+
+    ``retry_time`` is how long a failing origin read keeps being retried (default:
+    ``seeder.retry.DEFAULT_RETRY_TIME``).
+    """
     own = origin is None
     origin = origin or open_origin(origin_url)
     try:
@@ -50,7 +56,7 @@ async def build_manifest(
         if progress:
             progress(0, total)
         digests: list[bytes] = [b""] * len(layout)
-        reader = RangedReader(origin, range_size=range_size)
+        reader = RangedReader(origin, range_size=range_size, retry_time=retry_time)
         in_flight = max(1, min(pieces_in_flight, len(layout)))
         pool = BufferPool(min(piece_size, max((n for _, _, n in layout), default=1)), in_flight)
         todo = iter(enumerate(layout))
@@ -86,11 +92,22 @@ async def publish(
     piece_size: int = DEFAULT_PIECE_SIZE,
     files: Sequence[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    key: ClusterKey | None = None,
+    retry_time: float | None = None,
 ) -> Manifest:
-    """Build the manifest of ``origin_url`` and make it the latest version of ``name``."""
+    """Build the manifest of ``origin_url`` and make it the latest version of ``name``.
+
+    With a cluster token (``key`` not open) the catalog entry is signed with it, and
+    only clusters holding that token will serve it.
+    """
     manifest = await build_manifest(
-        origin_url, name, piece_size=piece_size, files=files, progress=progress
+        origin_url,
+        name,
+        piece_size=piece_size,
+        files=files,
+        progress=progress,
+        retry_time=retry_time,
     )
-    async with Catalog(catalog_url) as catalog:
+    async with Catalog(catalog_url, key) as catalog:
         await catalog.put(manifest)
     return manifest

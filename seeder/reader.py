@@ -4,19 +4,24 @@
 bytes and fills each with one ``Origin.read_into`` call, at most ``max_concurrency``
 requests in flight across every ``read`` sharing the reader (one reader per process
 caps the load one peer puts on the origin). A range that fails with
-``OriginTransientError`` is retried after the ``RetryPolicy``'s delay, without holding
-a concurrency slot while it waits; each retry is counted in ``origin.counters.retries``
-(and ``throttled`` for 429/503/SlowDown) and logged on ``swarm.origin``. Permanent
-errors (not found, permission, unsupported) end the read at once, as does
-``RetryBudgetExceeded`` when a range runs out of retries; the other ranges of that
-read are cancelled first.
+``OriginTransientError`` (429, 5xx, SlowDown, a reset or timeout) is retried after the
+``RetryPolicy``'s delay, without holding a concurrency slot while it waits, for as
+long as the policy's time budget lasts from its first failure (``retry_time``,
+default ten minutes: a brownout of the object store is waited out, not fatal). Each
+retry is counted in ``origin.counters.retries`` (and ``throttled`` for
+429/503/SlowDown) and logged at WARNING on ``swarm.origin`` with how long the origin
+has been failing and when we give up. Permanent errors (not found, permission,
+unsupported) end the read at once, as does ``RetryBudgetExceeded`` when a range runs
+out of budget; the other ranges of that read are cancelled first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
+import time
 from collections.abc import Callable
 
 from seeder.backends.common import OriginThrottledError
@@ -41,8 +46,12 @@ class RangedReader:
         range_size: int = DEFAULT_RANGE_SIZE,
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
         retry: RetryPolicy | None = None,
+        retry_time: float | None = None,
         rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``retry_time``, if given, replaces ``retry``'s budget: the seconds a failing
+        range keeps being retried (the CLI's origin retry time). ``clock`` measures it."""
         if range_size < 1:
             raise ConfigError(f"range size must be at least 1 byte, got {range_size}")
         if max_concurrency < 1:
@@ -50,8 +59,12 @@ class RangedReader:
         self.origin = origin
         self.range_size = range_size
         self.max_concurrency = max_concurrency
-        self.retry = retry if retry is not None else RetryPolicy()
+        policy = retry if retry is not None else RetryPolicy()
+        if retry_time is not None:
+            policy = dataclasses.replace(policy, budget=retry_time)
+        self.retry = policy
         self.rng = rng if rng is not None else random.Random()
+        self.clock = clock
         self._slots = asyncio.Semaphore(max_concurrency)
 
     async def read(
@@ -107,7 +120,7 @@ class RangedReader:
     ) -> None:
         end = offset + len(view) - 1
         failures = 0
-        slept = 0.0
+        first_failure = 0.0
         while True:
             try:
                 async with self._slots:
@@ -116,27 +129,34 @@ class RangedReader:
                     progress(len(view))
                 return
             except OriginTransientError as exc:
+                now = self.clock()
+                if failures == 0:
+                    first_failure = now
                 failures += 1
+                elapsed = now - first_failure
                 throttled = isinstance(exc, OriginThrottledError)
                 if throttled:
                     self.origin.counters.throttled += 1
+                trouble = "throttling" if throttled else "errors"
                 wait = self.retry.delay(failures, exc.retry_after, self.rng)
-                if not self.retry.allows(failures, slept, wait):
+                if not self.retry.allows(failures, elapsed, wait):
                     raise RetryBudgetExceeded(
                         f"{self.origin.url} {key} bytes {offset}-{end}: giving up after "
-                        f"{failures} attempt(s) and {slept:.1f} s of backoff; last error: {exc}"
+                        f"{failures} attempt(s) over {elapsed:.1f} s of origin {trouble} "
+                        f"(retry budget {self.retry.budget:g} s; a longer --origin-retry-time "
+                        f"waits out longer outages); last error: {exc}"
                     ) from exc
                 self.origin.counters.retries += 1
                 log.warning(
-                    "origin retry: %s %s bytes %d-%d, attempt %d failed (%s%s); retrying in %.3f s",
-                    self.origin.url,
-                    key,
-                    offset,
-                    end,
+                    # The backends' errors name the object and range already.
+                    "origin %s for %.0f s (attempt %d): %s; retrying in %.1f s, "
+                    "giving up after %g s",
+                    trouble,
+                    elapsed,
                     failures,
-                    "throttled: " if throttled else "",
                     exc,
                     wait,
+                    self.retry.budget,
                     extra={
                         "origin_url": self.origin.url,
                         "origin_key": key,
@@ -145,7 +165,7 @@ class RangedReader:
                         "attempt": failures,
                         "delay": wait,
                         "throttled": throttled,
+                        "failing_for": elapsed,
                     },
                 )
                 await asyncio.sleep(wait)
-                slept += wait

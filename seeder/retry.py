@@ -1,42 +1,59 @@
 """How long to wait before retrying a transient origin failure, and when to give up.
 
-Pure policy: no clock, no asyncio, no global randomness. The caller counts attempts,
-adds up the delays it slept and passes a ``random.Random`` in; ``seeder.reader`` is
-the caller that sleeps.
+Pure policy: no clock, no asyncio, no global randomness. The caller counts failures,
+measures the time since the first one with its own clock and passes a
+``random.Random`` in; ``seeder.reader`` is the caller that sleeps, the simulator
+another.
 
-Backoff is exponential with full jitter (the delay is drawn uniformly from
-``[0, min(max_delay, base_delay * 2**(attempt-1))]``), so a burst of seeders that
-were throttled together does not come back together. A server's ``Retry-After``
-is a floor under the drawn delay: we never come back sooner than asked. Every
-delay is capped at ``max_delay``, a ``Retry-After`` above it included, so a hostile
-or confused server can't park a seeder for an hour; the total budget still ends
-the retries.
+Backoff is exponential (``base_delay * multiplier**(attempt-1)``, capped at
+``max_delay``) with jitter: the delay is drawn uniformly from the top ``jitter``
+fraction of that window (1.0, the default, is full jitter), so a burst of seeders
+that were throttled together does not come back together. A server's
+``Retry-After`` is a floor under the drawn delay, honoured up to
+``max_retry_after``: we never come back sooner than asked, but a confused server's
+"come back tomorrow" is a long pause, not a day's sleep.
+
+The budget is time, not a count: object stores have brownouts of minutes (503
+SlowDown for every request), and a fetch that gives up after ten quick tries turns
+one into an outage. ``budget`` seconds after a request first failed, its retries
+stop; with the default of ten minutes and a 20 s cap, a brownout costs a few
+dozen requests per range, far below what the origin is throttling.
+``max_attempts`` can still bound the count (the simulator uses it).
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Final
 
 from swarm.errors import ConfigError
 
-# 2**62 * any sane base_delay is already far above any max_delay; a larger exponent
-# only risks float overflow for absurd attempt numbers.
-_MAX_EXPONENT = 62
+# Seconds a request keeps being retried after its first transient failure.
+DEFAULT_RETRY_TIME: Final = 600.0
+# Any sane base_delay times multiplier**62 is far above any max_delay; a larger
+# exponent only risks float overflow for absurd attempt numbers.
+_MAX_EXPONENT: Final = 62
+_MAX_MULTIPLIER: Final = 16.0
 
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """Backoff and budget for retrying one origin request.
 
-    ``max_attempts`` counts every try, the first included: 1 means never retry.
-    ``max_total_delay`` bounds the sum of the delays slept for one request.
+    ``base_delay`` is the ceiling of the first retry's delay, ``max_delay`` the cap of
+    every delay; ``budget`` is the seconds from the first failure after which no retry
+    starts. ``max_attempts``, if set, counts every try, the first included (1 means
+    never retry).
     """
 
-    base_delay: float = 0.25
-    max_delay: float = 30.0
-    max_attempts: int = 10
-    max_total_delay: float = 300.0
+    base_delay: float = 0.5
+    max_delay: float = 20.0
+    multiplier: float = 2.0
+    jitter: float = 1.0
+    max_retry_after: float = 120.0
+    budget: float = DEFAULT_RETRY_TIME
+    max_attempts: int | None = None
 
     def __post_init__(self) -> None:
         if not self.base_delay > 0:
@@ -45,33 +62,46 @@ class RetryPolicy:
             raise ConfigError(
                 f"retry max_delay ({self.max_delay} s) must be >= base_delay ({self.base_delay} s)"
             )
-        if self.max_attempts < 1:
+        if not 1.0 <= self.multiplier <= _MAX_MULTIPLIER:
+            raise ConfigError(
+                f"retry multiplier must be between 1 and {_MAX_MULTIPLIER:g}, got {self.multiplier}"
+            )
+        if not 0.0 <= self.jitter <= 1.0:
+            raise ConfigError(f"retry jitter must be between 0 and 1, got {self.jitter}")
+        if not self.max_retry_after >= 0:
+            raise ConfigError(f"retry max_retry_after must be >= 0 s, got {self.max_retry_after}")
+        if not self.budget >= 0:
+            raise ConfigError(
+                f"origin retry time must be >= 0 s (0: never retry), got {self.budget}"
+            )
+        if self.max_attempts is not None and self.max_attempts < 1:
             raise ConfigError(f"retry max_attempts must be >= 1, got {self.max_attempts}")
-        if not self.max_total_delay >= 0:
-            raise ConfigError(f"retry max_total_delay must be >= 0 s, got {self.max_total_delay}")
 
     def ceiling(self, attempt: int) -> float:
         """The upper end of the jitter window before retry number ``attempt`` (1-based)."""
         if attempt < 1:
             raise ValueError(f"attempt is 1-based, got {attempt}")
         exponent = min(attempt - 1, _MAX_EXPONENT)
-        return min(self.max_delay, self.base_delay * float(2**exponent))
+        return min(self.max_delay, self.base_delay * self.multiplier**exponent)
 
     def delay(self, attempt: int, retry_after: float | None, rng: random.Random) -> float:
         """Seconds to wait before retry number ``attempt`` (1 = the first retry).
 
-        Drawn uniformly from ``[0, ceiling(attempt)]``, raised to ``retry_after`` if the
-        server asked for more, and capped at ``max_delay``.
+        Drawn uniformly from ``[(1 - jitter) * ceiling, ceiling]``, then raised to
+        ``retry_after`` (itself capped at ``max_retry_after``) if the server asked for more.
         """
-        wait = rng.uniform(0.0, self.ceiling(attempt))
-        if retry_after is not None and retry_after > wait:
-            wait = retry_after
-        return min(wait, self.max_delay)
+        top = self.ceiling(attempt)
+        wait = rng.uniform(top * (1.0 - self.jitter), top)
+        if retry_after is not None:
+            wait = max(wait, min(retry_after, self.max_retry_after))
+        return wait
 
-    def allows(self, failures: int, slept: float, next_delay: float) -> bool:
+    def allows(self, failures: int, elapsed: float, next_delay: float) -> bool:
         """Whether another try fits the budget.
 
-        ``failures`` is how many tries have failed so far, ``slept`` the seconds already
-        waited between them and ``next_delay`` the wait before the next try.
+        ``failures`` is how many tries have failed so far, ``elapsed`` the seconds since
+        the first of them failed and ``next_delay`` the wait before the next try.
         """
-        return failures < self.max_attempts and slept + next_delay <= self.max_total_delay
+        if self.max_attempts is not None and failures >= self.max_attempts:
+            return False
+        return elapsed + next_delay <= self.budget

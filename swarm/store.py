@@ -7,31 +7,61 @@ digest matches the manifest; it is then written, flushed to disk, and recorded i
 ``DEST/.swarm/<root>.state`` (one byte per piece), so a killed fetch resumes
 without reading verified pieces again.
 
+The state is a claim about files that anyone can change, so it is never taken on
+its word. Beside it, ``DEST/.swarm/<root>.files`` records for each file the
+identity it was verified against (``st_dev, st_ino, st_size, st_mtime_ns``,
+taken with ``fstat`` after each verified write and at completion), and
+``DEST/.swarm/owner`` names the version that last wrote into DEST. On open, the
+verified pieces of a file whose identity differs from its record, and of every
+file when another version wrote last, are hashed again from disk before anything
+counts as present. A complete DIR whose files are unchanged costs one ``stat``
+per file. Only one process uses a DEST at a time (``flock`` on
+``DEST/.swarm/lock``).
+
 The artifact becomes visible as complete only when every piece is verified: the
 marker ``DEST/.swarm-complete`` is written atomically (temp file, fsync, rename,
-fsync of the directory) after all data is on disk. Inference servers wait for the
-marker (or for the init container's exit code), so they never load half a model.
+fsync of the directory) after all data is on disk, and it is removed on open,
+before anything else is written, unless the files are proven unchanged.
+Inference servers wait for the marker (or for the init container's exit code),
+so they never load half a model.
 
-All methods are blocking; the asyncio layers call them through a thread.
+File descriptors are opened lazily and at most ``MAX_OPEN_FILES`` are kept (per
+kind, page cache or direct I/O), so an artifact of a million files needs no more
+descriptors than one of ten. All methods are blocking; the asyncio layers call
+them through a thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import json
 import mmap
 import os
+import stat
+import struct
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Final
 
 import blake3
 
 from swarm.errors import DiskFullError, StoreError, VerificationError
 from swarm.manifest import Manifest
 
-STATE_DIR = ".swarm"
-COMPLETE_MARKER = ".swarm-complete"
+STATE_DIR: Final = ".swarm"
+COMPLETE_MARKER: Final = ".swarm-complete"
+LOCK_FILE: Final = "lock"
+OWNER_FILE: Final = "owner"
+MAX_OPEN_FILES: Final = 64  # descriptors kept open per kind (page cache, direct I/O)
+
+IDENTITY: Final = struct.Struct("<QQQq")  # st_dev, st_ino, st_size, st_mtime_ns
+NO_IDENTITY: Final = bytes(IDENTITY.size)
 
 
 def digest(data: memoryview | bytes | bytearray) -> bytes:
@@ -40,7 +70,28 @@ def digest(data: memoryview | bytes | bytearray) -> bytes:
 
 
 _SCRATCH = 4 * 1024 * 1024  # read-back chunk when a piece must be hashed from disk
+_RECHECK_CHUNK = 16 * 1024 * 1024  # read chunk when re-verifying pieces on open
 _ALIGN = 4096  # direct I/O alignment: the largest logical block size in common use
+_CLOCK_REALTIME_COARSE = 5  # Linux: the clock file times are stamped from
+
+
+def identity(st: os.stat_result) -> bytes:
+    """What a file was verified against: change any of these and its pieces are re-hashed."""
+    return IDENTITY.pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def state_path(dest: Path, root_hex: str) -> Path:
+    """One byte per piece of version ``root_hex``: 1 if verified."""
+    return dest / STATE_DIR / f"{root_hex}.state"
+
+
+def identities_path(dest: Path, root_hex: str) -> Path:
+    """One ``IDENTITY`` record per file of version ``root_hex``."""
+    return dest / STATE_DIR / f"{root_hex}.files"
+
+
+def manifest_path(dest: Path, root_hex: str) -> Path:
+    return dest / STATE_DIR / f"{root_hex}.manifest"
 
 
 class _Assembly:
@@ -59,6 +110,13 @@ def _store_error(exc: OSError, what: str) -> StoreError:
         return DiskFullError(f"{what}: no space left on device")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return StoreError(f"{what}: not writable ({exc.strerror})")
+    if exc.errno == errno.ENAMETOOLONG:
+        return StoreError(f"{what}: path too long for the file system")
+    if exc.errno in (errno.ENOTDIR, errno.EISDIR, errno.EEXIST):
+        return StoreError(
+            f"{what}: {exc.strerror} (a file or directory of another version is in the way; "
+            "use another destination or remove it)"
+        )
     return StoreError(f"{what}: {exc.strerror or exc}")
 
 
@@ -70,6 +128,30 @@ def _translated(what: str) -> Iterator[None]:
         raise _store_error(exc, what) from exc
 
 
+def make_dirs(path: Path) -> None:
+    """``mkdir -p`` without recursion: paths come from manifests, their depth from strangers."""
+    missing: list[Path] = []
+    p = path
+    while True:
+        try:
+            if stat.S_ISDIR(os.stat(p).st_mode):
+                break
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(p))
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENAMETOOLONG):
+                raise
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d)
+        except FileExistsError:
+            if not os.path.isdir(d):
+                raise
+
+
 def read_complete_marker(dest: Path) -> dict[str, object] | None:
     """The completion record of ``dest``, or None if the artifact there is not complete."""
     try:
@@ -77,6 +159,151 @@ def read_complete_marker(dest: Path) -> dict[str, object] | None:
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) else None
+
+
+def remove_complete_marker(dest: Path) -> None:
+    """Withdraw the promise that ``dest`` is complete, durably, before anything else changes."""
+    marker = dest / COMPLETE_MARKER
+    with _translated(f"can't remove {marker}"):
+        try:
+            marker.unlink()
+        except FileNotFoundError:
+            return
+        fsync_dir(dest)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_owner(dest: Path) -> str | None:
+    """The root of the version that last wrote into ``dest`` (None if unknown)."""
+    try:
+        return (dest / STATE_DIR / OWNER_FILE).read_text().strip() or None
+    except (OSError, ValueError):
+        return None
+
+
+def write_owner(dest: Path, root_hex: str, *, durable: bool) -> None:
+    path = dest / STATE_DIR / OWNER_FILE
+    tmp = dest / STATE_DIR / f"{OWNER_FILE}.tmp"
+    with _translated(f"can't write {path}"):
+        with open(tmp, "w") as f:
+            f.write(root_hex + "\n")
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if durable:
+            fsync_dir(path.parent)
+
+
+class DestLock:
+    """An exclusive ``flock`` on ``DEST/.swarm/lock``: one process uses a destination at a time.
+
+    The kernel drops the lock when its holder dies, so a killed fetch never leaves
+    a destination locked. The holder's pid is written into the file for the error
+    another process reports.
+    """
+
+    def __init__(self, dest: Path) -> None:
+        self.dest = dest
+        self.fd = -1
+
+    def acquire(self) -> DestLock:
+        path = self.dest / STATE_DIR / LOCK_FILE
+        with _translated(f"can't open lock {path}"):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise _store_error(exc, f"can't lock {path}") from exc
+            who = f" (pid {holder})" if holder.isdigit() else ""
+            raise StoreError(
+                f"{self.dest} is in use by another swarm process{who}: "
+                "wait for it to finish, or use another destination"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class _Descriptors:
+    """Descriptors of the artifact's files, opened on first use, least recently used closed.
+
+    A descriptor in use (between ``acquire`` and ``release``) is never closed, so
+    threads can share the cache; if every cached descriptor is in use the cache
+    grows past its capacity until they are released.
+    """
+
+    def __init__(self, dest: Path, manifest: Manifest, capacity: int) -> None:
+        self._dest = dest
+        self._manifest = manifest
+        self._capacity = capacity
+        self._lock = threading.Lock()
+        self._open: OrderedDict[tuple[int, bool], list[int]] = OrderedDict()  # -> [fd, users]
+
+    def path(self, file_index: int) -> Path:
+        return self._dest / self._manifest.files[file_index].path
+
+    def acquire(self, file_index: int, direct: bool = False) -> int:
+        key = (file_index, direct)
+        with self._lock:
+            entry = self._open.get(key)
+            if entry is None:
+                flags = os.O_RDWR | os.O_CLOEXEC | (os.O_DIRECT if direct else 0)
+                entry = self._open[key] = [os.open(self.path(file_index), flags), 0]
+            self._open.move_to_end(key)
+            entry[1] += 1
+            self._evict()
+            return entry[0]
+
+    def release(self, file_index: int, direct: bool = False) -> None:
+        with self._lock:
+            self._open[(file_index, direct)][1] -= 1
+            self._evict()
+
+    @contextmanager
+    def use(self, file_index: int, direct: bool = False) -> Iterator[int]:
+        fd = self.acquire(file_index, direct)
+        try:
+            yield fd
+        finally:
+            self.release(file_index, direct)
+
+    def _evict(self) -> None:
+        if len(self._open) <= self._capacity:
+            return
+        for kind in (False, True):
+            keys = [k for k in self._open if k[1] == kind]
+            excess = len(keys) - self._capacity
+            for key in keys:  # oldest first
+                if excess <= 0:
+                    break
+                fd, users = self._open[key]
+                if users == 0:
+                    del self._open[key]
+                    os.close(fd)
+                    excess -= 1
+
+    def close_all(self) -> None:
+        with self._lock:
+            for fd, _ in self._open.values():
+                os.close(fd)
+            self._open.clear()
 
 
 class PieceStore:
@@ -89,57 +316,145 @@ class PieceStore:
         self.manifest = manifest
         self.durable = durable
         self.direct_io = direct_io and hasattr(os, "O_DIRECT")
-        self._fds: list[int] = []
-        self._direct_fds: list[int] = []  # O_DIRECT twins of _fds, or -1
+        self._fds = _Descriptors(self.dest, manifest, MAX_OPEN_FILES)
+        self._pinned: set[int] = set()
+        self._lock: DestLock | None = None
         self._state_fd = -1
+        self._identities_fd = -1
         self._verified = bytearray(manifest.num_pieces)
         self.reused_bytes = 0
+        self.rechecked_bytes = 0  # verified pieces hashed again on open (their files changed)
         self._assemblies: dict[int, _Assembly] = {}
         self._scratch: bytearray | None = None
 
     # --- lifecycle -----------------------------------------------------------------
 
     def open(self) -> None:
-        """Create and pre-allocate the files, and load which pieces are already verified."""
-        m = self.manifest
-        state_dir = self.dest / STATE_DIR
+        """Lock the destination, prove what is already there, and create the missing files.
+
+        Raises StoreError if another process uses the destination.
+        """
         with _translated(f"can't create destination {self.dest}"):
-            state_dir.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.dest / STATE_DIR)
+        self._lock = DestLock(self.dest).acquire()
+        try:
+            self._open_locked()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_locked(self) -> None:
+        m = self.manifest
+        root = m.root_hex
+        n, nfiles = m.num_pieces, len(m.files)
+        state = _read_exact(state_path(self.dest, root), n)
+        state_ok = state is not None and set(state) <= {0, 1}
+        verified = bytearray(state if state is not None and state_ok else bytes(n))
+        records = _read_exact(identities_path(self.dest, root), nfiles * IDENTITY.size)
+        owned = read_owner(self.dest) == root
+        # A file is trusted only if this version wrote last and its identity is the
+        # one its pieces were verified against.
+        stale: list[int] = []
+        for i, entry in enumerate(m.files):
+            try:
+                now = identity(os.stat(self.dest / entry.path))
+            except OSError:
+                now = None
+            recorded = records[i * IDENTITY.size : (i + 1) * IDENTITY.size] if records else None
+            if not owned or now is None or now != recorded:
+                stale.append(i)
         marker = read_complete_marker(self.dest)
-        if marker is not None and marker.get("root") != m.root_hex:
-            # Another version is marked complete here; it stops being so before we touch it.
-            with _translated(f"can't remove {self.dest / COMPLETE_MARKER}"):
-                (self.dest / COMPLETE_MARKER).unlink()
-                self._fsync_dir(self.dest)
-        self._load_state(state_dir / f"{m.root_hex}.state")
-        with _translated(f"can't write {state_dir}"):
-            manifest_path = state_dir / f"{m.root_hex}.manifest"
-            if not manifest_path.exists():
-                manifest_path.write_bytes(m.encode())
-        for entry in m.files:
-            path = self.dest / entry.path
-            with _translated(f"can't create {path}"):
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-                self._fds.append(fd)
+        if marker is not None and (stale or not all(verified) or marker.get("root") != root):
+            remove_complete_marker(self.dest)
+        if not owned:
+            write_owner(self.dest, root, durable=self.durable)
+        with _translated(f"can't write {self.dest / STATE_DIR}"):
+            mpath = manifest_path(self.dest, root)
+            if not mpath.exists():
+                mpath.write_bytes(m.encode())
+            self._state_fd = _open_sized(state_path(self.dest, root), n, reset=not state_ok)
+            self._identities_fd = _open_sized(
+                identities_path(self.dest, root), nfiles * IDENTITY.size, reset=records is None
+            )
+        made: set[str] = set()
+        if stale:
+            chunk = min(_RECHECK_CHUNK, max(m.piece_lengths, default=1))
+            with memoryview(bytearray(chunk)) as buf:
+                for i in stale:
+                    self._recheck(i, verified, buf)
+                    self._create(i, made)
+        self._verified = verified
+        self.reused_bytes = sum(
+            length for length, ok in zip(m.piece_lengths, verified, strict=True) if ok
+        )
+        self._probe_direct_io()
+
+    def _recheck(self, file_index: int, verified: bytearray, buf: memoryview) -> None:
+        """Hash again the pieces of a changed file that the state calls verified."""
+        m = self.manifest
+        entry = m.files[file_index]
+        claimed = [
+            p
+            for p in range(entry.first_piece, entry.first_piece + entry.piece_count)
+            if verified[p]
+        ]
+        if not claimed:
+            return
+        try:
+            fd = os.open(self.dest / entry.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            fd = -1  # gone or unreadable: nothing of it counts
+        try:
+            for index in claimed:
+                piece = m.piece(index)
+                ok = (
+                    fd >= 0 and _hash_range(fd, piece.offset, piece.length, buf) == m.digests[index]
+                )
+                self.rechecked_bytes += piece.length
+                if not ok:
+                    verified[index] = 0
+                    with _translated(f"can't write piece state of {self.dest}"):
+                        os.pwrite(self._state_fd, b"\x00", index)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        # The state forgets bad pieces before the file's new identity is recorded.
+        if self.durable:
+            with _translated(f"can't write piece state of {self.dest}"):
+                os.fsync(self._state_fd)
+
+    def _create(self, file_index: int, made: set[str]) -> None:
+        """Create (or resize) one file, reserve its space, close it, and record its identity."""
+        entry = self.manifest.files[file_index]
+        path = self.dest / entry.path
+        with _translated(f"can't create {path}"):
+            parts = entry.path.split("/")[:-1]
+            for depth in range(1, len(parts) + 1):
+                rel = "/".join(parts[:depth])
+                if rel not in made:
+                    # A file in the way shows as ENOTDIR when the file is opened.
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(self.dest / rel)
+                    made.add(rel)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
                 if os.fstat(fd).st_size != entry.size:
                     os.ftruncate(fd, entry.size)
                 self._preallocate(fd, entry.size, path)
-            self._direct_fds.append(self._open_direct(path) if entry.size else -1)
-        self.reused_bytes = sum(
-            length for length, ok in zip(m.piece_lengths, self._verified, strict=True) if ok
-        )
+                self._record(file_index, os.fstat(fd))
+            finally:
+                os.close(fd)
 
-    def _open_direct(self, path: Path) -> int:
+    def _record(self, file_index: int, st: os.stat_result) -> None:
+        os.pwrite(self._identities_fd, identity(st), file_index * IDENTITY.size)
+
+    def _probe_direct_io(self) -> None:
         if not self.direct_io:
-            return -1
+            return
         try:
-            return os.open(path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise _store_error(exc, f"can't open {path}") from exc
+            os.close(os.open(self.dest / STATE_DIR / LOCK_FILE, os.O_RDONLY | os.O_DIRECT))
+        except OSError:
             self.direct_io = False  # e.g. tmpfs: no O_DIRECT; the page cache it is
-            return -1
 
     def _write_at(self, file_index: int, offset: int, data: memoryview) -> None:
         """Write ``data`` at ``offset`` of a file, bypassing the page cache where possible.
@@ -152,20 +467,20 @@ class PieceStore:
         ran at 0.4 GB/s and cost the peers 37% of their CPU (perf), while direct
         writes from a reused buffer ran at 2 to 3.5 GB/s for a tenth of the CPU.
         """
-        direct = self._direct_fds[file_index] if self.direct_io else -1
         aligned = len(data) - len(data) % _ALIGN if offset % _ALIGN == 0 else 0
         done = 0
-        if direct >= 0 and aligned:
+        if self.direct_io and aligned:
             try:
-                while done < aligned:
-                    done += os.pwritev(direct, [data[done:aligned]], offset + done)
+                with self._fds.use(file_index, direct=True) as direct:
+                    while done < aligned:
+                        done += os.pwritev(direct, [data[done:aligned]], offset + done)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
                 # An unaligned buffer: this write goes through the page cache.
-        fd = self._fds[file_index]
-        while done < len(data):
-            done += os.pwritev(fd, [data[done:]], offset + done)
+        with self._fds.use(file_index) as fd:
+            while done < len(data):
+                done += os.pwritev(fd, [data[done:]], offset + done)
 
     def read_direct(self, index: int, offset: int, length: int, buf: bytearray | mmap.mmap) -> bool:
         """Read ``length`` bytes of verified piece ``index`` at ``offset`` into the start
@@ -175,24 +490,25 @@ class PieceStore:
         here, an unaligned offset, ``buf`` too small for the padded length); the
         caller then uses ``sendfile`` from the page cache instead.
         """
+        self._require_verified(index)
         piece = self.manifest.piece(index)
-        direct = self._direct_fds[piece.file_index] if self.direct_io else -1
         start = piece.offset + offset
-        view = memoryview(buf)
         padded = -(-length // _ALIGN) * _ALIGN
+        if not self.direct_io or start % _ALIGN or padded > len(buf):
+            return False
+        view = memoryview(buf)
         try:
-            if direct < 0 or start % _ALIGN or padded > len(view):
-                return False
             with _translated(f"can't read {self.dest / piece.path}"):
-                done = 0
-                while done < length:
-                    # Whole aligned blocks; at the end of a file the read comes up short.
-                    n = os.preadv(direct, [view[done:padded]], start + done)
-                    if n == 0:
-                        raise StoreError(
-                            f"{self.dest / piece.path} is shorter than the manifest says"
-                        )
-                    done += n
+                with self._fds.use(piece.file_index, direct=True) as direct:
+                    done = 0
+                    while done < length:
+                        # Whole aligned blocks; at the end of a file the read comes up short.
+                        n = os.preadv(direct, [view[done:padded]], start + done)
+                        if n == 0:
+                            raise StoreError(
+                                f"{self.dest / piece.path} is shorter than the manifest says"
+                            )
+                        done += n
             return True
         except StoreError as exc:
             if isinstance(exc.__cause__, OSError) and exc.__cause__.errno == errno.EINVAL:
@@ -211,27 +527,17 @@ class PieceStore:
                 return  # the file system can't reserve space ahead; writes will still fail cleanly
             raise _store_error(exc, f"can't reserve {size} bytes for {path}") from exc
 
-    def _load_state(self, path: Path) -> None:
-        n = self.manifest.num_pieces
-        with _translated(f"can't open piece state {path}"):
-            self._state_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            existing = os.pread(self._state_fd, n + 1, 0)
-        if len(existing) == n and set(existing) <= {0, 1}:
-            self._verified[:] = existing
-        else:
-            # Missing, truncated or foreign: trust nothing and start over.
-            with _translated(f"can't reset piece state {path}"):
-                os.ftruncate(self._state_fd, 0)
-                os.pwrite(self._state_fd, bytes(n), 0)
-
     def close(self) -> None:
-        for fd in self._fds + [d for d in self._direct_fds if d >= 0]:
-            os.close(fd)
-        self._fds.clear()
-        self._direct_fds.clear()
-        if self._state_fd >= 0:
-            os.close(self._state_fd)
-            self._state_fd = -1
+        """Release descriptors and the destination's lock. Writes nothing: a crash is a close."""
+        self._fds.close_all()
+        self._pinned.clear()
+        for fd in (self._state_fd, self._identities_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._state_fd = self._identities_fd = -1
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self) -> PieceStore:
         self.open()
@@ -255,6 +561,12 @@ class PieceStore:
     def complete(self) -> bool:
         return all(self._verified)
 
+    def _require_verified(self, index: int) -> None:
+        if not self._verified[index]:
+            raise StoreError(
+                f"{self.manifest.describe_piece(index)} is not verified: its bytes are never served"
+            )
+
     def check(self, index: int, data: memoryview | bytes | bytearray) -> None:
         """Raise VerificationError unless ``data`` is exactly piece ``index``."""
         m = self.manifest
@@ -275,14 +587,20 @@ class PieceStore:
         """Verify piece ``index``, write it in place, flush it, and record it as verified."""
         self.check(index, data)
         piece = self.manifest.piece(index)
-        fd = self._fds[piece.file_index]
-        what = f"can't write {self.dest / piece.path}"
-        with _translated(what):
+        with _translated(f"can't write {self.dest / piece.path}"):
             self._write_at(piece.file_index, piece.offset, data)
+            self._commit(index, piece.file_index)
+
+    def _commit(self, index: int, file_index: int) -> None:
+        """Record a piece whose bytes are on disk and match: identity first, then the state."""
+        with self._fds.use(file_index) as fd:
             if self.durable:
                 os.fdatasync(fd)
-            # Only after the data is durable does the state say so.
-            os.pwrite(self._state_fd, b"\x01", index)
+            st = os.fstat(fd)
+        # Only after the data is durable does the state say so, and only with the
+        # identity of the file as it holds the piece.
+        self._record(file_index, st)
+        os.pwrite(self._state_fd, b"\x01", index)
         self._verified[index] = 1
 
     def write_block(self, index: int, offset: int, data: memoryview) -> bool:
@@ -293,9 +611,10 @@ class PieceStore:
         arrived ahead of it are read back once the gap fills. So a piece received in
         order is never read back from disk to be verified.
 
-        Returns False, writing nothing, if this block of the piece's current
-        attempt is already on disk (an endgame duplicate): a block once hashed is
-        never overwritten, so the hash always describes what is on disk.
+        Returns False, writing nothing, if the piece is already verified or this
+        block of the piece's current attempt is already on disk (an endgame
+        duplicate): a block once hashed is never overwritten, so the hash always
+        describes what is on disk.
 
         Unverified bytes on disk are harmless: they are neither served nor recorded,
         and a restart fetches the piece again. Not thread-safe: the engine calls
@@ -306,6 +625,8 @@ class PieceStore:
             raise StoreError(
                 f"block {offset}+{len(data)} lies outside {self.manifest.describe_piece(index)}"
             )
+        if self._verified[index]:
+            return False
         asm = self._assemblies.get(index)
         if asm is None:
             asm = self._assemblies[index] = _Assembly()
@@ -313,6 +634,10 @@ class PieceStore:
             return False
         with _translated(f"can't write {self.dest / piece.path}"):
             self._write_at(piece.file_index, piece.offset + offset, data)
+            # Unverified bytes change no verified piece, so the file's record may follow
+            # them; then only a file written to at the moment of a crash is re-hashed.
+            with self._fds.use(piece.file_index) as fd:
+                self._record(piece.file_index, os.fstat(fd))
         asm.written[offset] = len(data)
         if offset == asm.hashed:
             asm.hasher.update(data)
@@ -327,19 +652,21 @@ class PieceStore:
 
     def _hash_from_disk(self, index: int, asm: _Assembly, end: int) -> None:
         piece = self.manifest.piece(index)
-        fd = self._fds[piece.file_index]
         if self._scratch is None:
             self._scratch = bytearray(_SCRATCH)
         view = memoryview(self._scratch)
         with _translated(f"can't read back {self.dest / piece.path}"):
-            while asm.hashed < end:
-                n = os.preadv(
-                    fd, [view[: min(_SCRATCH, end - asm.hashed)]], piece.offset + asm.hashed
-                )
-                if n == 0:
-                    raise StoreError(f"{self.dest / piece.path} is shorter than the manifest says")
-                asm.hasher.update(view[:n])
-                asm.hashed += n
+            with self._fds.use(piece.file_index) as fd:
+                while asm.hashed < end:
+                    n = os.preadv(
+                        fd, [view[: min(_SCRATCH, end - asm.hashed)]], piece.offset + asm.hashed
+                    )
+                    if n == 0:
+                        raise StoreError(
+                            f"{self.dest / piece.path} is shorter than the manifest says"
+                        )
+                    asm.hasher.update(view[:n])
+                    asm.hashed += n
 
     def verify_assembled(self, index: int) -> bool:
         """Check a piece assembled by ``write_block``; record it if it matches.
@@ -348,33 +675,59 @@ class PieceStore:
         """
         piece = self.manifest.piece(index)
         asm = self._assemblies.pop(index, None) or _Assembly()
-        fd = self._fds[piece.file_index]
         self._hash_from_disk(index, asm, piece.length)
         if asm.hasher.digest() != self.manifest.digests[index]:
             return False
         with _translated(f"can't record {self.dest / piece.path}"):
-            if self.durable:
-                os.fdatasync(fd)
-            os.pwrite(self._state_fd, b"\x01", index)
-        self._verified[index] = 1
+            self._commit(index, piece.file_index)
         return True
 
     def read_piece_into(self, index: int, buf: memoryview) -> None:
         """Read a verified piece back (to serve it to a peer)."""
+        self._require_verified(index)
         piece = self.manifest.piece(index)
-        fd = self._fds[piece.file_index]
         with _translated(f"can't read {self.dest / piece.path}"):
-            done = 0
-            while done < piece.length:
-                n = os.preadv(fd, [buf[done : piece.length]], piece.offset + done)
-                if n == 0:
-                    raise StoreError(f"{self.dest / piece.path} is shorter than the manifest says")
-                done += n
+            with self._fds.use(piece.file_index) as fd:
+                done = 0
+                while done < piece.length:
+                    n = os.preadv(fd, [buf[done : piece.length]], piece.offset + done)
+                    if n == 0:
+                        raise StoreError(
+                            f"{self.dest / piece.path} is shorter than the manifest says"
+                        )
+                    done += n
+
+    @contextmanager
+    def piece_fd(self, index: int) -> Iterator[tuple[int, int, int]]:
+        """(fd, offset, length) of a verified piece for ``os.sendfile``; the descriptor
+        stays open (never evicted) until the block exits, so any number of files can be
+        served with a bounded number of descriptors."""
+        self._require_verified(index)
+        piece = self.manifest.piece(index)
+        with _translated(f"can't open {self.dest / piece.path}"):
+            fd = self._fds.acquire(piece.file_index)
+        try:
+            yield fd, piece.offset, piece.length
+        finally:
+            self._fds.release(piece.file_index)
 
     def piece_location(self, index: int) -> tuple[int, int, int]:
-        """(fd, offset, length) of a verified piece, for ``os.sendfile``."""
+        """(fd, offset, length) of a verified piece, for ``os.sendfile``.
+
+        The descriptor stays open until ``close``: it is pinned, never evicted, so
+        serving many files this way holds one descriptor per file; ``piece_fd``
+        holds one only while it is used.
+        """
+        self._require_verified(index)
         piece = self.manifest.piece(index)
-        return self._fds[piece.file_index], piece.offset, piece.length
+        with _translated(f"can't open {self.dest / piece.path}"):
+            if piece.file_index in self._pinned:
+                with self._fds.use(piece.file_index) as fd:
+                    pass
+            else:
+                fd = self._fds.acquire(piece.file_index)
+                self._pinned.add(piece.file_index)
+        return fd, piece.offset, piece.length
 
     # --- completion ----------------------------------------------------------------
 
@@ -395,20 +748,80 @@ class PieceStore:
         marker = self.dest / COMPLETE_MARKER
         tmp = self.dest / STATE_DIR / f"{COMPLETE_MARKER}.tmp"
         with _translated(f"can't write {marker}"):
-            for fd in self._fds:
-                os.fsync(fd)
-            os.fsync(self._state_fd)
+            stats: list[os.stat_result] = []
+            for i in range(len(m.files)):
+                with self._fds.use(i) as fd:
+                    if self.durable:
+                        os.fsync(fd)
+                    stats.append(os.fstat(fd))
+            _outlast_mtimes(max((st.st_mtime_ns for st in stats), default=0))
+            for i, st in enumerate(stats):
+                self._record(i, st)
+            if self.durable:
+                os.fsync(self._identities_fd)
+                os.fsync(self._state_fd)
             with open(tmp, "w") as f:
                 json.dump(record, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, marker)
-            self._fsync_dir(self.dest)
+            fsync_dir(self.dest)
 
-    @staticmethod
-    def _fsync_dir(path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+
+def _outlast_mtimes(latest_ns: int) -> None:
+    """Wait until a write now would get a later mtime than ``latest_ns``.
+
+    File times come from a coarse clock (one tick, 1-10 ms; Linux 6.13 and later
+    use a fine one once a time has been read), so an edit in the same tick as the
+    last verified write would leave the recorded identity unchanged. Waiting two
+    ticks past the newest mtime before recording makes any later edit visible. A
+    file time in the future (clock skew) can't be waited out; it is recorded as is.
+    """
+    try:
+        tick = int(time.clock_getres(_CLOCK_REALTIME_COARSE) * 1e9)
+    except OSError:
+        tick = 10_000_000
+    wait = latest_ns + 2 * tick - time.time_ns()
+    if 0 < wait <= 2 * tick:
+        time.sleep(wait / 1e9)
+
+
+def _read_exact(path: Path, size: int) -> bytes | None:
+    """The contents of ``path`` if it is exactly ``size`` bytes long, else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        data = os.pread(fd, size + 1, 0)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return data if len(data) == size else None
+
+
+def _open_sized(path: Path, size: int, *, reset: bool) -> int:
+    """Open a state file; a reset one holds ``size`` zero bytes."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    if reset:
+        os.ftruncate(fd, 0)
+        os.ftruncate(fd, size)
+    return fd
+
+
+def _hash_range(fd: int, offset: int, length: int, buf: memoryview) -> bytes | None:
+    """blake3 of ``length`` bytes at ``offset`` read into ``buf`` in turn; None if the file ends first."""
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    done = 0
+    while done < length:
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            n = os.preadv(fd, [buf[: min(len(buf), length - done)]], offset + done)
+        except OSError:
+            return None
+        if n == 0:
+            return None
+        hasher.update(buf[:n])
+        done += n
+    digest_: bytes = hasher.digest()
+    return digest_

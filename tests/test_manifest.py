@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import gc
+import random
+import tracemalloc
+from collections.abc import Iterator
+
+import blake3
 import msgpack
 import pytest
 import zstandard
@@ -9,12 +15,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from swarm.errors import ManifestError
-from swarm.manifest import Manifest, parse_ref, validate_path
+from swarm.manifest import (
+    MAX_PATH_DEPTH,
+    MAX_PIECES,
+    MIN_PIECE_SIZE,
+    Manifest,
+    max_encoded_size,
+    parse_ref,
+    validate_path,
+)
 
 KIB = 1024
+MIB = 1024 * KIB
 
 path_part = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="/\\"),
+    alphabet=st.characters(
+        blacklist_categories=("Cs", "Cc", "Cf", "Zl", "Zp"), blacklist_characters="/\\"
+    ),
     min_size=1,
     max_size=12,
 ).filter(lambda p: p not in (".", "..") and not p.startswith(".swarm"))
@@ -84,6 +101,12 @@ def test_round_trip(files: dict[str, int], piece_size: int) -> None:
         "a\\b",
         ".swarm/state",
         "x\x7f",
+        "x\x85y",  # C1 next line
+        "x\x9b31m",  # C1 CSI: a terminal escape
+        "weights\u202e.txt",  # right-to-left override: displays as something else
+        "a\u2028b",  # line separator
+        "/".join(["d"] * (MAX_PATH_DEPTH + 1)),
+        "/".join(["d"] * 2000),
     ],
 )
 def test_hostile_paths_rejected(path: str) -> None:
@@ -109,6 +132,10 @@ GOOD = [1, "m", "s3://b", KIB, [["a", 2000, 2]], b"\x00" * 64]
         lambda o: o.__setitem__(4, [["a", 2000, 2], ["a", 0, 0]]),  # duplicate
         lambda o: o.__setitem__(4, [["a", -1, 0]]),  # negative size
         lambda o: o.__setitem__(4, [["../a", 2000, 2]]),  # traversal
+        lambda o: o.__setitem__(4, [["/etc/a", 2000, 2]]),  # absolute
+        lambda o: o.__setitem__(4, [["a/b", 1024, 1], ["a", 976, 1]]),  # file inside, reversed
+        lambda o: o.__setitem__(4, [["a\x1b[2J", 2000, 2]]),  # control characters
+        lambda o: o.__setitem__(4, [["/".join(["d"] * 2000), 2000, 2]]),  # 2,000 levels deep
         lambda o: o.__setitem__(4, [["a", 1024, 1], ["a/b", 976, 1]]),  # file inside a file
         lambda o: o.__setitem__(5, b"\x00" * 63),  # digests not a multiple of 32
         lambda o: o.__setitem__(5, b"\x00" * 96),  # too many digests
@@ -134,6 +161,172 @@ def test_truncated_and_oversized_rejected() -> None:
     bomb = zstandard.ZstdCompressor().compress(b"\x00" * (300 * 1024 * 1024))
     with pytest.raises(ManifestError):
         Manifest.decode(bomb)
+
+
+def _zeros(total: int) -> Iterator[bytes]:
+    chunk = bytes(MIB)
+    for start in range(0, total, MIB):
+        yield chunk[: min(MIB, total - start)]
+
+
+def _frame(chunks: Iterator[bytes], declared: int | None, **params: int) -> bytes:
+    """One zstd frame of ``chunks``; its content size declared only when given."""
+    cctx = (
+        zstandard.ZstdCompressor(compression_params=zstandard.ZstdCompressionParameters(**params))
+        if params
+        else zstandard.ZstdCompressor(level=3)
+    )
+    cobj = cctx.compressobj(size=-1 if declared is None else declared)
+    out = [cobj.compress(chunk) for chunk in chunks]
+    out.append(cobj.flush())
+    return b"".join(out)
+
+
+def _digest_table_bomb() -> bytes:
+    """A valid manifest of MAX_PIECES pieces with all-zero digests: 128 MiB in a few KiB."""
+    table = MAX_PIECES * 32
+    files = [["w", MAX_PIECES * MIN_PIECE_SIZE, MAX_PIECES]]
+    head = msgpack.packb([1, "m", "s3://b", MIN_PIECE_SIZE, files, b""], use_bin_type=True)
+    head = head[:-1] + b"\xc6" + table.to_bytes(4, "big")  # the empty bin, now 128 MiB
+
+    def chunks() -> Iterator[bytes]:
+        yield head
+        yield from _zeros(table)
+
+    return _frame(chunks(), len(head) + table)
+
+
+BOMBS = {
+    "declared": lambda: _frame(_zeros(200 * MIB), 200 * MIB),
+    "undeclared": lambda: _frame(_zeros(200 * MIB), None),
+    "declared, cut short": lambda: _frame(_zeros(200 * MIB), 200 * MIB)[:64],
+    "digest table": _digest_table_bomb,
+    "huge window": lambda: _frame(_zeros(4 * MIB), None, window_log=27),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BOMBS))
+def test_zstd_bombs_are_refused_without_allocating_their_size(kind: str) -> None:
+    bomb = BOMBS[kind]()
+    assert len(bomb) < 64 * KIB
+    gc.collect()
+    tracemalloc.start()
+    try:
+        with pytest.raises(ManifestError, match=r"bomb|window|zstandard") as info:
+            Manifest.decode(bomb)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # The bound for a 64 KiB input is 5 MiB; the bombs hold 4 to 200 MiB.
+    assert peak < max_encoded_size(len(bomb)) + MIB, f"peak {peak} bytes"
+    assert "ZstdError" not in type(info.value).__name__
+
+
+def test_a_rejected_manifest_is_not_kept_by_its_error() -> None:
+    """Decoded bytes of a refused manifest die with the decode, even if the error is kept."""
+    rng = random.Random(3)
+    pieces = 60_000  # ~2 MiB of incompressible digests: within the expansion bound
+    digests = rng.randbytes(pieces * 32)
+    obj = [1, "m", "s3://b", KIB, [["a", pieces * KIB, pieces + 1]], digests]  # wrong count
+    data = zstandard.ZstdCompressor().compress(msgpack.packb(obj, use_bin_type=True))
+    del digests, obj
+    gc.collect()
+    tracemalloc.start()
+    try:
+        try:
+            Manifest.decode(data)
+        except ManifestError as exc:
+            kept = exc
+        gc.collect()
+        current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert "needs" in str(kept)
+    assert peak > 2 * MIB  # the decode really did build the table
+    assert current < 256 * KIB, f"{current} bytes still held after the error"
+
+
+def test_decompressed_size_bound() -> None:
+    assert max_encoded_size(0) == MIB
+    assert max_encoded_size(6 * KIB) == 64 * 6 * KIB + MIB
+    assert max_encoded_size(10**12) == max_encoded_size(10**13)  # capped at MAX_ENCODED_SIZE
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.integers(min_value=1, max_value=3000),
+    st.integers(min_value=0, max_value=4),
+    st.sampled_from(["model-{:05d}.safetensors", "d/{:07d}", "layers/{}/w.bin"]),
+)
+def test_realistic_manifests_fit_the_expansion_bound(
+    files: int, pieces_per_file: int, pattern: str
+) -> None:
+    """Whatever the file count and names, a manifest with real (random) digests decodes."""
+    m = make([(pattern.format(i), pieces_per_file * KIB) for i in range(files)])
+    rng = random.Random(files)
+    real = Manifest.build(
+        name=m.name,
+        origin=m.origin,
+        piece_size=KIB,
+        files=[(f.path, f.size) for f in m.files],
+        digests=[rng.randbytes(32) for _ in range(m.num_pieces)],
+    )
+    assert Manifest.decode(real.encode()) == real
+
+
+def test_twenty_thousand_files_round_trip() -> None:
+    rng = random.Random(20_000)
+    files = [(f"shards/model-{i:05d}-of-20000.safetensors", 1 + i % 3000) for i in range(20_000)]
+    layout = Manifest.layout(files, KIB)
+    m = Manifest.build(
+        name="org/many-files",
+        origin="s3://b/p",
+        piece_size=KIB,
+        files=files,
+        digests=[rng.randbytes(32) for _ in layout],
+    )
+    back = Manifest.decode(m.encode())
+    assert back == m and back.root == m.root
+    assert len(back.files) == 20_000 and back.num_pieces == len(layout)
+    last = back.piece(back.num_pieces - 1)
+    assert last.path == files[-1][0] and last.offset + last.length == files[-1][1]
+
+
+def test_depth_limit_is_inclusive_and_decode_says_why() -> None:
+    deepest = "/".join(["d"] * MAX_PATH_DEPTH)
+    assert validate_path(deepest) == deepest
+    m = make([(deepest, 10)])
+    assert Manifest.decode(m.encode()) == m
+    obj = [1, "m", "s3://b", KIB, [["/".join(["d"] * 2000), 10, 1]], b"\x00" * 32]
+    with pytest.raises(ManifestError, match="2000 components deep, more than 128"):
+        Manifest.decode(_raw(obj))
+
+
+def test_encode_refuses_what_decode_would_refuse() -> None:
+    """A table of near-identical long paths compresses past the bound: refused at publish."""
+    prefix = "/".join(["p" * 200] * 19)
+    files = [(f"{prefix}/{i:06d}", 0) for i in range(1000)]
+    m = Manifest.build(name="m", origin="s3://b", piece_size=KIB, files=files, digests=[])
+    with pytest.raises(ManifestError, match="too repetitive"):
+        m.encode()
+    raw = zstandard.ZstdCompressor(level=3).compress(m.canonical())
+    with pytest.raises(ManifestError, match="bomb"):
+        Manifest.decode(raw)
+
+
+def test_trailing_data_and_extra_frames_rejected() -> None:
+    data = make([("a", 3000)]).encode()
+    for tail in (b"\x00", b"garbage", data):
+        with pytest.raises(ManifestError):
+            Manifest.decode(data + tail)
+    packed = msgpack.packb(GOOD, use_bin_type=True) + b"\x00"
+    with pytest.raises(ManifestError, match="trailing data"):
+        Manifest.decode(zstandard.ZstdCompressor().compress(packed))
+
+
+def test_root_covers_the_canonical_bytes_only() -> None:
+    m = make([("a", 3000)])
+    assert m.root == blake3.blake3(m.canonical()).digest()
 
 
 @settings(max_examples=300, deadline=None)

@@ -36,7 +36,8 @@ from seeder.errors import (
     OriginUnsupportedError,
 )
 from seeder.origin import ObjectInfo, Origin, open_origin
-from swarm.errors import ConfigError
+from seeder.publish import list_files
+from swarm.errors import ConfigError, ManifestError
 
 T = TypeVar("T")
 
@@ -222,6 +223,38 @@ def test_gcs_missing_bucket_is_not_found(gcs_bucket: GCSBucket) -> None:
 
     with pytest.raises(OriginNotFoundError, match="no-such-bucket-here"):
         run(main())
+
+
+def test_file_listing_of_a_very_deep_tree_is_not_recursive(tmp_path: Path) -> None:
+    """1,500 levels (past Python's recursion limit): listed, then refused by name, not a crash."""
+    depth = 1500
+    root = tmp_path / "deep"
+    root.mkdir()
+    # Built and removed one level at a time: pathlib's mkdir(parents=True) and
+    # shutil.rmtree recurse per level themselves.
+    leaf = str(root)
+    for _ in range(depth):
+        leaf += "/d"
+        os.mkdir(leaf)
+    Path(leaf, "w.bin").write_bytes(b"x")
+    populate(root, {"top.bin": b"yz"})
+    try:
+
+        async def main() -> list[ObjectInfo]:
+            async with open_origin(root.as_uri()) as origin:
+                listed = await origin.list()
+                with pytest.raises(ManifestError, match="1501 components deep, more than 128"):
+                    await list_files(origin, None)
+                return listed
+
+        listed = run(main())
+    finally:
+        os.remove(os.path.join(leaf, "w.bin"))
+        for _ in range(depth):
+            os.rmdir(leaf)
+            leaf = os.path.dirname(leaf)
+    assert [o.size for o in listed] == [1, 2]
+    assert listed[0].key == "d/" * depth + "w.bin" and listed[1].key == "top.bin"
 
 
 def test_http_accepts_200_with_exact_content_range(

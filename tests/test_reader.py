@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import random
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,14 +25,14 @@ from seeder.backends.s3 import S3Origin
 from seeder.errors import OriginError, OriginNotFoundError, RetryBudgetExceeded
 from seeder.origin import Origin, open_origin
 from seeder.reader import RangedReader
-from seeder.retry import RetryPolicy
+from seeder.retry import DEFAULT_RETRY_TIME, RetryPolicy
 from swarm.errors import ConfigError
 
 T = TypeVar("T")
 SHARD = "weights/shard-0.bin"
 SHARD_DATA = ARTIFACT[SHARD]
 # Retries in tests wait milliseconds, never seconds.
-FAST = RetryPolicy(base_delay=0.001, max_delay=0.05, max_attempts=10, max_total_delay=5.0)
+FAST = RetryPolicy(base_delay=0.001, max_delay=0.05, budget=5.0)
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
@@ -287,7 +289,7 @@ def test_retry_after_beyond_the_time_budget_gives_up(
     server = faulty_http_server(
         directory=tmp_path, plan=FaultPlan(every=1, status=429, retry_after="0.2")
     )
-    policy = RetryPolicy(base_delay=0.001, max_delay=1.0, max_attempts=100, max_total_delay=0.3)
+    policy = RetryPolicy(base_delay=0.001, max_delay=1.0, budget=0.3)
 
     async def main() -> None:
         async with HTTPOrigin(server.url()) as origin:
@@ -295,11 +297,85 @@ def test_retry_after_beyond_the_time_budget_gives_up(
             await reader.read("config.json", 0, memoryview(bytearray(4)))
 
     started = time.monotonic()
-    with pytest.raises(RetryBudgetExceeded, match="429"):
+    with pytest.raises(RetryBudgetExceeded, match="429") as info:
         run(main())
     elapsed = time.monotonic() - started
     assert server.faults == 2  # one retry after 0.2 s; a second would pass 0.3 s
     assert 0.2 <= elapsed < 2.0
+    assert "2 attempt(s)" in str(info.value) and "retry budget 0.3 s" in str(info.value)
+
+
+def test_an_origin_brownout_is_waited_out(
+    s3_server: S3Server,
+    s3_bucket: S3Bucket,
+    faulty_http_server: Callable[..., FaultyHTTPServer],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every request gets 503 SlowDown for a while; the reader keeps trying, then reads."""
+    populate(s3_bucket.path, {SHARD: SHARD_DATA})
+    front = faulty_http_server(
+        upstream=s3_server.endpoint, plan=FaultPlan(every=1, status=503, style="s3")
+    )
+    monkeypatch.setenv("AWS_ENDPOINT_URL", front.endpoint)
+    brownout = 1.5
+    # Small knobs: a 0.2 s cap means many retries inside the brownout, all counted.
+    policy = RetryPolicy(base_delay=0.02, max_delay=0.2, budget=30.0)
+    length = 200_000
+
+    async def main() -> tuple[bytes, RangedReader]:
+        loop = asyncio.get_running_loop()
+        # The brownout ends on the server's side, whatever the reader is doing.
+        loop.call_later(brownout, setattr, front, "plan", FaultPlan(every=0))
+        async with S3Origin(s3_bucket.url) as origin:
+            return await read_with(
+                origin, SHARD, 3, length, range_size=50_000, max_concurrency=4, retry=policy
+            )
+
+    with caplog.at_level(logging.WARNING, logger="swarm.origin"):
+        data, reader = run(main())
+    counters = reader.origin.counters
+    assert data == SHARD_DATA[3 : 3 + length]
+    assert front.faults > 4 * 3  # each of the 4 ranges failed again and again
+    assert counters.retries == counters.throttled == front.faults
+    assert counters.bytes_read == length
+    records = [r for r in caplog.records if r.name == "swarm.origin"]
+    assert len(records) == front.faults
+    assert all(r.levelno == logging.WARNING for r in records)
+    message = records[-1].getMessage()
+    assert "origin throttling for" in message and "SlowDown (HTTP 503)" in message
+    assert "giving up after 30 s" in message
+    # It kept going past the brownout's length, which ten quick tries would not have.
+    assert max(getattr(r, "failing_for") for r in records) >= brownout * 0.5  # noqa: B009
+    assert all(getattr(r, "delay") <= 0.2 for r in records)  # noqa: B009
+
+
+@pytest.mark.parametrize(("status", "error"), [(404, OriginNotFoundError), (403, OriginError)])
+def test_permanent_statuses_fail_at_once_whatever_the_budget(
+    tmp_path: Path,
+    faulty_http_server: Callable[..., FaultyHTTPServer],
+    status: int,
+    error: type[Exception],
+) -> None:
+    populate(tmp_path, ARTIFACT)
+    server = faulty_http_server(directory=tmp_path, plan=FaultPlan(every=1, status=status))
+
+    async def main() -> None:
+        async with HTTPOrigin(server.url()) as origin:
+            reader = RangedReader(origin, retry=RetryPolicy(base_delay=5.0, max_delay=5.0))
+            await reader.read(SHARD, 0, memoryview(bytearray(1000)))
+
+    with pytest.raises(error, match=f"HTTP {status}") as info:
+        run(main())
+    assert not isinstance(info.value, RetryBudgetExceeded)
+    assert server.requests == 1
+
+
+def test_retry_time_replaces_the_policy_budget(tmp_path: Path) -> None:
+    origin = open_origin(tmp_path.as_uri())
+    assert RangedReader(origin).retry.budget == DEFAULT_RETRY_TIME == 600.0
+    reader = RangedReader(origin, retry=FAST, retry_time=42.0)
+    assert reader.retry.budget == 42.0 and reader.retry.max_delay == FAST.max_delay
 
 
 # -- cancellation ----------------------------------------------------------------------
@@ -349,12 +425,17 @@ def test_cancelled_read_stops_writing_into_the_buffer(
 # -- RetryPolicy (pure) ----------------------------------------------------------------
 
 policies = st.builds(
-    lambda base, factor, attempts, total: RetryPolicy(
-        base_delay=base, max_delay=base * factor, max_attempts=attempts, max_total_delay=total
+    lambda base, factor, multiplier, jitter, budget: RetryPolicy(
+        base_delay=base,
+        max_delay=base * factor,
+        multiplier=multiplier,
+        jitter=jitter,
+        budget=budget,
     ),
     st.floats(min_value=1e-4, max_value=5.0),
     st.floats(min_value=1.0, max_value=1000.0),
-    st.integers(min_value=1, max_value=50),
+    st.floats(min_value=1.0, max_value=16.0),
+    st.floats(min_value=0.0, max_value=1.0),
     st.floats(min_value=0.0, max_value=3600.0),
 )
 
@@ -365,9 +446,10 @@ def test_delay_is_jittered_within_the_exponential_ceiling(
     policy: RetryPolicy, attempt: int, seed: int
 ) -> None:
     delay = policy.delay(attempt, None, random.Random(seed))
-    assert 0.0 <= delay <= policy.ceiling(attempt) <= policy.max_delay
-    assert policy.ceiling(attempt) == pytest.approx(
-        min(policy.max_delay, policy.base_delay * 2 ** min(attempt - 1, 62))
+    ceiling = policy.ceiling(attempt)
+    assert ceiling * (1 - policy.jitter) - 1e-9 <= delay <= ceiling <= policy.max_delay
+    assert ceiling == pytest.approx(
+        min(policy.max_delay, policy.base_delay * policy.multiplier ** min(attempt - 1, 62))
     )
 
 
@@ -378,11 +460,12 @@ def test_delay_is_jittered_within_the_exponential_ceiling(
     st.floats(min_value=0.0, max_value=10_000.0),
     st.integers(0, 2**32),
 )
-def test_retry_after_is_a_floor_under_the_cap(
+def test_retry_after_is_a_floor_up_to_its_cap(
     policy: RetryPolicy, attempt: int, retry_after: float, seed: int
 ) -> None:
     delay = policy.delay(attempt, retry_after, random.Random(seed))
-    assert min(retry_after, policy.max_delay) <= delay <= policy.max_delay
+    honoured = min(retry_after, policy.max_retry_after)
+    assert honoured <= delay <= max(honoured, policy.ceiling(attempt))
 
 
 @settings(deadline=None)  # pure and fast; a loaded CI box must not make it flaky
@@ -393,9 +476,11 @@ def test_delay_is_deterministic_for_a_seed(policy: RetryPolicy, attempt: int, se
     assert a == b
 
 
-def test_ceiling_doubles_until_the_cap() -> None:
+def test_ceiling_grows_by_the_multiplier_until_the_cap() -> None:
     policy = RetryPolicy(base_delay=0.1, max_delay=1.0)
     assert [policy.ceiling(n) for n in range(1, 7)] == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0, 1.0])
+    triple = RetryPolicy(base_delay=1.0, max_delay=20.0, multiplier=3.0)
+    assert [triple.ceiling(n) for n in range(1, 5)] == pytest.approx([1.0, 3.0, 9.0, 20.0])
 
 
 def test_jitter_spreads_over_the_window() -> None:
@@ -404,17 +489,97 @@ def test_jitter_spreads_over_the_window() -> None:
     delays = [policy.delay(4, None, rng) for _ in range(2000)]
     assert min(delays) < 0.5 and max(delays) > 7.5  # full jitter, not a fixed delay
     assert 3.5 < sum(delays) / len(delays) < 4.5
+    half = RetryPolicy(base_delay=1.0, max_delay=8.0, jitter=0.5)
+    delays = [half.delay(4, None, rng) for _ in range(2000)]
+    assert min(delays) >= 4.0 and max(delays) > 7.5
+    exact = RetryPolicy(base_delay=1.0, max_delay=8.0, jitter=0.0)
+    assert {exact.delay(n, None, rng) for n in (4, 5, 9)} == {8.0}
 
 
 @settings(deadline=None)  # pure and fast; a loaded CI box must not make it flaky
-@given(policies, st.integers(0, 60), st.floats(0.0, 4000.0), st.floats(0.0, 100.0))
-def test_budget_bounds_attempts_and_total_delay(
-    policy: RetryPolicy, failures: int, slept: float, next_delay: float
+@given(
+    policies,
+    st.none() | st.integers(1, 60),
+    st.integers(0, 60),
+    st.floats(0.0, 4000.0),
+    st.floats(0.0, 100.0),
+)
+def test_budget_bounds_time_and_optionally_attempts(
+    policy: RetryPolicy,
+    max_attempts: int | None,
+    failures: int,
+    elapsed: float,
+    next_delay: float,
 ) -> None:
-    allowed = policy.allows(failures, slept, next_delay)
+    policy = dataclasses.replace(policy, max_attempts=max_attempts)
+    allowed = policy.allows(failures, elapsed, next_delay)
     assert allowed == (
-        failures < policy.max_attempts and slept + next_delay <= policy.max_total_delay
+        (max_attempts is None or failures < max_attempts) and elapsed + next_delay <= policy.budget
     )
+
+
+@dataclass
+class Outcome:
+    succeeded: bool
+    failures: int
+    gave_up_at: float | None
+    delays: list[float]
+
+
+def drive(
+    policy: RetryPolicy, outage: float, *, retry_after: float | None = None, seed: int = 1
+) -> Outcome:
+    """One request against an origin failing for ``outage`` seconds, on a fake clock.
+
+    Each try takes 50 ms. This is the loop ``RangedReader._read_range`` runs, minus I/O.
+    """
+    rng = random.Random(seed)
+    now = 0.0
+    first = 0.0
+    delays: list[float] = []
+    for failures in range(1, 100_000):
+        now += 0.05
+        if now >= outage:
+            return Outcome(True, failures - 1, None, delays)
+        if failures == 1:
+            first = now
+        wait = policy.delay(failures, retry_after, rng)
+        if not policy.allows(failures, now - first, wait):
+            return Outcome(False, failures, now - first, delays)
+        delays.append(wait)
+        now += wait
+    raise AssertionError("the retry loop did not end")
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_default_policy_waits_out_a_minute_long_brownout(seed: int) -> None:
+    """The 50 s of SlowDown that ten tries could not survive, and a five-minute one."""
+    policy = RetryPolicy()
+    for outage in (50.0, 300.0):
+        outcome = drive(policy, outage, seed=seed)
+        assert outcome.succeeded, f"{outage} s outage: gave up after {outcome.failures} tries"
+        assert max(outcome.delays) <= policy.max_delay == 20.0
+    # Backoff keeps the request count low: a retry every 10 s on average once capped.
+    assert drive(policy, 300.0, seed=seed).failures < 300.0 / 5
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_default_policy_gives_up_at_its_budget(seed: int) -> None:
+    policy = RetryPolicy()
+    outcome = drive(policy, 3600.0, seed=seed)
+    assert not outcome.succeeded and outcome.gave_up_at is not None
+    # Never past the budget; at most one capped delay short of it.
+    assert policy.budget - policy.max_delay - 0.05 <= outcome.gave_up_at <= policy.budget
+    short = drive(dataclasses.replace(policy, budget=30.0), 3600.0, seed=seed)
+    assert short.gave_up_at is not None and short.gave_up_at <= 30.0
+
+
+def test_retry_after_is_honoured_during_a_brownout() -> None:
+    policy = RetryPolicy()
+    outcome = drive(policy, 200.0, retry_after=30.0)
+    assert outcome.succeeded and all(d >= 30.0 for d in outcome.delays)
+    asked_a_day = drive(policy, 400.0, retry_after=86_400.0)
+    assert asked_a_day.succeeded and set(asked_a_day.delays) == {policy.max_retry_after}
 
 
 def test_bad_policies_and_reader_settings_are_config_errors(tmp_path: Path) -> None:
@@ -424,8 +589,16 @@ def test_bad_policies_and_reader_settings_are_config_errors(tmp_path: Path) -> N
         RetryPolicy(base_delay=2, max_delay=1)
     with pytest.raises(ConfigError, match="max_attempts"):
         RetryPolicy(max_attempts=0)
+    with pytest.raises(ConfigError, match="multiplier"):
+        RetryPolicy(multiplier=0.5)
+    with pytest.raises(ConfigError, match="jitter"):
+        RetryPolicy(jitter=1.5)
+    with pytest.raises(ConfigError, match="origin retry time"):
+        RetryPolicy(budget=-1)
     origin = open_origin(tmp_path.as_uri())
     with pytest.raises(ConfigError, match="range size"):
         RangedReader(origin, range_size=0)
     with pytest.raises(ConfigError, match="concurrency"):
         RangedReader(origin, max_concurrency=0)
+    with pytest.raises(ConfigError, match="origin retry time"):
+        RangedReader(origin, retry_time=-5)

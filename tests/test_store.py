@@ -220,3 +220,220 @@ def test_direct_io_round_trip_with_unaligned_file_tails(tmp_path: Path, direct_i
         store.finish()
     for path, data in files.items():
         assert (tmp_path / path).read_bytes() == data
+
+
+def test_twenty_thousand_files_within_a_small_descriptor_limit(tmp_path: Path) -> None:
+    """Descriptors stay bounded however many files: 20,000 files under a soft limit of 1024."""
+    import resource
+
+    files = {f"shards/{i:05d}.bin": bytes([i % 251]) for i in range(20_000)}
+    m = artifact(files)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
+    try:
+        with PieceStore(tmp_path, m, durable=False) as store:
+            for i in range(m.num_pieces):
+                p = m.piece(i)
+                store.write_piece(i, memoryview(files[p.path]))
+            store.finish()
+        with PieceStore(tmp_path, m, durable=False) as store:
+            assert store.complete
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert (tmp_path / "shards/12345.bin").read_bytes() == bytes([12345 % 251])
+
+
+def unvalidated(path: str, data: bytes) -> Manifest:
+    """A one-file manifest built without validation: the manifest caps path depth, and the
+    store must not depend on that (its own limits are the file system's)."""
+    from swarm.manifest import FileEntry
+
+    return Manifest(
+        "m", "file:///nowhere", KIB, (FileEntry(path, len(data), 0, 1),), (digest(data),)
+    )
+
+
+@pytest.fixture
+def deep_dir(tmp_path: Path) -> Iterator[Path]:
+    """``tmp_path``, with the chain of ``d`` directories a test makes in it removed afterwards
+    without recursion (pytest's own clean-up, shutil.rmtree, recurses once per level)."""
+    yield tmp_path
+    fds = [os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)]
+    try:
+        for _ in range(5000):  # deeper than any test here goes
+            try:
+                fds.append(os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fds[-1]))
+            except FileNotFoundError:
+                break
+        while len(fds) > 1:
+            fd = fds.pop()
+            for name in os.listdir(fd):
+                if name != "d":
+                    os.unlink(name, dir_fd=fd)
+            os.close(fd)
+            os.rmdir("d", dir_fd=fds[-1])
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_deep_paths_are_created_without_recursion(deep_dir: Path) -> None:
+    tmp_path = deep_dir
+    deep = "d/" * 1500 + "leaf.bin"  # 1,500 levels, still within PATH_MAX from tmp_path
+    m = unvalidated(deep, b"deep")
+    with PieceStore(tmp_path, m, durable=False) as store:
+        store.write_piece(0, memoryview(b"deep"))
+        store.finish()
+    assert read_complete_marker(tmp_path) is not None
+
+
+def test_a_path_too_long_for_the_file_system_is_a_clear_error(deep_dir: Path) -> None:
+    tmp_path = deep_dir
+    # 4,088 bytes: within a manifest's path limit, beyond PATH_MAX once under tmp_path.
+    m = unvalidated("d/" * 2040 + "leaf.bin", b"deep")
+    with pytest.raises(StoreError, match="too long for the file system"):
+        PieceStore(tmp_path, m).open()
+
+
+def test_one_process_at_a_time_per_destination(tmp_path: Path) -> None:
+    m = artifact(FILES)
+    with PieceStore(tmp_path, m):
+        with pytest.raises(StoreError, match=rf"{tmp_path}.*in use.*pid {os.getpid()}"):
+            PieceStore(tmp_path, m).open()
+    with PieceStore(tmp_path, m) as store:  # released on close
+        assert store.missing() == [0, 1, 2, 3]
+
+
+def test_unverified_bytes_are_never_served(tmp_path: Path) -> None:
+    m = artifact(FILES)
+    buf = bytearray(KIB)
+    with PieceStore(tmp_path, m) as store:
+        store.write_block(0, 0, piece_bytes(m, 0)[:100])
+        with pytest.raises(StoreError, match="not verified"):
+            store.read_piece_into(0, memoryview(buf))
+        with pytest.raises(StoreError, match="not verified"):
+            store.piece_location(0)
+        store.write_piece(0, piece_bytes(m, 0))
+        store.read_piece_into(0, memoryview(buf))
+        assert bytes(buf) == FILES["a.bin"][:KIB]
+        # A verified piece is never overwritten by a late block.
+        assert not store.write_block(0, 0, memoryview(bytes(100)))
+
+
+def test_an_unchanged_complete_destination_is_reused_without_reading(tmp_path: Path) -> None:
+    m = artifact(FILES)
+    with PieceStore(tmp_path, m) as store:
+        for i in range(m.num_pieces):
+            store.write_piece(i, piece_bytes(m, i))
+        store.finish()
+    with PieceStore(tmp_path, m) as store:
+        assert store.complete and store.rechecked_bytes == 0
+        assert store.reused_bytes == m.total_size
+    assert read_complete_marker(tmp_path) is not None
+    # Bytes swapped behind the store's back with size and mtime put back: the identity
+    # still matches, so nothing is read (the trust rests on the identity, not a re-hash).
+    shard = tmp_path / "a.bin"
+    before = shard.stat()
+    with open(shard, "r+b") as f:
+        f.write(b"\0" * 10)
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with PieceStore(tmp_path, m) as store:
+        assert store.complete and store.rechecked_bytes == 0
+    # Any change of the identity, here only the mtime, has the file's pieces re-hashed.
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns + 1))
+    with PieceStore(tmp_path, m) as store:
+        assert store.missing() == [0]
+        assert store.rechecked_bytes == 2500
+    assert read_complete_marker(tmp_path) is None
+
+
+def test_another_version_in_the_same_tick_is_still_noticed(tmp_path: Path) -> None:
+    """A version switch re-hashes even if sizes and mtimes happen to match."""
+    m = artifact(FILES)
+    other = dict(FILES, **{"a.bin": os.urandom(2500)})
+    o = artifact(other)
+    with PieceStore(tmp_path, m) as store:
+        for i in range(m.num_pieces):
+            store.write_piece(i, piece_bytes(m, i))
+        store.finish()
+    stamps = {p: (tmp_path / p).stat() for p in FILES}
+    with PieceStore(tmp_path, o) as store:
+        p = o.piece(1)
+        store.write_piece(1, memoryview(other["a.bin"][p.offset : p.offset + p.length]))
+    for path, st in stamps.items():  # as if all of it happened within one clock tick
+        os.utime(tmp_path / path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with PieceStore(tmp_path, m) as store:
+        assert store.missing() == [1]
+
+
+def test_direct_and_cached_descriptors_are_both_bounded(tmp_path: Path) -> None:
+    from swarm.store import MAX_OPEN_FILES
+
+    files = {f"s/{i:03d}.bin": os.urandom(4096) for i in range(300)}  # direct-I/O sized
+    m = artifact(files, piece_size=4096)
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    baseline = open_fds()
+    most = 0
+    with PieceStore(tmp_path, m, durable=False) as store:
+        for i in range(m.num_pieces):
+            p = m.piece(i)
+            store.write_piece(i, memoryview(files[p.path]))
+            most = max(most, open_fds())
+        store.finish()
+    # Two LRU caches, plus the lock and the two state files.
+    assert most - baseline <= 2 * MAX_OPEN_FILES + 3
+    assert open_fds() == baseline
+    for path, data in files.items():
+        assert (tmp_path / path).read_bytes() == data
+
+
+def test_an_edit_right_after_finish_is_noticed(tmp_path: Path) -> None:
+    """finish() records identities only once a later write would get a later mtime, so an
+    edit in the same clock tick as the last verified write can't hide behind it (on
+    kernels with coarse file times; 6.13 and later stamp this edit finely anyway)."""
+    m = artifact(FILES)
+    with PieceStore(tmp_path, m, durable=False) as store:
+        for i in range(m.num_pieces):
+            store.write_piece(i, piece_bytes(m, i))
+        store.finish()
+    with open(tmp_path / "sub/b.bin", "r+b") as f:  # no utime: as fast as it gets
+        f.write(bytes([FILES["sub/b.bin"][0] ^ 0xFF]))
+    with PieceStore(tmp_path, m) as store:
+        assert store.missing() == [3]
+
+
+def test_a_live_process_holds_the_destination_until_it_dies(tmp_path: Path) -> None:
+    import signal
+    import sys
+
+    m = artifact(FILES)
+    (tmp_path / "m.manifest").write_bytes(m.encode())
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from swarm.manifest import Manifest; "
+            "from swarm.store import PieceStore; "
+            "s = PieceStore(Path(sys.argv[1]) / 'dest', Manifest.decode(Path(sys.argv[1], 'm.manifest').read_bytes())); "
+            "s.open(); print('ready', flush=True); time.sleep(60)",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        with pytest.raises(
+            StoreError, match=rf"in use by another swarm process \(pid {holder.pid}\)"
+        ):
+            PieceStore(tmp_path / "dest", m).open()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=10)
+        if holder.stdout is not None:
+            holder.stdout.close()
+    with PieceStore(tmp_path / "dest", m) as store:  # the kernel released the lock
+        assert store.missing() == [0, 1, 2, 3]
