@@ -30,6 +30,8 @@ except ImportError:  # pragma: no cover - depends on the installed typer
     )
 
 if TYPE_CHECKING:
+    from swarm.auth import ClusterKey
+    from swarm.fetch import FetchConfig, FetchResult
     from swarm.peer import PeerConfig
 
 T = TypeVar("T")
@@ -52,6 +54,39 @@ def size_option(value: str) -> int:
         return parse_size(value)
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from exc
+
+
+TokenFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--token-file",
+        envvar="SWARM_TOKEN_FILE",
+        help=(
+            "File holding the cluster token (a mounted Secret); else the token is read from "
+            "SWARM_TOKEN. Without one the cluster is open: for trusted networks only."
+        ),
+        show_default=False,
+    ),
+]
+OriginRetryTime = Annotated[
+    float,
+    typer.Option(
+        "--origin-retry-time",
+        envvar="SWARM_ORIGIN_RETRY_TIME",
+        min=0,
+        help="Seconds a throttled (429/503) or failing origin read is retried, with capped backoff, before giving up.",
+    ),
+]
+
+
+def load_key(token_file: Path | None) -> ClusterKey:
+    """The cluster token from ``--token-file`` or ``SWARM_TOKEN``; a bad one is a usage error."""
+    from swarm.auth import ClusterKey
+
+    try:
+        return ClusterKey.load(token_file)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--token-file / SWARM_TOKEN") from exc
 
 
 class Terminated(Exception):
@@ -175,13 +210,21 @@ def publish(
             help="Publish only these keys (repeatable); required for http(s) origins, which can't list.",
         ),
     ] = None,
+    token_file: TokenFile = None,
+    origin_retry_time: OriginRetryTime = 600.0,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object on stdout at the end.")
     ] = False,
 ) -> None:
-    """Hash the artifact at ORIGIN_URL and write its manifest to the catalog; prints NAME@ROOT."""
+    """Hash the artifact at ORIGIN_URL and write its manifest to the catalog; prints NAME@ROOT.
+
+    With a cluster token the catalog entry is signed, and trackers holding the same
+    token serve only signed entries.
+    """
     from seeder.catalog import catalog_url
     from seeder.publish import publish as do_publish
+
+    key = load_key(token_file)
 
     async def go() -> None:
         url = catalog_url(catalog)
@@ -193,7 +236,14 @@ def publish(
                 bar.advance(n)
 
             manifest = await do_publish(
-                origin_url, name, url, piece_size=piece_size, files=files, progress=on_progress
+                origin_url,
+                name,
+                url,
+                piece_size=piece_size,
+                files=files,
+                progress=on_progress,
+                key=key,
+                retry_time=origin_retry_time,
             )
         if as_json:
             emit_json(
@@ -354,6 +404,16 @@ def fetch(
             help="Write and serve pieces through the page cache instead of with O_DIRECT (used automatically where O_DIRECT is unsupported).",
         ),
     ] = False,
+    token_file: TokenFile = None,
+    tracker_ca: Annotated[
+        Path | None,
+        typer.Option(
+            "--tracker-ca",
+            envvar="SWARM_TRACKER_CA",
+            help="CA bundle (PEM) that signed an https:// tracker's certificate (default: the system's).",
+        ),
+    ] = None,
+    origin_retry_time: OriginRetryTime = 600.0,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON summary object on stdout at the end.")
     ] = False,
@@ -362,14 +422,13 @@ def fetch(
 
     Exit code 0 only when every piece is verified and the completion marker is written.
     """
-    from seeder.catalog import Catalog, catalog_url
-    from seeder.origin import open_origin
-    from swarm.fetch import FetchConfig, fetch_direct
+    from swarm.fetch import FetchConfig
 
     if direct == bool(tracker):
         raise typer.BadParameter(
             "give exactly one of --tracker URL (swarm) or --direct (origin only)"
         )
+    key = load_key(token_file)
     if tracker:
         host, port = parse_listen("--listen", listen)
         from swarm.peer import PeerConfig
@@ -389,42 +448,65 @@ def fetch(
             origin_pieces_in_flight=min(pieces_in_flight, 8),
             range_size=range_size,
             origin_concurrency=origin_concurrency,
+            origin_retry_time=origin_retry_time,
             durable=not no_fsync,
             direct_io=not no_direct_io,
             serve_corrupt=serve_corrupt,
+            key=key,
         )
-        run(_fetch_swarm(ref, dest, tracker, catalog, as_json, config))
-        return
-
-    async def go() -> None:
-        async with Catalog(catalog_url(catalog)) as cat:
-            manifest = await cat.get(ref)
-        config = FetchConfig(
+        result = run(_fetch_swarm(ref, dest, tracker, catalog, config, tracker_ca))
+    else:
+        direct_config = FetchConfig(
             pieces_in_flight=pieces_in_flight,
             range_size=range_size,
             origin_concurrency=origin_concurrency,
             durable=not no_fsync,
             direct_io=not no_direct_io,
+            origin_retry_time=origin_retry_time,
         )
-        src = open_origin(origin) if origin else None
-        try:
-            with byte_progress(f"{manifest.name}", manifest.total_size) as bar:
-                result = await fetch_direct(
-                    manifest, dest, origin=src, config=config, progress=bar.advance
-                )
-        finally:
-            if src is not None:
-                await src.close()
-        if as_json:
-            emit_json(result.to_json())
-        else:
-            stderr.print(
-                f"{manifest.ref}: {format_size(result.model_bytes)} verified in {dest} "
-                f"in {result.seconds:.1f}s (origin {format_size(result.origin_bytes)}, "
-                f"reused {format_size(result.reused_bytes)})"
+        result = run(_fetch_direct(ref, dest, catalog, key, origin, direct_config))
+    if as_json:
+        emit_json(result.to_json())
+    else:
+        stderr.print(
+            f"{result.artifact}@{result.root[:12]}: {format_size(result.model_bytes)} verified in "
+            f"{dest} in {result.seconds:.1f}s (origin {format_size(result.origin_bytes)}, "
+            f"peers {format_size(result.peer_bytes)}, reused {format_size(result.reused_bytes)}"
+            + (
+                f", uploaded {format_size(result.extra['uploaded_bytes'])})"
+                if "uploaded_bytes" in result.extra
+                else ")"
             )
+        )
 
-    run(go())
+
+async def _fetch_direct(
+    ref: str,
+    dest: Path,
+    catalog: str | None,
+    key: ClusterKey,
+    origin: str | None,
+    config: FetchConfig,
+) -> FetchResult:
+    """Every missing piece of ``ref`` straight from the origin (no tracker, no peers)."""
+    from seeder.catalog import Catalog, catalog_url
+    from seeder.origin import open_origin
+    from swarm.fetch import fetch_direct
+
+    async with Catalog(catalog_url(catalog), key) as cat:
+        manifest = await cat.get(ref)
+        catalog_retries = cat.origin.counters.retries
+    src = open_origin(origin) if origin else None
+    try:
+        with byte_progress(f"{manifest.name}", manifest.total_size) as bar:
+            result = await fetch_direct(
+                manifest, dest, origin=src, config=config, progress=bar.advance
+            )
+    finally:
+        if src is not None:
+            await src.close()
+    result.origin_retries += catalog_retries  # the catalog is read from the origin too
+    return result
 
 
 async def _fetch_swarm(
@@ -432,15 +514,16 @@ async def _fetch_swarm(
     dest: Path,
     tracker_url: str,
     catalog: str | None,
-    as_json: bool,
     config: PeerConfig,
-) -> None:
+    ca_file: Path | None,
+) -> FetchResult:
+    """``ref`` through the swarm: the manifest from the tracker, the pieces from peers and seeders."""
     from seeder.catalog import Catalog
     from swarm.announce import TrackerClient
-    from swarm.errors import TrackerError
+    from swarm.errors import TrackerError, UnknownArtifactError
     from swarm.peer import SwarmPeer
 
-    client = TrackerClient(tracker_url)
+    client = TrackerClient(tracker_url, key=config.key, ca_file=str(ca_file) if ca_file else None)
     try:
         manifest = None
         deadline = asyncio.get_running_loop().time() + config.tracker_timeout
@@ -448,13 +531,15 @@ async def _fetch_swarm(
         while manifest is None:
             try:
                 manifest = await client.manifest(ref)
+            except UnknownArtifactError:
+                raise  # the tracker answered: no point asking again
             except TrackerError as exc:
                 if asyncio.get_running_loop().time() > deadline:
                     if config.fallback_direct and catalog:
                         stderr.print(
                             f"[yellow]tracker unreachable ({exc}); falling back to the origin[/]"
                         )
-                        async with Catalog(catalog) as cat:
+                        async with Catalog(catalog, config.key) as cat:
                             manifest = await cat.get(ref)
                         break
                     raise
@@ -465,17 +550,116 @@ async def _fetch_swarm(
                 backoff = min(backoff * 2, 10.0)
         with byte_progress(manifest.name, manifest.total_size, enabled=True) as bar:
             peer = SwarmPeer(manifest, dest, client, config=config, progress=bar.advance)
-            result = await peer.run()
+            return await peer.run()
     finally:
         await client.close()
-    if as_json:
-        emit_json(result.to_json())
-    else:
-        stderr.print(
-            f"{manifest.ref}: {format_size(result.model_bytes)} verified in {dest} in {result.seconds:.1f}s "
-            f"(origin {format_size(result.origin_bytes)}, peers {format_size(result.peer_bytes)}, "
-            f"reused {format_size(result.reused_bytes)}, uploaded {format_size(result.extra['uploaded_bytes'])})"
-        )
+
+
+@app.command()
+def verify(
+    dest: Annotated[
+        Path,
+        typer.Argument(help="A destination filled by swarm fetch (it holds its manifest)."),
+    ],
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", min=1, max=1024, help="Hashing threads (default: every core)."),
+    ] = None,
+    root: Annotated[
+        str | None,
+        typer.Option(
+            "--root",
+            help="Which version to check when DEST held several (a root prefix is enough).",
+        ),
+    ] = None,
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair",
+            help="Fetch just the bad pieces again, through --tracker or from the origin via --catalog.",
+        ),
+    ] = False,
+    tracker: Annotated[
+        str | None,
+        typer.Option("--tracker", envvar="SWARM_TRACKER", help="Tracker URL, for --repair."),
+    ] = None,
+    catalog: Annotated[
+        str | None,
+        typer.Option(
+            "--catalog",
+            envvar="SWARM_CATALOG",
+            help="Catalog URL, for --repair straight from the origin.",
+        ),
+    ] = None,
+    token_file: TokenFile = None,
+    tracker_ca: Annotated[
+        Path | None,
+        typer.Option(
+            "--tracker-ca", envvar="SWARM_TRACKER_CA", help="CA bundle of an https:// tracker."
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object on stdout at the end.")
+    ] = False,
+) -> None:
+    """Hash every piece in DEST again against its manifest; exit 1 if any is bad.
+
+    Bad pieces are listed by file and byte range, stop counting as verified, and the
+    completion marker is removed, so the next fetch into DEST (or --repair) fetches
+    exactly those pieces.
+    """
+    from swarm.verify import verify_dir
+
+    if repair and not (tracker or catalog):
+        raise typer.BadParameter("--repair needs --tracker URL or --catalog URL")
+    key = load_key(token_file)
+
+    async def go() -> None:
+        with byte_progress(f"verifying {dest}", None, enabled=not as_json) as bar:
+            report = await asyncio.to_thread(
+                verify_dir, dest, workers=workers, root=root, progress=bar.advance
+            )
+        out = report.to_json()
+        if not report.ok:
+            for bad in report.bad_files:
+                stderr.print(f"[red]bad file[/] {escape(str(bad.to_json()))}", highlight=False)
+            for piece in report.bad_pieces:
+                stderr.print(
+                    f"[red]bad piece {piece.index}[/]: {escape(piece.path)} bytes "
+                    f"{piece.offset}-{piece.offset + piece.length - 1} ({piece.reason})",
+                    highlight=False,
+                )
+        repaired = report.ok
+        if repair and not report.ok:
+            ref = f"{report.artifact}@{report.root}"
+            if tracker:
+                from swarm.peer import PeerConfig
+
+                peer_config = PeerConfig(linger=0.0, catalog=catalog, key=key)
+                result = await _fetch_swarm(ref, dest, tracker, catalog, peer_config, tracker_ca)
+            else:
+                from swarm.fetch import FetchConfig
+
+                result = await _fetch_direct(ref, dest, catalog, key, None, FetchConfig())
+            out["repair"] = result.to_json()
+            repaired = result.verified
+        if as_json:
+            emit_json(out)
+        else:
+            stderr.print(
+                f"{report.artifact}@{report.root[:12]}: {report.pieces - len(report.bad_pieces)} of "
+                f"{report.pieces} pieces good in {dest} ({format_size(report.bytes)} hashed in "
+                f"{report.seconds:.1f}s with {report.workers} workers)"
+                + ("" if report.ok else f"; {len(report.bad_pieces)} bad")
+                + (" — repaired" if repair and not report.ok and repaired else "")
+            )
+        if not repaired:
+            raise SwarmError(
+                f"{len(report.bad_pieces)} pieces of {dest} are bad"
+                + ("" if repair else " (fetch again, or run with --repair)")
+            )
+
+    run(go())
 
 
 @app.command("tracker")
@@ -531,12 +715,34 @@ def tracker_command(
             help="Seconds a name's latest version is cached (a burst by name reads the catalog once; a republish is served within this time).",
         ),
     ] = 5.0,
+    bar_reporters: Annotated[
+        int,
+        typer.Option(
+            "--bar-reporters",
+            min=2,
+            help="Distinct peers that must report a peer for corrupt data before the tracker bars it from the swarm.",
+        ),
+    ] = 2,
+    token_file: TokenFile = None,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(
+            "--tls-cert",
+            envvar="SWARM_TLS_CERT",
+            help="PEM certificate chain: serve HTTPS (with --tls-key); announces then go over HTTPS only.",
+        ),
+    ] = None,
+    tls_key: Annotated[
+        Path | None,
+        typer.Option("--tls-key", envvar="SWARM_TLS_KEY", help="PEM private key of --tls-cert."),
+    ] = None,
 ) -> None:
     """Run the per-cluster tracker: manifests, swarm registry, seeder assignment (HTTP + UDP)."""
     from seeder.catalog import catalog_url
     from tracker.service import Tracker, TrackerConfig
 
     host, port = parse_listen("--listen", listen)
+    key = load_key(token_file)
 
     async def go() -> None:
         config = TrackerConfig(
@@ -549,6 +755,10 @@ def tracker_command(
             per_peer_limit=per_peer_limit,
             origin_budget=origin_budget,
             manifest_ttl=manifest_ttl,
+            bar_reporters=bar_reporters,
+            key=key,
+            tls_cert=str(tls_cert) if tls_cert else None,
+            tls_key=str(tls_key) if tls_key else None,
         )
         tracker = Tracker(config)
         try:

@@ -25,6 +25,7 @@ from typing import Final
 
 from seeder.errors import OriginNotFoundError, OriginUnsupportedError
 from seeder.origin import Origin, open_origin
+from seeder.reader import RangedReader
 from swarm.auth import ClusterKey
 from swarm.errors import CatalogError, ConfigError, ManifestError
 from swarm.manifest import MAX_COMPRESSED_SIZE, Manifest, parse_ref
@@ -63,11 +64,15 @@ class Catalog:
         key: ClusterKey | None = None,
         *,
         max_manifest_size: int = MAX_COMPRESSED_SIZE,
+        retry_time: float = 60.0,
     ) -> None:
         self.url = url
         self.key = key if key is not None else ClusterKey(None)
         self.max_manifest_size = max_manifest_size
         self._origin: Origin = open_origin(url)
+        # Throttling and 5xx are retried as for data, within a shorter budget: a
+        # catalog read stands between a whole burst and its first byte.
+        self._reader = RangedReader(self._origin, retry_time=retry_time)
 
     @property
     def origin(self) -> Origin:
@@ -187,5 +192,5 @@ class Catalog:
         # A ranged read of the size seen: an object replaced by a larger one since
         # the stat still costs no more than ``limit``.
         buf = bytearray(info.size)
-        await self._origin.read_into(key, 0, memoryview(buf))
+        await self._reader.read(key, 0, memoryview(buf))
         return buf

@@ -59,6 +59,7 @@ class FetchConfig:
     verify_retries: int = 1
     durable: bool = True
     direct_io: bool = True  # write pieces bypassing the page cache where possible
+    origin_retry_time: float = 600.0  # seconds a throttled or failing origin range is retried
 
 
 @dataclass
@@ -134,7 +135,10 @@ async def _pull_pieces(
     result: FetchResult,
 ) -> None:
     reader = RangedReader(
-        origin, range_size=config.range_size, max_concurrency=config.origin_concurrency
+        origin,
+        range_size=config.range_size,
+        max_concurrency=config.origin_concurrency,
+        retry_time=config.origin_retry_time,
     )
     in_flight = max(1, min(config.pieces_in_flight, len(missing)))
     pool = BufferPool(min(manifest.piece_size, max(manifest.piece_lengths)), in_flight)

@@ -362,7 +362,7 @@ def test_throttling_origin_still_yields_a_verified_fetch(
     run = swarm(*fetch_args("tiny-llm", catalog, dest), env=env)
     summary = run.ok()
     check_fetch_summary(summary, "tiny-llm", published["root"], dest)
-    assert "origin retry" in run.stderr, "retries must be logged"
+    assert "origin throttling" in run.stderr, "retries must be logged"
     assert_same_files(dest, MODEL)
     assert front.faults == plan.limit, f"the plan injected {front.faults} faults"
     assert summary["origin_retries"] == front.faults
