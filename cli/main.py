@@ -519,7 +519,7 @@ async def _fetch_swarm(
 ) -> FetchResult:
     """``ref`` through the swarm: the manifest from the tracker, the pieces from peers and seeders."""
     from seeder.catalog import Catalog
-    from swarm.announce import TrackerClient
+    from swarm.announce import TrackerAuthError, TrackerClient
     from swarm.errors import TrackerError, UnknownArtifactError
     from swarm.peer import SwarmPeer
 
@@ -531,8 +531,8 @@ async def _fetch_swarm(
         while manifest is None:
             try:
                 manifest = await client.manifest(ref)
-            except UnknownArtifactError:
-                raise  # the tracker answered: no point asking again
+            except (UnknownArtifactError, TrackerAuthError):
+                raise  # the tracker answered: asking again would not help
             except TrackerError as exc:
                 if asyncio.get_running_loop().time() > deadline:
                     if config.fallback_direct and catalog:

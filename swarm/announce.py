@@ -8,22 +8,42 @@ other peers, and whether every peer of the swarm has finished.
 
 Both directions are msgpack maps with every field bounded. They travel in one UDP
 datagram each (asyncio-dgram), retried with backoff; an announce too large for a
-datagram, or one whose datagrams go unanswered, goes over HTTP instead.
+datagram, or one whose datagrams go unanswered, goes over HTTP instead. With an
+``https://`` tracker URL every announce goes over HTTPS and none over UDP.
+
+Authentication (see ``swarm.auth``): an announce carries ``ts`` (unix ms, strictly
+increasing per client), a fresh 16-byte ``nonce`` and ``mac``, the cluster key's
+``announce`` MAC over the announce's canonical bytes (its encoding with an empty
+``mac``), so it names its peer id, time and nonce. The tracker refuses a bad MAC, a
+``ts`` more than ``MAX_CLOCK_SKEW_MS`` off its clock and a ``ts`` not above the last
+one it accepted for that peer id (a replay). A reply carries the ``reply`` MAC over
+the request's nonce and the reply's canonical bytes, so a reply can't be forged or
+moved to another request. Every HTTP request carries ``AUTH_HEADER`` (``ts``,
+``nonce`` and the ``http`` MAC over method, path, ts, nonce and the body's digest);
+a manifest response carries ``MAC_HEADER``, the ``manifest`` MAC over the request's
+nonce and the body. In an open cluster (no token) MACs are not checked, and the
+tracker leaves its replies unsigned.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
+import ssl
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 import asyncio_dgram
 import msgpack
+import yarl
 
-from swarm.errors import TrackerError
+from swarm.auth import MAC_SIZE, NONCE_SIZE, ClusterKey, new_nonce
+from swarm.errors import TrackerError, UnknownArtifactError
 from swarm.manifest import Manifest, parse_ref
 
 log = logging.getLogger("swarm.tracker")
@@ -35,10 +55,20 @@ PEER_ID_SIZE = 20
 MAX_PROGRESS_ENTRIES = 4096
 MAX_PEERS_IN_REPLY = 1000
 MAX_BARRED = 256
+MAX_CLOCK_SKEW_MS: Final = 300_000
+"""How far an announce's or request's ``ts`` may be from the tracker's clock."""
+AUTH_HEADER: Final = "X-Swarm-Auth"
+MAC_HEADER: Final = "X-Swarm-Mac"
 
 
 class BadAnnounce(TrackerError):
     """An announce or reply that does not follow the format."""
+
+
+class TrackerAuthError(TrackerError):
+    """The tracker refused our credentials, or answered something we can't trust: a reply
+    not signed with the cluster token, or a manifest other than the one asked for.
+    Asking again would not help, so callers give up at once."""
 
 
 @dataclass
@@ -55,9 +85,21 @@ class Announce:
     leaving: bool = False
     txn: int = 0
     barred: list[bytes] = field(default_factory=list)
-    """Peers this one caught sending data that failed verification."""
+    """Peers this one caught sending data that failed verification (a report: the
+    tracker bars a peer only on reports from several peers)."""
+    ts: int = 0
+    """Unix time in milliseconds, strictly increasing per peer id."""
+    nonce: bytes = b""
+    mac: bytes = b""
 
     def encode(self) -> bytes:
+        return self._pack(self.mac)
+
+    def canonical(self) -> bytes:
+        """The bytes the MAC covers: the encoding with an empty ``mac``."""
+        return self._pack(b"")
+
+    def _pack(self, mac: bytes) -> bytes:
         return msgpack.packb(
             {
                 "v": ANNOUNCE_VERSION,
@@ -67,13 +109,25 @@ class Announce:
                 "host": self.host,
                 "have": self.have,
                 "progress": [[p, n] for p, n in self.progress.items()],
-                "done": self.done,
-                "leaving": self.leaving,
+                "done": bool(self.done),
+                "leaving": bool(self.leaving),
                 "txn": self.txn,
                 "barred": self.barred[:MAX_BARRED],
+                "ts": self.ts,
+                "nonce": self.nonce,
+                "mac": mac,
             },
             use_bin_type=True,
         )
+
+    def sign(self, key: ClusterKey, ts: int, nonce: bytes) -> None:
+        """Stamp ``ts`` and ``nonce`` and set the MAC that proves the cluster token."""
+        self.ts, self.nonce = ts, nonce
+        self.mac = key.mac(b"announce", self.canonical())
+
+    def verify(self, key: ClusterKey) -> bool:
+        """Whether the MAC proves the cluster token (always true in an open cluster)."""
+        return key.check(self.mac, b"announce", self.canonical())
 
     @classmethod
     def decode(cls, data: bytes) -> Announce:
@@ -123,6 +177,13 @@ class Announce:
                 or not all(isinstance(b, bytes) and len(b) == PEER_ID_SIZE for b in barred)
             ):
                 raise BadAnnounce(f"barred must be a list of at most {MAX_BARRED} peer ids")
+            ts, nonce, mac = obj.get("ts", 0), obj.get("nonce", b""), obj.get("mac", b"")
+            if type(ts) is not int or not 0 <= ts < 1 << 63:
+                raise BadAnnounce(f"bad announce timestamp {ts!r}")
+            if not isinstance(nonce, bytes) or len(nonce) > 4 * NONCE_SIZE:
+                raise BadAnnounce("announce nonce must be a few bytes")
+            if not isinstance(mac, bytes) or len(mac) > 2 * MAC_SIZE:
+                raise BadAnnounce("announce mac must be a few bytes")
             return cls(
                 ref=ref,
                 peer_id=peer,
@@ -134,6 +195,9 @@ class Announce:
                 leaving=bool(obj["leaving"]),
                 txn=int(obj["txn"]) if type(obj["txn"]) is int else 0,
                 barred=barred,
+                ts=ts,
+                nonce=nonce,
+                mac=mac,
             )
         except KeyError as exc:
             raise BadAnnounce(f"announce lacks field {exc}") from exc
@@ -154,20 +218,38 @@ class Reply:
     interval: float
     txn: int = 0
     error: str = ""
+    mac: bytes = b""
+    """The ``reply`` MAC over the request's nonce and :meth:`canonical`."""
 
     def encode(self) -> bytes:
+        return self._pack(self.mac)
+
+    def canonical(self) -> bytes:
+        """The bytes the MAC covers: the encoding with an empty ``mac``. Every field is
+        normalised to the type ``decode`` yields, so a decoded reply re-encodes alike."""
+        return self._pack(b"")
+
+    def _pack(self, mac: bytes) -> bytes:
         return msgpack.packb(
             {
-                "txn": self.txn,
-                "assign": self.assigned,
-                "peers": [[p, h, port] for p, h, port in self.peers],
-                "complete": self.complete,
-                "npeers": self.num_peers,
-                "interval": self.interval,
-                "error": self.error,
+                "txn": int(self.txn),
+                "assign": [int(p) for p in self.assigned],
+                "peers": [[p, h, int(port)] for p, h, port in self.peers],
+                "complete": bool(self.complete),
+                "npeers": int(self.num_peers),
+                "interval": float(self.interval),
+                "error": str(self.error),
+                "mac": mac,
             },
             use_bin_type=True,
         )
+
+    def sign(self, key: ClusterKey, request_nonce: bytes) -> None:
+        """Bind this reply to the request it answers; left unsigned in an open cluster."""
+        self.mac = b"" if key.open else key.mac(b"reply", request_nonce, self.canonical())
+
+    def verify(self, key: ClusterKey, request_nonce: bytes) -> bool:
+        return key.check(self.mac, b"reply", request_nonce, self.canonical())
 
     @classmethod
     def decode(cls, data: bytes) -> Reply:
@@ -191,6 +273,9 @@ class Reply:
             interval = obj["interval"]
             if not isinstance(interval, int | float) or not 0.05 <= interval <= 3600:
                 raise BadAnnounce(f"bad announce interval {interval!r}")
+            mac = obj.get("mac", b"")
+            if not isinstance(mac, bytes):
+                raise BadAnnounce("reply mac must be bytes")
             return cls(
                 assigned=assigned,
                 peers=out,
@@ -199,6 +284,7 @@ class Reply:
                 interval=float(interval),
                 txn=int(obj["txn"]),
                 error=str(obj.get("error", "")),
+                mac=mac,
             )
         except KeyError as exc:
             raise BadAnnounce(f"reply lacks field {exc}") from exc
@@ -223,34 +309,99 @@ def _unpack(data: bytes) -> dict[str, Any]:
     return obj
 
 
+def http_auth_header(
+    key: ClusterKey, method: str, path: str, body: bytes, ts: int
+) -> tuple[str, bytes]:
+    """The ``AUTH_HEADER`` value for one HTTP request to the tracker, and its nonce.
+
+    ``path`` is the URL's decoded path without the query; ``ts`` is unix ms.
+    """
+    nonce = new_nonce()
+    mac = key.mac(b"http", *http_auth_parts(method, path, ts, nonce, body))
+    return f"{ts}.{nonce.hex()}.{mac.hex()}", nonce
+
+
+def http_auth_parts(
+    method: str, path: str, ts: int, nonce: bytes, body: bytes
+) -> tuple[bytes, ...]:
+    """What an HTTP request's MAC covers (the tracker checks the same parts)."""
+    return (
+        method.upper().encode(),
+        path.encode(),
+        str(ts).encode(),
+        nonce,
+        hashlib.sha256(body).digest(),
+    )
+
+
+def parse_http_auth(value: str) -> tuple[int, bytes, bytes] | None:
+    """``(ts, nonce, mac)`` from an ``AUTH_HEADER`` value, or None if malformed."""
+    parts = value.split(".")
+    if len(parts) != 3 or not parts[0].isdigit() or len(parts[0]) > 19:
+        return None
+    try:
+        nonce, mac = bytes.fromhex(parts[1]), bytes.fromhex(parts[2])
+    except ValueError:
+        return None
+    if len(nonce) != NONCE_SIZE or len(mac) != MAC_SIZE:
+        return None
+    return int(parts[0]), nonce, mac
+
+
 class TrackerClient:
-    """A peer's link to its tracker: manifest look-ups over HTTP, announces over UDP or HTTP."""
+    """A peer's link to its tracker: manifest look-ups over HTTP, announces over UDP or HTTP.
+
+    ``key`` is the cluster token (default: open). ``ca_file`` is the CA bundle that
+    an ``https://`` tracker's certificate is checked against (default: the system's).
+    ``clock`` gives unix seconds; the announce and request timestamps taken from it
+    are kept strictly increasing.
+    """
 
     def __init__(
         self,
         url: str,
         *,
+        key: ClusterKey | None = None,
+        ca_file: str | None = None,
         udp_timeouts: tuple[float, ...] = (0.3, 0.6, 1.2),
         http_timeout: float = 5.0,
         rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.base = url.rstrip("/")
         if not self.base.startswith(("http://", "https://")):
             raise TrackerError(f"tracker URL must be http(s)://HOST:PORT, got {url!r}")
+        self.tls = self.base.startswith("https://")
         host_port = self.base.split("://", 1)[1].split("/", 1)[0]
         host, _, port = host_port.rpartition(":")
         self._udp_addr = (host.strip("[]") or host_port, int(port) if port.isdigit() else 80)
+        self.key = key or ClusterKey(None)
+        self._ssl: ssl.SSLContext | bool = True
+        if ca_file is not None:
+            if not self.tls:
+                raise TrackerError(
+                    f"a CA bundle ({ca_file}) needs an https:// tracker URL, got {url!r}"
+                )
+            try:
+                self._ssl = ssl.create_default_context(cafile=ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise TrackerError(f"can't load the CA bundle {ca_file}: {exc}") from exc
         self.udp_timeouts = udp_timeouts
         self.http_timeout = http_timeout
         self._rng = rng or random.Random()
+        self._clock = clock
+        self._last_ts = 0
         self._session: aiohttp.ClientSession | None = None
         self._txn = self._rng.randrange(1 << 30)
         self.udp_failures = 0
+        self.bad_replies = 0
+        """Replies to our announces whose MAC failed (forged, or the tracker lacks our token)."""
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.http_timeout)
+                timeout=aiohttp.ClientTimeout(total=self.http_timeout),
+                connector=aiohttp.TCPConnector(ssl=self._ssl),
             )
         return self._session
 
@@ -259,90 +410,161 @@ class TrackerClient:
             await self._session.close()
             self._session = None
 
-    async def manifest(self, ref: str) -> Manifest:
-        """The manifest ``ref`` names, from the tracker (which reads it from the catalog)."""
-        url = f"{self.base}/v1/manifest/{ref}"
+    def _next_ts(self) -> int:
+        # Strictly increasing, even if the wall clock steps back or two calls share a
+        # millisecond: the tracker refuses a ts not above the last one it accepted.
+        self._last_ts = max(int(self._clock() * 1000), self._last_ts + 1)
+        return self._last_ts
+
+    def _auth(self, method: str, url: str, body: bytes) -> tuple[dict[str, str], bytes]:
+        value, nonce = http_auth_header(self.key, method, yarl.URL(url).path, body, self._next_ts())
+        return {AUTH_HEADER: value}, nonce
+
+    async def get(self, path: str) -> tuple[int, bytes, dict[str, str]]:
+        """An authenticated GET of ``path`` (e.g. ``/v1/swarms``): status, body, headers."""
+        url = f"{self.base}{path}"
+        headers, _ = self._auth("GET", url, b"")
         try:
-            async with self._http().get(url) as resp:
-                body = await resp.read()
-                if resp.status != 200:
-                    raise TrackerError(
-                        f"tracker {self.base}: {body.decode(errors='replace')[:300]} (HTTP {resp.status})"
-                    )
+            async with self._http().get(url, headers=headers) as resp:
+                return resp.status, await resp.read(), dict(resp.headers)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise TrackerError(
                 f"tracker {self.base} unreachable: {exc or type(exc).__name__}"
             ) from exc
+
+    async def manifest(self, ref: str) -> Manifest:
+        """The manifest ``ref`` names, from the tracker (which reads it from the catalog).
+
+        Raises UnknownArtifactError if the tracker does not know the name (retrying
+        will not help), TrackerAuthError if it refuses our token or its answer does
+        not prove the token, and TrackerError if it is unreachable or failing.
+        """
+        url = f"{self.base}/v1/manifest/{ref}"
+        headers, nonce = self._auth("GET", url, b"")
+        try:
+            async with self._http().get(url, headers=headers) as resp:
+                body = await resp.read()
+                status, mac_hex = resp.status, resp.headers.get(MAC_HEADER, "")
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise TrackerError(
+                f"tracker {self.base} unreachable: {exc or type(exc).__name__}"
+            ) from exc
+        text = body.decode(errors="replace")[:500]
+        if status == 404:
+            raise UnknownArtifactError(f"tracker {self.base}: {text} (HTTP 404)")
+        if status == 401:
+            raise TrackerAuthError(
+                f"tracker {self.base} refused our request: {text} (HTTP 401; "
+                "does this node have the cluster's token?)"
+            )
+        if status != 200:
+            raise TrackerError(f"tracker {self.base}: {text} (HTTP {status})")
+        try:
+            mac = bytes.fromhex(mac_hex)
+        except ValueError:
+            mac = b""
+        if not self.key.check(mac, b"manifest", nonce, body):
+            raise TrackerAuthError(
+                f"tracker {self.base} does not know our cluster token "
+                f"(its answer for {ref} is not signed with it)"
+            )
         manifest = Manifest.decode(body)
-        _, root = parse_ref(ref)
-        if root is not None and not manifest.root_hex.startswith(root):
-            raise TrackerError(f"tracker returned {manifest.ref} for {ref}")
+        name, root = parse_ref(ref)
+        if manifest.name != name:
+            raise TrackerAuthError(
+                f"tracker {self.base} answered {manifest.ref} when asked for {ref}"
+            )
+        if root is not None and not manifest.root_hex.startswith(root.lower()):
+            raise TrackerAuthError(f"tracker {self.base} returned {manifest.ref} for {ref}")
         return manifest
 
     async def announce(self, msg: Announce) -> Reply:
-        """Send one announce and wait for its reply: UDP with retries, then HTTP."""
+        """Send one announce and wait for its reply: UDP with retries, then HTTP
+        (HTTPS only, for an https:// tracker)."""
         self._txn += 1
         msg.txn = self._txn
-        data = msg.encode()
-        if len(data) <= MAX_DATAGRAM:
-            reply = await self._announce_udp(data, msg.txn)
+        if not self.tls and len(msg.encode()) <= MAX_DATAGRAM:
+            reply = await self._announce_udp(msg)
             if reply is not None:
                 return reply
-        return await self._announce_http(data)
+        return await self._announce_http(msg)
 
-    async def _announce_udp(self, data: bytes, txn: int) -> Reply | None:
+    async def _announce_udp(self, msg: Announce) -> Reply | None:
         try:
             stream = await asyncio_dgram.connect(self._udp_addr)
         except OSError:
             return None
+        loop = asyncio.get_running_loop()
+        nonces: list[bytes] = []
         try:
             for timeout in self.udp_timeouts:
+                # Each try is signed afresh: the tracker takes a resent datagram it
+                # already accepted for a replay and drops it silently.
+                msg.sign(self.key, self._next_ts(), new_nonce())
+                nonces.append(msg.nonce)
                 try:
-                    await stream.send(data)
+                    await stream.send(msg.encode())
                 except OSError:
                     # ICMP port unreachable from an earlier datagram (tracker down or
                     # restarting) surfaces here as ConnectionRefusedError: try HTTP.
                     self.udp_failures += 1
                     return None
-                deadline = asyncio.get_running_loop().time() + timeout * (
-                    0.75 + self._rng.random() / 2
-                )
+                deadline = loop.time() + timeout * (0.75 + self._rng.random() / 2)
                 while True:
-                    left = deadline - asyncio.get_running_loop().time()
+                    left = deadline - loop.time()
                     if left <= 0:
                         break
                     try:
                         raw, _ = await asyncio.wait_for(stream.recv(), left)
                     except (TimeoutError, OSError):
-                        await asyncio.sleep(max(0.0, deadline - asyncio.get_running_loop().time()))
+                        await asyncio.sleep(max(0.0, deadline - loop.time()))
                         break
                     try:
                         reply = Reply.decode(raw)
                     except BadAnnounce:
                         continue
-                    if reply.txn == txn:
-                        return _checked(reply)
+                    if reply.txn != msg.txn:
+                        continue
+                    if not any(reply.verify(self.key, n) for n in nonces):
+                        # Forged, or the tracker lacks our token: HTTP will tell.
+                        self.bad_replies += 1
+                        continue
+                    return _checked(reply)
             self.udp_failures += 1
             return None
         finally:
             stream.close()
 
-    async def _announce_http(self, data: bytes) -> Reply:
+    async def _announce_http(self, msg: Announce) -> Reply:
         url = f"{self.base}/v1/announce"
+        msg.sign(self.key, self._next_ts(), new_nonce())
+        data = msg.encode()
+        headers, _ = self._auth("POST", url, data)
+        headers["Content-Type"] = "application/msgpack"
         try:
-            async with self._http().post(
-                url, data=data, headers={"Content-Type": "application/msgpack"}
-            ) as resp:
+            async with self._http().post(url, data=data, headers=headers) as resp:
                 body = await resp.read()
-                if resp.status != 200:
-                    raise TrackerError(
-                        f"tracker refused announce: {body.decode(errors='replace')[:300]} (HTTP {resp.status})"
-                    )
+                status = resp.status
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise TrackerError(
                 f"tracker {self.base} unreachable: {exc or type(exc).__name__}"
             ) from exc
-        return _checked(Reply.decode(body))
+        text = body.decode(errors="replace")[:300]
+        if status == 401:
+            raise TrackerAuthError(
+                f"tracker {self.base} refused our announce: {text} (HTTP 401; "
+                "does this node have the cluster's token?)"
+            )
+        if status != 200:
+            raise TrackerError(f"tracker refused announce: {text} (HTTP {status})")
+        reply = Reply.decode(body)
+        if not reply.verify(self.key, msg.nonce):
+            self.bad_replies += 1
+            raise TrackerAuthError(
+                f"tracker {self.base} does not know our cluster token "
+                "(its announce reply is not signed with it)"
+            )
+        return _checked(reply)
 
 
 def _checked(reply: Reply) -> Reply:

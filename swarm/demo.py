@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import random
+import secrets
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from rich.table import Table
 
 from seeder.local_s3 import LocalS3Server, free_port
 from seeder.publish import publish
+from swarm.auth import TOKEN_ENV, ClusterKey
 from swarm.errors import SwarmError
 from swarm.manifest import Manifest
 from swarm.store import STATE_DIR, digest, read_complete_marker
@@ -141,13 +143,23 @@ async def run_demo(config: DemoConfig, console: Console) -> dict[str, Any]:
             f"[bold]2/5[/] starting an S3-compatible server (rclone serve s3) on {server.endpoint}"
         )
         server.start()
-        env = {**os.environ, **server.env()}
+        # A cluster token of its own, as a real cluster has: the catalog entry is
+        # signed with it, and the tracker and peers answer only each other.
+        token = secrets.token_urlsafe(32)
+        env = {**os.environ, **server.env(), TOKEN_ENV: token}
         os.environ.update(server.env())
         origin, catalog = f"s3://{BUCKET}/demo-model", "s3://catalog/manifests"
         console.print(
-            f"[bold]3/5[/] publishing {origin} (blake3, {format_size(config.piece_size)} pieces)"
+            f"[bold]3/5[/] publishing {origin} (blake3, {format_size(config.piece_size)} pieces, "
+            "signed with a fresh cluster token)"
         )
-        manifest = await publish(origin, "demo-model", catalog, piece_size=config.piece_size)
+        manifest = await publish(
+            origin,
+            "demo-model",
+            catalog,
+            piece_size=config.piece_size,
+            key=ClusterKey(token.encode()),
+        )
         port = free_port()
         console.print(
             f"[bold]4/5[/] starting a tracker on 127.0.0.1:{port} and {config.peers} peers"

@@ -15,6 +15,7 @@ CLI can print its message and exit non-zero instead of a traceback::
     │   └── RemoteProtocolError  ... by the remote peer (drop that peer, never the process)
     ├── OriginError            see ``seeder.errors``
     └── TrackerError           see ``tracker.errors``
+        └── UnknownArtifactError   the tracker does not know that name or version (404)
 """
 
 from __future__ import annotations
@@ -70,3 +71,7 @@ class OriginError(SwarmError):
 
 class TrackerError(SwarmError):
     """The tracker could not be reached or refused a request."""
+
+
+class UnknownArtifactError(TrackerError):
+    """The tracker answered that the catalog has no such name or version: retrying won't help."""

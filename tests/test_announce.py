@@ -1,9 +1,10 @@
-"""The announce codec (``swarm/announce.py``): round trips and hostile input.
+"""The announce codec (``swarm/announce.py``): round trips, MACs and hostile input.
 
 Every decode of bytes that did not come from ``encode`` either yields a valid
 message or raises ``BadAnnounce`` (a ``TrackerError``), never another exception:
 the tracker's UDP and HTTP endpoints rely on that to refuse one bad datagram
-without dropping the endpoint.
+without dropping the endpoint. A signed announce or reply verifies after a round
+trip through the wire, and no longer does once any field is changed.
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ from swarm.announce import (
     Announce,
     BadAnnounce,
     Reply,
+    http_auth_header,
+    http_auth_parts,
+    parse_http_auth,
 )
+from swarm.auth import ClusterKey, new_nonce
 from swarm.errors import TrackerError
 
 ROOT = "ab" * 32
@@ -41,6 +46,9 @@ announces = st.builds(
     leaving=st.booleans(),
     txn=st.integers(0, 2**31),
     barred=st.lists(peer_ids, max_size=8),
+    ts=st.integers(0, 2**62),
+    nonce=st.binary(max_size=16),
+    mac=st.binary(max_size=32),
 )
 
 replies = st.builds(
@@ -52,6 +60,7 @@ replies = st.builds(
     interval=st.floats(0.05, 3600),
     txn=st.integers(0, 2**31),
     error=st.text(max_size=50),
+    mac=st.binary(max_size=32),
 )
 
 # Anything msgpack can carry, nested a little.
@@ -157,9 +166,24 @@ def test_random_maps_never_crash_the_decoders(obj: dict[str, Any]) -> None:
     announces,
     replies,
     st.sampled_from(
-        ["v", "ref", "peer", "port", "host", "have", "progress", "done", "leaving", "txn", "barred"]
+        [
+            "v",
+            "ref",
+            "peer",
+            "port",
+            "host",
+            "have",
+            "progress",
+            "done",
+            "leaving",
+            "txn",
+            "barred",
+            "ts",
+            "nonce",
+            "mac",
+        ]
     ),
-    st.sampled_from(["txn", "assign", "peers", "complete", "npeers", "interval", "error"]),
+    st.sampled_from(["txn", "assign", "peers", "complete", "npeers", "interval", "error", "mac"]),
     msgpack_values,
 )
 def test_one_wrong_field_never_crashes_the_decoders(
@@ -197,3 +221,73 @@ def test_odd_numbers_in_an_announce(field: str, value: float) -> None:
     fields = msgpack.unpackb(Announce(REF, b"p" * PEER_ID_SIZE, 7000, b"").encode(), raw=False)
     fields[field] = value
     _decodes_or_refuses(Announce.decode, msgpack.packb(fields, use_bin_type=True))
+
+
+KEY = ClusterKey(b"a cluster token of some length")
+
+
+@given(announces)
+def test_signed_announce_verifies_after_the_wire_and_not_when_changed(msg: Announce) -> None:
+    msg.sign(KEY, 1_700_000_000_000, new_nonce())
+    received = Announce.decode(msg.encode())
+    assert received.verify(KEY)
+    assert not received.verify(ClusterKey(b"another cluster token, same size"))
+    received.leaving = not received.leaving
+    assert not received.verify(KEY)
+    assert received.verify(ClusterKey(None))  # an open cluster checks nothing
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("peer", b"q" * PEER_ID_SIZE),
+        ("barred", [b"z" * PEER_ID_SIZE]),
+        ("progress", [[1, 5]]),
+        ("ts", 1_700_000_000_001),
+        ("nonce", b"n" * 16),
+        ("ref", "other@" + "cd" * 32),
+    ],
+)
+def test_any_changed_field_breaks_the_announce_mac(field: str, value: object) -> None:
+    msg = Announce(REF, b"p" * PEER_ID_SIZE, 7000, b"\x00", progress={1: 4})
+    msg.sign(KEY, 1_700_000_000_000, b"0" * 16)
+    fields = msgpack.unpackb(msg.encode(), raw=False)
+    fields[field] = value
+    assert not Announce.decode(msgpack.packb(fields, use_bin_type=True)).verify(KEY)
+
+
+@given(replies)
+def test_signed_reply_is_bound_to_its_request(reply: Reply) -> None:
+    nonce = new_nonce()
+    reply.sign(KEY, nonce)
+    received = Reply.decode(reply.encode())
+    assert received.verify(KEY, nonce)
+    assert not received.verify(KEY, new_nonce())
+    received.assigned = [*received.assigned, 7]
+    assert not received.verify(KEY, nonce)
+
+
+def test_an_open_tracker_leaves_replies_unsigned() -> None:
+    reply = Reply([1], [], False, 1, 1.0, 3)
+    reply.sign(ClusterKey(None), b"n" * 16)
+    assert reply.mac == b""
+    assert not Reply.decode(reply.encode()).verify(KEY, b"n" * 16)
+
+
+def test_an_integral_interval_survives_the_mac() -> None:
+    """A reply built with ``interval=2`` (an int) re-encodes alike after decoding."""
+    reply = Reply([1], [], False, 1, 2, 3)
+    reply.sign(KEY, b"n" * 16)
+    assert Reply.decode(reply.encode()).verify(KEY, b"n" * 16)
+
+
+def test_http_auth_header_round_trip() -> None:
+    value, nonce = http_auth_header(KEY, "get", "/v1/swarms", b"", 1_700_000_000_000)
+    parsed = parse_http_auth(value)
+    assert parsed is not None
+    ts, got_nonce, mac = parsed
+    assert (ts, got_nonce) == (1_700_000_000_000, nonce)
+    assert KEY.check(mac, b"http", *http_auth_parts("GET", "/v1/swarms", ts, nonce, b""))
+    assert not KEY.check(mac, b"http", *http_auth_parts("GET", "/v1/swarms", ts, nonce, b"x"))
+    for bad in ("", "1.2", "x.00.00", f"1.{'0' * 32}.{'0' * 10}", "1." + "g" * 32 + "." + "0" * 64):
+        assert parse_http_auth(bad) is None

@@ -307,3 +307,100 @@ def test_registry_and_pickers_compose_into_a_swarm() -> None:
     assert all(p.done for p in pickers.values())
     assert origin_pulls == num_pieces
     assert registry.assignment.stats.assigned == num_pieces
+
+
+def test_one_report_never_bars_two_distinct_live_reporters_do() -> None:
+    registry = make(4, per_peer_limit=1)
+    hello(registry, 1, 0.0, have=[0, 1])  # the accused, sole holder of 0 and 1
+    hello(registry, 2, 0.0)
+    hello(registry, 3, 0.0)
+    # Peer 2 reports it again and again: still one reporter.
+    for t in (1.0, 2.0, 3.0):
+        assert not registry.report(pid(2), pid(1), t)
+    assert registry.barred == frozenset() and pid(1) in registry
+    assert registry.reports() == {pid(1): frozenset({pid(2)})}
+    # Nobody reports themselves, and peers not in the swarm do not count.
+    assert not registry.report(pid(1), pid(1), 3.0)
+    assert not registry.report(pid(9), pid(1), 3.0)
+    assert registry.reports() == {pid(1): frozenset({pid(2)})}
+    # A second live peer: barred, out of the swarm, its pieces back to the origin pool.
+    assert registry.report(pid(3), pid(1), 4.0)
+    assert registry.barred == frozenset({pid(1)}) and pid(1) not in registry
+    assert registry.availability(0) == registry.availability(1) == 0
+    assert not registry.assignment.is_present(0)
+    assert registry.reports() == {}
+    # Its next announce neither brings it back nor gives it work.
+    reply = hello(registry, 1, 5.0, have=[0, 1])
+    assert reply.assigned == () and reply.peers == () and pid(1) not in registry
+    status = registry.status()
+    assert status["barred"] == [pid(1).hex()] and status["reports"] == {}
+
+
+def test_a_reporter_that_leaves_takes_its_report_with_it() -> None:
+    registry = make(4, peer_ttl=10.0)
+    for i in (1, 2, 3):
+        hello(registry, i, 0.0)
+    assert not registry.report(pid(2), pid(1), 1.0)
+    registry.leave(pid(2), 2.0)
+    assert registry.reports() == {}
+    # A lone report from a newcomer is still only one report.
+    hello(registry, 4, 3.0)
+    assert not registry.report(pid(4), pid(1), 3.0)
+    assert registry.barred == frozenset()
+    # Reports against a peer that expired go with it too.
+    registry.expire(12.0)
+    assert pid(1) not in registry and registry.reports() == {}
+
+
+def test_bar_reporters_below_two_is_refused() -> None:
+    with pytest.raises(ValueError, match="bar_reporters"):
+        make(4, bar_reporters=1)
+
+
+def test_progress_adopts_unassigned_pieces_only_in_the_restart_grace_window() -> None:
+    # Within the window (before assign_after) a report adopts the pull...
+    registry = make(6, per_peer_limit=2, assign_after=10.0)
+    reply = hello(registry, 1, 1.0, progress={4: 100})
+    assert reply.assigned == (4,)
+    # ...after it, a report for a piece not assigned to the peer is ignored.
+    hello(registry, 2, 11.0)
+    theirs = registry.assignment.assignments(pid(2))
+    reply = hello(registry, 3, 12.0, progress={p: 999 for p in range(6)})
+    assert 4 not in reply.assigned and not set(reply.assigned) & set(theirs)
+    assert registry.assignment.assignments(pid(2)) == theirs
+    assert registry.assignment.owner(4) == pid(1)
+
+
+def test_a_reported_peers_pieces_stop_counting_so_a_lone_honest_peer_gets_them_from_the_origin() -> (
+    None
+):
+    # Two peers: 1 holds pieces 0 and 1 (and serves them corrupt); 2 holds nothing.
+    # Only 2 can report 1, and one report never bars; yet 2 must not wait forever for
+    # pieces only a suspect holds: they go back to the origin pool, to 2.
+    registry = make(2, per_peer_limit=2)
+    hello(registry, 1, 0.0, have=[0, 1])
+    reply = hello(registry, 2, 0.0)
+    assert reply.assigned == () and registry.assignment.is_present(0)
+    assert not registry.report(pid(2), pid(1), 1.0)
+    assert registry.barred == frozenset() and pid(1) in registry
+    assert registry.availability(0) == registry.availability(1) == 0
+    reply = hello(registry, 2, 1.5)
+    assert sorted(reply.assigned) == [0, 1]
+    # The suspect pulls nothing from the origin meanwhile...
+    assert hello(registry, 1, 1.6, have=[0, 1]).assigned == ()
+    # ...and once its reporter has gone, its pieces count again.
+    registry.leave(pid(2), 2.0)
+    assert registry.availability(0) == registry.availability(1) == 1
+    assert registry.assignment.is_present(0) and registry.assignment.is_present(1)
+
+
+def test_a_suspect_that_is_barred_is_uncounted_once() -> None:
+    registry = make(3)
+    hello(registry, 1, 0.0, have=[0, 1, 2])
+    hello(registry, 2, 0.0, have=[0])
+    hello(registry, 3, 0.0)
+    registry.report(pid(2), pid(1), 1.0)
+    assert [registry.availability(p) for p in range(3)] == [1, 0, 0]
+    assert registry.report(pid(3), pid(1), 2.0)
+    assert [registry.availability(p) for p in range(3)] == [1, 0, 0]
+    assert registry.assignment.is_present(0) and not registry.assignment.is_present(1)

@@ -20,6 +20,22 @@ others), stalled origin pieces are taken back, and free origin slots are filled.
 The owner may also call :meth:`SwarmRegistry.expire` and :meth:`SwarmRegistry.tick`
 from a timer so that this happens in a quiet swarm too.
 
+Origin progress for a piece not assigned to the reporting peer adopts it only
+before ``assign_after`` (the restart grace window, when assignments lost with the
+old tracker are rebuilt); after that such reports are ignored, so a peer can't
+take pieces from their seeders by claiming progress on them.
+
+Barring needs evidence. A peer that received data failing verification reports
+its source (:meth:`SwarmRegistry.report`); the source is barred for the swarm
+only once ``bar_reporters`` distinct live peers, none of them barred, have
+reported it. Why that rule fits one cluster: with a cluster token, every peer
+that reaches the registry proved it, and nodes with the token are trusted not
+to lie on purpose; but one node can still be wrong (bad RAM or a flaky NIC corrupts
+what it receives, so it blames an honest source), so one report is not enough.
+Two independent nodes seeing corrupt data from the same source is strong
+evidence that the source is at fault, and it is cheap to wait for: the
+reporters have already stopped using the source themselves.
+
 Time and randomness are passed in; nothing here does I/O.
 """
 
@@ -65,7 +81,7 @@ class AnnounceReply:
 
 
 class _Peer:
-    __slots__ = ("finished", "have", "host", "last_seen", "port")
+    __slots__ = ("finished", "have", "host", "last_seen", "port", "suspect")
 
     def __init__(self, host: str, port: int, num_pieces: int, now: float) -> None:
         self.host = host
@@ -73,6 +89,7 @@ class _Peer:
         self.have = Bitfield(num_pieces)
         self.last_seen = now
         self.finished = num_pieces == 0
+        self.suspect = False  # reported for corrupt data: its pieces don't count
 
 
 class SwarmRegistry:
@@ -93,7 +110,12 @@ class SwarmRegistry:
         origin_budget: int | None = None,
         stall_timeout: float = 30.0,
         assign_after: float = float("-inf"),
+        bar_reporters: int = 2,
     ) -> None:
+        if bar_reporters < 2:
+            raise ValueError(
+                f"bar_reporters must be >= 2 (one report never bars), got {bar_reporters}"
+            )
         if peer_ttl <= 0:
             raise ValueError(f"peer_ttl must be > 0, got {peer_ttl}")
         if max_peers_in_reply < 0:
@@ -117,6 +139,13 @@ class SwarmRegistry:
         self._peer_index: dict[bytes, int] = {}
         self._avail = [0] * len(self._lengths)
         self._finished = 0
+        self.bar_reporters = bar_reporters
+        self._barred: set[bytes] = set()
+        # accused -> live peers that reported it, and the reverse, so a leaving
+        # reporter's reports go with it. Only live peers are accused or reporters:
+        # both stay bounded by the swarm's size.
+        self._reports: dict[bytes, set[bytes]] = {}
+        self._reported_by: dict[bytes, set[bytes]] = {}
 
     # -- read-only state ----------------------------------------------------
 
@@ -141,6 +170,15 @@ class SwarmRegistry:
         return None if known is None else known.have.copy()
 
     @property
+    def barred(self) -> frozenset[bytes]:
+        """Peers out of the swarm for good: several peers caught them sending corrupt data."""
+        return frozenset(self._barred)
+
+    def reports(self) -> dict[bytes, frozenset[bytes]]:
+        """Live peers reported for corrupt data, with the live peers that reported them."""
+        return {accused: frozenset(by) for accused, by in self._reports.items()}
+
+    @property
     def swarm_complete(self) -> bool:
         """At least one peer, and every peer has finished."""
         return bool(self._peers) and self._finished == len(self._peers)
@@ -162,9 +200,12 @@ class SwarmRegistry:
         since the last announce (added to what was known), or None (no change).
         ``progress`` maps each piece the peer is pulling from the origin to the
         bytes it has so far. Raises BadAnnounceError for invalid input, before
-        changing anything.
+        changing anything. A barred peer is not registered and gets an empty reply.
         """
         host, port, have = self._check(peer, addr, have, progress)
+        if peer in self._barred:
+            self.expire(now)
+            return AnnounceReply((), (), self.swarm_complete, len(self._peers))
         known = self._peers.get(peer)
         if known is None:
             known = self._peers[peer] = _Peer(host, port, self.num_pieces, now)
@@ -183,9 +224,16 @@ class SwarmRegistry:
         elif have is not None:
             for piece in have:
                 self._add_piece(known, piece)
+        adopting = now < self.assign_after
         for piece, bytes_done in progress.items():
-            if piece not in known.have:
-                self.assignment.progress(peer, piece, bytes_done, now)
+            if piece in known.have:
+                continue
+            if not adopting and self.assignment.owner(piece) != peer:
+                # Outside the restart grace window the tracker's assignments are
+                # whole: a pull it did not hand out is not one to protect, and
+                # adopting it would let any peer take pieces from their seeders.
+                continue
+            self.assignment.progress(peer, piece, bytes_done, now)
 
         self.tick(now)
         return AnnounceReply(
@@ -242,10 +290,19 @@ class SwarmRegistry:
                 f"{field} names piece {piece}, the artifact has {self.num_pieces} pieces"
             )
 
+    def _count_in(self, piece: int) -> None:
+        self._avail[piece] += 1
+        self.assignment.piece_present(piece)
+
+    def _count_out(self, piece: int) -> None:
+        self._avail[piece] -= 1
+        if self._avail[piece] == 0:
+            self.assignment.piece_lost(piece)
+
     def _add_piece(self, known: _Peer, piece: int) -> None:
         if known.have.add(piece):
-            self._avail[piece] += 1
-            self.assignment.piece_present(piece)
+            if not known.suspect:
+                self._count_in(piece)
             if known.have.complete:
                 known.finished = True
                 self._finished += 1
@@ -255,9 +312,8 @@ class SwarmRegistry:
             if known.finished:
                 known.finished = False
                 self._finished -= 1
-            self._avail[piece] -= 1
-            if self._avail[piece] == 0:
-                self.assignment.piece_lost(piece)
+            if not known.suspect:
+                self._count_out(piece)
 
     def _replace_have(self, known: _Peer, have: Bitfield) -> None:
         old = int.from_bytes(known.have.to_bytes(), "big")
@@ -281,6 +337,36 @@ class SwarmRegistry:
         del others[self.max_peers_in_reply :]
         return tuple(PeerAddress(p, self._peers[p].host, self._peers[p].port) for p in others)
 
+    def report(self, reporter: bytes, accused: bytes, now: float) -> bool:
+        """``reporter`` received data from ``accused`` that failed verification.
+
+        Counted only between two live peers, neither barred (a reporter repeats its
+        reports in every announce, so one against a peer not here yet counts when it
+        comes). Once ``bar_reporters`` distinct peers reported it, ``accused`` is
+        barred and leaves the swarm (see the module docstring). Returns True if
+        this report barred it.
+        """
+        if (
+            reporter == accused
+            or reporter not in self._peers
+            or accused not in self._peers
+            or reporter in self._barred
+        ):
+            return False
+        by = self._reports.setdefault(accused, set())
+        if reporter in by:
+            return False
+        by.add(reporter)
+        self._reported_by.setdefault(reporter, set()).add(accused)
+        if len(by) < self.bar_reporters:
+            self._set_suspect(accused, True, now)
+            return False
+        self._barred.add(accused)
+        # Pieces only it held go back to the origin pool: otherwise they would count
+        # as present, never be assigned again, and the swarm would wait for them.
+        self.leave(accused, now)
+        return True
+
     # -- departures and periodic work ---------------------------------------
 
     def leave(self, peer: bytes, now: float) -> bool:
@@ -298,12 +384,42 @@ class SwarmRegistry:
             self._peer_index[last] = index
         if known.finished:
             self._finished -= 1
+        for reporter in self._reports.pop(peer, ()):
+            self._reported_by[reporter].discard(peer)
+        for accused in self._reported_by.pop(peer, ()):
+            by = self._reports[accused]
+            by.discard(peer)
+            if not by:
+                del self._reports[accused]
+                self._set_suspect(accused, False, now)
         self.assignment.peer_left(peer, now)
-        for piece in known.have:
-            self._avail[piece] -= 1
-            if self._avail[piece] == 0:
-                self.assignment.piece_lost(piece)
+        if not known.suspect:
+            for piece in known.have:
+                self._count_out(piece)
         return True
+
+    def _set_suspect(self, peer: bytes, suspect: bool, now: float) -> None:
+        """A reported peer's pieces stop counting as present, and it pulls nothing
+        from the origin, until its reporters are gone (or it is barred).
+
+        Without this, in a swarm where only one honest peer could report it, a peer
+        serving corrupt data would be barred by nobody, and the pieces only it holds
+        would count as present, never be assigned to a seeder, and keep the honest
+        peer waiting forever. The cost of a wrong report (a faulty reporter) is a
+        re-pull from the origin of the pieces only the accused holds, never a bar.
+        """
+        known = self._peers.get(peer)
+        if known is None or known.suspect == suspect:
+            return
+        known.suspect = suspect
+        if suspect:
+            self.assignment.peer_left(peer, now)
+            for piece in known.have:
+                self._count_out(piece)
+        else:
+            self.assignment.peer_joined(peer, now)
+            for piece in known.have:
+                self._count_in(piece)
 
     def expire(self, now: float) -> list[bytes]:
         """Peers not heard from for ``peer_ttl`` seconds leave. Returns their ids."""
@@ -339,6 +455,11 @@ class SwarmRegistry:
             "finished_peers": self._finished,
             "swarm_complete": self.swarm_complete,
             "present_pieces": present,
+            "barred": sorted(p.hex() for p in self._barred),
+            "reports": {
+                accused.hex(): sorted(p.hex() for p in by)
+                for accused, by in sorted(self._reports.items())
+            },
             "availability": {
                 "min": min(avail, default=0),
                 "max": max(avail, default=0),

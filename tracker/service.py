@@ -1,42 +1,84 @@
 """The tracker service: one per cluster.
 
-HTTP (aiohttp) on ``--listen HOST:PORT``:
+HTTP (aiohttp) on ``--listen HOST:PORT``, HTTPS with ``tls_cert``/``tls_key``:
 
-    GET  /v1/manifest/{NAME[@ROOT]}   the encoded manifest, read from the catalog and cached
+    GET  /v1/manifest/{NAME[@ROOT]}   the encoded manifest, read from the catalog and cached;
+                                      404 at once for an unknown name, with the known names
+                                      close to it
     POST /v1/announce                 an announce (msgpack) when it can't go over UDP
     GET  /v1/swarms                   every swarm's status, as JSON
     GET  /v1/swarms/{root}            one swarm's status, as JSON
-    GET  /healthz                     liveness
+    GET  /healthz                     liveness and the catalog's reachability (503 if unreachable)
+    GET  /readyz                      200 once listening and the catalog answered at least once
 
-and the announce endpoint over UDP on the same port number. All state is soft: a
+and the announce endpoint over UDP on the same port number (not with TLS: the
+peers of an https:// tracker announce over HTTPS only). All state is soft: a
 ``SwarmRegistry`` per artifact root, rebuilt after a restart from the peers' next
 announces (they carry the whole have-set and the progress of in-flight origin
 pulls), so a restarted tracker loses nothing. For the first announce rounds after
 start-up it holds back new origin assignments, so that pulls already under way at
 peers it has not heard from yet are not handed out twice.
+
+Trust (see ``swarm.auth`` and ``swarm.announce``). With a cluster token, every
+request but ``/healthz`` and ``/readyz`` must prove it: an HTTP request without a
+valid ``X-Swarm-Auth`` is answered 401, and an announce whose MAC fails, whose
+timestamp is more than 5 minutes off, or which replays an earlier one is refused
+(401 over HTTP, silence over UDP). Nothing unauthenticated reaches the catalog.
+Over UDP the tracker never answers a datagram that is not an authenticated
+announce, and never sends an error reply larger than the request, so it can't be
+used to amplify a spoofed flood. Without a token the cluster is open (anyone who
+can reach the tracker can join; it says so once at start-up); a peer id is then
+bound to the host of its first announce until it expires, so no other host can
+speak for it. Each refusal is counted (``auth_failures`` in the status JSON) and
+logged at most once a minute per source and kind.
 """
 
 from __future__ import annotations
 
 import asyncio
+import difflib
 import logging
 import random
+import ssl
 import time
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import asyncio_dgram
 from aiohttp import web
 
 from seeder.catalog import Catalog
-from swarm.announce import MAX_HTTP_ANNOUNCE, Announce, BadAnnounce, Reply
+from seeder.errors import OriginNotFoundError, OriginPermissionError
+from swarm.announce import (
+    AUTH_HEADER,
+    MAC_HEADER,
+    MAX_CLOCK_SKEW_MS,
+    MAX_HTTP_ANNOUNCE,
+    Announce,
+    BadAnnounce,
+    Reply,
+    http_auth_parts,
+    parse_http_auth,
+)
+from swarm.auth import ClusterKey
 from swarm.bitfield import Bitfield
-from swarm.errors import CatalogError, ManifestError, SwarmError
+from swarm.errors import CatalogError, ConfigError, ManifestError, SwarmError
 from swarm.manifest import Manifest, parse_ref
-from tracker.errors import BadAnnounceError
+from tracker.errors import BadAnnounceError, UnauthenticatedError
 from tracker.registry import SwarmRegistry
 
 log = logging.getLogger("swarm.tracker")
+
+MAX_REMEMBERED: Final = 100_000
+"""Entries of each anti-replay and binding table: far more than a cluster's peers."""
+REFUSAL_LOG_INTERVAL: Final = 60.0
+MAX_NAME_SUGGESTIONS: Final = 5
+MAX_KNOWN_NAMES: Final = 10_000
+HEALTH_PROBE_KEY: Final = ".swarm-healthz"
+_OPEN_PATHS: Final = frozenset({"/healthz", "/readyz"})
+_REQUEST_NONCE: Final = web.RequestKey("swarm_request_nonce", bytes)
 
 
 @dataclass
@@ -55,46 +97,197 @@ class TrackerConfig:
     restart_grace: float | None = None  # default: 1.5 announce intervals
     manifest_ttl: float = 5.0
     """Seconds a name's latest version is remembered: a burst of N fetches by name
-    costs one catalog read, and a republished version is served within this time."""
+    costs one catalog read, and a republished version is served within this time.
+    A name or version the catalog does not have is remembered as missing as long."""
+    key: ClusterKey = field(default_factory=lambda: ClusterKey(None))
+    """The cluster token (``--token-file`` / ``SWARM_TOKEN``); default: open."""
+    bar_reporters: int = 2
+    """Distinct live peers that must report a peer for corrupt data before it is barred."""
+    tls_cert: str | None = None
+    """PEM certificate chain for HTTPS (with ``tls_key``); UDP announces are then off."""
+    tls_key: str | None = None
+    health_interval: float = 10.0
+    """Seconds between probes of the catalog's reachability (for /healthz and /readyz)."""
+    negative_cache_size: int = 10_000
+    """Refs remembered as missing from the catalog at most (oldest forgotten first)."""
 
     def validate(self) -> None:
         if self.stall_timeout <= self.announce_interval:
             raise SwarmError("--stall-timeout must be longer than --announce-interval")
         if self.peer_ttl <= self.announce_interval:
             raise SwarmError("--peer-ttl must be longer than --announce-interval")
+        if self.bar_reporters < 2:
+            raise ConfigError(
+                f"--bar-reporters must be at least 2 (one report never bars a peer), got {self.bar_reporters}"
+            )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
+        if self.health_interval <= 0:
+            raise ConfigError(f"--health-interval must be > 0, got {self.health_interval}")
 
 
 @dataclass
 class _Swarm:
     manifest: Manifest
     registry: SwarmRegistry
-    barred: set[bytes] = field(default_factory=set)
-    """Peers some peer caught serving corrupt data: out of the swarm for good."""
+
+
+class AnnounceGate:
+    """Which announces to accept: MAC, freshness, no replay, and (open) host binding.
+
+    Pure: the caller passes the time. ``wall_ms`` is unix milliseconds (compared with
+    the announce's ``ts``), ``now`` a monotonic clock (for the bindings' expiry).
+    """
+
+    def __init__(
+        self,
+        key: ClusterKey,
+        *,
+        bind_ttl: float,
+        max_skew_ms: int = MAX_CLOCK_SKEW_MS,
+        max_entries: int = MAX_REMEMBERED,
+    ) -> None:
+        self.key = key
+        self.bind_ttl = bind_ttl
+        self.max_skew_ms = max_skew_ms
+        self.max_entries = max_entries
+        # peer id -> last accepted ts, least recently accepted first. An entry older
+        # than the skew window can go: a replay of it would be refused as stale.
+        self._last_ts: OrderedDict[bytes, int] = OrderedDict()
+        # Open cluster only: peer id -> (source host, expiry), least recent first.
+        self._hosts: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
+        # HTTP request nonces seen within the skew window, with their ts.
+        self._nonces: OrderedDict[bytes, int] = OrderedDict()
+
+    def check(self, msg: Announce, source_host: str, wall_ms: int, now: float) -> str | None:
+        """The refusal's kind (``bad_mac``, ``stale``, ``replay``, ``foreign_host``), or
+        None, having recorded the announce as accepted."""
+        if not msg.verify(self.key):
+            return "bad_mac"
+        if abs(msg.ts - wall_ms) > self.max_skew_ms:
+            return "stale"
+        last = self._last_ts.get(msg.peer_id)
+        if last is not None and msg.ts <= last:
+            return "replay"
+        if self.key.open:
+            bound = self._hosts.get(msg.peer_id)
+            if bound is not None and bound[0] != source_host and bound[1] > now:
+                return "foreign_host"
+            self._hosts[msg.peer_id] = (source_host, now + self.bind_ttl)
+            self._hosts.move_to_end(msg.peer_id)
+            while self._hosts and (
+                len(self._hosts) > self.max_entries or next(iter(self._hosts.values()))[1] <= now
+            ):
+                self._hosts.popitem(last=False)
+        self._last_ts[msg.peer_id] = msg.ts
+        self._last_ts.move_to_end(msg.peer_id)
+        self._prune(self._last_ts, wall_ms)
+        return None
+
+    def release(self, peer_id: bytes) -> None:
+        """``peer_id`` left: another host may use it (its last ts still stops replays)."""
+        self._hosts.pop(peer_id, None)
+
+    def check_http(
+        self, method: str, path: str, header: str | None, body: bytes, wall_ms: int
+    ) -> tuple[str | None, bytes]:
+        """(refusal kind or None, the request's nonce) for one HTTP request."""
+        if self.key.open:
+            return None, b""
+        parsed = parse_http_auth(header or "")
+        if parsed is None:
+            return "unauthenticated", b""
+        ts, nonce, mac = parsed
+        if not self.key.check(mac, b"http", *http_auth_parts(method, path, ts, nonce, body)):
+            return "bad_mac", b""
+        if abs(ts - wall_ms) > self.max_skew_ms:
+            return "stale", b""
+        if nonce in self._nonces:
+            return "replay", b""
+        self._nonces[nonce] = ts
+        self._prune(self._nonces, wall_ms)
+        return None, nonce
+
+    def _prune(self, table: OrderedDict[bytes, int], wall_ms: int) -> None:
+        oldest = wall_ms - self.max_skew_ms
+        while table and (len(table) > self.max_entries or next(iter(table.values())) < oldest):
+            table.popitem(last=False)
+
+
+class _RefusalLog:
+    """Logs a refusal once per (source, kind) per interval; bounded in size."""
+
+    def __init__(self, interval: float = REFUSAL_LOG_INTERVAL, max_entries: int = 4096) -> None:
+        self.interval = interval
+        self.max_entries = max_entries
+        self._last: OrderedDict[tuple[str, str], float] = OrderedDict()
+
+    def should_log(self, source: str, kind: str, now: float) -> bool:
+        while self._last and (
+            len(self._last) >= self.max_entries
+            or next(iter(self._last.values())) <= now - self.interval
+        ):
+            self._last.popitem(last=False)
+        if (source, kind) in self._last:
+            return False
+        self._last[(source, kind)] = now
+        return True
+
+
+_REFUSAL_TEXT: Final = {
+    "malformed": "not a valid announce",
+    "bad_mac": "its MAC does not prove the cluster token",
+    "stale": f"its timestamp is more than {MAX_CLOCK_SKEW_MS // 60_000} minutes off the tracker's clock",
+    "replay": "it replays an earlier announce or request",
+    "foreign_host": "its peer id is bound to another host",
+    "unauthenticated": f"no valid {AUTH_HEADER} header (the cluster token is required)",
+}
 
 
 class Tracker:
     """Swarm registries, manifest cache and the two announce endpoints."""
 
-    def __init__(self, config: TrackerConfig, *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        config: TrackerConfig,
+        *,
+        rng: random.Random | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         config.validate()
         self.config = config
+        self.key = config.key
         self._rng = rng or random.Random()
-        self._catalog = Catalog(config.catalog)
+        self._wall = wall_clock
+        self._catalog = Catalog(config.catalog, config.key)
         self._manifests: dict[str, Manifest] = {}
         self._latest: dict[str, tuple[float, str]] = {}  # name -> (expires, root)
+        self._missing: OrderedDict[str, tuple[float, str]] = OrderedDict()  # ref -> (expires, why)
+        self._names: set[str] = set()  # names seen in the catalog
+        self._listed: tuple[float, list[str]] = (float("-inf"), [])
         self._loading: dict[str, asyncio.Future[Manifest]] = {}  # ref -> catalog read
         self._swarms: dict[str, _Swarm] = {}
         self._started = time.monotonic()
+        self._gate = AnnounceGate(config.key, bind_ttl=config.peer_ttl)
+        self._refusal_log = _RefusalLog()
+        self.auth_failures: Counter[str] = Counter()
+        self.catalog_reachable: bool | None = None  # None: not probed yet
+        self.catalog_error = ""
+        self._catalog_checked = float("-inf")
+        self._catalog_ever_reachable = False
+        self._listening = False
         self._runner: web.AppRunner | None = None
         self._udp: asyncio_dgram.DatagramServer | None = None
         self._udp_task: asyncio.Task[None] | None = None
+        self._probe_task: asyncio.Task[None] | None = None
         self.announces = 0
 
     # --- state ---------------------------------------------------------------------
 
     async def manifest(self, ref: str) -> Manifest:
         """The manifest ``ref`` names: by root from memory, by name from a short-lived
-        cache; concurrent look-ups of one ref share one catalog read."""
+        cache; concurrent look-ups of one ref share one catalog read, and a ref the
+        catalog does not have is refused from memory for ``manifest_ttl``."""
         name, root = parse_ref(ref)
         if root is None:
             latest = self._latest.get(name)
@@ -102,6 +295,11 @@ class Tracker:
                 root = latest[1]
         if root is not None and len(root) == 64 and root in self._manifests:
             return self._manifests[root]
+        missing = self._missing.get(ref)
+        if missing is not None:
+            if missing[0] > time.monotonic():
+                raise CatalogError(missing[1])
+            del self._missing[ref]
         loading = self._loading.get(ref)
         if loading is None:
             loading = self._loading[ref] = asyncio.ensure_future(self._load(ref))
@@ -109,14 +307,57 @@ class Tracker:
         return await asyncio.shield(loading)
 
     async def _load(self, ref: str) -> Manifest:
-        manifest = await self._catalog.get(ref)
+        try:
+            manifest = await self._catalog.get(ref)
+        except CatalogError as exc:
+            # The catalog answered: it is reachable, and this ref is not in it. Only
+            # the message is kept: an exception's traceback would keep its frames.
+            self._catalog_answered()
+            self._missing[ref] = (time.monotonic() + self.config.manifest_ttl, str(exc))
+            while len(self._missing) > self.config.negative_cache_size:
+                self._missing.popitem(last=False)
+            raise
+        self._catalog_answered()
         self._manifests[manifest.root_hex] = manifest
+        if len(self._names) < MAX_KNOWN_NAMES:
+            self._names.add(manifest.name)
         if parse_ref(ref)[1] is None:
             self._latest[manifest.name] = (
                 time.monotonic() + self.config.manifest_ttl,
                 manifest.root_hex,
             )
         return manifest
+
+    async def close_names(self, name: str) -> list[str]:
+        """Names the catalog holds that look like ``name`` (for a 404's message)."""
+        return difflib.get_close_matches(
+            name, await self._known_names(), n=MAX_NAME_SUGGESTIONS, cutoff=0.5
+        )
+
+    async def _known_names(self) -> list[str]:
+        """Names seen in the catalog, plus its listing where the store can list
+        (read at most once per ``max(manifest_ttl, 30 s)``)."""
+        listed_at, listed = self._listed
+        now = time.monotonic()
+        if now - listed_at >= max(self.config.manifest_ttl, 30.0):
+            listed = []
+            origin = self._catalog.origin
+            try:
+                objects = await asyncio.wait_for(origin.list(), 5.0)
+                for obj in objects:
+                    head, _, tail = obj.key.rpartition("/")
+                    if tail == "latest" and head:
+                        listed.append(head)
+                        if len(listed) >= MAX_KNOWN_NAMES:
+                            break
+            except (SwarmError, OSError, TimeoutError) as exc:
+                log.debug(
+                    "can't list catalog %s for name suggestions: %s", self.config.catalog, exc
+                )
+            finally:
+                await origin.close()
+            self._listed = (now, listed)
+        return sorted(self._names | set(listed))
 
     async def _swarm(self, ref: str) -> _Swarm:
         _, root = parse_ref(ref)
@@ -137,32 +378,42 @@ class Tracker:
                 origin_budget=self.config.origin_budget,
                 stall_timeout=self.config.stall_timeout,
                 assign_after=self._started + grace,
+                bar_reporters=self.config.bar_reporters,
             )
             swarm = self._swarms.setdefault(root, _Swarm(manifest, registry))
             log.info("new swarm %s (%d pieces)", manifest.ref, manifest.num_pieces)
         return swarm
 
+    def _refused(self, source: str, kind: str, detail: str = "") -> None:
+        self.auth_failures[kind] += 1
+        if self._refusal_log.should_log(source, kind, time.monotonic()):
+            log.warning(
+                "refused a request from %s: %s%s (more like it from there are counted, "
+                "not logged, for %.0f s)",
+                source,
+                _REFUSAL_TEXT.get(kind, kind),
+                f" ({detail})" if detail else "",
+                REFUSAL_LOG_INTERVAL,
+            )
+
+    def authenticate(self, msg: Announce, source_host: str) -> None:
+        """Accept ``msg`` from ``source_host`` or raise UnauthenticatedError (counted, logged)."""
+        kind = self._gate.check(msg, source_host, int(self._wall() * 1000), time.monotonic())
+        if kind is not None:
+            self._refused(source_host, kind, f"peer {msg.peer_id.hex()[:8]}")
+            raise UnauthenticatedError(f"announce refused: {_REFUSAL_TEXT[kind]}", kind=kind)
+
     async def handle(self, msg: Announce, source_host: str) -> Reply:
-        """Apply one announce to its swarm's registry and build the reply."""
+        """Authenticate one announce, apply it to its swarm's registry and build the reply."""
+        self.authenticate(msg, source_host)
         self.announces += 1
         swarm = await self._swarm(msg.ref)
         registry = swarm.registry
         now = time.monotonic()
-        for culprit in msg.barred:
-            # Without this, a piece held only by a peer everyone else barred would
-            # count as present, never be assigned to a seeder again, and the swarm
-            # would wait for it forever. Leaving puts such pieces back in the pool.
-            if culprit != msg.peer_id and culprit not in swarm.barred:
-                swarm.barred.add(culprit)
-                registry.leave(culprit, now)
-                log.warning(
-                    "peer %s barred: %s got corrupt data from it",
-                    culprit.hex()[:8],
-                    msg.peer_id.hex()[:8],
-                )
-        if msg.leaving or msg.peer_id in swarm.barred:
+        if msg.leaving or msg.peer_id in registry.barred:
             registry.leave(msg.peer_id, now)
-            return Reply(
+            self._gate.release(msg.peer_id)
+            reply = Reply(
                 [],
                 [],
                 registry.swarm_complete,
@@ -170,6 +421,8 @@ class Tracker:
                 self.config.announce_interval,
                 msg.txn,
             )
+            reply.sign(self.key, msg.nonce)
+            return reply
         try:
             have = Bitfield.from_bytes(msg.have, swarm.manifest.num_pieces)
         except ValueError as exc:
@@ -181,60 +434,150 @@ class Tracker:
             answer = registry.announce(msg.peer_id, (host, msg.port), have, msg.progress, now)
         except BadAnnounceError as exc:
             raise BadAnnounce(str(exc)) from exc
-        return Reply(
+        for culprit in msg.barred:
+            if registry.report(msg.peer_id, culprit, now):
+                log.warning(
+                    "peer %s barred from %s: %d peers got corrupt data from it",
+                    culprit.hex()[:8],
+                    swarm.manifest.ref,
+                    registry.bar_reporters,
+                )
+        barred = registry.barred  # this announce's reports may have barred a listed peer
+        reply = Reply(
             assigned=list(answer.assigned),
-            peers=[(p.peer_id, p.host, p.port) for p in answer.peers],
-            complete=answer.swarm_complete,
-            num_peers=answer.num_peers,
+            peers=[(p.peer_id, p.host, p.port) for p in answer.peers if p.peer_id not in barred],
+            complete=registry.swarm_complete,
+            num_peers=registry.num_peers,
             interval=self.config.announce_interval,
             txn=msg.txn,
         )
+        reply.sign(self.key, msg.nonce)
+        return reply
 
     def status(self) -> dict[str, Any]:
         return {
             "uptime_seconds": round(time.monotonic() - self._started, 3),
             "announces": self.announces,
+            "open": self.key.open,
+            "auth_failures": dict(sorted(self.auth_failures.items())),
+            "catalog_reachable": self.catalog_reachable,
             "swarms": {
-                root: {
-                    "ref": s.manifest.ref,
-                    "barred": sorted(p.hex() for p in s.barred),
-                    **s.registry.status(),
-                }
+                root: {"ref": s.manifest.ref, **s.registry.status()}
                 for root, s in self._swarms.items()
             },
         }
 
+    # --- catalog health ------------------------------------------------------------
+
+    def _catalog_answered(self) -> None:
+        self.catalog_reachable, self.catalog_error = True, ""
+        self._catalog_ever_reachable = True
+        self._catalog_checked = time.monotonic()
+
+    async def probe_catalog(self) -> bool:
+        """Whether the catalog's store answers now.
+
+        It stats the ``latest`` entry of a name it served, else a key that need not
+        exist: "not found" is an answer, and so is "forbidden" for that key (S3
+        says 403 for a missing key to whoever may not list the bucket).
+        """
+        origin = self._catalog.origin
+        name = next(iter(self._names), None)
+        key = HEALTH_PROBE_KEY if name is None else f"{name}/latest"
+        try:
+            await asyncio.wait_for(origin.stat(key), min(5.0, self.config.health_interval))
+        except OriginNotFoundError:
+            pass
+        except OriginPermissionError as exc:
+            if name is not None:
+                self.catalog_reachable, self.catalog_error = False, str(exc)
+                self._catalog_checked = time.monotonic()
+                return False
+        except (SwarmError, OSError, TimeoutError) as exc:
+            self.catalog_reachable = False
+            self.catalog_error = str(exc) or type(exc).__name__
+            self._catalog_checked = time.monotonic()
+            return False
+        self._catalog_answered()
+        return True
+
+    async def _probe_loop(self) -> None:
+        was: bool | None = None
+        while True:
+            ok = await self.probe_catalog()
+            if not ok and was is not False:
+                log.warning("catalog %s unreachable: %s", self.config.catalog, self.catalog_error)
+            elif ok and was is False:
+                log.warning("catalog %s reachable again", self.config.catalog)
+            was = ok
+            await asyncio.sleep(self.config.health_interval)
+
     # --- HTTP ----------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_HTTP_ANNOUNCE)
+        app = web.Application(
+            client_max_size=MAX_HTTP_ANNOUNCE, middlewares=[self._auth_middleware]
+        )
         app.router.add_get("/v1/manifest/{ref:.+}", self._get_manifest)
         app.router.add_post("/v1/announce", self._post_announce)
         app.router.add_get("/v1/swarms", self._get_swarms)
         app.router.add_get("/v1/swarms/{root}", self._get_swarm)
         app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
         return app
+
+    @web.middleware
+    async def _auth_middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if request.path in _OPEN_PATHS or self.key.open:
+            return await handler(request)
+        body = await request.read()
+        kind, nonce = self._gate.check_http(
+            request.method,
+            request.path,
+            request.headers.get(AUTH_HEADER),
+            body,
+            int(self._wall() * 1000),
+        )
+        source = request.remote or "?"
+        if kind is not None:
+            self._refused(source, kind, f"{request.method} {request.path}")
+            return web.Response(status=401, text=f"refused: {_REFUSAL_TEXT[kind]}\n")
+        request[_REQUEST_NONCE] = nonce
+        return await handler(request)
 
     async def _get_manifest(self, request: web.Request) -> web.Response:
         ref = request.match_info["ref"]
         try:
             manifest = await self.manifest(ref)
         except (CatalogError, ManifestError) as exc:
-            return web.Response(status=404, text=str(exc))
+            text = str(exc)
+            try:
+                name, _ = parse_ref(ref)
+            except ManifestError:
+                name = ""
+            if name and name not in self._names:
+                close = await self.close_names(name)
+                text += f"; known names close to it: {', '.join(close)}" if close else ""
+            return web.Response(status=404, text=text)
         except SwarmError as exc:
             return web.Response(status=502, text=f"catalog unavailable: {exc}")
-        return web.Response(
-            body=manifest.encode(),
-            content_type="application/octet-stream",
-            headers={"X-Swarm-Root": manifest.root_hex},
-        )
+        body = manifest.encode()
+        headers = {"X-Swarm-Root": manifest.root_hex}
+        if not self.key.open:
+            headers[MAC_HEADER] = self.key.mac(b"manifest", request[_REQUEST_NONCE], body).hex()
+        return web.Response(body=body, content_type="application/octet-stream", headers=headers)
 
     async def _post_announce(self, request: web.Request) -> web.Response:
         body = await request.read()
         try:
             msg = Announce.decode(body)
             reply = await self.handle(msg, request.remote or "127.0.0.1")
+        except UnauthenticatedError as exc:
+            return web.Response(status=401, text=str(exc))
         except BadAnnounce as exc:
+            self._refused(request.remote or "?", "malformed", str(exc)[:200])
             return web.Response(status=400, text=str(exc))
         except SwarmError as exc:
             return web.Response(status=404, text=str(exc))
@@ -250,7 +593,31 @@ class Tracker:
         return web.json_response({"ref": swarm.manifest.ref, **swarm.registry.status()})
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
+        if time.monotonic() - self._catalog_checked > 2 * self.config.health_interval:
+            await self.probe_catalog()  # the probe loop is late or not running
+        ok = bool(self.catalog_reachable)
+        body = {
+            "status": "ok" if ok else "catalog unreachable",
+            "catalog": {
+                "url": self.config.catalog,
+                "reachable": ok,
+                "checked_seconds_ago": round(time.monotonic() - self._catalog_checked, 3),
+                "error": self.catalog_error,
+            },
+            "open": self.key.open,
+        }
+        return web.json_response(body, status=200 if ok else 503)
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        ready = self._listening and self._catalog_ever_reachable
+        return web.json_response(
+            {
+                "ready": ready,
+                "listening": self._listening,
+                "catalog_seen": self._catalog_ever_reachable,
+            },
+            status=200 if ready else 503,
+        )
 
     # --- UDP -----------------------------------------------------------------------
 
@@ -266,32 +633,96 @@ class Tracker:
                 await asyncio.sleep(0.05)
                 continue
             addr: tuple[str, int] = (str(raw_addr[0]), int(raw_addr[1]))  # type: ignore[index]
+            out = await self._udp_answer(data, addr[0])
+            if out is None:
+                continue
             try:
-                msg = Announce.decode(data)
-                reply = await self.handle(msg, addr[0])
-            except SwarmError as exc:
-                reply = Reply([], [], False, 0, self.config.announce_interval, error=str(exc)[:500])
-                log.info("refused announce from %s: %s", addr[0], exc)
-            try:
-                await self._udp.send(reply.encode(), addr)
+                await self._udp.send(out, addr)
             except OSError as exc:
                 log.warning("UDP reply to %s failed: %s", addr, exc)
 
+    async def _udp_answer(self, data: bytes, source: str) -> bytes | None:
+        """The reply datagram to ``data``, or None to stay silent.
+
+        Silent to anything that is not an authenticated announce (its source may be
+        spoofed), and an error reply is cut to fit the request: no reply is ever
+        larger than what asked for it.
+        """
+        try:
+            msg = Announce.decode(data)
+        except BadAnnounce as exc:
+            self._refused(source, "malformed", str(exc)[:200])
+            return None
+        try:
+            return (await self.handle(msg, source)).encode()
+        except UnauthenticatedError:
+            return None
+        except SwarmError as exc:
+            log.info("refused announce from %s: %s", source, exc)
+            error = str(exc)[:500]
+        while True:
+            reply = Reply([], [], False, 0, self.config.announce_interval, msg.txn, error)
+            reply.sign(self.key, msg.nonce)
+            out = reply.encode()
+            if len(out) <= len(data):
+                return out
+            if not error:
+                return None
+            error = error[: max(0, len(error) - (len(out) - len(data)) - 3)] + "..."
+            if len(error) <= 3:
+                error = ""
+
     # --- lifecycle -----------------------------------------------------------------
 
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if self.config.tls_cert is None or self.config.tls_key is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"can't load the TLS certificate {self.config.tls_cert} / key {self.config.tls_key}: {exc}"
+            ) from exc
+        return context
+
     async def start(self) -> None:
+        context = self._ssl_context()
         self._runner = web.AppRunner(self.app(), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port, reuse_address=True)
+        site = web.TCPSite(
+            self._runner,
+            self.config.host,
+            self.config.port,
+            reuse_address=True,
+            ssl_context=context,
+        )
         await site.start()
-        self._udp = await asyncio_dgram.bind((self.config.host, self.config.port))
-        self._udp_task = asyncio.create_task(self._serve_udp())
-        log.info("tracker listening on %s:%d (HTTP and UDP)", self.config.host, self.config.port)
+        if context is None:
+            self._udp = await asyncio_dgram.bind((self.config.host, self.config.port))
+            self._udp_task = asyncio.create_task(self._serve_udp())
+        self._probe_task = asyncio.create_task(self._probe_loop())
+        self._listening = True
+        log.info(
+            "tracker listening on %s:%d (%s)",
+            self.config.host,
+            self.config.port,
+            "HTTPS; no UDP announces" if context else "HTTP and UDP",
+        )
+        if self.key.open:
+            log.warning(
+                "no cluster token: this tracker is open, anyone who can reach %s:%d can join "
+                "its swarms and read its manifests (set --token-file or SWARM_TOKEN)",
+                self.config.host,
+                self.config.port,
+            )
 
     async def close(self) -> None:
-        if self._udp_task is not None:
-            self._udp_task.cancel()
-            await asyncio.gather(self._udp_task, return_exceptions=True)
+        self._listening = False
+        for task in (self._udp_task, self._probe_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._udp is not None:
             self._udp.close()
         if self._runner is not None:
