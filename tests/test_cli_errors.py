@@ -152,3 +152,41 @@ def test_sigterm_stops_a_tracker_that_is_pid_1(tmp_path: Path) -> None:
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0, err.decode(errors="replace")
+
+
+def test_an_unknown_name_fails_at_once_naming_the_close_ones(tmp_path: Path) -> None:
+    from fetch_helpers import make_model, publish
+    from servers import populate
+
+    populate(tmp_path / "origin", make_model(5, {"w.bin": 3000, "config.json": 100}))
+    catalog = (tmp_path / "catalog").as_uri()
+    publish((tmp_path / "origin").as_uri(), "tiny-llm", catalog, piece_size="1KiB")
+    port = free_port()
+    tracker = subprocess.Popen(
+        swarm_argv("tracker", "--listen", f"{LOOPBACK}:{port}", "--catalog", catalog),
+        env=cli_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_for(lambda: _healthz(port), 20, "the tracker to answer")
+        # The fetch would retry an unreachable tracker for --tracker-timeout (60 s);
+        # the subprocess is given less than that, so only an answer at once passes.
+        run = swarm(
+            "fetch",
+            "tiny-lm",
+            "--tracker",
+            f"http://{LOOPBACK}:{port}",
+            "--dest",
+            str(tmp_path / "dest"),
+            "--tracker-timeout",
+            "60",
+            timeout=40,
+        )
+    finally:
+        tracker.terminate()
+        tracker.communicate(timeout=STOP_WAIT)
+    line = run.error_line()
+    assert run.returncode == 1, run.describe()
+    assert "tiny-lm" in line and "tiny-llm" in line and "404" in line, line
