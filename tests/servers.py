@@ -501,7 +501,9 @@ class FaultPlan:
     ``ranged_only``, that carry a Range header). Every ``every``-th eligible request
     (1 = all, 0 = none) gets the fault, at most ``limit`` times (None: no limit).
     ``kind="status"`` answers ``status`` with an error body in ``style`` and
-    ``Retry-After: retry_after`` when that is set (seconds or an HTTP date);
+    ``Retry-After: retry_after`` when that is set (seconds or an HTTP date); with
+    ``alternate_status`` every second fault answers that status instead (e.g. 503
+    SlowDown and 429 in turn);
     ``kind="truncate"`` sends the real headers, half the body, then drops the connection.
     ``range_status`` is what the directory mode answers a satisfiable Range with: 206,
     or 200 with a correct Content-Range, as ``rclone serve s3`` does. ``response_delay``
@@ -519,6 +521,7 @@ class FaultPlan:
     limit: int | None = None
     range_status: int = 206
     response_delay: float = 0.0
+    alternate_status: int | None = None
 
 
 class FaultyHTTPServer(_ThreadedApp):
@@ -599,26 +602,29 @@ class FaultyHTTPServer(_ThreadedApp):
 
     def _error_response(self) -> web.Response:
         plan = self.plan
+        status = plan.status
+        if plan.alternate_status is not None and self.faults % 2 == 0:
+            status = plan.alternate_status
         headers: dict[str, str] = {}
         if plan.retry_after is not None:
             headers["Retry-After"] = plan.retry_after
         if plan.style == "s3":
-            code = _S3_CODES.get(plan.status, "ServiceUnavailable")
+            code = _S3_CODES.get(status, "ServiceUnavailable")
             body = (
                 '<?xml version="1.0" encoding="UTF-8"?>\n'
                 f"<Error><Code>{code}</Code><Message>injected fault</Message></Error>"
             )
             return web.Response(
-                status=plan.status, text=body, content_type="application/xml", headers=headers
+                status=status, text=body, content_type="application/xml", headers=headers
             )
         if plan.style == "gcs":
             body = json.dumps(
-                {"error": {"code": plan.status, "message": "injected fault", "errors": []}}
+                {"error": {"code": status, "message": "injected fault", "errors": []}}
             )
             return web.Response(
-                status=plan.status, text=body, content_type="application/json", headers=headers
+                status=status, text=body, content_type="application/json", headers=headers
             )
-        return web.Response(status=plan.status, text="injected fault\n", headers=headers)
+        return web.Response(status=status, text="injected fault\n", headers=headers)
 
     async def _send(
         self,

@@ -1,4 +1,5 @@
-"""Helpers for multi-process swarm runs on loopback (``tests/test_swarm_e2e.py``).
+"""Helpers for multi-process swarm runs on loopback (``tests/test_swarm_e2e.py``,
+``tests/test_fault_matrix.py``).
 
 - ``HTTPMeter``: sans-I/O accounting of one HTTP/1.1 connection as a relay sees it
   (requests from the client, responses from the server): which objects and byte
@@ -9,8 +10,12 @@
   HTTP inside, and can hold every connection at a gate (opened by the test) and
   limit each connection's server→client rate.
 - ``TrackerProcess`` / ``FetchProcess``: ``swarm tracker`` and ``swarm fetch`` as real
-  subprocesses with their output in log files, bounded waits, SIGKILL.
+  subprocesses with their output in log files, bounded waits, SIGKILL; a fetch's
+  peak RSS is followed from /proc while it runs.
 - ``wait_until``: a polling loop bounded in time, failing with a description.
+- ``make_model`` / ``publish_model``: a seeded synthetic artifact published to an S3 bucket.
+- ``SwarmLab`` / ``Swarm``: a tracker, the relay(s) in front of the origin and the peers
+  of one run, and ``assert_finished``, the check every live node of a run must pass.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -28,22 +34,34 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Protocol, Self, TypeVar
 
-from servers import LOOPBACK, free_port, venv_binary
+from servers import LOOPBACK, S3Server, free_port, populate, venv_binary
+
+from seeder.publish import publish
+from swarm.auth import ClusterKey
 
 STOP_TIMEOUT = 5.0
 READY_TIMEOUT = 20.0
+RSS_INTERVAL = 0.05
+_VMHWM = re.compile(r"^VmHWM:\s+(\d+) kB$", re.MULTILINE)
 STATE_DIR = ".swarm"
 COMPLETE_MARKER = ".swarm-complete"
 
 # Variables from a developer's shell that would change what the CLI does.
-_SCRUBBED_ENV = ("SWARM_CATALOG", "SWARM_TRACKER", "SWARM_ADVERTISE", "COLUMNS", "LINES")
+_SCRUBBED_ENV = (
+    "SWARM_CATALOG",
+    "SWARM_TRACKER",
+    "SWARM_ADVERTISE",
+    "SWARM_TOKEN",
+    "COLUMNS",
+    "LINES",
+)
 
 
 def wait_until(
@@ -491,7 +509,10 @@ class _Process:
 
 
 class TrackerProcess(_Process):
-    """``swarm tracker`` on a fixed loopback port (so it can be restarted on the same one)."""
+    """``swarm tracker`` on a fixed loopback port (so it can be restarted on the same one).
+
+    With ``token`` (the cluster token it was given), ``get`` proves it on every request.
+    """
 
     def __init__(
         self,
@@ -503,8 +524,12 @@ class TrackerProcess(_Process):
         peer_ttl: float,
         stall_timeout: float,
         port: int | None = None,
+        extra: Iterable[str] = (),
+        token: bytes | None = None,
     ) -> None:
         self.port = port or free_port()
+        self.token = token
+        self._last_ts = 0
         super().__init__(
             [
                 "tracker",
@@ -518,6 +543,7 @@ class TrackerProcess(_Process):
                 str(peer_ttl),
                 "--stall-timeout",
                 str(stall_timeout),
+                *extra,
             ],
             env,
             logs,
@@ -529,11 +555,25 @@ class TrackerProcess(_Process):
         return f"http://{LOOPBACK}:{self.port}"
 
     def get(self, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+        request = urllib.request.Request(self.url + path, headers=self._auth_headers(path))
         try:
-            with urllib.request.urlopen(self.url + path, timeout=timeout) as resp:
+            with urllib.request.urlopen(request, timeout=timeout) as resp:
                 return int(resp.status), bytes(resp.read())
         except urllib.error.HTTPError as exc:
             return int(exc.code), bytes(exc.read())
+
+    def _auth_headers(self, path: str) -> dict[str, str]:
+        """The header that proves the cluster token to the tracker (none without a token)."""
+        if self.token is None:
+            return {}
+        from swarm.announce import AUTH_HEADER, http_auth_header
+
+        # Timestamps strictly increasing, as the tracker wants them per client.
+        self._last_ts = max(int(time.time() * 1000), self._last_ts + 1)
+        value, _ = http_auth_header(
+            ClusterKey(self.token), "GET", urllib.parse.urlsplit(path).path, b"", self._last_ts
+        )
+        return {AUTH_HEADER: value}
 
     def _healthy(self) -> bool:
         try:
@@ -577,6 +617,8 @@ class FetchOutcome:
     returncode: int
     stdout: str
     stderr: str
+    max_rss: int | None = None
+    """Peak resident set of the process in bytes (its last VmHWM), if it was sampled."""
 
     def describe(self) -> str:
         return f"{self.name}: exit {self.returncode}\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr[-3000:]}"
@@ -610,6 +652,8 @@ class FetchProcess(_Process):
     ) -> None:
         self.dest = dest
         self.port = port
+        self.peak_rss: int | None = None
+        self._sampler: threading.Thread | None = None
         super().__init__(
             [
                 "-v",
@@ -632,6 +676,35 @@ class FetchProcess(_Process):
             name,
         )
 
+    def spawn(self) -> None:
+        super().spawn()
+        self.peak_rss = None
+        self._sampler = threading.Thread(
+            target=self._sample_peak_rss, name=f"rss-{self.name}", daemon=True
+        )
+        self._sampler.start()
+
+    def _sample_peak_rss(self) -> None:
+        """Follow the process's VmHWM until it exits (a zombie reports no memory).
+
+        Read from /proc while it runs: ``ru_maxrss`` from ``wait4`` would include the
+        memory of the parent it was forked from. VmHWM never decreases, so the last
+        sample misses at most what it grew in its final ``RSS_INTERVAL``.
+        """
+        proc = self.proc
+        assert proc is not None
+        path = f"/proc/{proc.pid}/status"
+        while proc.returncode is None:
+            try:
+                with open(path) as f:
+                    match = _VMHWM.search(f.read())
+            except OSError:
+                return
+            if match is None:
+                return
+            self.peak_rss = max(self.peak_rss or 0, int(match[1]) * 1024)
+            time.sleep(RSS_INTERVAL)
+
     def wait(self, timeout: float) -> FetchOutcome:
         """Wait (bounded) for it to exit; on timeout kill it and fail with its log."""
         assert self.proc is not None
@@ -642,20 +715,27 @@ class FetchProcess(_Process):
             raise AssertionError(
                 f"{self.name} did not finish within {timeout:.0f} s\n{self.stderr_tail()}"
             ) from None
+        if self._sampler is not None:
+            self._sampler.join(STOP_TIMEOUT)
         return FetchOutcome(
             self.name,
             code,
             self.stdout_path.read_text(errors="replace"),
             self.stderr_path.read_text(errors="replace"),
+            self.peak_rss,
         )
 
     def verified_pieces(self, root: str) -> int:
         """Pieces its state file records as verified (0 before it exists)."""
+        return len(self.verified_set(root))
+
+    def verified_set(self, root: str) -> set[int]:
+        """The pieces its state file records as verified (none before it exists)."""
         try:
             state = (self.dest / STATE_DIR / f"{root}.state").read_bytes()
         except OSError:
-            return 0
-        return sum(1 for flag in state if flag == 1)
+            return set()
+        return {index for index, flag in enumerate(state) if flag == 1}
 
 
 P = TypeVar("P", bound=_Process)
@@ -699,3 +779,314 @@ def tree_digests(root: Path) -> dict[str, str]:
             continue
         out[rel.as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
     return out
+
+
+# --------------------------------------------------------------------------------------
+# Artifacts and whole swarms
+# --------------------------------------------------------------------------------------
+
+KiB = 1024
+MiB = 1024 * KiB
+CATALOG_PREFIX = "catalog"
+
+# Announces are frequent so that a dead peer or tracker shows quickly. Peers are
+# declared dead (TTL) or stalled only when a test means it: a loaded CI machine
+# can hold a live peer's announce, or a 1 MiB pull's only progress report, for
+# seconds, and a needless reassignment reads the origin twice.
+ANNOUNCE_INTERVAL = 0.3
+PEER_TTL = 10.0
+STALL_TIMEOUT = 30.0
+LINGER = 20.0
+FETCH_TIMEOUT = 30.0
+
+
+def make_model(seed: int, shard_sizes: list[int]) -> dict[str, bytes]:
+    """Seeded random shards plus small config files; sizes not multiples of the piece size."""
+    rng = random.Random(seed)
+    files = {
+        "config.json": b'{"architectures": ["SwarmForCausalLM"], "layers": 4}\n',
+        "tokenizer/tokenizer.json": rng.randbytes(150_001),
+    }
+    for i, size in enumerate(shard_sizes):
+        files[f"weights/model-{i + 1:05d}-of-{len(shard_sizes):05d}.safetensors"] = rng.randbytes(
+            size
+        )
+    return files
+
+
+class Bucket(Protocol):
+    """An S3 bucket on the test server (``conftest.S3Bucket``)."""
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def url(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class Published:
+    """An artifact in the S3 bucket and its manifest in the S3 catalog."""
+
+    name: str
+    ref: str
+    root: str
+    files: dict[str, bytes]
+    model_bytes: int
+    pieces: int
+    piece_size: int
+    piece_lengths: tuple[int, ...]
+    catalog: str
+    digests: dict[str, str]
+    data_keys: frozenset[str]
+    """``bucket/prefix/path`` of each file: what an origin read may ask for."""
+
+
+def publish_model(
+    bucket: Bucket,
+    name: str,
+    files: dict[str, bytes],
+    *,
+    piece_size: int,
+    prefix: str = "models/swarm-llm",
+    token: bytes | None = None,
+) -> Published:
+    """Write ``files`` into the bucket and publish them (in-process, straight to rclone).
+
+    With ``token`` the catalog entry is signed with that cluster token.
+    """
+    populate(bucket.path / prefix, files)
+    catalog = f"{bucket.url}/{CATALOG_PREFIX}"
+    manifest = asyncio.run(
+        publish(
+            f"{bucket.url}/{prefix}",
+            name,
+            catalog,
+            piece_size=piece_size,
+            key=ClusterKey(token),
+        )
+    )
+    model_bytes = sum(len(data) for data in files.values())
+    assert manifest.total_size == model_bytes
+    bucket_name = bucket.url.removeprefix("s3://").split("/", 1)[0]
+    return Published(
+        name,
+        manifest.ref,
+        manifest.root_hex,
+        files,
+        model_bytes,
+        manifest.num_pieces,
+        piece_size,
+        tuple(manifest.piece_lengths),
+        catalog,
+        tree_digests(bucket.path / prefix),
+        frozenset(f"{bucket_name}/{prefix}/{path}" for path in files),
+    )
+
+
+@dataclass
+class Swarm:
+    """A running tracker, the relay(s) in front of the origin, and the peers.
+
+    With ``per_peer_relays`` every peer reads the origin through a relay of its own,
+    so the origin bytes of each peer, a killed one's too, are counted at the
+    origin's side; otherwise all share one relay (``relay``).
+    """
+
+    model: Published
+    tracker: TrackerProcess
+    procs: Processes
+    s3: S3Server
+    upstream: str
+    logs: Path
+    tmp: Path
+    gated: bool = False
+    rate: float | None = None
+    per_peer_relays: bool = False
+    linger: float = LINGER
+    fetch_timeout: float = FETCH_TIMEOUT
+    peers: list[FetchProcess] = field(default_factory=list)
+    relays: dict[str, ByteCountingRelay] = field(default_factory=dict)
+    gates_open: bool = False
+
+    def relay_for(self, name: str) -> ByteCountingRelay:
+        key = name if self.per_peer_relays else ""
+        relay = self.relays.get(key)
+        if relay is None:
+            relay = ByteCountingRelay(
+                self.upstream, gated=self.gated and not self.gates_open, rate=self.rate
+            )
+            relay.start()
+            self.relays[key] = relay
+        return relay
+
+    @property
+    def relay(self) -> ByteCountingRelay:
+        """The relay every peer shares."""
+        assert not self.per_peer_relays, "each peer has a relay of its own"
+        return self.relay_for("")
+
+    def open_gates(self) -> None:
+        self.gates_open = True
+        for relay in self.relays.values():
+            relay.open_gate()
+
+    def add_peer(
+        self,
+        name: str,
+        *extra: str,
+        port: int = 0,
+        dest: Path | None = None,
+        env: Mapping[str, str] | None = None,
+        linger: float | None = None,
+    ) -> FetchProcess:
+        """Start ``swarm fetch`` as peer ``name`` (its files under ``tmp/name`` by default)."""
+        relay = self.relay_for(name)
+        peer = self.procs.add(
+            FetchProcess(
+                name,
+                self.model.name,
+                self.tracker.url,
+                dest or self.tmp / name,
+                {**self.s3.env(endpoint=relay.endpoint), **(env or {})},
+                self.logs,
+                linger=self.linger if linger is None else linger,
+                port=port,
+                extra=extra,
+            )
+        )
+        peer.spawn()
+        self.peers.append(peer)
+        return peer
+
+    def status(self) -> dict[str, Any] | None:
+        return self.tracker.swarm_status(self.model.root)
+
+    def wait_all_seeding(self, count: int) -> None:
+        """Until the tracker knows ``count`` peers and has given each an origin piece."""
+
+        def ready() -> bool:
+            status = self.status()
+            if status is None or len(status["peer_list"]) < count:
+                return False
+            return all(p["assigned"] for p in status["peer_list"])
+
+        wait_until(ready, timeout=30.0, what=f"{count} peers each with an origin assignment")
+
+    def wait_peers(
+        self, peers: list[FetchProcess], timeout: float | None = None
+    ) -> list[FetchOutcome]:
+        """Wait for ``peers`` to exit (bounded); on timeout, fail with the tracker's view."""
+        deadline = time.monotonic() + (timeout or self.fetch_timeout)
+        try:
+            return [p.wait(max(1.0, deadline - time.monotonic())) for p in peers]
+        except AssertionError as exc:
+            try:
+                status = json.dumps(self.status(), indent=1)[:6000]
+            except (OSError, AssertionError) as why:
+                status = f"(tracker status unavailable: {why})"
+            exchanges = self.exchanges()
+            pending = [e for e in exchanges if not e.complete]
+            raise AssertionError(
+                f"{exc}\n--- origin: {len(exchanges)} requests, "
+                f"{self.origin_body_bytes()} body bytes, unanswered or partial: {pending[:8]}"
+                f"\n--- tracker status\n{status}"
+            ) from None
+
+    def exchanges(self) -> list[Exchange]:
+        return [e for relay in self.relays.values() for e in relay.exchanges()]
+
+    def origin_body_bytes(self, name: str | None = None) -> int:
+        """Data bytes that left the origin (2xx response bodies), for every peer or one."""
+        relays = list(self.relays.values()) if name is None else [self.relay_for(name)]
+        exchanges = [e for relay in relays for e in relay.exchanges()]
+        others = [e for e in exchanges if e.key not in self.model.data_keys]
+        assert not others, f"peers asked the origin for more than data: {others[:5]}"
+        return sum(e.body_bytes for e in exchanges if e.status is not None and e.status < 300)
+
+    def relay_errors(self) -> list[str]:
+        return [err for relay in self.relays.values() for err in relay.errors]
+
+    def close(self) -> None:
+        for relay in self.relays.values():
+            relay.stop()
+
+
+class SwarmLab:
+    """Starts swarms against one S3 server; ``close`` ends every process and relay."""
+
+    def __init__(self, s3: S3Server, tmp: Path) -> None:
+        self.s3 = s3
+        self.tmp = tmp
+        self.procs = Processes()
+        self.swarms: list[Swarm] = []
+
+    def start(
+        self,
+        model: Published,
+        *,
+        gated: bool = False,
+        rate: float | None = None,
+        per_peer_relays: bool = False,
+        upstream: str | None = None,
+        peer_ttl: float = PEER_TTL,
+        stall_timeout: float = STALL_TIMEOUT,
+        linger: float = LINGER,
+        fetch_timeout: float = FETCH_TIMEOUT,
+        tracker_args: Iterable[str] = (),
+        tracker_env: Mapping[str, str] | None = None,
+        token: bytes | None = None,
+    ) -> Swarm:
+        """A tracker on the model's catalog; peers read the origin at ``upstream`` (S3)."""
+        logs = self.tmp / "logs"
+        tracker = self.procs.add(
+            TrackerProcess(
+                model.catalog,
+                {**self.s3.env(), **(tracker_env or {})},
+                logs,
+                announce_interval=ANNOUNCE_INTERVAL,
+                peer_ttl=peer_ttl,
+                stall_timeout=stall_timeout,
+                extra=tracker_args,
+                token=token,
+            )
+        )
+        tracker.start()
+        swarm = Swarm(
+            model,
+            tracker,
+            self.procs,
+            self.s3,
+            upstream or self.s3.endpoint,
+            logs,
+            self.tmp,
+            gated=gated,
+            rate=rate,
+            per_peer_relays=per_peer_relays,
+            linger=linger,
+            fetch_timeout=fetch_timeout,
+        )
+        self.swarms.append(swarm)
+        return swarm
+
+    def close(self) -> None:
+        self.procs.close()
+        for swarm in self.swarms:
+            swarm.close()
+
+
+def assert_finished(swarm: Swarm, outcome: FetchOutcome, peer: FetchProcess) -> dict[str, Any]:
+    """Exit 0, one JSON summary saying verified, the marker, and byte-identical files."""
+    assert outcome.returncode == 0, outcome.describe()
+    result = outcome.json()
+    assert result["verified"] is True, outcome.describe()
+    assert result["root"] == swarm.model.root
+    assert result["model_bytes"] == swarm.model.model_bytes
+    assert (peer.dest / COMPLETE_MARKER).is_file(), f"{peer.name}: no completion marker"
+    assert tree_digests(peer.dest) == swarm.model.digests, f"{peer.name}: files differ"
+    return result
+
+
+def range_reads(swarm: Swarm) -> Counter[tuple[str, tuple[int, int] | None]]:
+    """How often each (object, byte range) was requested from the origin."""
+    return Counter((e.key, e.range) for e in swarm.exchanges())
