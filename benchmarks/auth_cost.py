@@ -17,7 +17,16 @@ announce (tracker and generator share it; less sensitive than the rate to other
 load on the machine) with its ratio. Results go to
 ``benchmarks/results/auth-cost-<YYYY-MM-DD>.json``.
 
+Then the data plane, in the same run: one complete peer serves ``--dataplane-size``
+to one empty peer over loopback (``benchmarks.dataplane.swarm_transfer``: a real
+tracker and two ``swarm fetch`` processes), without a token and with one,
+alternating, ``--dataplane-rounds`` times each; reported: the fetching peer's MB/s
+per round and the ratio token/open of the medians. The token adds a round trip to
+each connection's handshake and nothing per block, so this ratio says whether the
+proof costs anything a transfer can see.
+
     .venv/bin/python -m benchmarks.auth_cost [--peers 1000] [--pieces 4000] [--announces 20000]
+        [--dataplane-size 256MiB] [--dataplane-rounds 3]
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ from seeder.publish import publish
 from swarm.announce import Announce
 from swarm.auth import ClusterKey, new_nonce
 from swarm.bitfield import Bitfield
+from swarm.units import parse_size
 from tracker.service import Tracker, TrackerConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -213,6 +223,35 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def _dataplane(size: int, rounds: int) -> dict[str, Any]:
+    """Peer-pair throughput over loopback without and with a token, alternating."""
+    import secrets
+    import shutil
+
+    from benchmarks.dataplane import swarm_transfer
+
+    token = secrets.token_urlsafe(32)
+    runs: dict[str, list[float]] = {"open": [], "token": []}
+    for _ in range(rounds):
+        for mode, tok in (("open", None), ("token", token)):
+            work = Path(tempfile.mkdtemp(prefix=f"auth-cost-dataplane-{mode}-"))
+            try:
+                fetched = swarm_transfer(work, size, None, False, token=tok)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            runs[mode].append(round(size / float(fetched["seconds"]) / 1e6, 1))
+    medians = {mode: statistics.median(v) for mode, v in runs.items()}
+    return {
+        "model_bytes": size,
+        "rounds": rounds,
+        "open_mbps": runs["open"],
+        "token_mbps": runs["token"],
+        "median_open_mbps": medians["open"],
+        "median_token_mbps": medians["token"],
+        "ratio_token_to_open": round(medians["token"] / medians["open"], 3),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peers", type=int, default=1000)
@@ -222,8 +261,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=3, help="rounds per mode, alternating")
     parser.add_argument("--seed", type=int, default=12)
     parser.add_argument("--out", type=Path, default=None, help="result JSON (default: results/)")
+    parser.add_argument(
+        "--dataplane-size", type=parse_size, default=256 * 1024 * 1024, help="0: skip it"
+    )
+    parser.add_argument("--dataplane-rounds", type=int, default=3)
     args = parser.parse_args(argv)
     measured = asyncio.run(_run(args))
+    if args.dataplane_size:
+        measured["dataplane"] = _dataplane(args.dataplane_size, args.dataplane_rounds)
     today = dt.date.today().isoformat()
     result = {
         "benchmark": "auth_cost",
@@ -259,6 +304,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{measured['ratio_token_to_open_best']:.3f} (best); "
         f"CPU per announce {measured['cpu_ratio_token_to_open']:.3f}  ->  {out}"
     )
+    if "dataplane" in measured:
+        d = measured["dataplane"]
+        print(
+            f"data plane ({d['model_bytes'] / 2**20:.0f} MiB, peer to peer): open {d['open_mbps']} MB/s, "
+            f"token {d['token_mbps']} MB/s; token/open {d['ratio_token_to_open']:.3f} (medians)"
+        )
     return result
 
 

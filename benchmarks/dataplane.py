@@ -48,6 +48,7 @@ from benchmarks.errors import BenchmarkError
 from benchmarks.shaped import REPO_ROOT, RESULTS_DIR, write_result
 from seeder.local_s3 import free_port
 from swarm.announce import Announce, TrackerClient
+from swarm.auth import TOKEN_ENV, ClusterKey
 from swarm.bitfield import Bitfield
 from swarm.errors import TrackerError
 from swarm.units import parse_size
@@ -161,22 +162,28 @@ def raw_socket_mbps(total: int) -> float:
 # --- swarm -----------------------------------------------------------------------------
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+def _env(token: str | None = None) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+    env.pop(TOKEN_ENV, None)
+    if token:
+        env[TOKEN_ENV] = token
+    return env
 
 
 def _cli() -> list[str]:
     return [sys.executable, "-m", "cli.main"]
 
 
-def _run_json(argv: list[str], what: str, timeout: float = 600) -> dict[str, Any]:
+def _run_json(
+    argv: list[str], what: str, timeout: float = 600, token: str | None = None
+) -> dict[str, Any]:
     proc = subprocess.run(
         argv,
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=REPO_ROOT,
-        env=_env(),
+        env=_env(token),
         check=False,
     )
     if proc.returncode != 0:
@@ -184,11 +191,18 @@ def _run_json(argv: list[str], what: str, timeout: float = 600) -> dict[str, Any
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
-def _swarm_status(tracker: str, root: str) -> dict[str, Any]:
+def _swarm_status(tracker: str, root: str, token: str | None = None) -> dict[str, Any]:
+    async def get() -> dict[str, Any]:
+        client = TrackerClient(tracker, key=ClusterKey(token.encode() if token else None))
+        try:
+            status, body, _ = await client.get(f"/v1/swarms/{root}")
+        finally:
+            await client.close()
+        return dict(json.loads(body)) if status == 200 else {}
+
     try:
-        with urllib.request.urlopen(f"{tracker}/v1/swarms/{root}", timeout=2) as resp:
-            return dict(json.loads(resp.read()))
-    except (urllib.error.URLError, OSError, ValueError):
+        return asyncio.run(get())
+    except (TrackerError, ValueError):
         return {}
 
 
@@ -205,8 +219,10 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) 
     raise BenchmarkError(f"tracker {url} did not answer within {timeout:.0f} s")
 
 
-async def _announce_placeholder(tracker_url: str, ref: str, pieces: int) -> None:
-    client = TrackerClient(tracker_url)
+async def _announce_placeholder(
+    tracker_url: str, ref: str, pieces: int, token: str | None = None
+) -> None:
+    client = TrackerClient(tracker_url, key=ClusterKey(token.encode() if token else None))
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -229,8 +245,14 @@ async def _announce_placeholder(tracker_url: str, ref: str, pieces: int) -> None
         await client.close()
 
 
-def swarm_transfer(work: Path, size: int, piece_size: int | None, fsync: bool) -> dict[str, Any]:
-    """Serve ``size`` bytes from one complete peer to one empty peer; return the fetcher's JSON."""
+def swarm_transfer(
+    work: Path, size: int, piece_size: int | None, fsync: bool, token: str | None = None
+) -> dict[str, Any]:
+    """Serve ``size`` bytes from one complete peer to one empty peer; return the fetcher's JSON.
+
+    With ``token``, every process holds it (``SWARM_TOKEN``): the catalog entry is
+    signed, announces and requests carry MACs, and the peers prove it to each other.
+    """
     origin = work / "origin" / NAME
     origin.mkdir(parents=True)
     rng = random.Random(7)
@@ -248,12 +270,13 @@ def swarm_transfer(work: Path, size: int, piece_size: int | None, fsync: bool) -
     publish = [*_cli(), "publish", f"file://{origin}", "--name", NAME, "--catalog", catalog]
     if piece_size:
         publish += ["--piece-size", str(piece_size)]
-    info = _run_json([*publish, "--json"], "swarm publish")
+    info = _run_json([*publish, "--json"], "swarm publish", token=token)
     seed_dest, fetch_dest = work / "seed", work / "fetch"
     prepare = [*_cli(), "fetch", NAME, "--catalog", catalog, "--dest", str(seed_dest)]
     _run_json(
         [*prepare, "--direct", "--json", "--no-fsync"],
         "swarm fetch --direct (preparing the serving peer)",
+        token=token,
     )
     port = free_port()
     tracker_url = f"http://127.0.0.1:{port}"
@@ -267,7 +290,7 @@ def swarm_transfer(work: Path, size: int, piece_size: int | None, fsync: bool) -
             stdout=open(logs / f"{log}.out", "wb"),  # noqa: SIM115 - the child owns it
             stderr=open(logs / f"{log}.err", "wb"),  # noqa: SIM115
             cwd=REPO_ROOT,
-            env=_env(),
+            env=_env(token),
         )
         procs.append(proc)
         return proc
@@ -284,11 +307,11 @@ def swarm_transfer(work: Path, size: int, piece_size: int | None, fsync: bool) -
         # A serving peer alone in a swarm sees it complete and leaves at once; an
         # announced, unfinished placeholder (nothing listens on its port) keeps the
         # swarm open until the fetching peer has joined.
-        asyncio.run(_announce_placeholder(tracker_url, info["ref"], info["pieces"]))
+        asyncio.run(_announce_placeholder(tracker_url, info["ref"], info["pieces"], token))
         server = start([*server_argv, "--linger", "300", *peer_args], "server")
         deadline = time.monotonic() + 60
         while True:
-            status = _swarm_status(tracker_url, info["root"])
+            status = _swarm_status(tracker_url, info["root"], token)
             if status.get("present_pieces") == info["pieces"]:
                 break
             if server.poll() is not None or time.monotonic() > deadline:

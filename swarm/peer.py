@@ -21,6 +21,15 @@ wants every other node to finish, and withholding upload only slows the swarm.
 A peer whose data fails verification is dropped and barred for the rest of this
 swarm: if a failed piece came from one peer, that peer; if from several, the one
 peer common to two failed pieces.
+
+Connections prove the cluster token before anything else (the connect flow is
+``swarm.protocol.PeerHandshake``): an unproven connection is sent nothing but our
+Hello, and one that fails the handshake (garbage, a bad proof, another root or
+protocol version) is dropped with a warning and counted (``auth_failures``). An
+unproven connection is closed after ``handshake_timeout`` (``handshake_timeouts``)
+and at most ``max_pending_conns`` accepted ones wait at a time, so strangers
+can't hold the peer's descriptors; running out of descriptors pauses accepting,
+never ends it.
 """
 
 from __future__ import annotations
@@ -28,20 +37,23 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import logging
 import mmap
 import os
 import random
 import socket
 import time
-from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import BinaryIO
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Final
 
 from seeder.origin import Origin, open_origin
 from seeder.reader import RangedReader
 from swarm.announce import Announce, Reply, TrackerClient
+from swarm.auth import ClusterKey, new_nonce
 from swarm.bitfield import Bitfield
 from swarm.buffers import BufferPool
 from swarm.choker import UploadScheduler
@@ -51,7 +63,6 @@ from swarm.manifest import Manifest
 from swarm.picker import BlockRequest, PiecePicker
 from swarm.protocol import (
     NEED_DATA,
-    PROTOCOL_VERSION,
     BitfieldMsg,
     BlockEnd,
     BlockHeader,
@@ -61,8 +72,10 @@ from swarm.protocol import (
     FrameDecoder,
     Handshake,
     Have,
+    Hello,
     KeepAlive,
     Message,
+    PeerHandshake,
     Reject,
     Request,
     encode,
@@ -72,6 +85,30 @@ from swarm.store import PieceStore
 log = logging.getLogger("swarm.peer")
 
 _PAYLOAD_LOWAT = 256 * 1024
+
+# accept() errors that end one connection or say "not now", never the accept loop.
+_ACCEPT_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_ACCEPT_TRANSIENT: Final = _ACCEPT_RESOURCES | {errno.ECONNABORTED, errno.EPROTO, errno.EPERM}
+_ACCEPT_PAUSE_MIN: Final = 0.05
+_ACCEPT_PAUSE_MAX: Final = 1.0
+_SHUTDOWN_ROUNDS: Final = 50
+_SHUTDOWN_ROUND_SECONDS: Final = 0.2
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    """Wait until ``sock`` is readable (for a listening socket: a connection is waiting)."""
+    ready: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
 
 
 def _set_rcvlowat(sock: socket.socket, n: int) -> int:
@@ -100,23 +137,87 @@ class PeerConfig:
     blocks_in_flight: int = 8  # received blocks waiting for the disk thread, across connections
     range_size: int = 16 * 1024 * 1024
     origin_concurrency: int = 16
+    origin_retry_time: float = 600.0  # seconds a throttled or failing origin range is retried
     durable: bool = True
     direct_io: bool = True  # write and serve pieces bypassing the page cache where possible
     keepalive: float = 20.0
     idle_timeout: float = 90.0
     serve_corrupt: bool = False  # fault injection for tests: flip a bit of every block sent
+    key: ClusterKey = field(default_factory=lambda: ClusterKey(None))  # the cluster token
+    handshake_timeout: float = 10.0  # an unproven connection is closed after this long
+    max_pending_conns: int = 256  # accepted connections still in their handshake, at most
+    open_files: int = 32  # artifact files kept open for uploads when idle
+
+
+class _OpenFiles:
+    """The artifact's files open for uploads: every one in use, and up to ``limit`` idle.
+
+    An artifact may have tens of thousands of files; holding each open once served
+    would run the process out of descriptors. A file is closed only when no send
+    is using it: closing it under ``sendfile`` could let its descriptor number be
+    reused by another file, whose bytes would then go out as this block.
+    """
+
+    def __init__(self, path_of: Callable[[int], Path], limit: int) -> None:
+        self._path_of = path_of
+        self._limit = max(limit, 1)
+        self._open: OrderedDict[int, BinaryIO] = OrderedDict()  # least recently used first
+        self._users: Counter[int] = Counter()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    @contextlib.contextmanager
+    def lease(self, file_index: int) -> Iterator[BinaryIO]:
+        f = self._open.get(file_index)
+        if f is None:
+            f = open(self._path_of(file_index), "rb")  # noqa: SIM115 - closed by _trim or close
+            self._open[file_index] = f
+        self._open.move_to_end(file_index)
+        self._users[file_index] += 1
+        try:
+            yield f
+        finally:
+            self._users[file_index] -= 1
+            if not self._users[file_index]:
+                del self._users[file_index]
+            self._trim()
+
+    def _trim(self) -> None:
+        excess = len(self._open) - self._limit
+        for index in list(self._open):
+            if excess <= 0:
+                break
+            if index not in self._users:
+                self._open.pop(index).close()
+                excess -= 1
+
+    def close(self) -> None:
+        for f in self._open.values():
+            f.close()
+        self._open.clear()
 
 
 class _Conn:
     """One connection to another peer: a reader task, a writer task, and its queues."""
 
     def __init__(
-        self, node: SwarmPeer, sock: socket.socket, addr: tuple[str, int], outbound: bool
+        self,
+        node: SwarmPeer,
+        sock: socket.socket,
+        addr: tuple[str, int],
+        outbound: bool,
+        handshake: PeerHandshake,
     ) -> None:
         self.node = node
         self.sock = sock
         self.addr = addr
         self.outbound = outbound
+        self.handshake = handshake
+        self.deadline: asyncio.TimerHandle | None = None
+        # Set when we refuse a proven dialer (duplicate, barred): the writer sends
+        # our Handshake first, so the dialer sees a refusal, not a token mismatch.
+        self.refused: RemoteProtocolError | None = None
         self.peer_id = b""
         self.control: deque[bytes] = deque()
         self.uploads: deque[Request] = deque()
@@ -185,6 +286,7 @@ class SwarmPeer:
             self.origin,
             range_size=self.config.range_size,
             max_concurrency=self.config.origin_concurrency,
+            retry_time=self.config.origin_retry_time,
         )
         self.conns: dict[bytes, _Conn] = {}
         self.pending_conns: set[_Conn] = set()
@@ -210,7 +312,15 @@ class SwarmPeer:
         self.corrupt_pieces = 0
         self._server: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._files: dict[int, BinaryIO] = {}
+        self._files = _OpenFiles(
+            lambda index: self.store.dest / self.m.files[index].path, self.config.open_files
+        )
+        # Connections dropped before the remote proved the token (see _handshake_failed),
+        # closed for not finishing the handshake in time, and refused for too many pending.
+        self.auth_failures = 0
+        self.handshake_timeouts = 0
+        self.pending_refused = 0  # accepted and closed at once: too many pending
+        self._refusal_logged = 0.0
         self._fatal: BaseException | None = None
         self._origin_pool = BufferPool(
             min(manifest.piece_size, max(manifest.piece_lengths, default=1)),
@@ -274,6 +384,9 @@ class SwarmPeer:
                 origin_pieces=self.origin_pieces,
                 corrupt_pieces=self.corrupt_pieces,
                 barred_peers=sorted(p.hex() for p in self.barred),
+                auth_failures=self.auth_failures,
+                handshake_timeouts=self.handshake_timeouts,
+                pending_refused=self.pending_refused,
                 peer_id=self.peer_id.hex(),
                 linger_seconds=round(time.monotonic() - (self.finished_at or time.monotonic()), 3),
             )
@@ -318,17 +431,38 @@ class SwarmPeer:
     async def _shutdown(self) -> None:
         for conn in list(self.conns.values()) + list(self.pending_conns):
             self._close_conn(conn, None)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._cancel_tasks()
+        # Connections a task opened while being cancelled (see _cancel_tasks).
+        for conn in list(self.conns.values()) + list(self.pending_conns):
+            self._close_conn(conn, None)
         if self._server is not None:
             self._server.close()
         # Let writes already handed to the disk thread finish before the files close.
         await asyncio.get_running_loop().run_in_executor(None, self._disk.shutdown)
-        for f in self._files.values():
-            f.close()
+        self._files.close()
         self.store.close()
         await self.origin.close()
+
+    async def _cancel_tasks(self) -> None:
+        """Cancel every task of the peer and wait until each has ended.
+
+        Cancelled once, a task can go on: on Python 3.11 ``asyncio.wait_for`` drops
+        a cancellation that arrives just as what it waits for completes (the
+        announcer waits that way), and a live task may spawn new ones. So cancel
+        until none is left, within a bound.
+        """
+        ended: set[asyncio.Task[None]] = set()
+        for _ in range(_SHUTDOWN_ROUNDS):
+            live = [task for task in self._tasks if not task.done()]
+            if not live:
+                break
+            for task in live:
+                task.cancel()
+            done, _ = await asyncio.wait(live, timeout=_SHUTDOWN_ROUND_SECONDS)
+            ended |= done
+        else:
+            log.error("%d tasks did not end when cancelled", sum(not t.done() for t in self._tasks))
+        await asyncio.gather(*ended, return_exceptions=True)
 
     # --- tracker -------------------------------------------------------------------
 
@@ -433,6 +567,7 @@ class SwarmPeer:
                 range_size=self.config.range_size,
                 durable=self.config.durable,
                 direct_io=self.config.direct_io,
+                origin_retry_time=self.config.origin_retry_time,
             ),
             progress=self.progress,
         )
@@ -471,6 +606,9 @@ class SwarmPeer:
                         log.warning("%s; reading it from the origin again", exc)
         except asyncio.CancelledError:
             self.picker.release(index)
+            # Peers may hold it now (that is why the tracker took it back): ask them
+            # at once, as nothing else may come along to trigger a request.
+            self._fill_all()
             raise
         finally:
             self.origin_tasks.pop(index, None)
@@ -559,23 +697,76 @@ class SwarmPeer:
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
         assert self._server is not None
+        pause = _ACCEPT_PAUSE_MIN
         while True:
-            sock, addr = await loop.sock_accept(self._server)
-            self._start_conn(sock, addr, outbound=False)
+            # accept() itself runs here, not in a future: a socket accepted into a
+            # future just as this task is cancelled would never be closed.
+            await _readable(loop, self._server)
+            try:
+                sock, addr = self._server.accept()
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_TRANSIENT:
+                    raise
+                # Out of descriptors or kernel memory: the connection waits in the
+                # backlog; pause so as not to spin, and try again as they free up.
+                if exc.errno in _ACCEPT_RESOURCES:
+                    log.warning(
+                        "can't accept peer connections: %s; pausing accepts for %.2fs",
+                        exc.strerror or exc,
+                        pause,
+                    )
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, _ACCEPT_PAUSE_MAX)
+                continue
+            pause = _ACCEPT_PAUSE_MIN
+            inbound_pending = sum(1 for c in self.pending_conns if not c.outbound)
+            if inbound_pending >= self.config.max_pending_conns:
+                sock.close()
+                self._refuse_overflow(addr)
+                continue
+            try:
+                self._start_conn(sock, addr, outbound=False)
+            except OSError as exc:  # reset before we got to it
+                sock.close()
+                log.info("peer connection from %s:%d lost at once: %s", addr[0], addr[1], exc)
+
+    def _refuse_overflow(self, addr: tuple[str, int]) -> None:
+        self.pending_refused += 1
+        now = time.monotonic()
+        if now - self._refusal_logged >= 10.0:  # one line per 10 s, however many come
+            self._refusal_logged = now
+            log.warning(
+                "refused %s:%d at once: %d connections are still in their handshake "
+                "(%d refused so far)",
+                addr[0],
+                addr[1],
+                self.config.max_pending_conns,
+                self.pending_refused,
+            )
 
     async def _dial(self, peer_id: bytes, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        except OSError as exc:  # out of descriptors: the next announce tries again
+            self._dials.discard(peer_id)
+            log.warning("can't open a socket to peer %s: %s", peer_id.hex()[:8], exc)
+            return
         sock.setblocking(False)
         try:
             await asyncio.wait_for(loop.sock_connect(sock, (host, port)), 5.0)
+            conn = self._start_conn(sock, (host, port), outbound=True)
         except (OSError, TimeoutError) as exc:
             sock.close()
             log.info("can't connect to peer %s at %s:%d: %s", peer_id.hex()[:8], host, port, exc)
             return
+        except BaseException:  # cancelled: the socket is still ours to close
+            sock.close()
+            raise
         finally:
             self._dials.discard(peer_id)
-        conn = self._start_conn(sock, (host, port), outbound=True)
         conn.peer_id = peer_id
 
     def _start_conn(self, sock: socket.socket, addr: tuple[str, int], *, outbound: bool) -> _Conn:
@@ -584,14 +775,38 @@ class SwarmPeer:
         for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, opt, 4 * 1024 * 1024)
-        conn = _Conn(self, sock, addr, outbound)
+        handshake = PeerHandshake(
+            self.config.key,
+            dialer=outbound,
+            root=self.m.root,
+            peer_id=self.peer_id,
+            listen_port=self.listen_port,
+            nonce=new_nonce(),
+        )
+        conn = _Conn(self, sock, addr, outbound, handshake)
         self.pending_conns.add(conn)
-        conn.send(Handshake(PROTOCOL_VERSION, self.m.root, self.peer_id, self.listen_port))
+        for msg in handshake.start():
+            conn.send(msg)
+        conn.deadline = asyncio.get_running_loop().call_later(
+            self.config.handshake_timeout, self._handshake_overdue, conn
+        )
         conn.tasks = [
             self._spawn_conn(self._reader(conn), conn, "reader"),
             self._spawn_conn(self._writer(conn), conn, "writer"),
         ]
         return conn
+
+    def _handshake_overdue(self, conn: _Conn) -> None:
+        if conn.closed or conn not in self.pending_conns:
+            return
+        self.handshake_timeouts += 1
+        log.warning(
+            "closing %s:%d: no handshake within %.1fs",
+            conn.addr[0],
+            conn.addr[1],
+            self.config.handshake_timeout,
+        )
+        self._close_conn(conn, None)
 
     def _spawn_conn(self, coro: object, conn: _Conn, role: str) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.create_task(coro, name=f"{role}-{conn.addr}")  # type: ignore[arg-type]
@@ -618,7 +833,11 @@ class SwarmPeer:
         if conn.closed:
             return
         conn.closed = True
-        if why is not None:
+        if conn.deadline is not None:
+            conn.deadline.cancel()
+        if why is not None and not conn.handshake.done:
+            self._handshake_failed(conn, why)
+        elif why is not None:
             log.info("dropping %r: %s", conn, why or type(why).__name__)
         self.pending_conns.discard(conn)
         if self.conns.get(conn.peer_id) is conn:
@@ -631,6 +850,32 @@ class SwarmPeer:
                 task.cancel()
         conn.sock.close()
         self._fill_all()
+
+    def _handshake_failed(self, conn: _Conn, why: BaseException) -> None:
+        """Log and count a connection that ended before the remote proved the token."""
+        host, port = conn.addr
+        if isinstance(why, RemoteProtocolError):
+            reason = str(why)
+        elif conn.handshake.heard:
+            # It spoke our protocol, then left before proving itself: a proven peer
+            # that refuses us still sends its Handshake first, so this is most
+            # likely our proof failing its check.
+            reason = (
+                f"it closed the connection during the handshake ({why or type(why).__name__}): "
+                "it holds another cluster token, or none?"
+            )
+        else:
+            # Nothing received at all: a port probe, or a peer that refused us for load.
+            log.info(
+                "connection %s:%d closed before its hello: %s",
+                host,
+                port,
+                why or type(why).__name__,
+            )
+            return
+        self.auth_failures += 1
+        side = "to" if conn.outbound else "from"
+        log.warning("refused connection %s %s:%d: %s", side, host, port, reason)
 
     async def _reader(self, conn: _Conn) -> None:
         loop = asyncio.get_running_loop()
@@ -701,33 +946,58 @@ class SwarmPeer:
                     header = None
                 elif isinstance(event, ConnectionClosed):
                     raise EOFError("peer closed the connection")
+                elif conn.refused is not None:
+                    raise conn.refused
+                elif isinstance(event, Hello | Handshake):
+                    self._on_handshake(conn, event)
+                elif not conn.handshake.done:  # the decoder refuses this; kept as a guard
+                    raise RemoteProtocolError(f"{type(event).__name__} before the handshake")
                 else:
                     self._on_message(conn, event)
         finally:
             if block_buf is not None:
                 self._block_pool.release(block_buf)
 
-    def _on_message(self, conn: _Conn, msg: Message) -> None:
-        if isinstance(msg, Handshake):
-            if msg.root != self.m.root:
-                raise RemoteProtocolError(f"peer is in another swarm ({msg.root.hex()[:12]})")
-            if msg.peer_id == self.peer_id or msg.peer_id in self.barred:
-                raise RemoteProtocolError("connection to ourselves or to a barred peer")
-            if conn.peer_id and conn.peer_id != msg.peer_id:
-                raise RemoteProtocolError("peer id differs from what the tracker said")
-            existing = self.conns.get(msg.peer_id)
-            if existing is not None:
-                # Both dialed at once. Both ends keep the connection that the peer
-                # with the smaller id dialed, so they agree without another message.
-                if conn.outbound != (self.peer_id < msg.peer_id):
-                    raise RemoteProtocolError("duplicate connection")
-                self._close_conn(existing, RemoteProtocolError("duplicate connection"))
-            conn.peer_id = msg.peer_id
-            self.pending_conns.discard(conn)
-            self.conns[msg.peer_id] = conn
+    def _on_handshake(self, conn: _Conn, msg: Hello | Handshake) -> None:
+        """A frame of the connect flow: check it, then answer (see PeerHandshake)."""
+        replies = conn.handshake.receive(msg)  # raises unless proved, for our root
+        if not isinstance(msg, Handshake):
+            for reply in replies:
+                conn.send(reply)
+            return
+        try:
+            self._admit(conn, msg)
+        except RemoteProtocolError as exc:
+            if conn.outbound:
+                raise  # the acceptor has already proved itself: just close
+            # The dialer proved the token: answer before closing, or it would take
+            # the refusal for a token mismatch.
+            conn.refused = exc
+        for reply in replies:
+            conn.send(reply)
+        if conn.refused is None:
             conn.send(BitfieldMsg.from_bitfield(self.picker.have))
             log.debug("connected to %r", conn)
-        elif isinstance(msg, BitfieldMsg):
+
+    def _admit(self, conn: _Conn, msg: Handshake) -> None:
+        """Make ``conn`` the connection to the proven peer ``msg`` names, or refuse it."""
+        if msg.peer_id == self.peer_id or msg.peer_id in self.barred:
+            raise RemoteProtocolError("connection to ourselves or to a barred peer")
+        if conn.peer_id and conn.peer_id != msg.peer_id:
+            raise RemoteProtocolError("peer id differs from what the tracker said")
+        existing = self.conns.get(msg.peer_id)
+        if existing is not None:
+            # Both dialed at once. Both ends keep the connection that the peer
+            # with the smaller id dialed, so they agree without another message.
+            if conn.outbound != (self.peer_id < msg.peer_id):
+                raise RemoteProtocolError("duplicate connection")
+            self._close_conn(existing, RemoteProtocolError("duplicate connection"))
+        conn.peer_id = msg.peer_id
+        self.pending_conns.discard(conn)
+        self.conns[msg.peer_id] = conn
+
+    def _on_message(self, conn: _Conn, msg: Message) -> None:
+        if isinstance(msg, BitfieldMsg):
             # conn.bitfield is the one record of the peer's pieces; the picker
             # reads it (and merges a second Bitfield into it).
             sent = msg.to_bitfield(self.m.num_pieces)
@@ -816,7 +1086,7 @@ class SwarmPeer:
 
     def _fill(self, conn: _Conn) -> None:
         """Keep ``requests_per_peer`` block requests in flight to ``conn``."""
-        if conn.closed or conn.bitfield is None or conn.peer_id not in self.conns:
+        if conn.closed or conn.bitfield is None or self.conns.get(conn.peer_id) is not conn:
             return
         want = self.config.requests_per_peer - len(conn.requested)
         if want <= 0:
@@ -840,14 +1110,6 @@ class SwarmPeer:
                 conn.uploads.append(req)
                 conn.wake.set()
 
-    def _file(self, file_index: int) -> BinaryIO:
-        f = self._files.get(file_index)
-        if f is None:
-            f = self._files[file_index] = open(  # noqa: SIM115 - closed in _shutdown
-                self.store.dest / self.m.files[file_index].path, "rb"
-            )
-        return f
-
     async def _writer(self, conn: _Conn) -> None:
         loop = asyncio.get_running_loop()
         # The next block is read from disk while the current one goes out, so the
@@ -860,6 +1122,8 @@ class SwarmPeer:
                     conn.control.clear()
                     await loop.sock_sendall(conn.sock, data)
                     continue
+                if conn.refused is not None:
+                    raise conn.refused
                 if ahead is None and conn.uploads:
                     req = conn.uploads.popleft()
                     ahead = (req, asyncio.create_task(self._load_block(req)))
@@ -926,14 +1190,13 @@ class SwarmPeer:
                 self._upload_pool.release(buf)
         elif self.config.serve_corrupt:
             bad = bytearray(req.length)
-            fd = self._file(piece.file_index).fileno()
-            await asyncio.to_thread(os.preadv, fd, [bad], piece.offset + req.offset)
+            with self._files.lease(piece.file_index) as f:
+                await asyncio.to_thread(os.preadv, f.fileno(), [bad], piece.offset + req.offset)
             bad[0] ^= 0xFF
             await loop.sock_sendall(conn.sock, bad)
         else:
-            await loop.sock_sendfile(
-                conn.sock, self._file(piece.file_index), piece.offset + req.offset, req.length
-            )
+            with self._files.lease(piece.file_index) as f:
+                await loop.sock_sendfile(conn.sock, f, piece.offset + req.offset, req.length)
         self.uploaded_bytes += req.length
 
     async def _keepalive_loop(self) -> None:

@@ -28,8 +28,8 @@ destination buffer.
 =====  ===========  ==========================================================
 type   message      body
 =====  ===========  ==========================================================
-0      Handshake    magic ``b"SWRM"``, version u16, root 32 B, peer id 20 B,
-                    listen port u16 (60 bytes)
+0      Hello        magic ``b"SWRM"``, version u16, nonce 16 B, proof 32 B
+                    (54 bytes; the dialer's proof is 32 zero bytes)
 1      KeepAlive    empty
 2      BitfieldMsg  ``ceil(num_pieces / 8)`` bytes, BitTorrent bit order
 3      Have         piece u32
@@ -37,18 +37,50 @@ type   message      body
 5      Cancel       piece u32, offset u32, length u32
 6      Reject       piece u32, offset u32, length u32
 7      BlockHeader  piece u32, offset u32, length u32; then ``length`` payload bytes
+8      Handshake    root 32 B, peer id 20 B, listen port u16, proof 32 B (86 bytes)
 =====  ===========  ==========================================================
 
-Each side's first frame is its Handshake; a second Handshake, or any other frame
-first, is a protocol error.
+Each side sends exactly one Hello, then exactly one Handshake, then anything
+else; the decoder refuses any other order (a frame before the Hello, a frame
+between the Hello and the Handshake, a second Hello or Handshake).
+
+Connecting
+----------
+Nothing that identifies the swarm (root, peer id, bitfield) is sent to a
+connection that has not proved the cluster token (:mod:`swarm.auth`). The
+dialer speaks first and the acceptor proves the token first, so a process that
+merely connects to a peer's port learns a nonce and nothing else::
+
+    dialer                                         acceptor
+    Hello(nonce_d)                           ->
+                                             <-    Hello(nonce_a, proof_a)
+    checks proof_a
+    Handshake(root, id_d, proof_d)           ->
+                                                   checks proof_d and the root
+                                             <-    Handshake(root, id_a, proof_i), Bitfield
+    checks proof_i and the root
+    Bitfield                                 ->
+
+    proof_a = mac("peer-accept",    nonce_d, nonce_a)
+    proof_d = mac("peer-dial",      nonce_a, nonce_d, root, id_d)
+    proof_i = mac("peer-accept-id", nonce_d, nonce_a, root, id_a)
+
+Each proof covers a nonce the *checking* side chose just now, so no recorded
+exchange can be replayed, and each has its own purpose, so an acceptor's proof
+can't be reflected back as a dialer's. :class:`PeerHandshake` is this flow as a
+pure state machine; the engine feeds it the remote's Hello and Handshake and
+sends what it returns. With an open cluster key the flow is the same and every
+check passes. The token protects who may join and read, not the frames after
+the handshake: those carry no MAC (see the README's security model).
 
 Versioning
 ----------
-:data:`PROTOCOL_VERSION` is 1. It changes whenever a frame's layout or meaning
-changes; peers with different versions refuse each other at the handshake
-(there is one version per cluster roll-out, so no negotiation). The handshake's
-magic and version come first in its body so that a future version with a longer
-handshake is still reported as "wrong version", not as garbage.
+:data:`PROTOCOL_VERSION` is 2. It changes whenever a frame's layout or meaning
+changes; peers with different versions refuse each other at the Hello (there is
+one version per cluster roll-out, so no negotiation). The magic and version come
+first in the first frame of every version (version 1's first frame was its
+Handshake, type 0, with the same prefix), so a peer of another version, older or
+newer, is reported as "wrong version", not as garbage.
 
 Errors
 ------
@@ -57,7 +89,8 @@ than :data:`MAX_BLOCK`) raises :class:`~swarm.errors.LocalProtocolError`: that i
 our bug. Anything invalid the remote sends raises
 :class:`~swarm.errors.RemoteProtocolError` from :meth:`FrameDecoder.next_event`,
 with a message saying what was wrong; the caller drops that peer. After an
-error the decoder stays failed.
+error the decoder stays failed. :meth:`PeerHandshake.receive` raises
+RemoteProtocolError too, for a bad proof, a wrong root or a frame out of order.
 """
 
 from __future__ import annotations
@@ -69,6 +102,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Literal, TypeAlias
 
+from swarm.auth import MAC_SIZE, NONCE_SIZE, ClusterKey
 from swarm.bitfield import Bitfield
 from swarm.errors import LocalProtocolError, RemoteProtocolError
 
@@ -93,15 +127,17 @@ __all__ = [
     "FrameDecoder",
     "Handshake",
     "Have",
+    "Hello",
     "KeepAlive",
     "Message",
     "NeedData",
+    "PeerHandshake",
     "Reject",
     "Request",
     "encode",
 ]
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
 """Wire version spoken by this code; peers with another version are refused."""
 
 HANDSHAKE_MAGIC: Final = b"SWRM"
@@ -121,8 +157,9 @@ DEFAULT_BLOCK_SIZE: Final = 4 << 20
 """Block size requesters use unless configured otherwise."""
 
 _HEADER = struct.Struct("!IB")
-_HANDSHAKE = struct.Struct("!4sH32s20sH")
-_HANDSHAKE_PREFIX = struct.Struct("!4sH")
+_HELLO = struct.Struct(f"!4sH{NONCE_SIZE}s{MAC_SIZE}s")
+_HELLO_PREFIX = struct.Struct("!4sH")
+_HANDSHAKE = struct.Struct(f"!32s20sH{MAC_SIZE}s")
 _PIECE = struct.Struct("!I")
 _RANGE = struct.Struct("!III")
 
@@ -131,9 +168,9 @@ HEADER_SIZE: Final = _HEADER.size
 DEFAULT_MAX_FRAME: Final = 1 + MAX_PIECES // 8
 """Default bound on one frame (type byte and body): a bitfield of MAX_PIECES pieces."""
 
-# A remote's handshake may be longer than ours (a future version); we read at
-# most this much of it to report its version before refusing it.
-_MAX_HANDSHAKE_BODY: Final = 1024
+# A remote's first frame may be longer than our Hello (another version); we read
+# at most this much of it to report its version before refusing it.
+_MAX_HELLO_BODY: Final = 1024
 
 _U16_MAX: Final = 0xFFFF
 _U32_MAX: Final = 0xFFFF_FFFF
@@ -156,21 +193,42 @@ def _check_bytes(owner: str, name: str, value: object, length: int) -> None:
         raise LocalProtocolError(f"{owner}.{name} must be {length} bytes, got {len(value)}")
 
 
+_NO_PROOF: Final = bytes(MAC_SIZE)
+
+
 @dataclass(frozen=True, slots=True)
-class Handshake:
-    """First frame each side sends: who it is, which artifact, where it listens."""
+class Hello:
+    """First frame each side sends: protocol version, a fresh nonce, and (acceptor) a proof.
+
+    The dialer's Hello reveals nothing but the version; its ``proof`` is zeros.
+    The acceptor's proves the token over both nonces (see the module docstring).
+    """
 
     version: int
+    nonce: bytes
+    proof: bytes = _NO_PROOF
+
+    def __post_init__(self) -> None:
+        _check_int("Hello", "version", self.version, 1, _U16_MAX)
+        _check_bytes("Hello", "nonce", self.nonce, NONCE_SIZE)
+        _check_bytes("Hello", "proof", self.proof, MAC_SIZE)
+
+
+@dataclass(frozen=True, slots=True)
+class Handshake:
+    """Second frame each side sends: which artifact, who it is, where it listens, and proof."""
+
     root: bytes
     peer_id: bytes
     listen_port: int
+    proof: bytes
 
     def __post_init__(self) -> None:
-        _check_int("Handshake", "version", self.version, 1, _U16_MAX)
         _check_bytes("Handshake", "root", self.root, ROOT_LENGTH)
         _check_bytes("Handshake", "peer_id", self.peer_id, PEER_ID_LENGTH)
         # 0 means "I accept no incoming connections".
         _check_int("Handshake", "listen_port", self.listen_port, 0, _U16_MAX)
+        _check_bytes("Handshake", "proof", self.proof, MAC_SIZE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,8 +338,117 @@ class BlockHeader:
 
 
 Message: TypeAlias = (
-    Handshake | KeepAlive | BitfieldMsg | Have | Request | Cancel | Reject | BlockHeader
+    Hello | Handshake | KeepAlive | BitfieldMsg | Have | Request | Cancel | Reject | BlockHeader
 )
+
+# -- the connect flow -------------------------------------------------------
+
+
+class PeerHandshake:
+    """The connect flow of one connection, as a pure state machine (see "Connecting").
+
+    :meth:`start` gives the frames to send on connect (the dialer's Hello, nothing
+    for the acceptor); :meth:`receive` takes the remote's Hello or Handshake,
+    checks it, and gives the frames to send in reply. Once :attr:`done`,
+    :attr:`remote` is the remote's checked Handshake. A bad proof, a wrong root or
+    a frame out of order raises RemoteProtocolError, and the handshake stays failed.
+
+    The acceptor's reply to the dialer's Handshake is its own Handshake: the
+    caller sends it (and then its bitfield) only after its own checks of the
+    remote's peer id (ourselves, barred, a duplicate connection).
+    """
+
+    def __init__(
+        self,
+        key: ClusterKey,
+        *,
+        dialer: bool,
+        root: bytes,
+        peer_id: bytes,
+        listen_port: int,
+        nonce: bytes,
+    ) -> None:
+        _check_bytes("PeerHandshake", "nonce", nonce, NONCE_SIZE)
+        # Builds (and so checks) our Handshake's fields before anything is sent.
+        Handshake(root, peer_id, listen_port, _NO_PROOF)
+        self.key = key
+        self.dialer = dialer
+        self.root = root
+        self.peer_id = peer_id
+        self.listen_port = listen_port
+        self.nonce = nonce
+        self.remote_nonce = b""
+        self.remote: Handshake | None = None
+        self._error = ""
+
+    @property
+    def heard(self) -> bool:
+        """The remote's Hello arrived: it speaks our protocol and version."""
+        return bool(self.remote_nonce)
+
+    @property
+    def done(self) -> bool:
+        """The remote proved the token and sent a Handshake for our root."""
+        return self.remote is not None
+
+    def start(self) -> list[Message]:
+        """Frames to send as soon as the connection is up."""
+        return [Hello(PROTOCOL_VERSION, self.nonce)] if self.dialer else []
+
+    def receive(self, msg: Hello | Handshake) -> list[Message]:
+        """Check the remote's ``msg``; the frames to send in reply."""
+        if self._error:
+            raise RemoteProtocolError(f"handshake already failed: {self._error}")
+        try:
+            if isinstance(msg, Hello):
+                return self._hello(msg)
+            return self._handshake(msg)
+        except RemoteProtocolError as exc:
+            self._error = str(exc)
+            raise
+
+    def _hello(self, msg: Hello) -> list[Message]:
+        if self.remote_nonce:
+            raise RemoteProtocolError("second hello on one connection")
+        if msg.version != PROTOCOL_VERSION:
+            raise RemoteProtocolError(
+                f"peer speaks protocol version {msg.version}, we speak {PROTOCOL_VERSION}"
+            )
+        self.remote_nonce = msg.nonce
+        if not self.dialer:
+            proof = self.key.mac(b"peer-accept", msg.nonce, self.nonce)
+            return [Hello(PROTOCOL_VERSION, self.nonce, proof)]
+        if not self.key.check(msg.proof, b"peer-accept", self.nonce, msg.nonce):
+            raise RemoteProtocolError(
+                "its hello does not prove our cluster token (another token, or none)"
+            )
+        proof = self.key.mac(b"peer-dial", msg.nonce, self.nonce, self.root, self.peer_id)
+        return [Handshake(self.root, self.peer_id, self.listen_port, proof)]
+
+    def _handshake(self, msg: Handshake) -> list[Message]:
+        if not self.remote_nonce:
+            raise RemoteProtocolError("handshake before the hello")
+        if self.remote is not None:
+            raise RemoteProtocolError("second handshake on one connection")
+        purpose = b"peer-accept-id" if self.dialer else b"peer-dial"
+        if not self.key.check(
+            msg.proof, purpose, self.nonce, self.remote_nonce, msg.root, msg.peer_id
+        ):
+            raise RemoteProtocolError(
+                "its handshake does not prove our cluster token (another token, or none)"
+            )
+        if msg.root != self.root:
+            raise RemoteProtocolError(
+                f"peer is in another swarm (root {msg.root.hex()[:12]}, ours {self.root.hex()[:12]})"
+            )
+        self.remote = msg
+        if self.dialer:
+            return []
+        proof = self.key.mac(
+            b"peer-accept-id", self.remote_nonce, self.nonce, self.root, self.peer_id
+        )
+        return [Handshake(self.root, self.peer_id, self.listen_port, proof)]
+
 
 # -- decoder-only events ----------------------------------------------------
 
@@ -327,7 +494,7 @@ Event: TypeAlias = (
 
 # -- encoding ---------------------------------------------------------------
 
-_T_HANDSHAKE: Final = 0
+_T_HELLO: Final = 0
 _T_KEEPALIVE: Final = 1
 _T_BITFIELD: Final = 2
 _T_HAVE: Final = 3
@@ -335,8 +502,10 @@ _T_REQUEST: Final = 4
 _T_CANCEL: Final = 5
 _T_REJECT: Final = 6
 _T_BLOCK: Final = 7
+_T_HANDSHAKE: Final = 8
 
 _TYPE_NAMES: Final = {
+    _T_HELLO: "hello",
     _T_HANDSHAKE: "handshake",
     _T_KEEPALIVE: "keep-alive",
     _T_BITFIELD: "bitfield",
@@ -384,8 +553,10 @@ def encode(msg: Message) -> bytes:
         return _frame(_T_KEEPALIVE, b"")
     if isinstance(msg, BitfieldMsg):
         return _frame(_T_BITFIELD, msg.bits)
+    if isinstance(msg, Hello):
+        return _frame(_T_HELLO, _HELLO.pack(HANDSHAKE_MAGIC, msg.version, msg.nonce, msg.proof))
     if isinstance(msg, Handshake):
-        body = _HANDSHAKE.pack(HANDSHAKE_MAGIC, msg.version, msg.root, msg.peer_id, msg.listen_port)
+        body = _HANDSHAKE.pack(msg.root, msg.peer_id, msg.listen_port, msg.proof)
         return _frame(_T_HANDSHAKE, body)
     raise LocalProtocolError(f"cannot encode {type(msg).__name__}: not a wire message")
 
@@ -434,7 +605,7 @@ class FrameDecoder:
         num_pieces: int | None = None,
         piece_lengths: Sequence[int] | None = None,
     ) -> None:
-        minimum = 1 + _HANDSHAKE.size
+        minimum = 1 + max(_HELLO.size, _HANDSHAKE.size)
         if not minimum <= max_frame <= _U32_MAX:
             raise ValueError(f"max_frame must be in [{minimum}, {_U32_MAX}], got {max_frame}")
         if not 1 <= max_block <= MAX_BLOCK:
@@ -450,7 +621,8 @@ class FrameDecoder:
         self._buffered = 0
         self._eof = False
         self._state = _State.HEADER
-        self._handshake_seen = False
+        # Frames of the connect flow seen so far: 0, then 1 (the Hello), then 2 (the Handshake).
+        self._stage = 0
         self._frame_type = 0
         self._body_size = 0
         self._block: BlockHeader | None = None
@@ -596,13 +768,18 @@ class FrameDecoder:
         if frame_type not in _TYPE_NAMES:
             raise self._fail(f"unknown frame type {frame_type} (length {length})")
         name = _TYPE_NAMES[frame_type]
-        if not self._handshake_seen:
+        if self._stage == 0:
+            if frame_type != _T_HELLO:
+                raise self._fail(f"expected a hello as the first frame, got a {name} frame")
+            if not _HELLO_PREFIX.size <= body_size <= _MAX_HELLO_BODY:
+                raise self._fail(f"hello body is {body_size} bytes, expected {_HELLO.size}")
+        elif self._stage == 1:
             if frame_type != _T_HANDSHAKE:
-                raise self._fail(f"expected a handshake as the first frame, got a {name} frame")
-            if not _HANDSHAKE_PREFIX.size <= body_size <= _MAX_HANDSHAKE_BODY:
+                raise self._fail(f"expected a handshake after the hello, got a {name} frame")
+            if body_size != _HANDSHAKE.size:
                 raise self._fail(f"handshake body is {body_size} bytes, expected {_HANDSHAKE.size}")
-        elif frame_type == _T_HANDSHAKE:
-            raise self._fail("second handshake on one connection")
+        elif frame_type in (_T_HELLO, _T_HANDSHAKE):
+            raise self._fail(f"second {name} on one connection")
         elif frame_type == _T_BITFIELD:
             if self._num_pieces is not None:
                 expected = (self._num_pieces + 7) // 8
@@ -622,8 +799,12 @@ class FrameDecoder:
         self._state = _State.BODY
 
     def _parse_body(self, frame_type: int, body: memoryview) -> Event:
+        if frame_type == _T_HELLO:
+            return self._parse_hello(body)
         if frame_type == _T_HANDSHAKE:
-            return self._parse_handshake(body)
+            root, peer_id, port, proof = _HANDSHAKE.unpack(body)
+            self._stage = 2
+            return Handshake(root, peer_id, port, proof)
         if frame_type == _T_KEEPALIVE:
             return KeepAlive()
         if frame_type == _T_BITFIELD:
@@ -666,17 +847,20 @@ class FrameDecoder:
         self._state = _State.PAYLOAD
         return header
 
-    def _parse_handshake(self, body: memoryview) -> Handshake:
-        magic, version = _HANDSHAKE_PREFIX.unpack_from(body)
+    def _parse_hello(self, body: memoryview) -> Hello:
+        magic, version = _HELLO_PREFIX.unpack_from(body)
         if magic != HANDSHAKE_MAGIC:
-            raise self._fail(f"handshake magic is {bytes(magic)!r}, expected {HANDSHAKE_MAGIC!r}")
+            raise self._fail(f"hello magic is {bytes(magic)!r}, expected {HANDSHAKE_MAGIC!r}")
         if version != PROTOCOL_VERSION:
-            raise self._fail(f"peer speaks protocol version {version}, we speak {PROTOCOL_VERSION}")
-        if len(body) != _HANDSHAKE.size:
-            raise self._fail(f"handshake body is {len(body)} bytes, expected {_HANDSHAKE.size}")
-        _, _, root, peer_id, port = _HANDSHAKE.unpack(body)
-        self._handshake_seen = True
-        return Handshake(version, root, peer_id, port)
+            raise self._fail(
+                f"peer speaks protocol version {version}, we speak {PROTOCOL_VERSION}: "
+                "every peer of a cluster must run the same swarm release"
+            )
+        if len(body) != _HELLO.size:
+            raise self._fail(f"hello body is {len(body)} bytes, expected {_HELLO.size}")
+        _, _, nonce, proof = _HELLO.unpack(body)
+        self._stage = 1
+        return Hello(version, nonce, proof)
 
     def _check_piece(self, name: str, piece: int) -> None:
         limit = self._num_pieces if self._num_pieces is not None else MAX_PIECES

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from swarm.auth import ClusterKey
 from swarm.bitfield import Bitfield
 from swarm.errors import LocalProtocolError, RemoteProtocolError
 from swarm.protocol import (
@@ -23,8 +24,10 @@ from swarm.protocol import (
     FrameDecoder,
     Handshake,
     Have,
+    Hello,
     KeepAlive,
     Message,
+    PeerHandshake,
     Reject,
     Request,
     encode,
@@ -32,8 +35,9 @@ from swarm.protocol import (
 
 ROOT = bytes(range(32))
 PEER = b"p" * 20
-HANDSHAKE = Handshake(PROTOCOL_VERSION, ROOT, PEER, 7000)
-HS_BYTES = encode(HANDSHAKE)
+HELLO = Hello(PROTOCOL_VERSION, bytes(range(16)), b"\x11" * 32)
+HANDSHAKE = Handshake(ROOT, PEER, 7000, b"\x22" * 32)
+HS_BYTES = encode(HELLO) + encode(HANDSHAKE)
 
 # Drained is a list of messages, with each block's payload as one bytes item
 # followed by its BlockEnd, so differently split inputs compare equal.
@@ -75,6 +79,7 @@ def stream() -> tuple[bytes, Drained]:
     payload_a = bytes(range(256)) * 40
     payload_b = b"\x00\xff" * 3
     messages: list[tuple[Message, bytes]] = [
+        (HELLO, b""),
         (HANDSHAKE, b""),
         (BitfieldMsg(b"\xa0\x80"), b""),
         (Have(3), b""),
@@ -116,18 +121,27 @@ def stream() -> tuple[bytes, Drained]:
 def test_every_message_round_trips(message: Message) -> None:
     decoder = FrameDecoder()
     decoder.feed(HS_BYTES + encode(message))
-    assert decoder.next_event() == HANDSHAKE
+    expect_connect(decoder)
     assert decoder.next_event() == message
 
 
-def test_handshake_round_trips_with_edge_values() -> None:
-    for message in (
-        Handshake(PROTOCOL_VERSION, b"\x00" * 32, b"\xff" * 20, 0),
-        Handshake(PROTOCOL_VERSION, ROOT, PEER, 65535),
+def expect_connect(decoder: FrameDecoder) -> None:
+    assert decoder.next_event() == HELLO
+    assert decoder.next_event() == HANDSHAKE
+
+
+def test_connect_frames_round_trip_with_edge_values() -> None:
+    for hello, handshake in (
+        (
+            Hello(PROTOCOL_VERSION, b"\x00" * 16),
+            Handshake(b"\x00" * 32, b"\xff" * 20, 0, b"\0" * 32),
+        ),
+        (Hello(PROTOCOL_VERSION, b"\xff" * 16, b"\xff" * 32), Handshake(ROOT, PEER, 65535, ROOT)),
     ):
         decoder = FrameDecoder()
-        decoder.feed(encode(message))
-        assert decoder.next_event() == message
+        decoder.feed(encode(hello) + encode(handshake))
+        assert decoder.next_event() == hello
+        assert decoder.next_event() == handshake
         assert decoder.next_event() is NEED_DATA
 
 
@@ -136,16 +150,29 @@ def test_frame_layout_is_length_type_body() -> None:
     assert encode(KeepAlive()) == b"\x00\x00\x00\x01\x01"
     header = encode(BlockHeader(1, 2, 3))
     assert header == struct.pack("!IBIII", 13, 7, 1, 2, 3)
+    assert encode(HELLO) == struct.pack("!IB4sH", 55, 0, b"SWRM", 2) + HELLO.nonce + HELLO.proof
+    assert (
+        encode(HANDSHAKE) == struct.pack("!IB", 87, 8) + ROOT + PEER + b"\x1b\x58" + HANDSHAKE.proof
+    )
+
+
+def test_dialer_hello_reveals_nothing_but_the_version() -> None:
+    nonce = b"n" * 16
+    wire = encode(Hello(PROTOCOL_VERSION, nonce))
+    assert wire == struct.pack("!IB4sH", 55, 0, b"SWRM", PROTOCOL_VERSION) + nonce + bytes(32)
 
 
 @pytest.mark.parametrize(
     ("build", "match"),
     [
-        (lambda: Handshake(0, ROOT, PEER, 1), "version=0"),
-        (lambda: Handshake(1, ROOT[:31], PEER, 1), "root must be 32 bytes"),
-        (lambda: Handshake(1, ROOT, PEER + b"x", 1), "peer_id must be 20 bytes"),
-        (lambda: Handshake(1, ROOT, PEER, 65536), "listen_port"),
-        (lambda: Handshake(1, "x" * 32, PEER, 1), "root must be bytes"),  # type: ignore[arg-type]
+        (lambda: Hello(0, bytes(16)), "version=0"),
+        (lambda: Hello(PROTOCOL_VERSION, bytes(15)), "nonce must be 16 bytes"),
+        (lambda: Hello(PROTOCOL_VERSION, bytes(16), bytes(31)), "proof must be 32 bytes"),
+        (lambda: Handshake(ROOT[:31], PEER, 1, ROOT), "root must be 32 bytes"),
+        (lambda: Handshake(ROOT, PEER + b"x", 1, ROOT), "peer_id must be 20 bytes"),
+        (lambda: Handshake(ROOT, PEER, 65536, ROOT), "listen_port"),
+        (lambda: Handshake(ROOT, PEER, 1, b""), "proof must be 32 bytes"),
+        (lambda: Handshake("x" * 32, PEER, 1, ROOT), "root must be bytes"),  # type: ignore[arg-type]
         (lambda: Have(-1), "piece=-1"),
         (lambda: Have(True), "must be an int"),
         (lambda: Request(0, 0, 0), "length=0"),
@@ -205,7 +232,7 @@ def test_stream_with_trailing_partial_frame() -> None:
 def test_stream_with_trailing_partial_payload() -> None:
     decoder = FrameDecoder()
     decoder.feed(HS_BYTES + encode(BlockHeader(0, 0, 10)) + b"abcd")
-    assert decoder.next_event() == HANDSHAKE
+    expect_connect(decoder)
     assert decoder.next_event() == BlockHeader(0, 0, 10)
     event = decoder.next_event()
     assert isinstance(event, BlockPayload)
@@ -234,7 +261,7 @@ def test_feed_copies_mutable_buffers() -> None:
     decoder = FrameDecoder()
     decoder.feed(memoryview(buffer))
     buffer[:] = bytes(len(buffer))  # the caller reuses its receive buffer
-    assert decoder.next_event() == HANDSHAKE
+    expect_connect(decoder)
 
 
 def test_payload_read_straight_into_destination() -> None:
@@ -277,6 +304,7 @@ def test_payload_read_straight_into_destination() -> None:
             continue
         events.append(event)
     assert events == [
+        HELLO,
         HANDSHAKE,
         BlockHeader(3, 0, len(payload)),
         BlockEnd(3, 0, len(payload)),
@@ -291,7 +319,7 @@ def test_payload_consumed_misuse_is_a_local_error() -> None:
     with pytest.raises(LocalProtocolError, match="outside a block"):
         decoder.payload_consumed(1)
     decoder.feed(HS_BYTES + encode(BlockHeader(0, 0, 10)) + b"ab")
-    decoder.next_event()
+    expect_connect(decoder)
     decoder.next_event()
     with pytest.raises(LocalProtocolError, match="still buffered"):
         decoder.payload_consumed(1)
@@ -307,16 +335,26 @@ def test_clean_close_between_frames() -> None:
     decoder = FrameDecoder()
     decoder.feed(HS_BYTES)
     decoder.feed_eof()
-    assert decoder.next_event() == HANDSHAKE
+    expect_connect(decoder)
     assert decoder.next_event() == ConnectionClosed()
     assert decoder.next_event() == ConnectionClosed()
     with pytest.raises(LocalProtocolError):
         decoder.feed(b"x")
 
 
+def test_truncated_hello() -> None:
+    decoder = FrameDecoder()
+    decoder.feed(encode(HELLO)[:-1])
+    assert decoder.next_event() is NEED_DATA
+    decoder.feed_eof()
+    with pytest.raises(RemoteProtocolError, match="closed inside a hello frame"):
+        decoder.next_event()
+
+
 def test_truncated_handshake() -> None:
     decoder = FrameDecoder()
     decoder.feed(HS_BYTES[:-1])
+    assert decoder.next_event() == HELLO
     assert decoder.next_event() is NEED_DATA
     decoder.feed_eof()
     with pytest.raises(RemoteProtocolError, match="closed inside a handshake frame"):
@@ -327,7 +365,7 @@ def test_truncated_payload() -> None:
     decoder = FrameDecoder()
     decoder.feed(HS_BYTES + encode(BlockHeader(2, 0, 10)) + b"abc")
     decoder.feed_eof()
-    assert decoder.next_event() == HANDSHAKE
+    expect_connect(decoder)
     assert decoder.next_event() == BlockHeader(2, 0, 10)
     assert isinstance(decoder.next_event(), BlockPayload)
     with pytest.raises(RemoteProtocolError, match="7 of 10 bytes missing"):
@@ -348,15 +386,32 @@ def test_truncated_header() -> None:
 def after_handshake(**kwargs: int) -> FrameDecoder:
     decoder = FrameDecoder(**kwargs)  # type: ignore[arg-type]
     decoder.feed(HS_BYTES)
-    assert decoder.next_event() == HANDSHAKE
+    expect_connect(decoder)
     return decoder
 
 
-def test_wrong_version() -> None:
-    body = struct.pack("!4sH32s20sH", b"SWRM", PROTOCOL_VERSION + 1, ROOT, PEER, 1)
+def test_version_1_handshake_is_refused_as_wrong_version() -> None:
+    # Version 1's first frame: its Handshake, type 0, magic and version first.
+    body = struct.pack("!4sH32s20sH", b"SWRM", 1, ROOT, PEER, 1)
     decoder = FrameDecoder()
     decoder.feed(struct.pack("!IB", 1 + len(body), 0) + body)
-    with pytest.raises(RemoteProtocolError, match="protocol version 2, we speak 1"):
+    with pytest.raises(RemoteProtocolError, match="protocol version 1, we speak 2"):
+        decoder.next_event()
+
+
+def test_newer_version_hello_is_refused() -> None:
+    body = struct.pack("!4sH16s32s", b"SWRM", PROTOCOL_VERSION + 1, bytes(16), bytes(32))
+    decoder = FrameDecoder()
+    decoder.feed(struct.pack("!IB", 1 + len(body), 0) + body)
+    with pytest.raises(RemoteProtocolError, match="protocol version 3, we speak 2"):
+        decoder.next_event()
+
+
+def test_hello_of_our_version_with_wrong_length() -> None:
+    body = struct.pack("!4sH16s", b"SWRM", PROTOCOL_VERSION, bytes(16))
+    decoder = FrameDecoder()
+    decoder.feed(struct.pack("!IB", 1 + len(body), 0) + body)
+    with pytest.raises(RemoteProtocolError, match="hello body is 22 bytes, expected 54"):
         decoder.next_event()
 
 
@@ -371,21 +426,40 @@ def test_future_longer_handshake_reports_version() -> None:
 def test_wrong_magic() -> None:
     decoder = FrameDecoder()
     decoder.feed(HS_BYTES.replace(b"SWRM", b"HTTP"))
-    with pytest.raises(RemoteProtocolError, match="magic"):
+    with pytest.raises(RemoteProtocolError, match="hello magic"):
         decoder.next_event()
 
 
-def test_first_frame_must_be_handshake() -> None:
+def test_first_frame_must_be_hello() -> None:
+    for first in (Have(1), HANDSHAKE, BitfieldMsg(b"\xff")):
+        decoder = FrameDecoder()
+        decoder.feed(encode(first))
+        with pytest.raises(RemoteProtocolError, match=r"expected a hello as the first frame"):
+            decoder.next_event()
+
+
+def test_nothing_but_the_handshake_after_the_hello() -> None:
+    for second in (Have(1), KeepAlive(), BitfieldMsg(b"\xff"), Request(0, 0, 1), HELLO):
+        decoder = FrameDecoder()
+        decoder.feed(encode(HELLO) + encode(second))
+        assert decoder.next_event() == HELLO
+        with pytest.raises(RemoteProtocolError, match=r"expected a handshake after the hello"):
+            decoder.next_event()
+
+
+def test_handshake_of_wrong_length_refused_from_its_header() -> None:
     decoder = FrameDecoder()
-    decoder.feed(encode(Have(1)))
-    with pytest.raises(RemoteProtocolError, match=r"expected a handshake.*have"):
+    decoder.feed(encode(HELLO) + struct.pack("!IB", 1 + 60, 8))
+    assert decoder.next_event() == HELLO
+    with pytest.raises(RemoteProtocolError, match="handshake body is 60 bytes, expected 86"):
         decoder.next_event()
 
 
-def test_second_handshake_refused() -> None:
+@pytest.mark.parametrize(("again", "name"), [(HELLO, "hello"), (HANDSHAKE, "handshake")])
+def test_second_hello_or_handshake_refused(again: Message, name: str) -> None:
     decoder = after_handshake()
-    decoder.feed(HS_BYTES)
-    with pytest.raises(RemoteProtocolError, match="second handshake"):
+    decoder.feed(encode(again))
+    with pytest.raises(RemoteProtocolError, match=f"second {name}"):
         decoder.next_event()
 
 
@@ -498,7 +572,7 @@ def test_random_garbage_never_crashes(data: bytes, chunk: int, handshake_first: 
     decoder = FrameDecoder(max_frame=256, num_pieces=100)
     if handshake_first:
         decoder.feed(HS_BYTES)
-        assert decoder.next_event() == HANDSHAKE
+        expect_connect(decoder)
     try:
         feed_garbage(decoder, data, chunk)
         decoder.feed_eof()
@@ -509,7 +583,7 @@ def test_random_garbage_never_crashes(data: bytes, chunk: int, handshake_first: 
         assert str(exc)
 
 
-_frame_types = st.integers(min_value=0, max_value=9)
+_frame_types = st.integers(min_value=0, max_value=10)
 
 
 @st.composite
@@ -526,10 +600,183 @@ def plausible_frames(draw: st.DrawFn) -> bytes:
 @settings(max_examples=300, deadline=None)
 @given(st.lists(plausible_frames(), max_size=12), st.integers(min_value=1, max_value=17))
 def test_random_frames_never_crash(frames: list[bytes], chunk: int) -> None:
-    decoder = FrameDecoder(max_frame=64, num_pieces=40)
+    decoder = FrameDecoder(max_frame=96, num_pieces=40)
     decoder.feed(HS_BYTES)
-    assert decoder.next_event() == HANDSHAKE
+    expect_connect(decoder)
     try:
         feed_garbage(decoder, b"".join(frames), chunk)
     except RemoteProtocolError as exc:
         assert str(exc)
+
+
+# -- the connect flow (PeerHandshake) ---------------------------------------
+
+TOKEN = ClusterKey(b"0123456789abcdef-cluster-a")
+OTHER_TOKEN = ClusterKey(b"0123456789abcdef-cluster-b")
+OPEN = ClusterKey(None)
+DIAL_ID = b"d" * 20
+ACCEPT_ID = b"a" * 20
+
+
+def pair(
+    dial_key: ClusterKey = TOKEN,
+    accept_key: ClusterKey = TOKEN,
+    *,
+    dial_root: bytes = ROOT,
+    accept_root: bytes = ROOT,
+) -> tuple[PeerHandshake, PeerHandshake]:
+    dialer = PeerHandshake(
+        dial_key, dialer=True, root=dial_root, peer_id=DIAL_ID, listen_port=6001, nonce=b"D" * 16
+    )
+    acceptor = PeerHandshake(
+        accept_key,
+        dialer=False,
+        root=accept_root,
+        peer_id=ACCEPT_ID,
+        listen_port=6002,
+        nonce=b"A" * 16,
+    )
+    return dialer, acceptor
+
+
+def exchange(dialer: PeerHandshake, acceptor: PeerHandshake) -> list[list[Message]]:
+    """Run the flow through the wire encoding; what each side sent, turn by turn."""
+    wires = {id(dialer): FrameDecoder(), id(acceptor): FrameDecoder()}  # what each receives
+
+    def deliver(messages: list[Message], to: PeerHandshake) -> list[Message]:
+        decoder = wires[id(to)]
+        decoder.feed(b"".join(encode(m) for m in messages))
+        replies: list[Message] = []
+        for _ in range(len(messages) + 1):
+            event = decoder.next_event()
+            if event is NEED_DATA:
+                return replies
+            assert isinstance(event, Hello | Handshake)
+            replies += to.receive(event)
+        raise AssertionError("more events than messages")
+
+    sent: list[list[Message]] = []
+    assert not acceptor.start(), "the acceptor speaks only when spoken to"
+    to_acceptor = dialer.start()
+    for _ in range(2):
+        sent.append(to_acceptor)
+        to_dialer = deliver(to_acceptor, acceptor)
+        sent.append(to_dialer)
+        to_acceptor = deliver(to_dialer, dialer)
+        if dialer.done and acceptor.done:
+            assert not to_acceptor
+            return sent
+    raise AssertionError("the connect flow did not finish in 2 round trips")
+
+
+@pytest.mark.parametrize(("dial_key", "accept_key"), [(TOKEN, TOKEN), (OPEN, OPEN)])
+def test_connect_flow_with_the_same_key(dial_key: ClusterKey, accept_key: ClusterKey) -> None:
+    dialer, acceptor = pair(dial_key, accept_key)
+    sent = exchange(dialer, acceptor)
+    # The order of the module docstring: Hello, Hello, Handshake, Handshake.
+    assert [[type(m).__name__ for m in step] for step in sent] == [
+        ["Hello"],
+        ["Hello"],
+        ["Handshake"],
+        ["Handshake"],
+    ]
+    assert dialer.remote is not None and acceptor.remote is not None
+    assert (dialer.remote.peer_id, dialer.remote.listen_port) == (ACCEPT_ID, 6002)
+    assert (acceptor.remote.peer_id, acceptor.remote.listen_port) == (DIAL_ID, 6001)
+    first = sent[0][0]
+    assert isinstance(first, Hello) and first.proof == bytes(32)
+
+
+def test_proofs_are_the_documented_macs() -> None:
+    dialer, acceptor = pair()
+    sent = exchange(dialer, acceptor)
+    hello_a, hs_d, hs_a = sent[1][0], sent[2][0], sent[3][0]
+    assert isinstance(hello_a, Hello) and isinstance(hs_d, Handshake)
+    assert isinstance(hs_a, Handshake)
+    d, a = b"D" * 16, b"A" * 16
+    assert hello_a.proof == TOKEN.mac(b"peer-accept", d, a)
+    assert hs_d.proof == TOKEN.mac(b"peer-dial", a, d, ROOT, DIAL_ID)
+    assert hs_a.proof == TOKEN.mac(b"peer-accept-id", d, a, ROOT, ACCEPT_ID)
+
+
+def test_dialer_refuses_an_acceptor_without_our_token() -> None:
+    for accept_key in (OTHER_TOKEN, OPEN):
+        dialer, acceptor = pair(TOKEN, accept_key)
+        hello = acceptor.receive(dialer.start()[0])[0]
+        assert isinstance(hello, Hello)
+        with pytest.raises(RemoteProtocolError, match="hello does not prove our cluster token"):
+            dialer.receive(hello)
+        assert not dialer.done
+        with pytest.raises(RemoteProtocolError, match="already failed"):
+            dialer.receive(hello)
+
+
+def test_acceptor_refuses_a_dialer_without_our_token() -> None:
+    # An open dialer accepts any acceptor, then its own proof fails at a token acceptor.
+    dialer, acceptor = pair(OPEN, TOKEN)
+    hello = acceptor.receive(dialer.start()[0])[0]
+    assert isinstance(hello, Hello)
+    handshake = dialer.receive(hello)[0]
+    assert isinstance(handshake, Handshake)
+    with pytest.raises(RemoteProtocolError, match="handshake does not prove our cluster token"):
+        acceptor.receive(handshake)
+    assert not acceptor.done
+
+
+def test_a_recorded_dialer_handshake_is_useless_on_a_new_connection() -> None:
+    dialer, acceptor = pair()
+    recorded = exchange(dialer, acceptor)[2][0]
+    assert isinstance(recorded, Handshake)
+    _, fresh = pair()
+    fresh.nonce = b"B" * 16  # each connection draws a new nonce
+    fresh.receive(Hello(PROTOCOL_VERSION, b"D" * 16))
+    with pytest.raises(RemoteProtocolError, match="does not prove"):
+        fresh.receive(recorded)
+
+
+def test_an_acceptor_proof_cannot_be_reflected_as_a_dialer_proof() -> None:
+    # A stranger dials A, gets A's proofs, and tries to use them as its own.
+    _, acceptor = pair()
+    hello_a = acceptor.receive(Hello(PROTOCOL_VERSION, b"S" * 16))[0]
+    assert isinstance(hello_a, Hello)
+    with pytest.raises(RemoteProtocolError, match="does not prove"):
+        acceptor.receive(Handshake(ROOT, b"s" * 20, 1, hello_a.proof))
+
+
+def test_wrong_root_is_refused_by_the_acceptor_before_it_says_anything() -> None:
+    dialer, acceptor = pair(dial_root=b"\x01" * 32)
+    hello = acceptor.receive(dialer.start()[0])[0]
+    assert isinstance(hello, Hello)
+    handshake = dialer.receive(hello)[0]
+    assert isinstance(handshake, Handshake)
+    with pytest.raises(RemoteProtocolError, match="another swarm"):
+        acceptor.receive(handshake)
+
+
+def test_wrong_root_is_refused_by_the_dialer() -> None:
+    dialer, _ = pair()
+    dialer.start()
+    a = b"A" * 16
+    dialer.receive(Hello(PROTOCOL_VERSION, a, TOKEN.mac(b"peer-accept", b"D" * 16, a)))
+    other = b"\x02" * 32
+    proof = TOKEN.mac(b"peer-accept-id", b"D" * 16, a, other, ACCEPT_ID)
+    with pytest.raises(RemoteProtocolError, match="another swarm"):
+        dialer.receive(Handshake(other, ACCEPT_ID, 1, proof))
+
+
+def test_connect_frames_out_of_order() -> None:
+    dialer, acceptor = pair()
+    with pytest.raises(RemoteProtocolError, match="handshake before the hello"):
+        acceptor.receive(HANDSHAKE)
+    dialer.start()
+    hello = Hello(PROTOCOL_VERSION, b"A" * 16, TOKEN.mac(b"peer-accept", b"D" * 16, b"A" * 16))
+    dialer.receive(hello)
+    with pytest.raises(RemoteProtocolError, match="second hello"):
+        dialer.receive(hello)
+
+
+def test_handshake_checks_its_own_fields() -> None:
+    with pytest.raises(LocalProtocolError, match="nonce must be 16 bytes"):
+        PeerHandshake(OPEN, dialer=True, root=ROOT, peer_id=PEER, listen_port=1, nonce=b"x")
+    with pytest.raises(LocalProtocolError, match="listen_port"):
+        PeerHandshake(OPEN, dialer=True, root=ROOT, peer_id=PEER, listen_port=-1, nonce=bytes(16))
