@@ -354,8 +354,6 @@ class Tracker:
                 log.debug(
                     "can't list catalog %s for name suggestions: %s", self.config.catalog, exc
                 )
-            finally:
-                await origin.close()
             self._listed = (now, listed)
         return sorted(self._names | set(listed))
 
