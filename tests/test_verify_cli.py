@@ -73,3 +73,46 @@ def test_repair_needs_a_source_and_an_empty_dir_is_a_clear_error(tmp_path: Path)
     assert run.returncode == 2 and "--tracker" in run.error_line()
     run = swarm("verify", str(tmp_path))
     assert run.returncode == 1 and str(tmp_path) in run.error_line()
+
+
+def test_repair_through_a_tracker_fetches_only_the_bad_pieces(
+    fetched: tuple[Path, str, str],
+) -> None:
+    import subprocess
+    import time
+    import urllib.request
+
+    from fetch_helpers import cli_env, swarm_argv
+    from servers import LOOPBACK, free_port
+
+    dest, catalog, _ = fetched
+    _flip(dest / "config.json", 10)
+    port = free_port()
+    tracker = subprocess.Popen(
+        swarm_argv("tracker", "--listen", f"{LOOPBACK}:{port}", "--catalog", catalog),
+        env=cli_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://{LOOPBACK}:{port}/readyz", timeout=0.5):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the tracker never became ready"
+                time.sleep(0.05)
+        url = f"http://{LOOPBACK}:{port}"
+        out = swarm("verify", str(dest), "--repair", "--tracker", url, "--json").ok()
+    finally:
+        tracker.terminate()
+        tracker.wait(timeout=10)
+    assert out["verified"] is False and len(out["bad_pieces"]) == 1
+    assert out["repair"]["verified"] is True
+    assert out["repair"]["origin_bytes"] == len(FILES["config.json"])
+    assert out["repair"]["reused_bytes"] == sum(map(len, FILES.values())) - len(
+        FILES["config.json"]
+    )
+    assert_same_files(dest, FILES)
