@@ -52,7 +52,7 @@ from typing import Final
 import blake3
 
 from swarm.errors import DiskFullError, StoreError, VerificationError
-from swarm.manifest import Manifest
+from swarm.manifest import MAX_COMPRESSED_SIZE, Manifest
 
 STATE_DIR: Final = ".swarm"
 COMPLETE_MARKER: Final = ".swarm-complete"
@@ -60,8 +60,15 @@ LOCK_FILE: Final = "lock"
 OWNER_FILE: Final = "owner"
 MAX_OPEN_FILES: Final = 64  # descriptors kept open per kind (page cache, direct I/O)
 
-IDENTITY: Final = struct.Struct("<QQQq")  # st_dev, st_ino, st_size, st_mtime_ns
+# st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns. The change time matters: a tool
+# that edits in place and then restores the modification time (``cp -p``, ``rsync -t
+# --inplace``) can't set it back.
+IDENTITY: Final = struct.Struct("<QQQqq")
 NO_IDENTITY: Final = bytes(IDENTITY.size)
+# Inside a destination nothing is followed or waited on: a symbolic link planted there
+# would make a root-run fetch write wherever it points, and a FIFO would block it.
+_SAFE_OPEN: Final = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+MAX_SMALL_STATE: Final = 64 * 1024  # the owner and completion records are a line each
 
 
 def digest(data: memoryview | bytes | bytearray) -> bytes:
@@ -77,7 +84,57 @@ _CLOCK_REALTIME_COARSE = 5  # Linux: the clock file times are stamped from
 
 def identity(st: os.stat_result) -> bytes:
     """What a file was verified against: change any of these and its pieces are re-hashed."""
-    return IDENTITY.pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return IDENTITY.pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def open_regular(path: Path, flags: int, mode: int = 0o644) -> int:
+    """Open a file inside a destination: never through a symbolic link, never anything
+    but a regular file (a FIFO or device there is refused rather than waited on)."""
+    try:
+        fd = os.open(path, flags | _SAFE_OPEN, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StoreError(
+                f"{path} is a symbolic link: swarm does not follow links inside a destination"
+            ) from exc
+        raise
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise StoreError(f"{path} is not a regular file: swarm refuses to use it")
+    return fd
+
+
+def read_small(path: Path, limit: int = MAX_SMALL_STATE) -> bytes | None:
+    """A small state file's contents, or None if it is missing, odd or larger than ``limit``."""
+    try:
+        fd = open_regular(path, os.O_RDONLY)
+    except (OSError, StoreError):
+        return None
+    try:
+        if os.fstat(fd).st_size > limit:
+            return None
+        return os.pread(fd, limit + 1, 0)[: limit + 1]
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def check_not_link(path: Path) -> None:
+    """Refuse a directory inside a destination that is a symbolic link (or not a directory)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise StoreError(
+            f"{path} is a symbolic link: swarm does not follow links inside a destination"
+        )
 
 
 def state_path(dest: Path, root_hex: str) -> Path:
@@ -154,9 +211,12 @@ def make_dirs(path: Path) -> None:
 
 def read_complete_marker(dest: Path) -> dict[str, object] | None:
     """The completion record of ``dest``, or None if the artifact there is not complete."""
+    data = read_small(dest / COMPLETE_MARKER)
+    if data is None:
+        return None
     try:
-        record = json.loads((dest / COMPLETE_MARKER).read_text())
-    except (OSError, ValueError):
+        record = json.loads(data)
+    except ValueError:
         return None
     return record if isinstance(record, dict) else None
 
@@ -182,24 +242,33 @@ def fsync_dir(path: Path) -> None:
 
 def read_owner(dest: Path) -> str | None:
     """The root of the version that last wrote into ``dest`` (None if unknown)."""
-    try:
-        return (dest / STATE_DIR / OWNER_FILE).read_text().strip() or None
-    except (OSError, ValueError):
+    data = read_small(dest / STATE_DIR / OWNER_FILE)
+    if data is None:
         return None
+    return data.decode("ascii", "replace").strip() or None
+
+
+def replace_file(path: Path, data: bytes, *, durable: bool) -> None:
+    """Write ``path`` whole, atomically (a temp file renamed over it), following no link."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = open_regular(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)  # a rename replaces a link itself, never what it points to
+    if durable:
+        fsync_dir(path.parent)
 
 
 def write_owner(dest: Path, root_hex: str, *, durable: bool) -> None:
     path = dest / STATE_DIR / OWNER_FILE
-    tmp = dest / STATE_DIR / f"{OWNER_FILE}.tmp"
     with _translated(f"can't write {path}"):
-        with open(tmp, "w") as f:
-            f.write(root_hex + "\n")
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-        if durable:
-            fsync_dir(path.parent)
+        replace_file(path, (root_hex + "\n").encode(), durable=durable)
 
 
 class DestLock:
@@ -217,7 +286,7 @@ class DestLock:
     def acquire(self) -> DestLock:
         path = self.dest / STATE_DIR / LOCK_FILE
         with _translated(f"can't open lock {path}"):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = open_regular(path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -264,8 +333,8 @@ class _Descriptors:
         with self._lock:
             entry = self._open.get(key)
             if entry is None:
-                flags = os.O_RDWR | os.O_CLOEXEC | (os.O_DIRECT if direct else 0)
-                entry = self._open[key] = [os.open(self.path(file_index), flags), 0]
+                flags = os.O_RDWR | (os.O_DIRECT if direct else 0)
+                entry = self._open[key] = [open_regular(self.path(file_index), flags), 0]
             self._open.move_to_end(key)
             entry[1] += 1
             self._evict()
@@ -335,6 +404,8 @@ class PieceStore:
         Raises StoreError if another process uses the destination.
         """
         with _translated(f"can't create destination {self.dest}"):
+            make_dirs(self.dest)
+            check_not_link(self.dest / STATE_DIR)
             make_dirs(self.dest / STATE_DIR)
         self._lock = DestLock(self.dest).acquire()
         try:
@@ -357,21 +428,26 @@ class PieceStore:
         stale: list[int] = []
         for i, entry in enumerate(m.files):
             try:
-                now = identity(os.stat(self.dest / entry.path))
+                # lstat: a symbolic link put in a file's place never matches its record.
+                now = identity(os.lstat(self.dest / entry.path))
             except OSError:
                 now = None
             recorded = records[i * IDENTITY.size : (i + 1) * IDENTITY.size] if records else None
             if not owned or now is None or now != recorded:
                 stale.append(i)
         marker = read_complete_marker(self.dest)
-        if marker is not None and (stale or not all(verified) or marker.get("root") != root):
+        if os.path.lexists(self.dest / COMPLETE_MARKER) and (
+            marker is None or stale or not all(verified) or marker.get("root") != root
+        ):
+            # Whatever stands at the marker's name and is not a proven record goes:
+            # whoever waits for the marker may only test that it exists.
             remove_complete_marker(self.dest)
         if not owned:
             write_owner(self.dest, root, durable=self.durable)
         with _translated(f"can't write {self.dest / STATE_DIR}"):
             mpath = manifest_path(self.dest, root)
-            if not mpath.exists():
-                mpath.write_bytes(m.encode())
+            if read_small(mpath, MAX_COMPRESSED_SIZE) is None:
+                replace_file(mpath, m.encode(), durable=self.durable)
             self._state_fd = _open_sized(state_path(self.dest, root), n, reset=not state_ok)
             self._identities_fd = _open_sized(
                 identities_path(self.dest, root), nfiles * IDENTITY.size, reset=records is None
@@ -401,9 +477,9 @@ class PieceStore:
         if not claimed:
             return
         try:
-            fd = os.open(self.dest / entry.path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            fd = -1  # gone or unreadable: nothing of it counts
+            fd = open_regular(self.dest / entry.path, os.O_RDONLY)
+        except (OSError, StoreError):
+            fd = -1  # gone, unreadable, a link or not a file: nothing of it counts
         try:
             for index in claimed:
                 piece = m.piece(index)
@@ -435,8 +511,9 @@ class PieceStore:
                     # A file in the way shows as ENOTDIR when the file is opened.
                     with contextlib.suppress(FileExistsError):
                         os.mkdir(self.dest / rel)
+                    check_not_link(self.dest / rel)
                     made.add(rel)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = open_regular(path, os.O_RDWR | os.O_CREAT)
             try:
                 if os.fstat(fd).st_size != entry.size:
                     os.ftruncate(fd, entry.size)
@@ -760,10 +837,7 @@ class PieceStore:
             if self.durable:
                 os.fsync(self._identities_fd)
                 os.fsync(self._state_fd)
-            with open(tmp, "w") as f:
-                json.dump(record, f)
-                f.flush()
-                os.fsync(f.fileno())
+            replace_file(tmp, json.dumps(record).encode(), durable=True)
             os.replace(tmp, marker)
             fsync_dir(self.dest)
 
@@ -789,10 +863,12 @@ def _outlast_mtimes(latest_ns: int) -> None:
 def _read_exact(path: Path, size: int) -> bytes | None:
     """The contents of ``path`` if it is exactly ``size`` bytes long, else None."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
+        fd = open_regular(path, os.O_RDONLY)
+    except (OSError, StoreError):
         return None
     try:
+        if os.fstat(fd).st_size != size:
+            return None
         data = os.pread(fd, size + 1, 0)
     except OSError:
         return None
@@ -803,7 +879,7 @@ def _read_exact(path: Path, size: int) -> bytes | None:
 
 def _open_sized(path: Path, size: int, *, reset: bool) -> int:
     """Open a state file; a reset one holds ``size`` zero bytes."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = open_regular(path, os.O_RDWR | os.O_CREAT)
     if reset:
         os.ftruncate(fd, 0)
         os.ftruncate(fd, size)

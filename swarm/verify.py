@@ -27,19 +27,21 @@ from typing import Any
 import blake3
 
 from swarm.errors import ManifestError, StoreError
-from swarm.manifest import Manifest
+from swarm.manifest import MAX_COMPRESSED_SIZE, Manifest
 from swarm.store import (
     IDENTITY,
     NO_IDENTITY,
     STATE_DIR,
     DestLock,
-    fsync_dir,
     identities_path,
     identity,
     manifest_path,
+    open_regular,
     read_complete_marker,
     read_owner,
+    read_small,
     remove_complete_marker,
+    replace_file,
     state_path,
     write_owner,
 )
@@ -166,10 +168,13 @@ def choose_root(dest: Path, root: str | None = None) -> str:
 
 def load_manifest(dest: Path, root: str) -> Manifest:
     path = manifest_path(dest, root)
+    data = read_small(path, MAX_COMPRESSED_SIZE)
+    if data is None:
+        raise StoreError(
+            f"can't read {path}: missing, not a regular file, or larger than a manifest can be"
+        )
     try:
-        manifest = Manifest.decode(path.read_bytes())
-    except OSError as exc:
-        raise StoreError(f"can't read {path}: {exc.strerror}") from exc
+        manifest = Manifest.decode(data)
     except ManifestError as exc:
         raise StoreError(f"{path} is not a valid manifest: {exc}") from exc
     if manifest.root_hex != root:
@@ -183,14 +188,17 @@ def verify_dir(
     workers: int | None = None,
     root: str | None = None,
     progress: VerifyProgress | None = None,
+    stop: threading.Event | None = None,
 ) -> VerifyReport:
     """Hash every piece of the artifact in ``dest`` and record what is bad.
 
     Holds the destination's lock throughout, so no fetch writes while it reads.
-    Raises StoreError if ``dest`` holds no artifact or another process uses it.
+    Raises StoreError if ``dest`` holds no artifact or another process uses it, or
+    if ``stop`` was set (by a signal handler) before every piece was hashed: then
+    nothing is written. ``workers`` defaults to the cores this process may use.
     """
     dest = Path(dest)
-    workers = max(1, workers or os.cpu_count() or 1)
+    workers = max(1, workers or len(os.sched_getaffinity(0)) or 1)
     started = time.monotonic()
     if not (dest / STATE_DIR).is_dir():
         raise StoreError(f"{dest} holds no swarm artifact: no {STATE_DIR} directory")
@@ -202,7 +210,10 @@ def verify_dir(
             str(dest), m.name, root_hex, len(m.files), m.num_pieces, m.total_size, workers
         )
         before = [_identity_of(dest / f.path) for f in m.files]
-        reasons = _hash_all(dest, m, workers, progress)
+        reasons = _hash_all(dest, m, workers, progress, stop)
+        if stop is not None and stop.is_set():
+            # Pieces not hashed are not bad: leave the state as it was.
+            raise StoreError(f"verifying {dest} was stopped before the end; nothing was changed")
         after = [_identity_of(dest / f.path) for f in m.files]
         for index, reason in enumerate(reasons):
             if reason is not None:
@@ -221,13 +232,17 @@ def verify_dir(
 
 def _identity_of(path: Path) -> bytes | None:
     try:
-        return identity(os.stat(path))
+        return identity(os.lstat(path))
     except OSError:
         return None
 
 
 def _hash_all(
-    dest: Path, m: Manifest, workers: int, progress: VerifyProgress | None
+    dest: Path,
+    m: Manifest,
+    workers: int,
+    progress: VerifyProgress | None,
+    stop: threading.Event | None = None,
 ) -> list[str | None]:
     """The reason each piece is bad, or None if it matches; pieces hashed in parallel."""
     local = threading.local()
@@ -238,10 +253,14 @@ def _hash_all(
         if buf is None:
             buf = local.buf = memoryview(bytearray(chunk))
         p = m.piece(index)
+        if stop is not None and stop.is_set():
+            return "not checked"
         try:
-            fd = os.open(dest / p.path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
+            fd = open_regular(dest / p.path, os.O_RDONLY)
+        except FileNotFoundError:
             return "missing"
+        except (OSError, StoreError):
+            return "unreadable"
         try:
             hasher = blake3.blake3(max_threads=1)  # the pool spreads pieces over the cores
             done = 0
@@ -289,7 +308,7 @@ def _record(
         records += a if stable and a is not None else NO_IDENTITY
     spath, ipath = state_path(dest, m.root_hex), identities_path(dest, m.root_hex)
     try:
-        fd = os.open(spath, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = open_regular(spath, os.O_RDWR | os.O_CREAT)
         try:
             old = os.pread(fd, m.num_pieces + 1, 0)
             if len(old) == m.num_pieces:
@@ -314,10 +333,4 @@ def _record(
 
 
 def _replace(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    replace_file(path, data, durable=True)

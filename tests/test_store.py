@@ -330,17 +330,14 @@ def test_an_unchanged_complete_destination_is_reused_without_reading(tmp_path: P
         assert store.complete and store.rechecked_bytes == 0
         assert store.reused_bytes == m.total_size
     assert read_complete_marker(tmp_path) is not None
-    # Bytes swapped behind the store's back with size and mtime put back: the identity
-    # still matches, so nothing is read (the trust rests on the identity, not a re-hash).
+    # Bytes swapped behind the store's back with size and mtime put back (as ``cp -p``
+    # or ``rsync -t --inplace`` do): the change time can't be put back, so the file's
+    # pieces are hashed again and the damaged one is found.
     shard = tmp_path / "a.bin"
     before = shard.stat()
     with open(shard, "r+b") as f:
         f.write(b"\0" * 10)
     os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
-    with PieceStore(tmp_path, m) as store:
-        assert store.complete and store.rechecked_bytes == 0
-    # Any change of the identity, here only the mtime, has the file's pieces re-hashed.
-    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns + 1))
     with PieceStore(tmp_path, m) as store:
         assert store.missing() == [0]
         assert store.rechecked_bytes == 2500
@@ -437,3 +434,67 @@ def test_a_live_process_holds_the_destination_until_it_dies(tmp_path: Path) -> N
             holder.stdout.close()
     with PieceStore(tmp_path / "dest", m) as store:  # the kernel released the lock
         assert store.missing() == [0, 1, 2, 3]
+
+
+# -- a destination someone else has been in --------------------------------------------
+
+
+@pytest.mark.parametrize("planted", ["a.bin", "sub", ".swarm/lock", ".swarm"])
+def test_symbolic_links_planted_in_a_destination_are_refused_not_followed(
+    tmp_path: Path, planted: str
+) -> None:
+    m = artifact(FILES)
+    dest, outside = tmp_path / "dest", tmp_path / "outside"
+    outside.mkdir()
+    precious = outside / "precious"
+    precious.write_bytes(b"keep me")
+    (dest / ".swarm").mkdir(parents=True)
+    link = dest / planted
+    if link.exists():
+        link.rmdir()
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(outside if planted in ("sub", ".swarm") else precious)
+    with pytest.raises(StoreError, match="symbolic link"):
+        PieceStore(dest, m).open()
+    assert precious.read_bytes() == b"keep me"
+    assert sorted(p.name for p in outside.iterdir()) == ["precious"]
+
+
+def test_a_fifo_among_the_state_files_is_refused_not_waited_on(tmp_path: Path) -> None:
+    import threading
+
+    m = artifact(FILES)
+    with PieceStore(tmp_path, m) as store:
+        store.write_piece(0, piece_bytes(m, 0))
+    state = tmp_path / ".swarm" / f"{m.root_hex}.state"
+    state.unlink()
+    os.mkfifo(state)
+    outcome: list[BaseException | None] = []
+
+    def open_it() -> None:
+        try:
+            PieceStore(tmp_path, m).open()
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=open_it, daemon=True)
+    worker.start()
+    worker.join(10.0)
+    assert not worker.is_alive(), "opening the store blocked on a FIFO"
+    assert isinstance(outcome[0], StoreError) and "not a regular file" in str(outcome[0])
+
+
+def test_huge_state_records_are_not_read_into_memory(tmp_path: Path) -> None:
+    m = artifact(FILES)
+    with PieceStore(tmp_path, m) as store:
+        for i in range(m.num_pieces):
+            store.write_piece(i, piece_bytes(m, i))
+        store.finish()
+    for name in (".swarm/owner", ".swarm-complete"):
+        with open(tmp_path / name, "r+b") as f:
+            f.truncate(3 << 30)  # sparse: costs no disk, would cost 3 GiB to read
+    with PieceStore(tmp_path, m) as store:
+        # Neither record is believed: the owner is unknown, so every file is re-hashed.
+        assert store.complete and store.rechecked_bytes == m.total_size
+    assert not (tmp_path / COMPLETE_MARKER).exists(), "a bogus marker was left standing"

@@ -165,3 +165,16 @@ def test_no_artifact_and_a_busy_destination_are_clear_errors(
     with PieceStore(dest, m):
         with pytest.raises(StoreError, match=f"{dest} is in use .*pid {os.getpid()}"):
             verify_dir(dest)
+
+
+def test_a_stopped_verify_changes_nothing(fetched: tuple[Manifest, Path]) -> None:
+    import threading
+
+    m, dest = fetched
+    flip(dest / "weights/w-1.bin", 5)
+    state = (dest / ".swarm" / f"{m.root_hex}.state").read_bytes()
+    stop = threading.Event()
+    with pytest.raises(StoreError, match="stopped before the end; nothing was changed"):
+        verify_dir(dest, workers=1, progress=lambda _n: stop.set(), stop=stop)
+    assert (dest / ".swarm" / f"{m.root_hex}.state").read_bytes() == state
+    assert read_complete_marker(dest) is not None  # a stopped check withdraws nothing
