@@ -7,15 +7,24 @@ import json
 import logging
 import signal
 import sys
+import threading
 from collections.abc import Coroutine
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Final, TypeVar
 
 import typer
-from rich.logging import RichHandler
 from rich.markup import escape
 
-from cli.progress import byte_progress, stderr
+from cli import logs
+from cli.progress import (
+    DEFAULT_PROGRESS_INTERVAL,
+    ByteProgress,
+    byte_progress,
+    progress_as_lines,
+    stderr,
+)
 from swarm.errors import ConfigError, SwarmError
 from swarm.manifest import DEFAULT_PIECE_SIZE
 from swarm.units import format_size, parse_size
@@ -35,25 +44,79 @@ if TYPE_CHECKING:
     from swarm.peer import PeerConfig
 
 T = TypeVar("T")
+MiB: Final = 1 << 20
+log = logging.getLogger("swarm.cli")
+
+ENV_PREFIX: Final = "SWARM"
+"""Every option reads ``SWARM_<COMMAND>_<OPTION>`` (click's auto_envvar_prefix), e.g.
+``SWARM_FETCH_DEST``; settings shared by commands have one name of their own
+(``SWARM_TRACKER``, ``SWARM_CATALOG``, ``SWARM_TOKEN_FILE``, ``SWARM_PROGRESS_INTERVAL``)."""
 
 app = typer.Typer(
     name="swarm",
     help=(
         "Peer-to-peer distribution of large model artifacts: each byte leaves object storage "
-        "once per cluster, and nodes trade verified pieces over the cluster network."
+        "once per cluster, and nodes trade verified pieces over the cluster network. "
+        f"Every option can also be set in the environment as {ENV_PREFIX}_<COMMAND>_<OPTION> "
+        "(e.g. SWARM_FETCH_DEST), or by the variable its help names."
     ),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"auto_envvar_prefix": ENV_PREFIX},
 )
 
 
-def size_option(value: str) -> int:
+def size_option(value: str | int) -> int:
     """Typer callback: accept ``256MiB``, ``100GB``, ``1TiB`` or a plain byte count."""
     try:
-        return parse_size(value)
+        return int(parse_size(value))  # a plain int, also from a Size default
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from exc
+
+
+class Size(int):
+    """A size option's default: a byte count that --help shows in IEC units (``256MiB``)."""
+
+    def __str__(self) -> str:
+        for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+            if self and self % (1 << shift) == 0:
+                return f"{self >> shift}{unit}"
+        return int.__repr__(self)
+
+
+def rate_flag(flag: str, *, help: str) -> Any:
+    """A byte-rate cap: bytes per second as a size (``100MB`` is 100 MB/s); unset: no cap."""
+    return typer.Option(flag, parser=size_option, metavar="BYTES/S", help=help)
+
+
+def size_flag(*flags: str, help: str) -> Any:
+    """A size flag: ``256MiB``, ``100GB``, ``1TiB`` or a byte count; give it a :class:`Size` default."""
+    return typer.Option(*flags, parser=size_option, metavar="SIZE", help=help)
+
+
+ProgressInterval = Annotated[
+    float,
+    typer.Option(
+        "--progress-interval",
+        envvar="SWARM_PROGRESS_INTERVAL",
+        min=0.1,
+        metavar="SECONDS",
+        help="Without a terminal (or with JSON logs), log a progress line this often.",
+    ),
+]
+JsonFlag = Annotated[
+    bool, typer.Option("--json", help="Print one JSON object on stdout at the end.")
+]
+
+
+def notice(markup: str, message: str, level: int = logging.INFO, **fields: Any) -> None:
+    """Tell the operator something whatever the log level: a log record in JSON mode (so
+    stderr stays one JSON object per line), else a Rich line (``markup``)."""
+    if logs.current_format() == "json":
+        logging.getLogger(logs.NOTICE_LOGGER).log(level, "%s", message, extra=logs.as_extra(fields))
+    else:
+        stderr.print(markup, highlight=False, soft_wrap=True)
 
 
 TokenFile = Annotated[
@@ -140,7 +203,7 @@ def run(coro: Coroutine[Any, Any, T], *, clean_exit_on_signal: bool = False) -> 
     except Terminated as exc:
         if clean_exit_on_signal:
             raise typer.Exit(0) from None
-        stderr.print(f"[yellow]stopped by {exc}[/]")
+        notice(f"[yellow]stopped by {exc}[/]", f"stopped by {exc}", logging.WARNING)
         raise typer.Exit(128 + exc.signum) from None
     except KeyboardInterrupt:
         stderr.print("[yellow]interrupted[/]")
@@ -165,19 +228,57 @@ def emit_json(obj: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+def _version() -> str:
+    try:
+        return package_version("swarm")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "unknown"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"swarm {_version()}")
+        raise typer.Exit()
+
+
+SERVICES: Final = frozenset({"tracker"})
+"""Commands that log at INFO by default: an operator must see a service start and listen."""
+
+
 @app.callback()
 def main_options(
+    ctx: typer.Context,
     verbose: Annotated[
         int,
-        typer.Option("--verbose", "-v", count=True, help="More log output on stderr (-vv: debug)."),
+        typer.Option(
+            "--verbose",
+            "-v",
+            count=True,
+            help="More log output on stderr (-vv: debug). The tracker logs at INFO already.",
+        ),
     ] = 0,
+    log_format: Annotated[
+        logs.LogFormat | None,
+        typer.Option(
+            "--log-format",
+            help="Log records on stderr as one JSON object per line, or as text. "
+            "Default: text on a terminal, JSON otherwise.",
+            show_default=False,
+        ),
+    ] = None,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            allow_from_autoenv=False,
+            help="Print the version and exit.",
+        ),
+    ] = False,
 ) -> None:
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(
-        level=level,
-        format="%(name)s: %(message)s",
-        handlers=[RichHandler(console=stderr, show_path=False, rich_tracebacks=False)],
-    )
+    base = logging.INFO if ctx.invoked_subcommand in SERVICES else logging.WARNING
+    logs.configure(log_format, max(logging.DEBUG, base - 10 * verbose), stderr)
 
 
 @app.command()
@@ -197,13 +298,10 @@ def publish(
             help="Catalog URL where manifests are kept (any writable origin URL).",
         ),
     ] = None,
-    piece_size: Annotated[
-        int,
-        typer.Option(
-            "--piece-size", parser=size_option, help="Piece size, e.g. 256MiB.", metavar="SIZE"
-        ),
-    ] = DEFAULT_PIECE_SIZE,
-    files: Annotated[
+    piece_size: Annotated[int, size_flag("--piece-size", help="Piece size.")] = Size(
+        DEFAULT_PIECE_SIZE
+    ),
+    file: Annotated[
         list[str] | None,
         typer.Option(
             "--file",
@@ -212,9 +310,8 @@ def publish(
     ] = None,
     token_file: TokenFile = None,
     origin_retry_time: OriginRetryTime = 600.0,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object on stdout at the end.")
-    ] = False,
+    progress_interval: ProgressInterval = DEFAULT_PROGRESS_INTERVAL,
+    json: JsonFlag = False,
 ) -> None:
     """Hash the artifact at ORIGIN_URL and write its manifest to the catalog; prints NAME@ROOT.
 
@@ -228,7 +325,8 @@ def publish(
 
     async def go() -> None:
         url = catalog_url(catalog)
-        with byte_progress(f"hashing {name}", None) as bar:
+        logs.bind(artifact=name)
+        with byte_progress(f"hashing {name}", None, interval=progress_interval) as bar:
 
             def on_progress(n: int, total: int) -> None:
                 if n == 0:
@@ -240,12 +338,12 @@ def publish(
                 name,
                 url,
                 piece_size=piece_size,
-                files=files,
+                files=file,
                 progress=on_progress,
                 key=key,
                 retry_time=origin_retry_time,
             )
-        if as_json:
+        if json:
             emit_json(
                 {
                     "artifact": manifest.name,
@@ -259,10 +357,12 @@ def publish(
                 }
             )
         else:
-            stderr.print(
-                f"published {manifest.name}: {len(manifest.files)} files, {format_size(manifest.total_size)}, "
-                f"{manifest.num_pieces} pieces of {format_size(manifest.piece_size)}"
+            text = (
+                f"published {manifest.name}: {len(manifest.files)} files, "
+                f"{format_size(manifest.total_size)}, {manifest.num_pieces} pieces of "
+                f"{format_size(manifest.piece_size)}"
             )
+            notice(escape(text), text, event="published", root=manifest.root_hex, ref=manifest.ref)
             print(manifest.ref)
 
     run(go())
@@ -334,13 +434,8 @@ def fetch(
     ] = 120.0,
     block_size: Annotated[
         int,
-        typer.Option(
-            "--block-size",
-            parser=size_option,
-            metavar="SIZE",
-            help="Block size requested from peers.",
-        ),
-    ] = 4 * 1024 * 1024,
+        size_flag("--block-size", help="Block size requested from peers."),
+    ] = Size(4 * MiB),
     requests_per_peer: Annotated[
         int,
         typer.Option(
@@ -364,6 +459,7 @@ def fetch(
         typer.Option(
             "--serve-corrupt",
             hidden=True,
+            allow_from_autoenv=False,  # fault injection must be asked for on the command line
             help="Fault injection for tests: corrupt every block served.",
         ),
     ] = False,
@@ -379,13 +475,8 @@ def fetch(
     ] = 4,
     range_size: Annotated[
         int,
-        typer.Option(
-            "--range-size",
-            parser=size_option,
-            metavar="SIZE",
-            help="Size of each ranged origin request.",
-        ),
-    ] = 16 * 1024 * 1024,
+        size_flag("--range-size", help="Size of each ranged origin request."),
+    ] = Size(16 * MiB),
     origin_concurrency: Annotated[
         int,
         typer.Option("--origin-concurrency", min=1, max=1024, help="Concurrent origin requests."),
@@ -414,9 +505,42 @@ def fetch(
         ),
     ] = None,
     origin_retry_time: OriginRetryTime = 600.0,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON summary object on stdout at the end.")
-    ] = False,
+    max_upload_rate: Annotated[
+        int | None,
+        rate_flag(
+            "--max-upload-rate",
+            help="Cap on the bytes per second sent to other peers (e.g. 500MB), shared by every connection.",
+        ),
+    ] = None,
+    max_download_rate: Annotated[
+        int | None,
+        rate_flag(
+            "--max-download-rate",
+            help="Cap on the bytes per second received from peers and read from the origin together.",
+        ),
+    ] = None,
+    zone: Annotated[
+        str,
+        typer.Option(
+            "--zone",
+            envvar="SWARM_ZONE",
+            help="This node's zone or rack (e.g. the node's topology.kubernetes.io/zone label): peers in the same zone are preferred.",
+        ),
+    ] = "",
+    metrics_listen: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics-listen",
+            envvar="SWARM_METRICS_LISTEN",
+            metavar="HOST:PORT",
+            help=(
+                "Serve Prometheus metrics on http://HOST:PORT/metrics while fetching and lingering "
+                "(readable by anyone who can reach it: bind a node-local address)."
+            ),
+        ),
+    ] = None,
+    progress_interval: ProgressInterval = DEFAULT_PROGRESS_INTERVAL,
+    json: JsonFlag = False,
 ) -> None:
     """Fetch an artifact into DEST, verified with blake3, resumable, marked complete only when whole.
 
@@ -429,6 +553,7 @@ def fetch(
             "give exactly one of --tracker URL (swarm) or --direct (origin only)"
         )
     key = load_key(token_file)
+    metrics_at = parse_listen("--metrics-listen", metrics_listen) if metrics_listen else None
     if tracker:
         host, port = parse_listen("--listen", listen)
         from swarm.peer import PeerConfig
@@ -452,9 +577,16 @@ def fetch(
             durable=not no_fsync,
             direct_io=not no_direct_io,
             serve_corrupt=serve_corrupt,
+            max_upload_rate=max_upload_rate or None,
+            max_download_rate=max_download_rate or None,
+            zone=zone,
             key=key,
         )
-        result = run(_fetch_swarm(ref, dest, tracker, catalog, config, tracker_ca))
+        result = run(
+            _fetch_swarm(
+                ref, dest, tracker, catalog, config, tracker_ca, progress_interval, metrics_at
+            )
+        )
     else:
         direct_config = FetchConfig(
             pieces_in_flight=pieces_in_flight,
@@ -464,11 +596,13 @@ def fetch(
             direct_io=not no_direct_io,
             origin_retry_time=origin_retry_time,
         )
-        result = run(_fetch_direct(ref, dest, catalog, key, origin, direct_config))
-    if as_json:
+        result = run(
+            _fetch_direct(ref, dest, catalog, key, origin, direct_config, progress_interval)
+        )
+    if json:
         emit_json(result.to_json())
     else:
-        stderr.print(
+        text = (
             f"{result.artifact}@{result.root[:12]}: {format_size(result.model_bytes)} verified in "
             f"{dest} in {result.seconds:.1f}s (origin {format_size(result.origin_bytes)}, "
             f"peers {format_size(result.peer_bytes)}, reused {format_size(result.reused_bytes)}"
@@ -478,6 +612,7 @@ def fetch(
                 else ")"
             )
         )
+        notice(escape(text), text, event="fetched", **result.to_json())
 
 
 async def _fetch_direct(
@@ -487,6 +622,7 @@ async def _fetch_direct(
     key: ClusterKey,
     origin: str | None,
     config: FetchConfig,
+    progress_interval: float = DEFAULT_PROGRESS_INTERVAL,
 ) -> FetchResult:
     """Every missing piece of ``ref`` straight from the origin (no tracker, no peers)."""
     from seeder.catalog import Catalog, catalog_url
@@ -496,9 +632,10 @@ async def _fetch_direct(
     async with Catalog(catalog_url(catalog), key) as cat:
         manifest = await cat.get(ref)
         catalog_retries = cat.origin.counters.retries
+    logs.bind(artifact=manifest.name, root=manifest.root_hex)
     src = open_origin(origin) if origin else None
     try:
-        with byte_progress(f"{manifest.name}", manifest.total_size) as bar:
+        with byte_progress(manifest.name, manifest.total_size, interval=progress_interval) as bar:
             result = await fetch_direct(
                 manifest, dest, origin=src, config=config, progress=bar.advance
             )
@@ -516,8 +653,11 @@ async def _fetch_swarm(
     catalog: str | None,
     config: PeerConfig,
     ca_file: Path | None,
+    progress_interval: float = DEFAULT_PROGRESS_INTERVAL,
+    metrics_at: tuple[str, int] | None = None,
 ) -> FetchResult:
-    """``ref`` through the swarm: the manifest from the tracker, the pieces from peers and seeders."""
+    """``ref`` through the swarm: the manifest from the tracker, the pieces from peers and
+    seeders; with ``metrics_at``, Prometheus metrics served there until it returns."""
     from seeder.catalog import Catalog
     from swarm.announce import TrackerAuthError, TrackerClient
     from swarm.errors import TrackerError, UnknownArtifactError
@@ -536,21 +676,38 @@ async def _fetch_swarm(
             except TrackerError as exc:
                 if asyncio.get_running_loop().time() > deadline:
                     if config.fallback_direct and catalog:
-                        stderr.print(
-                            f"[yellow]tracker unreachable ({exc}); falling back to the origin[/]"
-                        )
+                        log.warning("tracker unreachable (%s); falling back to the origin", exc)
                         async with Catalog(catalog, config.key) as cat:
                             manifest = await cat.get(ref)
                         break
                     raise
-                stderr.print(
-                    f"[yellow]tracker not answering ({exc}); retrying in {backoff:.1f}s[/]"
-                )
+                log.warning("tracker not answering (%s); retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
-        with byte_progress(manifest.name, manifest.total_size, enabled=True) as bar:
-            peer = SwarmPeer(manifest, dest, client, config=config, progress=bar.advance)
-            return await peer.run()
+        logs.bind(artifact=manifest.name, root=manifest.root_hex)
+        # The peer exists before its progress does, so that every progress line has its id.
+        bars: list[ByteProgress] = []
+        peer = SwarmPeer(
+            manifest, dest, client, config=config, progress=lambda n: bars[0].advance(n)
+        )
+        logs.bind(peer_id=peer.peer_id.hex())
+        metrics = None
+        if metrics_at is not None:
+            from swarm.metrics import peer_registry, serve_metrics
+
+            metrics = await serve_metrics(*metrics_at, peer_registry(peer))
+        try:
+            with byte_progress(
+                manifest.name,
+                manifest.total_size,
+                interval=progress_interval,
+                sources=lambda: (peer.origin.counters.bytes_read, peer.peer_bytes),
+            ) as bar:
+                bars.append(bar)
+                return await peer.run()
+        finally:
+            if metrics is not None:
+                await metrics.close()
     finally:
         await client.close()
 
@@ -598,9 +755,8 @@ def verify(
             "--tracker-ca", envvar="SWARM_TRACKER_CA", help="CA bundle of an https:// tracker."
         ),
     ] = None,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object on stdout at the end.")
-    ] = False,
+    progress_interval: ProgressInterval = DEFAULT_PROGRESS_INTERVAL,
+    json: JsonFlag = False,
 ) -> None:
     """Hash every piece in DEST again against its manifest; exit 1 if any is bad.
 
@@ -615,19 +771,38 @@ def verify(
     key = load_key(token_file)
 
     async def go() -> None:
-        with byte_progress(f"verifying {dest}", None, enabled=not as_json) as bar:
-            report = await asyncio.to_thread(
-                verify_dir, dest, workers=workers, root=root, progress=bar.advance
-            )
+        # With --json a bar would only be noise; lines without a terminal are still wanted,
+        # or a long verify leaves kubectl logs blank.
+        with byte_progress(
+            f"verifying {dest}",
+            None,
+            enabled=not json or progress_as_lines(),
+            interval=progress_interval,
+        ) as bar:
+            stop = threading.Event()  # the hashing threads can't be cancelled, only told
+            try:
+                report = await asyncio.to_thread(
+                    verify_dir, dest, workers=workers, root=root, progress=bar.advance, stop=stop
+                )
+            except asyncio.CancelledError:
+                stop.set()
+                raise
         out = report.to_json()
         if not report.ok:
             for bad in report.bad_files:
-                stderr.print(f"[red]bad file[/] {escape(str(bad.to_json()))}", highlight=False)
+                text = f"bad file {bad.to_json()}"
+                notice(f"[red]bad file[/] {escape(str(bad.to_json()))}", text, logging.ERROR)
             for piece in report.bad_pieces:
-                stderr.print(
-                    f"[red]bad piece {piece.index}[/]: {escape(piece.path)} bytes "
-                    f"{piece.offset}-{piece.offset + piece.length - 1} ({piece.reason})",
-                    highlight=False,
+                where = f"{piece.path} bytes {piece.offset}-{piece.offset + piece.length - 1}"
+                notice(
+                    f"[red]bad piece {piece.index}[/]: {escape(where)} ({piece.reason})",
+                    f"bad piece {piece.index}: {where} ({piece.reason})",
+                    logging.ERROR,
+                    piece=piece.index,
+                    path=piece.path,
+                    offset=piece.offset,
+                    length=piece.length,
+                    reason=piece.reason,
                 )
         repaired = report.ok
         if repair and not report.ok:
@@ -636,23 +811,28 @@ def verify(
                 from swarm.peer import PeerConfig
 
                 peer_config = PeerConfig(linger=0.0, catalog=catalog, key=key)
-                result = await _fetch_swarm(ref, dest, tracker, catalog, peer_config, tracker_ca)
+                result = await _fetch_swarm(
+                    ref, dest, tracker, catalog, peer_config, tracker_ca, progress_interval
+                )
             else:
                 from swarm.fetch import FetchConfig
 
-                result = await _fetch_direct(ref, dest, catalog, key, None, FetchConfig())
+                result = await _fetch_direct(
+                    ref, dest, catalog, key, None, FetchConfig(), progress_interval
+                )
             out["repair"] = result.to_json()
             repaired = result.verified
-        if as_json:
+        if json:
             emit_json(out)
         else:
-            stderr.print(
+            text = (
                 f"{report.artifact}@{report.root[:12]}: {report.pieces - len(report.bad_pieces)} of "
                 f"{report.pieces} pieces good in {dest} ({format_size(report.bytes)} hashed in "
                 f"{report.seconds:.1f}s with {report.workers} workers)"
                 + ("" if report.ok else f"; {len(report.bad_pieces)} bad")
                 + (" — repaired" if repair and not report.ok and repaired else "")
             )
+            notice(escape(text), text, event="verified", artifact=report.artifact, root=report.root)
         if not repaired:
             raise SwarmError(
                 f"{len(report.bad_pieces)} pieces of {dest} are bad"
@@ -693,7 +873,7 @@ def tracker_command(
             help="An origin pull whose progress stands still this long is reassigned.",
         ),
     ] = 30.0,
-    per_peer_limit: Annotated[
+    per_peer_origin_pieces: Annotated[
         int,
         typer.Option(
             "--per-peer-origin-pieces", min=1, help="Origin pieces one peer pulls at once."
@@ -723,6 +903,13 @@ def tracker_command(
             help="Distinct peers that must report a peer for corrupt data before the tracker bars it from the swarm.",
         ),
     ] = 2,
+    origin_rate_limit: Annotated[
+        int | None,
+        rate_flag(
+            "--origin-rate-limit",
+            help="Cap on the cluster's origin reads of one artifact, in bytes per second (e.g. 2GB), split equally among the peers pulling.",
+        ),
+    ] = None,
     token_file: TokenFile = None,
     tls_cert: Annotated[
         Path | None,
@@ -752,10 +939,11 @@ def tracker_command(
             announce_interval=announce_interval,
             peer_ttl=peer_ttl,
             stall_timeout=stall_timeout,
-            per_peer_limit=per_peer_limit,
+            per_peer_limit=per_peer_origin_pieces,
             origin_budget=origin_budget,
             manifest_ttl=manifest_ttl,
             bar_reporters=bar_reporters,
+            origin_rate=origin_rate_limit or None,
             key=key,
             tls_cert=str(tls_cert) if tls_cert else None,
             tls_key=str(tls_key) if tls_key else None,
@@ -769,6 +957,20 @@ def tracker_command(
                 f"can't listen on {host}:{port}: {exc.strerror or exc} "
                 "(is another tracker running there? pick another --listen)"
             ) from exc
+        # The service logs its address and transport; the operator also needs to see which
+        # catalog it serves and whether it demands the cluster token.
+        logging.getLogger("swarm.tracker").info(
+            "tracker serving catalog %s, %s, %s",
+            config.catalog,
+            "open (no cluster token)" if key.open else "cluster token required",
+            "TLS" if tls_cert else "no TLS",
+            extra={
+                "listen": f"{host}:{port}",
+                "catalog": config.catalog,
+                "auth": "open" if key.open else "token",
+                "tls": bool(tls_cert),
+            },
+        )
         try:
             await asyncio.Event().wait()
         finally:
@@ -782,13 +984,8 @@ def demo(
     peers: Annotated[
         int, typer.Option("--peers", min=1, max=64, help="Peer processes to start.")
     ] = 6,
-    size: Annotated[
-        int,
-        typer.Option("--size", parser=size_option, metavar="SIZE", help="Synthetic model size."),
-    ] = 256 * 1024 * 1024,
-    piece_size: Annotated[
-        int, typer.Option("--piece-size", parser=size_option, metavar="SIZE", help="Piece size.")
-    ] = 16 * 1024 * 1024,
+    size: Annotated[int, size_flag("--size", help="Synthetic model size.")] = Size(256 * MiB),
+    piece_size: Annotated[int, size_flag("--piece-size", help="Piece size.")] = (Size(16 * MiB)),
     workdir: Annotated[
         Path | None,
         typer.Option(
@@ -796,9 +993,7 @@ def demo(
             help="Keep everything (data, copies, logs) here instead of a temporary directory.",
         ),
     ] = None,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON summary object on stdout at the end.")
-    ] = False,
+    json: JsonFlag = False,
 ) -> None:
     """Run a whole swarm on this machine: S3 server, publish, tracker, N peers, verify, summary."""
     from swarm.demo import DemoConfig, run_demo
@@ -810,7 +1005,7 @@ def demo(
         return await run_demo(config, stderr)
 
     summary = run(go())
-    if as_json:
+    if json:
         emit_json(summary)
     else:
         ratio = summary["origin_bytes"] / summary["model_bytes"]

@@ -13,6 +13,11 @@ retry is counted in ``origin.counters.retries`` (and ``throttled`` for
 has been failing and when we give up. Permanent errors (not found, permission,
 unsupported) end the read at once, as does ``RetryBudgetExceeded`` when a range runs
 out of budget; the other ranges of that read are cancelled first.
+
+An optional ``rate_limit`` hook (e.g. ``RateLimiter.acquire`` of
+``swarm.ratelimit``) is awaited with each range's length before that range is
+requested, retries included, and before a concurrency slot is taken, so waiting
+for the byte-rate cap never holds a slot.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from seeder.backends.common import OriginThrottledError
 from seeder.errors import OriginTransientError, RetryBudgetExceeded
@@ -49,9 +54,11 @@ class RangedReader:
         retry_time: float | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        rate_limit: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         """``retry_time``, if given, replaces ``retry``'s budget: the seconds a failing
-        range keeps being retried (the CLI's origin retry time). ``clock`` measures it."""
+        range keeps being retried (the CLI's origin retry time). ``clock`` measures it.
+        ``rate_limit(n)`` is awaited before each request of ``n`` bytes."""
         if range_size < 1:
             raise ConfigError(f"range size must be at least 1 byte, got {range_size}")
         if max_concurrency < 1:
@@ -65,6 +72,7 @@ class RangedReader:
         self.retry = policy
         self.rng = rng if rng is not None else random.Random()
         self.clock = clock
+        self.rate_limit = rate_limit
         self._slots = asyncio.Semaphore(max_concurrency)
 
     async def read(
@@ -123,6 +131,8 @@ class RangedReader:
         first_failure = 0.0
         while True:
             try:
+                if self.rate_limit is not None:
+                    await self.rate_limit(len(view))
                 async with self._slots:
                     await self.origin.read_into(key, offset, view)
                 if progress is not None:

@@ -15,7 +15,8 @@ Authentication (see ``swarm.auth``): an announce carries ``ts`` (unix ms, strict
 increasing per client), a fresh 16-byte ``nonce`` and ``mac``, the cluster key's
 ``announce`` MAC over the announce's canonical bytes (its encoding with an empty
 ``mac``), so it names its peer id, time and nonce. The tracker refuses a bad MAC, a
-``ts`` more than ``MAX_CLOCK_SKEW_MS`` off its clock and a ``ts`` not above the last
+``ts`` more than ``MAX_CLOCK_SKEW_MS`` behind its clock or ``MAX_FUTURE_SKEW_MS``
+ahead of it, and a ``ts`` not above the last
 one it accepted for that peer id (a replay). A reply carries the ``reply`` MAC over
 the request's nonce and the reply's canonical bytes, so a reply can't be forged or
 moved to another request. Every HTTP request carries ``AUTH_HEADER`` (``ts``,
@@ -31,6 +32,7 @@ import asyncio
 import hashlib
 import logging
 import random
+import re
 import ssl
 import time
 from collections.abc import Callable
@@ -50,19 +52,44 @@ log = logging.getLogger("swarm.tracker")
 
 ANNOUNCE_VERSION = 1
 MAX_DATAGRAM = 60_000
-MAX_HTTP_ANNOUNCE = 8 * 1024 * 1024
+# The largest announce is a bitfield of MAX_PIECES (512 KiB) plus bounded lists; the
+# tracker reads no more than this of any request body.
+MAX_HTTP_ANNOUNCE = 1024 * 1024
 PEER_ID_SIZE = 20
 MAX_PROGRESS_ENTRIES = 4096
 MAX_PEERS_IN_REPLY = 1000
 MAX_BARRED = 256
-MAX_CLOCK_SKEW_MS: Final = 300_000
-"""How far an announce's or request's ``ts`` may be from the tracker's clock."""
+MAX_ZONE_LENGTH: Final = 64
+MAX_ORIGIN_RATE: Final = 1 << 50
+"""Bytes per second, far above any link: a larger origin rate in a reply is malformed."""
+_ZONE_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")
+MAX_CLOCK_SKEW_MS: Final = 120_000
+"""How far an announce's or request's ``ts`` may lag the tracker's clock."""
+MAX_FUTURE_SKEW_MS: Final = 30_000
+"""How far it may run ahead. Short, because the tracker remembers the highest ``ts``
+per peer id and refuses anything not above it: a ``ts`` far in the future would
+shut that peer id out until the clock caught up."""
 AUTH_HEADER: Final = "X-Swarm-Auth"
 MAC_HEADER: Final = "X-Swarm-Mac"
 
 
 class BadAnnounce(TrackerError):
     """An announce or reply that does not follow the format."""
+
+
+def check_zone(zone: object) -> str:
+    """``zone`` if it is a valid zone or rack name ("" for none), else BadAnnounce.
+
+    Up to 64 characters: letters, digits and ``. _ : / -``, starting with a letter
+    or digit (a Kubernetes topology label's value fits).
+    """
+    if not isinstance(zone, str):
+        raise BadAnnounce(f"zone must be a string, got {type(zone).__name__}")
+    if zone and (len(zone) > MAX_ZONE_LENGTH or not _ZONE_RE.fullmatch(zone)):
+        raise BadAnnounce(
+            f"bad zone {zone[:80]!r}: at most {MAX_ZONE_LENGTH} letters, digits and . _ : / -"
+        )
+    return zone
 
 
 class TrackerAuthError(TrackerError):
@@ -91,6 +118,8 @@ class Announce:
     """Unix time in milliseconds, strictly increasing per peer id."""
     nonce: bytes = b""
     mac: bytes = b""
+    zone: str = ""
+    """The peer's zone or rack ("" for none); sent only when set (see ``check_zone``)."""
 
     def encode(self) -> bytes:
         return self._pack(self.mac)
@@ -100,25 +129,25 @@ class Announce:
         return self._pack(b"")
 
     def _pack(self, mac: bytes) -> bytes:
-        return msgpack.packb(
-            {
-                "v": ANNOUNCE_VERSION,
-                "ref": self.ref,
-                "peer": self.peer_id,
-                "port": self.port,
-                "host": self.host,
-                "have": self.have,
-                "progress": [[p, n] for p, n in self.progress.items()],
-                "done": bool(self.done),
-                "leaving": bool(self.leaving),
-                "txn": self.txn,
-                "barred": self.barred[:MAX_BARRED],
-                "ts": self.ts,
-                "nonce": self.nonce,
-                "mac": mac,
-            },
-            use_bin_type=True,
-        )
+        fields: dict[str, Any] = {
+            "v": ANNOUNCE_VERSION,
+            "ref": self.ref,
+            "peer": self.peer_id,
+            "port": self.port,
+            "host": self.host,
+            "have": self.have,
+            "progress": [[p, n] for p, n in self.progress.items()],
+            "done": bool(self.done),
+            "leaving": bool(self.leaving),
+            "txn": self.txn,
+            "barred": self.barred[:MAX_BARRED],
+            "ts": self.ts,
+            "nonce": self.nonce,
+            "mac": mac,
+        }
+        if self.zone:
+            fields["zone"] = self.zone
+        return msgpack.packb(fields, use_bin_type=True)
 
     def sign(self, key: ClusterKey, ts: int, nonce: bytes) -> None:
         """Stamp ``ts`` and ``nonce`` and set the MAC that proves the cluster token."""
@@ -184,6 +213,7 @@ class Announce:
                 raise BadAnnounce("announce nonce must be a few bytes")
             if not isinstance(mac, bytes) or len(mac) > 2 * MAC_SIZE:
                 raise BadAnnounce("announce mac must be a few bytes")
+            zone = check_zone(obj.get("zone", ""))
             return cls(
                 ref=ref,
                 peer_id=peer,
@@ -198,6 +228,7 @@ class Announce:
                 ts=ts,
                 nonce=nonce,
                 mac=mac,
+                zone=zone,
             )
         except KeyError as exc:
             raise BadAnnounce(f"announce lacks field {exc}") from exc
@@ -220,6 +251,9 @@ class Reply:
     error: str = ""
     mac: bytes = b""
     """The ``reply`` MAC over the request's nonce and :meth:`canonical`."""
+    origin_rate: int = 0
+    """Bytes per second this peer may read from the origin, its share of the tracker's
+    cluster-wide origin cap; 0 means uncapped. Sent only when non-zero."""
 
     def encode(self) -> bytes:
         return self._pack(self.mac)
@@ -230,19 +264,19 @@ class Reply:
         return self._pack(b"")
 
     def _pack(self, mac: bytes) -> bytes:
-        return msgpack.packb(
-            {
-                "txn": int(self.txn),
-                "assign": [int(p) for p in self.assigned],
-                "peers": [[p, h, int(port)] for p, h, port in self.peers],
-                "complete": bool(self.complete),
-                "npeers": int(self.num_peers),
-                "interval": float(self.interval),
-                "error": str(self.error),
-                "mac": mac,
-            },
-            use_bin_type=True,
-        )
+        fields: dict[str, Any] = {
+            "txn": int(self.txn),
+            "assign": [int(p) for p in self.assigned],
+            "peers": [[p, h, int(port)] for p, h, port in self.peers],
+            "complete": bool(self.complete),
+            "npeers": int(self.num_peers),
+            "interval": float(self.interval),
+            "error": str(self.error),
+            "mac": mac,
+        }
+        if self.origin_rate:
+            fields["orate"] = int(self.origin_rate)
+        return msgpack.packb(fields, use_bin_type=True)
 
     def sign(self, key: ClusterKey, request_nonce: bytes) -> None:
         """Bind this reply to the request it answers; left unsigned in an open cluster."""
@@ -276,6 +310,9 @@ class Reply:
             mac = obj.get("mac", b"")
             if not isinstance(mac, bytes):
                 raise BadAnnounce("reply mac must be bytes")
+            origin_rate = obj.get("orate", 0)
+            if type(origin_rate) is not int or not 0 <= origin_rate <= MAX_ORIGIN_RATE:
+                raise BadAnnounce(f"bad origin rate {origin_rate!r} in reply")
             return cls(
                 assigned=assigned,
                 peers=out,
@@ -285,6 +322,7 @@ class Reply:
                 txn=int(obj["txn"]),
                 error=str(obj.get("error", "")),
                 mac=mac,
+                origin_rate=origin_rate,
             )
         except KeyError as exc:
             raise BadAnnounce(f"reply lacks field {exc}") from exc
@@ -337,7 +375,8 @@ def http_auth_parts(
 def parse_http_auth(value: str) -> tuple[int, bytes, bytes] | None:
     """``(ts, nonce, mac)`` from an ``AUTH_HEADER`` value, or None if malformed."""
     parts = value.split(".")
-    if len(parts) != 3 or not parts[0].isdigit() or len(parts[0]) > 19:
+    # isascii: str.isdigit() also accepts digits int() refuses, such as "²".
+    if len(parts) != 3 or not (parts[0].isascii() and parts[0].isdigit()) or len(parts[0]) > 19:
         return None
     try:
         nonce, mac = bytes.fromhex(parts[1]), bytes.fromhex(parts[2])

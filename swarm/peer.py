@@ -30,6 +30,14 @@ unproven connection is closed after ``handshake_timeout`` (``handshake_timeouts`
 and at most ``max_pending_conns`` accepted ones wait at a time, so strangers
 can't hold the peer's descriptors; running out of descriptors pauses accepting,
 never ends it.
+
+Byte-rate caps (``swarm.ratelimit``), each per process and shared by every
+connection: ``max_upload_rate`` paces block payloads sent, a slice at a time;
+``max_download_rate`` paces payload reads from peers (a read waits before its
+``recv_into``, so TCP backpressure slows the sender) and this peer's origin reads;
+and the origin rate the tracker hands out in each announce reply (this peer's
+share of the cluster's origin cap) paces origin reads too. Uncapped, a block
+costs one attribute read.
 """
 
 from __future__ import annotations
@@ -45,19 +53,25 @@ import random
 import socket
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Final
 
 from seeder.origin import Origin, open_origin
 from seeder.reader import RangedReader
-from swarm.announce import Announce, Reply, TrackerClient
+from swarm.announce import Announce, BadAnnounce, Reply, TrackerClient, check_zone
 from swarm.auth import ClusterKey, new_nonce
 from swarm.bitfield import Bitfield
 from swarm.buffers import BufferPool
 from swarm.choker import UploadScheduler
-from swarm.errors import RemoteProtocolError, SwarmError, TrackerError, VerificationError
+from swarm.errors import (
+    ConfigError,
+    RemoteProtocolError,
+    SwarmError,
+    TrackerError,
+    VerificationError,
+)
 from swarm.fetch import FetchConfig, FetchResult, fetch_direct, process_age
 from swarm.manifest import Manifest
 from swarm.picker import BlockRequest, PiecePicker
@@ -80,6 +94,7 @@ from swarm.protocol import (
     Request,
     encode,
 )
+from swarm.ratelimit import RateLimiter, acquire_all
 from swarm.store import PieceStore
 
 log = logging.getLogger("swarm.peer")
@@ -93,6 +108,9 @@ _ACCEPT_PAUSE_MIN: Final = 0.05
 _ACCEPT_PAUSE_MAX: Final = 1.0
 _SHUTDOWN_ROUNDS: Final = 50
 _SHUTDOWN_ROUND_SECONDS: Final = 0.2
+# Payload bytes sent or read per wait on a byte-rate cap: small enough that a
+# capped peer's traffic is smooth, large enough that waits are few.
+_RATE_SLICE: Final = 256 * 1024
 
 
 async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
@@ -147,6 +165,9 @@ class PeerConfig:
     handshake_timeout: float = 10.0  # an unproven connection is closed after this long
     max_pending_conns: int = 256  # accepted connections still in their handshake, at most
     open_files: int = 32  # artifact files kept open for uploads when idle
+    max_upload_rate: int | None = None  # bytes/s of block payload sent to peers; None: uncapped
+    max_download_rate: int | None = None  # bytes/s from peers and the origin; None: uncapped
+    zone: str = ""  # this node's zone or rack, sent in announces ("" for none)
 
 
 class _OpenFiles:
@@ -281,12 +302,21 @@ class SwarmPeer:
             manifest.piece_lengths, self.block_size, self.rng
         )
         self.uploads: UploadScheduler[_Conn, Request] = UploadScheduler(self.config.upload_slots)
+        try:
+            check_zone(self.config.zone)
+        except BadAnnounce as exc:
+            raise ConfigError(f"--zone: {exc}") from exc
+        # Byte-rate caps, shared by every connection; the origin one follows the tracker.
+        self.upload_limit = RateLimiter(self.config.max_upload_rate)
+        self.download_limit = RateLimiter(self.config.max_download_rate)
+        self.origin_limit = RateLimiter(None)
         self.origin: Origin = open_origin(self.config.origin_url or manifest.origin)
         self.reader = RangedReader(
             self.origin,
             range_size=self.config.range_size,
             max_concurrency=self.config.origin_concurrency,
             retry_time=self.config.origin_retry_time,
+            rate_limit=self._origin_rate_limit,
         )
         self.conns: dict[bytes, _Conn] = {}
         self.pending_conns: set[_Conn] = set()
@@ -392,6 +422,11 @@ class SwarmPeer:
             )
         return result
 
+    async def _origin_rate_limit(self, n: int) -> None:
+        """Before an origin read of ``n`` bytes: wait out the download and origin caps."""
+        if self.download_limit.limited or self.origin_limit.limited:
+            await acquire_all(n, (self.download_limit, self.origin_limit))
+
     async def _wait_finished(self, announcer: asyncio.Task[None]) -> None:
         done_wait = asyncio.create_task(self.finished.wait())
         try:
@@ -477,6 +512,7 @@ class SwarmPeer:
             barred=sorted(self.barred),
             done=self.store.complete,
             leaving=leaving,
+            zone=self.config.zone,
         )
         return await self.tracker.announce(msg)
 
@@ -522,6 +558,8 @@ class SwarmPeer:
 
     def _apply_reply(self, reply: Reply) -> None:
         self.swarm_complete = reply.complete
+        if reply.origin_rate != self.origin_limit.rate:
+            self.origin_limit.set_rate(reply.origin_rate)
         assigned = set(reply.assigned)
         for piece, task in list(self.origin_tasks.items()):
             if piece not in assigned:
@@ -882,6 +920,7 @@ class SwarmPeer:
         decoder = FrameDecoder(
             piece_lengths=self.m.piece_lengths, max_block=max(self.block_size, 1)
         )
+        download = self.download_limit
         ctrl = bytearray(64 * 1024)
         block_buf: mmap.mmap | None = None  # a pool buffer between a block's header and end
         block_view = memoryview(b"")
@@ -901,9 +940,19 @@ class SwarmPeer:
                         want = min(remaining, _PAYLOAD_LOWAT)
                         if want != lowat:
                             lowat = _set_rcvlowat(conn.sock, want)
-                        n = await loop.sock_recv_into(
-                            conn.sock, block_view[filled : filled + remaining]
-                        )
+                        if download.limited:
+                            # Wait before reading, so unread bytes stay in the socket
+                            # and TCP slows the sender down to our cap.
+                            want = min(remaining, _RATE_SLICE)
+                            await download.acquire(want)
+                            n = await loop.sock_recv_into(
+                                conn.sock, block_view[filled : filled + want]
+                            )
+                            download.give_back(want - n)
+                        else:
+                            n = await loop.sock_recv_into(
+                                conn.sock, block_view[filled : filled + remaining]
+                            )
                         if n == 0:
                             raise EOFError("connection closed in the middle of a block")
                         decoder.payload_consumed(n)
@@ -933,6 +982,9 @@ class SwarmPeer:
                 elif isinstance(event, BlockPayload):
                     block_view[filled : filled + len(event.data)] = event.data
                     filled += len(event.data)
+                    if download.limited:
+                        # Payload that came in with control frames: owed, paid by the next wait.
+                        download.reserve(len(event.data))
                 elif isinstance(event, BlockEnd):
                     assert header is not None and block_buf is not None
                     block_view.release()
@@ -1185,7 +1237,13 @@ class SwarmPeer:
         await loop.sock_sendall(conn.sock, encode(BlockHeader(req.piece, req.offset, req.length)))
         if buf is not None:
             try:
-                await loop.sock_sendall(conn.sock, memoryview(buf)[: req.length])
+                with memoryview(buf) as whole:
+                    await self._send_payload(
+                        lambda start, count: loop.sock_sendall(
+                            conn.sock, whole[start : start + count]
+                        ),
+                        req.length,
+                    )
             finally:
                 self._upload_pool.release(buf)
         elif self.config.serve_corrupt:
@@ -1193,11 +1251,32 @@ class SwarmPeer:
             with self._files.lease(piece.file_index) as f:
                 await asyncio.to_thread(os.preadv, f.fileno(), [bad], piece.offset + req.offset)
             bad[0] ^= 0xFF
-            await loop.sock_sendall(conn.sock, bad)
+            await self._send_payload(
+                lambda start, count: loop.sock_sendall(conn.sock, bad[start : start + count]),
+                req.length,
+            )
         else:
             with self._files.lease(piece.file_index) as f:
-                await loop.sock_sendfile(conn.sock, f, piece.offset + req.offset, req.length)
+                at = piece.offset + req.offset
+                await self._send_payload(
+                    lambda start, count: loop.sock_sendfile(conn.sock, f, at + start, count),
+                    req.length,
+                )
         self.uploaded_bytes += req.length
+
+    async def _send_payload(
+        self, send: Callable[[int, int], Awaitable[object]], length: int
+    ) -> None:
+        """Send ``length`` payload bytes with ``send(start, count)``: whole when uncapped,
+        else in slices, each after the upload cap allows it."""
+        limit = self.upload_limit
+        if not limit.limited:
+            await send(0, length)
+            return
+        for start in range(0, length, _RATE_SLICE):
+            count = min(_RATE_SLICE, length - start)
+            await limit.acquire(count)
+            await send(start, count)
 
     async def _keepalive_loop(self) -> None:
         while True:

@@ -39,6 +39,8 @@ def _wait_for(predicate: object, timeout: float, what: str) -> None:
         ("fetch", "m", "--dest", "/tmp/x", "--tracker", "http://127.0.0.1:9", "--listen", "x"),
         ("fetch", "m", "--dest", "/tmp/x"),
         ("--no-such-flag",),
+        ("--log-format", "xml", "tracker"),
+        ("fetch", "m", "--dest", "/tmp/x", "--direct", "--progress-interval", "0"),
     ],
 )
 def test_usage_mistakes_are_one_line_and_exit_2(args: tuple[str, ...]) -> None:

@@ -404,3 +404,24 @@ def test_a_suspect_that_is_barred_is_uncounted_once() -> None:
     assert registry.report(pid(3), pid(1), 2.0)
     assert [registry.availability(p) for p in range(3)] == [1, 0, 0]
     assert registry.assignment.is_present(0) and not registry.assignment.is_present(1)
+
+
+def test_reporters_on_one_node_count_once_and_bars_are_forgotten_after_silence() -> None:
+    registry = make(2, peer_ttl=10.0)
+    hello(registry, 1, 0.0, have=[0, 1])
+    # A faulty node reports 1, restarts its fetch (a new peer id) and reports again.
+    registry.announce(pid(2), ("10.9.9.9", 7002), None, {}, 0.0)
+    registry.announce(pid(3), ("10.9.9.9", 7003), None, {}, 0.0)
+    assert not registry.report(pid(2), pid(1), 1.0)
+    assert not registry.report(pid(3), pid(1), 1.0)
+    assert registry.barred == frozenset()
+    # A second node agrees: barred.
+    hello(registry, 4, 1.0)
+    assert registry.report(pid(4), pid(1), 2.0)
+    assert pid(1) in registry.barred
+    # The barred id keeps announcing: remembered; silent past the TTL: forgotten.
+    hello(registry, 1, 8.0, have=[0, 1])
+    registry.expire(17.0)
+    assert pid(1) in registry.barred
+    registry.expire(18.5)
+    assert registry.barred == frozenset()

@@ -253,6 +253,37 @@ def test_without_the_token_nothing_is_answered(tmp_path: Path) -> None:
     run_tracker(tmp_path, TOKEN, body)
 
 
+def test_unauthenticated_bodies_are_refused_before_they_are_read(tmp_path: Path) -> None:
+    """A request the header already condemns is refused without reading its body (30
+    unauthenticated 8 MiB posts once took the tracker from 55 to 317 MB), and an odd
+    header is a 401, never a 500."""
+
+    async def body(tracker: Tracker, manifest: Manifest, url: str) -> None:
+        big = b"\0" * (900 * 1024)
+        now = int(time.time() * 1000)
+        stale, _ = http_auth_header(TOKEN, "POST", "/v1/announce", big, now - 10 * 60_000)
+        future, _ = http_auth_header(TOKEN, "POST", "/v1/announce", big, now + 5 * 60_000)
+        async with aiohttp.ClientSession() as session:
+            for headers in (
+                {},
+                {AUTH_HEADER: "\u00b2.00.00"},
+                {AUTH_HEADER: stale},
+                {AUTH_HEADER: future},
+            ):
+                async with session.post(url + "/v1/announce", data=big, headers=headers) as resp:
+                    assert resp.status == 401, headers
+            # A GET that carries a body is refused whatever its header says.
+            value, _ = http_auth_header(TOKEN, "GET", "/v1/swarms", b"x", int(time.time() * 1000))
+            async with session.get(
+                url + "/v1/swarms", data=b"x", headers={AUTH_HEADER: value}
+            ) as resp:
+                assert resp.status == 401
+        failures = tracker.status()["auth_failures"]
+        assert failures["unauthenticated"] == 3 and failures["stale"] == 2, failures
+
+    run_tracker(tmp_path, TOKEN, body)
+
+
 def test_with_the_token_everything_works(tmp_path: Path) -> None:
     async def body(tracker: Tracker, manifest: Manifest, url: str) -> None:
         # Generous UDP timeouts: this asserts the announces went over UDP.
@@ -301,7 +332,7 @@ def test_replayed_stale_and_forged_announces_are_dropped_silently(tmp_path: Path
         # A client whose clock is far off is told why over HTTP.
         skewed = TrackerClient(url, key=TOKEN, udp_timeouts=(0.1,), clock=lambda: time.time() - 900)
         try:
-            with pytest.raises(TrackerAuthError, match="5 minutes"):
+            with pytest.raises(TrackerAuthError, match="120 s behind or 30 s ahead"):
                 await skewed.announce(_announce(manifest, HONEST, 7002))
         finally:
             await skewed.close()

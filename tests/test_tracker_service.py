@@ -80,7 +80,8 @@ async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, bytes, di
 
 def _announce(manifest: Manifest, peer: bytes, port: int, **kw: Any) -> Announce:
     have = kw.pop("have", Bitfield(manifest.num_pieces))
-    return Announce(manifest.ref, peer, port, have.to_bytes(), host="127.0.0.1", **kw)
+    host = kw.pop("host", "127.0.0.1")
+    return Announce(manifest.ref, peer, port, have.to_bytes(), host=host, **kw)
 
 
 _last_ts = 0
@@ -171,9 +172,9 @@ def test_announces_status_and_barring(tmp_path: Path) -> None:
                 swarm = json.loads(data)["swarms"][manifest.root_hex]
                 assert swarm["barred"] == [] and swarm["peers"] == 2
                 assert swarm["reports"] == {a.hex(): [b.hex()]}
-                # C got corrupt data from A too: A is out of the swarm, and the pieces
-                # only A held go back to be pulled from the origin.
-                await client.announce(_announce(manifest, c, 7003, barred=[a]))
+                # C, on another node, got corrupt data from A too: A is out of the swarm,
+                # and the pieces only A held go back to be pulled from the origin.
+                await client.announce(_announce(manifest, c, 7003, barred=[a], host="127.0.0.3"))
                 status, data, _ = await _get(session, f"{url}/v1/swarms/{manifest.root_hex}")
                 assert status == 200
                 swarm = json.loads(data)

@@ -85,6 +85,8 @@ class AssignmentStats(Generic[PeerT]):
     """Of those, pieces taken away because their progress stopped."""
     lost: int = 0
     """Pieces that were present, then lost with every peer holding them."""
+    pulled_bytes: int = 0
+    """Bytes of the pieces in ``pulled``: what the origin sent that the swarm kept."""
 
 
 class _Pull:
@@ -211,7 +213,9 @@ class SeederAssignment(Generic[PeerT]):
     def stats(self) -> AssignmentStats[PeerT]:
         """A snapshot of the counters."""
         s = self._stats
-        return AssignmentStats(dict(s.pulled), s.assigned, s.reassigned, s.stalled, s.lost)
+        return AssignmentStats(
+            dict(s.pulled), s.assigned, s.reassigned, s.stalled, s.lost, s.pulled_bytes
+        )
 
     # -- events -------------------------------------------------------------
 
@@ -255,6 +259,7 @@ class SeederAssignment(Generic[PeerT]):
         self._in_flight -= 1
         self._seeders[owner].pulled += 1
         self._stats.pulled[owner] = self._stats.pulled.get(owner, 0) + 1
+        self._stats.pulled_bytes += self._lengths[piece]
         return owner
 
     def piece_lost(self, piece: int) -> bool:

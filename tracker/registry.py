@@ -27,7 +27,7 @@ take pieces from their seeders by claiming progress on them.
 
 Barring needs evidence. A peer that received data failing verification reports
 its source (:meth:`SwarmRegistry.report`); the source is barred for the swarm
-only once ``bar_reporters`` distinct live peers, none of them barred, have
+only once live peers on ``bar_reporters`` distinct hosts, none of them barred, have
 reported it. Why that rule fits one cluster: with a cluster token, every peer
 that reaches the registry proved it, and nodes with the token are trusted not
 to lie on purpose; but one node can still be wrong (bad RAM or a flaky NIC corrupts
@@ -35,6 +35,13 @@ what it receives, so it blames an honest source), so one report is not enough.
 Two independent nodes seeing corrupt data from the same source is strong
 evidence that the source is at fault, and it is cheap to wait for: the
 reporters have already stopped using the source themselves.
+
+The cluster-wide origin rate cap (``origin_rate``, bytes/s) is shared equally by
+the peers whose last reply gave them origin pieces: each reply carries this peer's
+share, recomputed on every announce. What a peer pulls is what its last reply told
+it, so the holders are counted from replies, not from the assignment as it stands.
+A share shrinks only when its peer next announces: for up to one announce interval
+after new holders join, the sum of the shares handed out can exceed the cap.
 
 Time and randomness are passed in; nothing here does I/O.
 """
@@ -78,6 +85,9 @@ class AnnounceReply:
     """Every known peer has every piece."""
     num_peers: int
     """Live peers in the swarm, this one included."""
+    origin_rate: int = 0
+    """Bytes per second this peer may read from the origin (its share of the
+    cluster's origin cap); 0 means uncapped."""
 
 
 class _Peer:
@@ -111,6 +121,7 @@ class SwarmRegistry:
         stall_timeout: float = 30.0,
         assign_after: float = float("-inf"),
         bar_reporters: int = 2,
+        origin_rate: int | None = None,
     ) -> None:
         if bar_reporters < 2:
             raise ValueError(
@@ -120,6 +131,9 @@ class SwarmRegistry:
             raise ValueError(f"peer_ttl must be > 0, got {peer_ttl}")
         if max_peers_in_reply < 0:
             raise ValueError(f"max_peers_in_reply must be >= 0, got {max_peers_in_reply}")
+        if origin_rate is not None and (isinstance(origin_rate, bool) or origin_rate < 0):
+            raise ValueError(f"origin_rate must be >= 0 bytes/s, got {origin_rate!r}")
+        self.origin_rate = origin_rate or 0
         self._lengths = list(piece_lengths)
         self.peer_ttl = peer_ttl
         self.max_peers_in_reply = max_peers_in_reply
@@ -140,12 +154,16 @@ class SwarmRegistry:
         self._avail = [0] * len(self._lengths)
         self._finished = 0
         self.bar_reporters = bar_reporters
-        self._barred: set[bytes] = set()
+        # Barred peer id -> when it was last heard from; forgotten once silent for
+        # peer_ttl (a restarted process has a new id), so the set stays bounded.
+        self._barred: OrderedDict[bytes, float] = OrderedDict()
         # accused -> live peers that reported it, and the reverse, so a leaving
         # reporter's reports go with it. Only live peers are accused or reporters:
         # both stay bounded by the swarm's size.
         self._reports: dict[bytes, set[bytes]] = {}
         self._reported_by: dict[bytes, set[bytes]] = {}
+        # Live peers whose last reply gave them origin pieces: they share origin_rate.
+        self._holding: set[bytes] = set()
 
     # -- read-only state ----------------------------------------------------
 
@@ -204,6 +222,8 @@ class SwarmRegistry:
         """
         host, port, have = self._check(peer, addr, have, progress)
         if peer in self._barred:
+            self._barred[peer] = now
+            self._barred.move_to_end(peer)
             self.expire(now)
             return AnnounceReply((), (), self.swarm_complete, len(self._peers))
         known = self._peers.get(peer)
@@ -236,12 +256,29 @@ class SwarmRegistry:
             self.assignment.progress(peer, piece, bytes_done, now)
 
         self.tick(now)
+        assigned = tuple(self.assignment.assignments(peer))
+        if assigned:
+            self._holding.add(peer)
+        else:
+            self._holding.discard(peer)
         return AnnounceReply(
-            assigned=tuple(self.assignment.assignments(peer)),
+            assigned=assigned,
             peers=self._sample_peers(peer),
             swarm_complete=self.swarm_complete,
             num_peers=len(self._peers),
+            origin_rate=self.origin_share(),
         )
+
+    @property
+    def origin_holders(self) -> int:
+        """Live peers whose last reply gave them origin pieces."""
+        return len(self._holding)
+
+    def origin_share(self) -> int:
+        """Each origin holder's share of ``origin_rate`` in bytes/s (0: uncapped)."""
+        if not self.origin_rate:
+            return 0
+        return max(1, self.origin_rate // max(1, len(self._holding)))
 
     def _check(
         self,
@@ -358,10 +395,13 @@ class SwarmRegistry:
             return False
         by.add(reporter)
         self._reported_by.setdefault(reporter, set()).add(accused)
-        if len(by) < self.bar_reporters:
+        # Independent means on different nodes: a faulty node that restarts its fetch
+        # (a new peer id), or an agent and a fetch on one node, count once.
+        hosts = {self._peers[r].host for r in by}
+        if len(hosts) < self.bar_reporters:
             self._set_suspect(accused, True, now)
             return False
-        self._barred.add(accused)
+        self._barred[accused] = now
         # Pieces only it held go back to the origin pool: otherwise they would count
         # as present, never be assigned again, and the swarm would wait for them.
         self.leave(accused, now)
@@ -384,6 +424,7 @@ class SwarmRegistry:
             self._peer_index[last] = index
         if known.finished:
             self._finished -= 1
+        self._holding.discard(peer)
         for reporter in self._reports.pop(peer, ()):
             self._reported_by[reporter].discard(peer)
         for accused in self._reported_by.pop(peer, ()):
@@ -413,6 +454,7 @@ class SwarmRegistry:
             return
         known.suspect = suspect
         if suspect:
+            self._holding.discard(peer)
             self.assignment.peer_left(peer, now)
             for piece in known.have:
                 self._count_out(piece)
@@ -424,6 +466,8 @@ class SwarmRegistry:
     def expire(self, now: float) -> list[bytes]:
         """Peers not heard from for ``peer_ttl`` seconds leave. Returns their ids."""
         expired: list[bytes] = []
+        while self._barred and now - next(iter(self._barred.values())) >= self.peer_ttl:
+            self._barred.popitem(last=False)
         while self._peers:
             peer, known = next(iter(self._peers.items()))
             if now - known.last_seen < self.peer_ttl:
@@ -474,6 +518,9 @@ class SwarmRegistry:
                 "reassigned": stats.reassigned,
                 "stalled": stats.stalled,
                 "lost": stats.lost,
+                "rate_cap": self.origin_rate,
+                "holders": len(self._holding),
+                "rate_share": self.origin_share(),
             },
             "peer_list": [
                 {

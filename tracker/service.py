@@ -10,6 +10,9 @@ HTTP (aiohttp) on ``--listen HOST:PORT``, HTTPS with ``tls_cert``/``tls_key``:
     GET  /v1/swarms/{root}            one swarm's status, as JSON
     GET  /healthz                     liveness and the catalog's reachability (503 if unreachable)
     GET  /readyz                      200 once listening and the catalog answered at least once
+    GET  /metrics                     Prometheus metrics (``tracker.metrics``), text format
+    GET  /                            the status page (``tracker.status_page``), polling
+    GET  /status.json                 the page's data: bounded, names and counts only
 
 and the announce endpoint over UDP on the same port number (not with TLS: the
 peers of an https:// tracker announce over HTTPS only). All state is soft: a
@@ -20,7 +23,7 @@ start-up it holds back new origin assignments, so that pulls already under way a
 peers it has not heard from yet are not handed out twice.
 
 Trust (see ``swarm.auth`` and ``swarm.announce``). With a cluster token, every
-request but ``/healthz`` and ``/readyz`` must prove it: an HTTP request without a
+request but ``/healthz``, ``/readyz``, ``/metrics`` and the status page must prove it: an HTTP request without a
 valid ``X-Swarm-Auth`` is answered 401, and an announce whose MAC fails, whose
 timestamp is more than 5 minutes off, or which replays an earlier one is refused
 (401 over HTTP, silence over UDP). Nothing unauthenticated reaches the catalog.
@@ -55,6 +58,7 @@ from swarm.announce import (
     AUTH_HEADER,
     MAC_HEADER,
     MAX_CLOCK_SKEW_MS,
+    MAX_FUTURE_SKEW_MS,
     MAX_HTTP_ANNOUNCE,
     Announce,
     BadAnnounce,
@@ -66,8 +70,12 @@ from swarm.auth import ClusterKey
 from swarm.bitfield import Bitfield
 from swarm.errors import CatalogError, ConfigError, ManifestError, SwarmError
 from swarm.manifest import Manifest, parse_ref
+from swarm.metrics import metrics_response
 from tracker.errors import BadAnnounceError, UnauthenticatedError
+from tracker.metrics import TrackerMetrics
 from tracker.registry import SwarmRegistry
+from tracker.status_page import OPEN_PATHS as STATUS_PAGE_PATHS
+from tracker.status_page import StatusPage
 
 log = logging.getLogger("swarm.tracker")
 
@@ -77,7 +85,11 @@ REFUSAL_LOG_INTERVAL: Final = 60.0
 MAX_NAME_SUGGESTIONS: Final = 5
 MAX_KNOWN_NAMES: Final = 10_000
 HEALTH_PROBE_KEY: Final = ".swarm-healthz"
-_OPEN_PATHS: Final = frozenset({"/healthz", "/readyz"})
+# The status page is open like /healthz: a browser can't sign requests, operators
+# reach it through their ingress's own auth, and it shows no manifest (see status_page).
+# /metrics is open too: Prometheus scrapers can't sign requests. It shows artifact
+# names, short roots and counts, never a manifest; keep the port cluster-internal.
+_OPEN_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics"}) | STATUS_PAGE_PATHS
 _REQUEST_NONCE: Final = web.RequestKey("swarm_request_nonce", bytes)
 
 
@@ -92,6 +104,8 @@ class TrackerConfig:
     peer_ttl: float = 10.0
     per_peer_limit: int = 2
     origin_budget: int | None = None
+    origin_rate: int | None = None
+    """Cluster-wide cap on origin reads in bytes/s, shared by the peers pulling (None: uncapped)."""
     stall_timeout: float = 30.0
     max_peers_in_reply: int = 50
     restart_grace: float | None = None  # default: 1.5 announce intervals
@@ -150,6 +164,7 @@ class AnnounceGate:
         self.key = key
         self.bind_ttl = bind_ttl
         self.max_skew_ms = max_skew_ms
+        self.max_future_ms = min(MAX_FUTURE_SKEW_MS, max_skew_ms)
         self.max_entries = max_entries
         # peer id -> last accepted ts, least recently accepted first. An entry older
         # than the skew window can go: a replay of it would be refused as stale.
@@ -164,7 +179,7 @@ class AnnounceGate:
         None, having recorded the announce as accepted."""
         if not msg.verify(self.key):
             return "bad_mac"
-        if abs(msg.ts - wall_ms) > self.max_skew_ms:
+        if not self.fresh(msg.ts, wall_ms):
             return "stale"
         last = self._last_ts.get(msg.peer_id)
         if last is not None and msg.ts <= last:
@@ -184,6 +199,10 @@ class AnnounceGate:
         self._prune(self._last_ts, wall_ms)
         return None
 
+    def fresh(self, ts: int, wall_ms: int) -> bool:
+        """Whether ``ts`` is within the window: not too old, and not far ahead."""
+        return -self.max_skew_ms <= ts - wall_ms <= self.max_future_ms
+
     def release(self, peer_id: bytes) -> None:
         """``peer_id`` left: another host may use it (its last ts still stops replays)."""
         self._hosts.pop(peer_id, None)
@@ -200,7 +219,7 @@ class AnnounceGate:
         ts, nonce, mac = parsed
         if not self.key.check(mac, b"http", *http_auth_parts(method, path, ts, nonce, body)):
             return "bad_mac", b""
-        if abs(ts - wall_ms) > self.max_skew_ms:
+        if not self.fresh(ts, wall_ms):
             return "stale", b""
         if nonce in self._nonces:
             return "replay", b""
@@ -237,7 +256,10 @@ class _RefusalLog:
 _REFUSAL_TEXT: Final = {
     "malformed": "not a valid announce",
     "bad_mac": "its MAC does not prove the cluster token",
-    "stale": f"its timestamp is more than {MAX_CLOCK_SKEW_MS // 60_000} minutes off the tracker's clock",
+    "stale": (
+        f"its timestamp is more than {MAX_CLOCK_SKEW_MS // 1000} s behind or "
+        f"{MAX_FUTURE_SKEW_MS // 1000} s ahead of the tracker's clock"
+    ),
     "replay": "it replays an earlier announce or request",
     "foreign_host": "its peer id is bound to another host",
     "unauthenticated": f"no valid {AUTH_HEADER} header (the cluster token is required)",
@@ -281,6 +303,9 @@ class Tracker:
         self._udp_task: asyncio.Task[None] | None = None
         self._probe_task: asyncio.Task[None] | None = None
         self.announces = 0
+        self.metrics = TrackerMetrics(
+            self, lambda: [(s.manifest, s.registry) for s in self._swarms.values()]
+        )
 
     # --- state ---------------------------------------------------------------------
 
@@ -307,15 +332,20 @@ class Tracker:
         return await asyncio.shield(loading)
 
     async def _load(self, ref: str) -> Manifest:
+        self.metrics.catalog_reads.inc()
         try:
             manifest = await self._catalog.get(ref)
         except CatalogError as exc:
+            self.metrics.catalog_read_failures.labels("not_found").inc()
             # The catalog answered: it is reachable, and this ref is not in it. Only
             # the message is kept: an exception's traceback would keep its frames.
             self._catalog_answered()
             self._missing[ref] = (time.monotonic() + self.config.manifest_ttl, str(exc))
             while len(self._missing) > self.config.negative_cache_size:
                 self._missing.popitem(last=False)
+            raise
+        except Exception:
+            self.metrics.catalog_read_failures.labels("error").inc()
             raise
         self._catalog_answered()
         self._manifests[manifest.root_hex] = manifest
@@ -377,6 +407,7 @@ class Tracker:
                 stall_timeout=self.config.stall_timeout,
                 assign_after=self._started + grace,
                 bar_reporters=self.config.bar_reporters,
+                origin_rate=self.config.origin_rate,
             )
             swarm = self._swarms.setdefault(root, _Swarm(manifest, registry))
             log.info("new swarm %s (%d pieces)", manifest.ref, manifest.num_pieces)
@@ -401,8 +432,22 @@ class Tracker:
             self._refused(source_host, kind, f"peer {msg.peer_id.hex()[:8]}")
             raise UnauthenticatedError(f"announce refused: {_REFUSAL_TEXT[kind]}", kind=kind)
 
-    async def handle(self, msg: Announce, source_host: str) -> Reply:
-        """Authenticate one announce, apply it to its swarm's registry and build the reply."""
+    async def handle(self, msg: Announce, source_host: str, *, transport: str = "http") -> Reply:
+        """Authenticate one announce, apply it to its swarm's registry and build the reply.
+
+        Counted and timed (``transport`` is ``udp`` or ``http``) in :attr:`metrics`;
+        any exception is a refusal.
+        """
+        started = time.perf_counter()
+        ok = False
+        try:
+            reply = await self._handle(msg, source_host)
+            ok = True
+            return reply
+        finally:
+            self.metrics.announce_handled(transport, ok, time.perf_counter() - started)
+
+    async def _handle(self, msg: Announce, source_host: str) -> Reply:
         self.authenticate(msg, source_host)
         self.announces += 1
         swarm = await self._swarm(msg.ref)
@@ -448,6 +493,7 @@ class Tracker:
             num_peers=registry.num_peers,
             interval=self.config.announce_interval,
             txn=msg.txn,
+            origin_rate=answer.origin_rate,
         )
         reply.sign(self.key, msg.nonce)
         return reply
@@ -522,6 +568,11 @@ class Tracker:
         app.router.add_get("/v1/swarms/{root}", self._get_swarm)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        StatusPage(
+            lambda: [(s.manifest, s.registry) for s in self._swarms.values()],
+            lambda: {"announces": self.announces, "open": self.key.open},
+        ).add_routes(app)
         return app
 
     @web.middleware
@@ -530,6 +581,20 @@ class Tracker:
     ) -> web.StreamResponse:
         if request.path in _OPEN_PATHS or self.key.open:
             return await handler(request)
+        # Refuse before reading a byte of the body whatever can be refused without it: a
+        # missing, malformed or stale header, and a body where none belongs.
+        header = request.headers.get(AUTH_HEADER)
+        parsed = parse_http_auth(header or "")
+        early: str | None = None
+        if parsed is None:
+            early = "unauthenticated"
+        elif not self._gate.fresh(parsed[0], int(self._wall() * 1000)):
+            early = "stale"
+        elif request.path != "/v1/announce" and (request.content_length or request.can_read_body):
+            early = "unauthenticated"
+        if early is not None:
+            self._refused(request.remote or "?", early, f"{request.method} {request.path}")
+            return web.Response(status=401, text=f"refused: {_REFUSAL_TEXT[early]}\n")
         body = await request.read()
         kind, nonce = self._gate.check_http(
             request.method,
@@ -569,17 +634,23 @@ class Tracker:
 
     async def _post_announce(self, request: web.Request) -> web.Response:
         body = await request.read()
+        msg: Announce | None = None
         try:
             msg = Announce.decode(body)
-            reply = await self.handle(msg, request.remote or "127.0.0.1")
+            reply = await self.handle(msg, request.remote or "127.0.0.1", transport="http")
         except UnauthenticatedError as exc:
             return web.Response(status=401, text=str(exc))
         except BadAnnounce as exc:
+            if msg is None:  # not decoded, so not counted by handle()
+                self.metrics.announce_handled("http", False, None)
             self._refused(request.remote or "?", "malformed", str(exc)[:200])
             return web.Response(status=400, text=str(exc))
         except SwarmError as exc:
             return web.Response(status=404, text=str(exc))
         return web.Response(body=reply.encode(), content_type="application/msgpack")
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return metrics_response(self.metrics.registry)
 
     async def _get_swarms(self, request: web.Request) -> web.Response:
         return web.json_response(self.status())
@@ -649,10 +720,11 @@ class Tracker:
         try:
             msg = Announce.decode(data)
         except BadAnnounce as exc:
+            self.metrics.announce_handled("udp", False, None)
             self._refused(source, "malformed", str(exc)[:200])
             return None
         try:
-            return (await self.handle(msg, source)).encode()
+            return (await self.handle(msg, source, transport="udp")).encode()
         except UnauthenticatedError:
             return None
         except SwarmError as exc:
