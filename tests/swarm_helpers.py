@@ -632,9 +632,11 @@ class FetchOutcome:
 
 
 class FetchProcess(_Process):
-    """``swarm fetch NAME --tracker URL --dest DIR --listen 127.0.0.1:PORT --json ...``.
+    """``swarm fetch NAME --tracker URL --dest DIR --listen HOST:PORT --json ...``.
 
     ``port`` 0 lets the peer pick; a fixed one finds it in the tracker's status.
+    ``host`` (default 127.0.0.1) is the loopback address the peer listens on and
+    advertises: peers on distinct 127.x addresses look like distinct nodes.
     """
 
     def __init__(
@@ -648,10 +650,12 @@ class FetchProcess(_Process):
         *,
         linger: float,
         port: int = 0,
+        host: str = LOOPBACK,
         extra: Iterable[str] = (),
     ) -> None:
         self.dest = dest
         self.port = port
+        self.host = host
         self.peak_rss: int | None = None
         self._sampler: threading.Thread | None = None
         super().__init__(
@@ -664,7 +668,8 @@ class FetchProcess(_Process):
                 "--dest",
                 str(dest),
                 "--listen",
-                f"{LOOPBACK}:{port}",
+                f"{host}:{port}",
+                *(["--advertise", host] if host != LOOPBACK else []),
                 "--linger",
                 str(linger),
                 "--no-fsync",
@@ -939,6 +944,7 @@ class Swarm:
         dest: Path | None = None,
         env: Mapping[str, str] | None = None,
         linger: float | None = None,
+        host: str = LOOPBACK,
     ) -> FetchProcess:
         """Start ``swarm fetch`` as peer ``name`` (its files under ``tmp/name`` by default)."""
         relay = self.relay_for(name)
@@ -952,6 +958,7 @@ class Swarm:
                 self.logs,
                 linger=self.linger if linger is None else linger,
                 port=port,
+                host=host,
                 extra=extra,
             )
         )

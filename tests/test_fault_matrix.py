@@ -300,8 +300,13 @@ def test_a_peer_serving_corrupt_blocks_is_never_believed_and_the_rest_finish(
 ) -> None:
     model = small_model(s3_bucket, "corrupt-llm", 14)
     swarm = lab.start(model, gated=True, rate=RATE, per_peer_relays=True)
-    honest = [swarm.add_peer(f"peer-{i}", port=free_port()) for i in range(PEERS - 1)]
-    liar = swarm.add_peer("liar", "--serve-corrupt", port=free_port())
+    # Each on a loopback address of its own, as on nodes of their own: the tracker
+    # counts reports by node, and bars the liar once two nodes caught it.
+    honest = [
+        swarm.add_peer(f"peer-{i}", port=free_port(), host=f"127.0.0.{11 + i}")
+        for i in range(PEERS - 1)
+    ]
+    liar = swarm.add_peer("liar", "--serve-corrupt", port=free_port(), host="127.0.0.20")
     # The liar seeds pieces of its own, so the others must ask it for those.
     swarm.wait_all_seeding(PEERS)
     entry = peer_entry(swarm, liar)
@@ -319,6 +324,12 @@ def test_a_peer_serving_corrupt_blocks_is_never_believed_and_the_rest_finish(
     # What the liar pulled from the origin may be read again for the others; nothing else.
     assert_origin_accounted(swarm, results, lost=(liar.name,))
     assert max(complete_reads(swarm, [p.name for p in honest]).values()) == 1
+    caught_by = sum(r["corrupt_pieces"] > 0 for r in results.values())
+    status = swarm.status()
+    assert status is not None
+    print(f"corrupt-llm: {caught_by} nodes caught the liar")
+    if caught_by >= 2:  # reported from two nodes: out of the swarm at the tracker too
+        assert status["barred"] == [liar_id], status
     liar.stop()
     assert_marker_honest(swarm, liar)
 
