@@ -29,9 +29,15 @@ def _seconds(value: float | None) -> str:
 
 
 def results_table(results: list[Result]) -> Table:
-    """One row per strategy: completion as seconds and as a ratio to T_min, origin ÷ F."""
+    """One row per strategy: completion as seconds and as a ratio to T_min, origin ÷ F.
+
+    With a rack layer, also the bytes that crossed a rack uplink ÷ F.
+    """
     table = Table(title="simulated burst", title_justify="left")
-    for column in ("strategy", "nodes", "T_min s", "p50", "p99", "max", "origin ÷ F", "wall s"):
+    racks = any(result.cross_rack_bytes for result in results)
+    columns = ["strategy", "nodes", "T_min s", "p50", "p99", "max", "origin ÷ F"]
+    columns += ["cross-rack ÷ F"] if racks else []
+    for column in [*columns, "wall s"]:
         table.add_column(column, justify="left" if column == "strategy" else "right")
     for result in results:
         summary = result.summary()
@@ -46,6 +52,7 @@ def results_table(results: list[Result]) -> Table:
             f"{result.lower_bound_seconds:.3g}",
             *cells,
             f"{summary['origin_ratio']:.3g}",
+            *([f"{summary['cross_rack_ratio']:.3g}"] if racks else []),
             f"{result.wall_seconds:.2f}",
         )
     return table

@@ -125,6 +125,8 @@ class Result:
     total_series: Series = field(repr=False)
     origin_series: Series = field(repr=False)
     extra: dict[str, Any] = field(default_factory=dict)
+    cross_rack_bytes: float = 0.0
+    """Peer bytes between nodes of different racks: what crossed the ToR uplinks."""
 
     def completed(self) -> list[float]:
         return sorted(c for c in self.completion if c is not None)
@@ -174,6 +176,8 @@ class Result:
             "origin_bytes": self.origin_bytes,
             "origin_ratio": self.origin_bytes / self.model_bytes,
             "peer_bytes": self.peer_bytes,
+            "cross_rack_bytes": self.cross_rack_bytes,
+            "cross_rack_ratio": self.cross_rack_bytes / self.model_bytes,
             "origin_requests": self.origin_requests,
             "throttled_requests": self.throttled_requests,
             "sim_seconds": self.sim_seconds,
@@ -288,6 +292,7 @@ class Simulation:
         # Metrics.
         self.origin_bytes = 0.0
         self.peer_bytes = 0.0
+        self.cross_rack_bytes = 0.0
         self.origin_requests = 0
         self.throttled = 0
         self.crashed = 0
@@ -336,9 +341,11 @@ class Simulation:
         self._account_peer(flow, now)
         flow.then(flow, now)
 
-    def _account_peer(self, flow: Flow, now: float) -> None:
+    def _account_peer(self, flow: _PeerFlow, now: float) -> None:
         moved = flow.size - flow.remaining
         self.peer_bytes += moved
+        if self.rack_up and self.rack[flow.src] != self.rack[flow.dst]:
+            self.cross_rack_bytes += moved
         self.total_series.add(flow.started, now, moved)
 
     def origin_get(
@@ -619,6 +626,7 @@ class Simulation:
             crashed=self.crashed,
             origin_bytes=self.origin_bytes,
             peer_bytes=self.peer_bytes,
+            cross_rack_bytes=self.cross_rack_bytes,
             origin_requests=self.origin_requests,
             throttled_requests=self.throttled,
             sim_seconds=self.now,

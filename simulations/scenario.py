@@ -129,6 +129,10 @@ class Scenario:
     """Nodes per rack; 0 means no rack layer."""
     oversubscription: float = 1.0
     """Rack downlink capacity over ToR uplink capacity."""
+    zone_preference: bool = False
+    """Racks are zones: ``swarm`` samples neighbours mostly from the own rack
+    (:class:`tracker.zones.ZoneIndex`) and asks other racks only for pieces its
+    own rack lacks (the picker's remote peers). Needs ``rack_size``."""
 
     # origin
     origin_gbps: float = 10.0
@@ -183,6 +187,8 @@ class Scenario:
                 raise ConfigError(f"{where}: {key} must be > 0, got {value}")
         if self.rack_size < 0 or not self.oversubscription >= 1.0:
             raise ConfigError(f"{where}: rack_size must be >= 0 and oversubscription >= 1")
+        if self.zone_preference and not self.rack_size:
+            raise ConfigError(f"{where}: zone_preference needs rack_size > 0 (racks are the zones)")
         for key in ("origin_connections", "peer_connections", "max_downloads", "upload_slots"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{where}: {key} must be >= 1, got {getattr(self, key)}")

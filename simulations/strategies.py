@@ -27,6 +27,13 @@
     assignment's stall reclaims. ``swarm-random`` differs only in the picker:
     new pieces are picked uniformly at random among those the neighbour has,
     instead of rarest first -- the ablation that shows what rarest first buys.
+
+    With ``zone_preference`` (racks are the zones) the swarm runs the zone
+    policy of the real system: neighbours come from
+    :meth:`tracker.zones.ZoneIndex.sample` (mostly the own rack, a few other
+    racks), and each picker is told which neighbours are in another rack
+    (``add_peer(..., remote=True)``), so it asks them only for pieces its own
+    rack lacks.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from swarm.bitfield import Bitfield
 from swarm.choker import UploadScheduler
 from swarm.picker import BlockRequest, PiecePicker
 from tracker.assignment import SeederAssignment
+from tracker.zones import ZoneIndex
 
 __all__ = [
     "Cache",
@@ -424,6 +432,8 @@ class Swarm:
         self.have = vec[u8]([0] * ((n * self.num_pieces + 7) >> 3))
         self.holders = vec[i64]([0] * self.num_pieces)
         self.ticking = False
+        # Live, joined nodes by rack, when racks are zones the swarm prefers.
+        self.zones: ZoneIndex[int] | None = ZoneIndex() if scenario.zone_preference else None
 
     def extra(self) -> dict[str, Any]:
         stats = self.assignment.stats
@@ -457,10 +467,20 @@ class Swarm:
         b.conns.append(ba)
         a.conn_to[b.id] = ab
         b.conn_to[a.id] = ba
+        remote = self.zones is not None and self._zone(a.id) != self._zone(b.id)
         for x, y in ((a, b), (b, a)):
             picker = x.picker
             if picker is not None and not x.done:
-                picker.add_peer(y, y.pieces)
+                picker.add_peer(y, y.pieces, remote)
+
+    def _zone(self, node: int) -> str:
+        return str(self.sim.rack[node])
+
+    def _neighbours(self, node: int, count: int) -> list[int]:
+        """Up to ``count`` live nodes for ``node`` to dial, mostly of its own rack."""
+        zones = self.zones
+        assert zones is not None
+        return zones.sample(self._zone(node), count, self.sim.rng, exclude=node)
 
     def _lacking(self, a: _Node, b: _Node) -> int:
         """Pieces ``b`` has that ``a`` lacks."""
@@ -479,14 +499,22 @@ class Swarm:
         # degree is ``peer_connections``.
         dial = max(1, math.ceil(sim.scenario.peer_connections / 2))
         rng = sim.rng
-        for node in initial:
-            dialled = 0
-            for other in rng.sample(initial, min(dial + 1, len(initial))):
-                if dialled == dial:
-                    break
-                if other != node:
+        zones = self.zones
+        if zones is not None:
+            for node in initial:
+                zones.add(node, self._zone(node))
+            for node in initial:
+                for other in self._neighbours(node, dial):
                     self._connect(nodes[node], nodes[other])
-                    dialled += 1
+        else:
+            for node in initial:
+                dialled = 0
+                for other in rng.sample(initial, min(dial + 1, len(initial))):
+                    if dialled == dial:
+                        break
+                    if other != node:
+                        self._connect(nodes[node], nodes[other])
+                        dialled += 1
         self._assign()
         for node in initial:
             self._fill(nodes[node])
@@ -496,10 +524,16 @@ class Swarm:
         me = self.nodes[node]
         me.picker = self._new_picker(node)
         self.assignment.peer_joined(node, sim.now)
-        live = [
-            x for x in range(sim.scenario.nodes) if sim.joined[x] and sim.alive[x] and x != node
-        ]
-        for other in sim.rng.sample(live, min(len(live), sim.scenario.peer_connections)):
+        count = sim.scenario.peer_connections
+        if self.zones is not None:
+            self.zones.add(node, self._zone(node))
+            chosen = self._neighbours(node, count)
+        else:
+            live = [
+                x for x in range(sim.scenario.nodes) if sim.joined[x] and sim.alive[x] and x != node
+            ]
+            chosen = sim.rng.sample(live, min(len(live), count))
+        for other in chosen:
             self._connect(me, self.nodes[other])
         self._assign()
         self._fill(me)
@@ -704,6 +738,8 @@ class Swarm:
         me.conn_to = {}
         me.inflight = 0
         me.picker = None
+        if self.zones is not None:
+            self.zones.remove(node)
         self.assignment.peer_left(node, now)
         for piece in me.pieces:
             self.holders[piece] -= 1

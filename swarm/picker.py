@@ -23,6 +23,16 @@ Why finish what is started
     blocks of pieces already in progress, so a piece is fetched from several
     peers at once and completes quickly instead of many pieces being half done.
 
+Why remote peers come last
+    A peer in another zone (rack, availability zone) is reached over an
+    oversubscribed uplink, or one billed per byte. The engine adds such a peer
+    with ``remote=True``, and the picker asks it only for pieces that no
+    same-zone connection has: a piece enters the zone once, over one uplink,
+    and then spreads inside it. Counting holders per zone costs one more count
+    per piece, kept only when a remote peer announces it, so a picker with no
+    remote peers does exactly what it did without zones. Endgame duplicates may
+    still go to a remote peer: they go only to idle peers, only at the very end.
+
 Why endgame
     At the very end every missing block is already requested, and one slow peer
     holding the last request would delay the whole download. Then a block may be
@@ -101,8 +111,9 @@ class PiecePicker(Generic[PeerT]):
 
     The engine's calls, in order of a piece's life:
 
-    * ``add_peer(peer, bitfield)`` / ``peer_has(peer, piece)`` /
-      ``remove_peer(peer)`` as peers connect, announce and leave;
+    * ``add_peer(peer, bitfield, remote)`` / ``peer_has(peer, piece)`` /
+      ``remove_peer(peer)`` as peers connect, announce and leave (``remote``:
+      the peer is in another zone);
     * ``pick(peer, n)`` to fill ``peer``'s request pipeline;
     * ``block_received(peer, block)`` (cancel the duplicates it returns) or
       ``block_failed(peer, block)`` (rejected, timed out);
@@ -139,6 +150,11 @@ class PiecePicker(Generic[PeerT]):
         self._reserved: set[int] = set()
         self._avail = vec[i32]([0] * num_pieces)
         self._peers: dict[PeerT, Bitfield] = {}
+        # Peers in another zone, and per piece how many of them hold it (kept,
+        # like _avail, for the pieces we lack): _avail - _remote_avail is the
+        # piece's same-zone availability.
+        self._remote: set[PeerT] = set()
+        self._remote_avail = vec[i32]([0] * num_pieces)
 
         # Pieces not had, not reserved and not started ("bucketed"), sorted by
         # availability in one array: _order[_bounds[k]:_bounds[k + 1]] is the
@@ -330,12 +346,16 @@ class PiecePicker(Generic[PeerT]):
 
     # -- peers ----------------------------------------------------------------
 
-    def add_peer(self, peer: PeerT, bitfield: Bitfield) -> None:
+    def add_peer(self, peer: PeerT, bitfield: Bitfield, remote: bool = False) -> None:
         """``peer`` connected; ``bitfield`` is the engine's record of its pieces.
 
         The picker reads the record from now on. The engine only ever adds to
         it, and calls :meth:`peer_has` for each piece it adds. Adding a known
-        peer again merges ``bitfield`` into the record already given.
+        peer again merges ``bitfield`` into the record already given (and keeps
+        the ``remote`` flag it was first added with).
+
+        ``remote``: the peer is in another zone than ours; it is asked only for
+        pieces no same-zone peer has (see the module docstring).
         """
         if len(bitfield) != self.num_pieces:
             raise ValueError(
@@ -344,21 +364,31 @@ class PiecePicker(Generic[PeerT]):
         known = self._peers.get(peer)
         if known is None:
             self._peers[peer] = bitfield
+            if remote:
+                self._remote.add(peer)
             for piece in bitfield:
                 self._set_avail(piece, 1)
+                if remote:
+                    self._remote_avail[piece] += 1
             return
+        remote = peer in self._remote
         for piece in bitfield:
             if known.add(piece):
                 self._set_avail(piece, 1)
+                if remote:
+                    self._remote_avail[piece] += 1
 
     def peer_has(self, peer: PeerT, piece: int) -> None:
         """``piece`` was just added to the record of ``peer``, a connected peer.
 
         Call it once per piece added. It only counts the piece: the picker
-        does not look ``peer`` up, which keeps a HAVE to the fewest memory
-        reads (it runs for every neighbour of every peer that verifies a piece).
+        looks ``peer`` up only if it has remote peers, which keeps a HAVE to
+        the fewest memory reads (it runs for every neighbour of every peer that
+        verifies a piece).
         """
         self._set_avail(piece, 1)
+        if self._remote and peer in self._remote:
+            self._remote_avail[piece] += 1
 
     def remove_peer(self, peer: PeerT) -> list[BlockRequest]:
         """``peer`` disconnected: forget its pieces; its requests go back to open.
@@ -368,12 +398,17 @@ class PiecePicker(Generic[PeerT]):
         known = self._peers.pop(peer, None)
         if known is not None:
             have = self._have
+            remote = peer in self._remote
+            if remote:
+                self._remote.discard(peer)
             for piece in known:
                 # Counts matter only for pieces we lack, and only those are
                 # sure to have been counted: an engine need not announce a
                 # piece to a peer that has it already (HAVE suppression).
                 if piece not in have:
                     self._set_avail(piece, -1)
+                    if remote:
+                        self._remote_avail[piece] -= 1
         returned = sorted(self._requested_from(peer))
         for block in returned:
             self._unrequest(peer, block)
@@ -384,6 +419,14 @@ class PiecePicker(Generic[PeerT]):
         # A method, not ``peer_gone = remove_peer``: mypyc (swarm simulate
         # --native) cannot compile a class attribute aliasing a method.
         return self.remove_peer(peer)
+
+    def is_remote(self, peer: PeerT) -> bool:
+        """True if ``peer`` was added as a peer of another zone."""
+        return peer in self._remote
+
+    def local_availability(self, piece: int) -> int:
+        """How many connected same-zone peers have ``piece`` (kept for the pieces we lack)."""
+        return int(self._avail[piece]) - int(self._remote_avail[piece])
 
     def peer_bitfield(self, peer: PeerT) -> Bitfield | None:
         known = self._peers.get(peer)
@@ -452,21 +495,25 @@ class PiecePicker(Generic[PeerT]):
         are peers: with a deep request pipeline "everything requested" comes long
         before the end, and a race for a block sends it twice over the uplinks
         that bound such a swarm. Only pieces ``peer`` has and
-        we neither have nor reserve are picked. The returned requests are
-        recorded as in flight to ``peer``.
+        we neither have nor reserve are picked; from a remote peer, only those
+        that no same-zone peer has (endgame duplicates aside). The returned
+        requests are recorded as in flight to ``peer``.
         """
         bits = self._peers.get(peer)
         if bits is None or max_blocks <= 0 or self.done:
             return []
+        remote = bool(self._remote) and peer in self._remote
         picked: list[BlockRequest] = []
         if self._open_partials:
+            avail = self._avail
+            remote_avail = self._remote_avail
             for piece in list(self._open_partials):
-                if piece in bits:
+                if piece in bits and (not remote or avail[piece] == remote_avail[piece]):
                     self._take_open(peer, piece, max_blocks - len(picked), picked)
                     if len(picked) >= max_blocks:
                         return picked
         while len(picked) < max_blocks:
-            new_piece = self._pick_new_piece(bits)
+            new_piece = self._pick_new_remote_piece(bits) if remote else self._pick_new_piece(bits)
             if new_piece is None:
                 break
             self._start(new_piece)
@@ -507,14 +554,44 @@ class PiecePicker(Generic[PeerT]):
             budget -= size
         return None
 
-    def _pick_from_peer_pieces(self, bits: Bitfield) -> int | None:
+    def _pick_new_remote_piece(self, bits: Bitfield) -> int | None:
+        """The rarest unstarted piece ``bits`` has and no same-zone peer has; None if none.
+
+        The same scan as :meth:`_pick_new_piece` with one more condition, kept
+        apart so the common path carries no zone test.
+        """
+        budget: i64 = bits.count() + 16
+        random = self._random
+        order = self._order
+        bounds = self._bounds
+        avail = self._avail
+        remote_avail = self._remote_avail
+        for level in range(1, len(bounds) - 1):
+            lo = i64(bounds[level])
+            size = i64(bounds[level + 1]) - lo
+            if not size:
+                continue
+            begin = i64(int(random() * float(size)))
+            scan = min(size, budget)
+            for i in range(scan):
+                j = begin + i
+                piece = int(order[lo + (j - size if j >= size else j)])
+                if piece in bits and avail[piece] == remote_avail[piece]:
+                    return piece
+            if scan < size:
+                return self._pick_from_peer_pieces(bits, True)
+            budget -= size
+        return None
+
+    def _pick_from_peer_pieces(self, bits: Bitfield, remote: bool = False) -> int | None:
         best_level = -1
         ties: list[int] = []
         pos = self._pos
         avail = self._avail
         end = self._unstarted()
+        remote_avail = self._remote_avail
         for piece in bits:
-            if i64(pos[piece]) >= end:
+            if i64(pos[piece]) >= end or (remote and avail[piece] != remote_avail[piece]):
                 continue
             level = int(avail[piece])
             if level == best_level:

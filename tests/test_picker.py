@@ -478,3 +478,141 @@ def test_picks_are_cheap_with_many_pieces() -> None:
     elapsed = time.perf_counter() - start
     assert picked > 2000
     assert elapsed < 2.0, f"2700 picks took {elapsed:.2f}s"
+
+
+# -- zones: remote peers serve only what no same-zone peer has ------------------
+
+
+def make_zoned(local: str, remote: str, *, blocks_per_piece: int = 1) -> PiecePicker[str]:
+    """Like :func:`make` with no SEED: ``local`` availability held by same-zone peers
+    "h0", "h1", ..., ``remote`` availability by other-zone peers "r0", "r1", ...
+    """
+    size = len(local)
+    assert len(remote) == size
+    picker: PiecePicker[str] = PiecePicker(
+        [BLOCK * blocks_per_piece] * size, BLOCK, random.Random(0)
+    )
+    for prefix, text, is_remote in (("h", local, False), ("r", remote, True)):
+        levels = [int(c) for c in text]
+        for k in range(max(levels, default=0)):
+            held = [i for i, a in enumerate(levels) if a > k]
+            picker.add_peer(f"{prefix}{k}", Bitfield.from_indices(held, size), remote=is_remote)
+    return picker
+
+
+def test_remote_peer_is_asked_only_for_pieces_no_local_peer_has() -> None:
+    picker = make_zoned("1100", "1111")
+    assert picker.is_remote("r0") and not picker.is_remote("h0")
+    assert [picker.local_availability(p) for p in range(4)] == [1, 1, 0, 0]
+    assert [picker.availability(p) for p in range(4)] == [2, 2, 1, 1]
+    assert sorted(pieces(picker.pick("r0", 10))) == [2, 3]
+    assert picker.pick("r0", 10) == []
+    assert sorted(pieces(picker.pick("h0", 10))) == [0, 1]
+
+
+def test_remote_peer_serves_a_piece_once_its_local_holders_leave() -> None:
+    picker = make_zoned("1100", "1111")
+    assert sorted(pieces(picker.pick("r0", 10))) == [2, 3]
+    picker.remove_peer("h0")
+    assert [picker.local_availability(p) for p in range(4)] == [0, 0, 0, 0]
+    assert sorted(pieces(picker.pick("r0", 10))) == [0, 1]
+
+
+def test_open_blocks_of_a_started_piece_stay_local() -> None:
+    picker = make_zoned("1", "1", blocks_per_piece=3)
+    assert picker.pick("h0", 1) == [BlockRequest(0, 0, 16)]
+    assert picker.pick("r0", 5) == []  # h0 can serve the other two blocks
+    assert picker.pick("h0", 5) == [BlockRequest(0, 16, 16), BlockRequest(0, 32, 16)]
+
+
+def test_haves_are_counted_by_zone() -> None:
+    picker = make_zoned("00", "11")
+    record = Bitfield(2)
+    picker.add_peer("late", record)  # same zone
+    record.add(0)
+    picker.peer_has("late", 0)
+    remote_record = Bitfield(2)
+    picker.add_peer("far", remote_record, remote=True)
+    remote_record.add(1)
+    picker.peer_has("far", 1)
+    assert [picker.local_availability(p) for p in (0, 1)] == [1, 0]
+    assert [picker.availability(p) for p in (0, 1)] == [2, 2]
+    assert pieces(picker.pick("r0", 5)) == [1]
+    assert pieces(picker.pick("far", 5)) == []  # piece 1 is requested already
+    picker.remove_peer("far")
+    assert picker.availability(1) == 1 and picker.local_availability(1) == 0
+
+
+def test_adding_a_remote_peer_again_keeps_its_flag() -> None:
+    picker = make_zoned("00", "10")
+    picker.add_peer("r0", Bitfield.from_indices([1], 2))  # merge; remote stays
+    assert picker.is_remote("r0")
+    assert [picker.local_availability(p) for p in (0, 1)] == [0, 0]
+    assert sorted(pieces(picker.pick("r0", 5))) == [0, 1]
+
+
+def test_endgame_duplicates_may_go_to_an_idle_remote_peer() -> None:
+    picker = make_zoned("1", "1", blocks_per_piece=2)
+    first = picker.pick("h0", 2)
+    assert picker.in_endgame
+    assert sorted(picker.pick("r0", 5)) == sorted(first)
+
+
+def test_remote_picks_skip_local_pieces_on_the_long_scan_too() -> None:
+    # Many pieces only the local peer holds fill the rarest bucket, so the
+    # bucket scan gives up and walks the remote peer's own pieces instead.
+    num_pieces = 300
+    remote_only = set(range(295, 300))
+    for seed in range(10):
+        picker: PiecePicker[str] = PiecePicker([BLOCK] * num_pieces, BLOCK, random.Random(seed))
+        picker.add_peer("h0", Bitfield.from_indices(range(290), num_pieces))
+        held = [*range(10), *remote_only]
+        picker.add_peer("r0", Bitfield.from_indices(held, num_pieces), remote=True)
+        got = pieces(picker.pick("r0", 20))
+        assert sorted(got) == sorted(remote_only)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from(["pick", "recv", "gone", "has"]), st.integers(0, 99))),
+    st.integers(0, 2**32),
+)
+def test_remote_peers_never_get_a_locally_held_piece_before_endgame(
+    events: list[tuple[str, int]], seed: int
+) -> None:
+    num_pieces, num_peers = 8, 4  # peers 0 and 1 are local, 2 and 3 remote
+    rng = random.Random(seed)
+    picker: PiecePicker[int] = PiecePicker([BLOCK * 2] * num_pieces, BLOCK, random.Random(seed))
+    held: dict[int, set[int]] = {}
+    records: dict[int, Bitfield] = {}
+    for peer in range(num_peers):
+        held[peer] = set(rng.sample(range(num_pieces), 3))
+        records[peer] = Bitfield.from_indices(held[peer], num_pieces)
+        picker.add_peer(peer, records[peer], remote=peer >= 2)
+    for kind, n in events:
+        peer = n % num_peers
+        if kind == "pick":
+            endgame = picker.in_endgame
+            local_holders = {p for p in range(num_pieces) if any(p in held[q] for q in range(2))}
+            for block in picker.pick(peer, 1 + n % 4):
+                assert block.piece in held[peer]
+                if peer >= 2 and not endgame:
+                    assert block.piece not in local_holders
+        elif kind == "recv" and picker.outstanding(peer):
+            block = picker.outstanding(peer)[0]
+            picker.block_received(peer, block)
+            if picker.piece_complete(block.piece):
+                picker.mark_have(block.piece)
+        elif kind == "gone":
+            picker.remove_peer(peer)
+            held[peer] = set()
+            records[peer] = Bitfield(num_pieces)
+            picker.add_peer(peer, records[peer], remote=peer >= 2)
+        elif kind == "has":
+            piece = n % num_pieces
+            held[peer].add(piece)
+            if records[peer].add(piece):
+                picker.peer_has(peer, piece)
+        for piece in range(num_pieces):
+            if piece not in picker.have:
+                assert picker.local_availability(piece) == sum(piece in held[q] for q in range(2))
