@@ -254,6 +254,8 @@ class Reply:
     origin_rate: int = 0
     """Bytes per second this peer may read from the origin, its share of the tracker's
     cluster-wide origin cap; 0 means uncapped. Sent only when non-zero."""
+    peer_zones: dict[bytes, str] = field(default_factory=dict)
+    """The zone of each listed peer that declared one (sent only when there are any)."""
 
     def encode(self) -> bytes:
         return self._pack(self.mac)
@@ -276,6 +278,8 @@ class Reply:
         }
         if self.origin_rate:
             fields["orate"] = int(self.origin_rate)
+        if self.peer_zones:
+            fields["pzones"] = [[p, z] for p, z in sorted(self.peer_zones.items()) if z]
         return msgpack.packb(fields, use_bin_type=True)
 
     def sign(self, key: ClusterKey, request_nonce: bytes) -> None:
@@ -313,6 +317,14 @@ class Reply:
             origin_rate = obj.get("orate", 0)
             if type(origin_rate) is not int or not 0 <= origin_rate <= MAX_ORIGIN_RATE:
                 raise BadAnnounce(f"bad origin rate {origin_rate!r} in reply")
+            zones_in = obj.get("pzones", [])
+            if not isinstance(zones_in, list) or len(zones_in) > MAX_PEERS_IN_REPLY:
+                raise BadAnnounce("reply peer zones must be a bounded list")
+            peer_zones: dict[bytes, str] = {}
+            for item in zones_in:
+                if not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], bytes):
+                    raise BadAnnounce("reply peer zone entries must be [id, zone]")
+                peer_zones[item[0]] = check_zone(item[1])
             return cls(
                 assigned=assigned,
                 peers=out,
@@ -323,6 +335,7 @@ class Reply:
                 error=str(obj.get("error", "")),
                 mac=mac,
                 origin_rate=origin_rate,
+                peer_zones=peer_zones,
             )
         except KeyError as exc:
             raise BadAnnounce(f"reply lacks field {exc}") from exc

@@ -251,6 +251,9 @@ class _Conn:
         self.last_recv = time.monotonic()
         self.tasks: list[asyncio.Task[None]] = []
         self.received_bytes = 0
+        # In another zone than ours (both declared): asked only for what no peer of
+        # our zone has, and what it sends counts as cross-zone bytes.
+        self.remote = False
 
     def send(self, msg: Message) -> None:
         if self.closed:
@@ -334,6 +337,8 @@ class SwarmPeer:
         self.swarm_complete = False
         self.listen_port = 0
         self.peer_bytes = 0
+        self.cross_zone_bytes = 0
+        self.peer_zones: dict[bytes, str] = {}  # from the tracker's replies
         self.uploaded_bytes = 0
         # Bytes received twice, by why: crossed our Cancel / piece already verified or
         # verifying / block already on disk.
@@ -413,6 +418,7 @@ class SwarmPeer:
                 duplicate_causes=dict(self.duplicate_causes),
                 origin_pieces=self.origin_pieces,
                 corrupt_pieces=self.corrupt_pieces,
+                cross_zone_bytes=self.cross_zone_bytes,
                 barred_peers=sorted(p.hex() for p in self.barred),
                 auth_failures=self.auth_failures,
                 handshake_timeouts=self.handshake_timeouts,
@@ -580,6 +586,7 @@ class SwarmPeer:
                 self.origin_tasks[piece] = self._spawn(
                     self._pull_from_origin(piece), f"origin-{piece}"
                 )
+        self.peer_zones.update(reply.peer_zones)
         for peer_id, host, port in reply.peers:
             if peer_id == self.peer_id or peer_id in self.barred:
                 continue
@@ -992,6 +999,8 @@ class SwarmPeer:
                     if discard:
                         self.duplicate_causes["cancelled"] += header.length
                         self.peer_bytes += header.length
+                        if conn.remote:
+                            self.cross_zone_bytes += header.length
                         self._block_pool.release(buf)
                     else:
                         self._on_block(conn, header, buf)
@@ -1045,6 +1054,9 @@ class SwarmPeer:
                 raise RemoteProtocolError("duplicate connection")
             self._close_conn(existing, RemoteProtocolError("duplicate connection"))
         conn.peer_id = msg.peer_id
+        # A peer no reply has named yet counts as in our zone: unknown is not remote.
+        theirs = self.peer_zones.get(msg.peer_id, "")
+        conn.remote = bool(self.config.zone) and theirs not in ("", self.config.zone)
         self.pending_conns.discard(conn)
         self.conns[msg.peer_id] = conn
 
@@ -1055,12 +1067,12 @@ class SwarmPeer:
             sent = msg.to_bitfield(self.m.num_pieces)
             if conn.bitfield is None:
                 conn.bitfield = sent
-            self.picker.add_peer(conn, sent)
+            self.picker.add_peer(conn, sent, remote=conn.remote)
             self._fill(conn)
         elif isinstance(msg, Have):
             if conn.bitfield is None:
                 conn.bitfield = Bitfield(self.m.num_pieces)
-                self.picker.add_peer(conn, conn.bitfield)
+                self.picker.add_peer(conn, conn.bitfield, remote=conn.remote)
             if conn.bitfield.add(msg.piece):
                 self.picker.peer_has(conn, msg.piece)
             self._fill(conn)
@@ -1088,6 +1100,8 @@ class SwarmPeer:
         conn.requested.discard(block)
         self.peer_bytes += header.length
         conn.received_bytes += header.length
+        if conn.remote:
+            self.cross_zone_bytes += header.length
         if self.store.has(block.piece) or header.piece in self.verifying:
             self.duplicate_causes["had"] += header.length
             self._block_pool.release(buf)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import random
+from pathlib import Path
 
 import pytest
+from servers import free_port
 
 from simulations.runner import run_strategy
 from simulations.scenario import Scenario
@@ -208,3 +210,59 @@ def test_the_simulate_table_shows_cross_rack_bytes_only_with_racks() -> None:
 
     assert "cross-rack ÷ F" in render(RACKS.with_overrides(zone_preference=True))
     assert "cross-rack" not in render(RACKS.with_overrides(rack_size=0, oversubscription=1.0))
+
+
+# --- real peers on loopback -------------------------------------------------------
+
+
+@pytest.mark.parametrize("zoned", [True, False], ids=["zones", "no-zones"])
+def test_a_peer_takes_what_its_zone_has_from_its_zone(tmp_path: Path, zoned: bool) -> None:
+    """Two complete seeds, one in zone a and one in zone b, and a fetch in zone a: with
+    zones declared, zone b's seed serves at most the first requests sent before zone
+    a's seed was heard from; without, both serve."""
+    import asyncio
+    import shutil
+
+    from test_rate_caps import BLOCK, WAIT, cluster, run_test, wait_for
+
+    from swarm.announce import Announce, TrackerClient
+    from swarm.bitfield import Bitfield
+
+    async def body() -> None:
+        async with cluster(tmp_path) as c:
+            _, prep = c.start_peer("prep", dest="seed-a", linger=0.0)
+            assert (await asyncio.wait_for(prep, WAIT)).verified
+            shutil.copytree(tmp_path / "seed-a", tmp_path / "seed-b")
+            client = TrackerClient(c.tracker_url)
+            c.clients.append(client)
+            stand_in = Announce(  # an unfinished member, so the seeds stay
+                ref=c.manifest.ref,
+                peer_id=b"\xee" * 20,
+                port=free_port(),
+                have=Bitfield(c.manifest.num_pieces).to_bytes(),
+                host="127.0.0.1",
+            )
+            await client.announce(stand_in)
+            zone_a, zone_b = ("a", "b") if zoned else ("", "")
+            c.start_peer("seed-a", linger=WAIT, zone=zone_a)
+            seed_b, seed_b_run = c.start_peer("seed-b", linger=WAIT, zone=zone_b)
+
+            def both_seeding() -> bool:
+                swarm = c.tracker.status()["swarms"].get(c.manifest.root_hex)
+                return swarm is not None and swarm["finished_peers"] == 2
+
+            await wait_for(both_seeding, "the tracker to know both seeds")
+            _, run = c.start_peer("fetch", linger=0.0, zone=zone_a)
+            result = await asyncio.wait_for(run, WAIT)
+            assert result.verified
+            served_by_b = seed_b.uploaded_bytes
+            if zoned:
+                assert result.extra["cross_zone_bytes"] == served_by_b
+                # Requests may reach zone b before zone a's bitfield is in: one pipeline.
+                assert served_by_b <= 6 * BLOCK, served_by_b
+            else:
+                assert result.extra["cross_zone_bytes"] == 0  # no zones, nothing is remote
+                assert served_by_b >= c.manifest.total_size // 4, served_by_b
+            del seed_b_run
+
+    run_test(body)

@@ -57,6 +57,7 @@ from typing import Any
 from swarm.bitfield import Bitfield
 from tracker.assignment import SeederAssignment
 from tracker.errors import BadAnnounceError
+from tracker.zones import NO_ZONE, ZoneIndex
 
 __all__ = ["AnnounceReply", "PeerAddress", "SwarmRegistry"]
 
@@ -70,6 +71,7 @@ class PeerAddress:
     peer_id: bytes
     host: str
     port: int
+    zone: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,11 +93,12 @@ class AnnounceReply:
 
 
 class _Peer:
-    __slots__ = ("finished", "have", "host", "last_seen", "port", "suspect")
+    __slots__ = ("finished", "have", "host", "last_seen", "port", "suspect", "zone")
 
-    def __init__(self, host: str, port: int, num_pieces: int, now: float) -> None:
+    def __init__(self, host: str, port: int, num_pieces: int, now: float, zone: str = "") -> None:
         self.host = host
         self.port = port
+        self.zone = zone
         self.have = Bitfield(num_pieces)
         self.last_seen = now
         self.finished = num_pieces == 0
@@ -149,8 +152,8 @@ class SwarmRegistry:
         # Least recently seen first, so expiry pops from the front.
         self._peers: OrderedDict[bytes, _Peer] = OrderedDict()
         # The same peers in a list with O(1) removal, to sample replies in O(k).
-        self._peer_list: list[bytes] = []
-        self._peer_index: dict[bytes, int] = {}
+        # The same peers by zone, to sample replies in O(k), same zone first.
+        self._zones: ZoneIndex[bytes] = ZoneIndex()
         self._avail = [0] * len(self._lengths)
         self._finished = 0
         self.bar_reporters = bar_reporters
@@ -210,8 +213,12 @@ class SwarmRegistry:
         have: Bitfield | Iterable[int] | None,
         progress: Mapping[int, int],
         now: float,
+        zone: str = NO_ZONE,
     ) -> AnnounceReply:
         """Record an announce from ``peer`` and answer it.
+
+        ``zone`` is the zone or rack the peer declared (see :mod:`tracker.zones`):
+        its reply's peer sample favours that zone.
 
         ``have`` is either a :class:`Bitfield` of every piece the peer has
         verified (it replaces what was known), an iterable of pieces verified
@@ -228,14 +235,16 @@ class SwarmRegistry:
             return AnnounceReply((), (), self.swarm_complete, len(self._peers))
         known = self._peers.get(peer)
         if known is None:
-            known = self._peers[peer] = _Peer(host, port, self.num_pieces, now)
-            self._peer_index[peer] = len(self._peer_list)
-            self._peer_list.append(peer)
+            known = self._peers[peer] = _Peer(host, port, self.num_pieces, now, zone)
+            self._zones.add(peer, zone)
             if known.finished:
                 self._finished += 1
             self.assignment.peer_joined(peer, now)
         else:
             known.host, known.port, known.last_seen = host, port, now
+            if known.zone != zone:
+                known.zone = zone
+                self._zones.add(peer, zone)
             self._peers.move_to_end(peer)
         self.expire(now)  # others only: this peer was just seen
 
@@ -367,12 +376,11 @@ class SwarmRegistry:
             self._drop_piece(known, piece)
 
     def _sample_peers(self, peer: bytes) -> tuple[PeerAddress, ...]:
-        everyone = self._peer_list
-        wanted = min(self.max_peers_in_reply + 1, len(everyone))
-        picks = self._rng.sample(range(len(everyone)), wanted)
-        others = [everyone[i] for i in picks if everyone[i] != peer]
-        del others[self.max_peers_in_reply :]
-        return tuple(PeerAddress(p, self._peers[p].host, self._peers[p].port) for p in others)
+        picks = self._zones.sample(
+            self._peers[peer].zone, self.max_peers_in_reply, self._rng, exclude=peer
+        )
+        peers = self._peers
+        return tuple(PeerAddress(p, peers[p].host, peers[p].port, peers[p].zone) for p in picks)
 
     def report(self, reporter: bytes, accused: bytes, now: float) -> bool:
         """``reporter`` received data from ``accused`` that failed verification.
@@ -417,11 +425,7 @@ class SwarmRegistry:
         known = self._peers.pop(peer, None)
         if known is None:
             return False
-        index = self._peer_index.pop(peer)
-        last = self._peer_list.pop()
-        if last != peer:
-            self._peer_list[index] = last
-            self._peer_index[last] = index
+        self._zones.remove(peer)
         if known.finished:
             self._finished -= 1
         self._holding.discard(peer)

@@ -474,7 +474,9 @@ class Tracker:
             ) from exc
         host = msg.host or source_host
         try:
-            answer = registry.announce(msg.peer_id, (host, msg.port), have, msg.progress, now)
+            answer = registry.announce(
+                msg.peer_id, (host, msg.port), have, msg.progress, now, zone=msg.zone
+            )
         except BadAnnounceError as exc:
             raise BadAnnounce(str(exc)) from exc
         for culprit in msg.barred:
@@ -489,6 +491,7 @@ class Tracker:
         reply = Reply(
             assigned=list(answer.assigned),
             peers=[(p.peer_id, p.host, p.port) for p in answer.peers if p.peer_id not in barred],
+            peer_zones={p.peer_id: p.zone for p in answer.peers if p.zone},
             complete=registry.swarm_complete,
             num_peers=registry.num_peers,
             interval=self.config.announce_interval,
