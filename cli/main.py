@@ -131,6 +131,14 @@ TokenFile = Annotated[
         show_default=False,
     ),
 ]
+TrackerCA = Annotated[
+    Path | None,
+    typer.Option(
+        "--tracker-ca",
+        envvar="SWARM_TRACKER_CA",
+        help="CA bundle (PEM) that signed an https:// tracker's certificate (default: the system's).",
+    ),
+]
 OriginRetryTime = Annotated[
     float,
     typer.Option(
@@ -496,14 +504,7 @@ def fetch(
         ),
     ] = False,
     token_file: TokenFile = None,
-    tracker_ca: Annotated[
-        Path | None,
-        typer.Option(
-            "--tracker-ca",
-            envvar="SWARM_TRACKER_CA",
-            help="CA bundle (PEM) that signed an https:// tracker's certificate (default: the system's).",
-        ),
-    ] = None,
+    tracker_ca: TrackerCA = None,
     origin_retry_time: OriginRetryTime = 600.0,
     max_upload_rate: Annotated[
         int | None,
@@ -749,12 +750,7 @@ def verify(
         ),
     ] = None,
     token_file: TokenFile = None,
-    tracker_ca: Annotated[
-        Path | None,
-        typer.Option(
-            "--tracker-ca", envvar="SWARM_TRACKER_CA", help="CA bundle of an https:// tracker."
-        ),
-    ] = None,
+    tracker_ca: TrackerCA = None,
     progress_interval: ProgressInterval = DEFAULT_PROGRESS_INTERVAL,
     json: JsonFlag = False,
 ) -> None:
