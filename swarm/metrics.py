@@ -141,6 +141,11 @@ class PeerCollector(Collector):
             "Block bytes sent to other peers (fetch JSON: uploaded_bytes).",
             peer.uploaded_bytes,
         )
+        yield counter(
+            "swarm_peer_cross_zone_bytes",
+            "Block bytes received from peers of another zone (fetch JSON: cross_zone_bytes).",
+            peer.cross_zone_bytes,
+        )
         duplicates = CounterMetricFamily(
             "swarm_peer_duplicate_bytes",
             "Block bytes received that were not needed, by cause (fetch JSON: duplicate_causes).",
