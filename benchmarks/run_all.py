@@ -2,7 +2,8 @@
 
 ``python -m benchmarks.run_all`` runs every scenario of :mod:`benchmarks.shaped`
 (skipped, with the reason, when this machine can't build the testbed, e.g. not
-root), then :mod:`benchmarks.dataplane`, writing their JSON to
+root), the byte-rate caps (:mod:`benchmarks.rate_cap`) and the zones scenario
+(flat, and with 4:1 between the zones) on the same testbed, then :mod:`benchmarks.dataplane`, writing their JSON to
 ``benchmarks/results/``. It then renders a table from the newest result of each
 scenario and of the data plane, and writes it into ``README.md`` between the
 lines ``<!-- bench:start -->`` and ``<!-- bench:end -->``; if the README has no
@@ -23,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import dataplane, shaped
+from benchmarks import dataplane, rate_cap, shaped
 from benchmarks.errors import BenchmarkError, TestbedUnavailableError
 from benchmarks.testbed import require_root
 from swarm.units import format_size
@@ -217,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--systems", default=",".join(shaped.SYSTEMS), help="comma-separated")
     parser.add_argument("--skip-shaped", action="store_true")
     parser.add_argument("--skip-dataplane", action="store_true")
+    parser.add_argument(
+        "--skip-operable", action="store_true", help="skip the rate-cap and zones runs"
+    )
     parser.add_argument("--table-only", action="store_true", help="only refresh the table")
     parser.add_argument("--results-dir", type=Path, default=shaped.RESULTS_DIR)
     parser.add_argument("--readme", type=Path, default=shaped.REPO_ROOT / "README.md")
@@ -248,6 +252,25 @@ def main(argv: list[str] | None = None) -> int:
                 except BenchmarkError as exc:
                     failures += 1
                     print(f"scenario {name} failed: {exc}", file=sys.stderr)
+            if not args.skip_operable:
+                # Issue 17's byte-rate caps and zone preference, on the same testbed.
+                try:
+                    _, path = rate_cap.run_rate_cap(options=options, results_dir=args.results_dir)
+                    print(f"wrote {path}", file=sys.stderr)
+                except BenchmarkError as exc:
+                    failures += 1
+                    print(f"rate-cap failed: {exc}", file=sys.stderr)
+                for oversubscription in (None, 4):
+                    try:
+                        _, path = shaped.run_zones(
+                            options=options,
+                            oversubscription=oversubscription,
+                            results_dir=args.results_dir,
+                        )
+                        print(f"wrote {path}", file=sys.stderr)
+                    except BenchmarkError as exc:
+                        failures += 1
+                        print(f"zones failed: {exc}", file=sys.stderr)
     if not args.table_only and not args.skip_dataplane:
         try:
             result = dataplane.run()

@@ -6,6 +6,9 @@ Scenarios (rates are per link and direction; the bound is DESIGN.md's T_min)::
                    T_min = F/u_s = 21.5 s
     fabric-bound   8 nodes, node links 400 Mbit/s, origin 1 Gbit/s, 1 GiB, 4 MiB pieces
                    T_min = F/d = 21.5 s
+    zones          8 nodes in two zones of 4, node links 400 Mbit/s, origin 1 Gbit/s,
+                   512 MiB, 4 MiB pieces; swarm without and with --zone, counting the
+                   bytes that cross between the zones (``python -m benchmarks.shaped zones``)
 
 Piece size: 4 MiB in both (one 4 MiB block per piece). The tracker keeps up to
 two origin pulls per peer in flight, and they share the origin link fairly, so
@@ -89,6 +92,7 @@ LT_PORT = 6881
 BUCKET = "models"
 CATALOG = "s3://catalog"
 COMPLETE_MARKER = ".swarm-complete"
+PRODUCT_DIRS = ("swarm", "tracker", "seeder", "cli")
 
 
 @dataclass(frozen=True)
@@ -207,6 +211,28 @@ def write_result(path: Path, result: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+def code_version() -> dict[str, Any]:
+    """The commit this run's code is at, and the files of the product changed since it."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", *PRODUCT_DIRS],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None}
+    return {"commit": head, "uncommitted": sorted(line[3:] for line in changed if line.strip())}
 
 
 # --- the run ---------------------------------------------------------------------------
@@ -515,6 +541,7 @@ class ScenarioRunner:
             argv += ["--tracker", f"http://{BRIDGE_ADDR}:{TRACKER_PORT}", "--dest", str(dest)]
             argv += ["--listen", f"{node_addr(i)}:0", "--advertise", node_addr(i)]
             argv += ["--linger", "60", "--json", "--no-fsync", *self.options.fetch_args]
+            argv += self._node_args(i)
             launch.append((argv, dest / COMPLETE_MARKER))
         try:
             outcome = self._burst(tb, "swarm", launch)
@@ -530,9 +557,18 @@ class ScenarioRunner:
                 "peer_bytes_reported": sum(int(r["peer_bytes"]) for r in reports),
                 "uploaded_bytes_reported": sum(int(r.get("uploaded_bytes", 0)) for r in reports),
                 "duplicate_bytes_reported": sum(int(r.get("duplicate_bytes", 0)) for r in reports),
+                "cross_zone_bytes_reported": (
+                    sum(int(r.get("cross_zone_bytes", 0)) for r in reports)
+                    if any("cross_zone_bytes" in r for r in reports)
+                    else None
+                ),
                 "verified": all(bool(r["verified"]) for r in reports),
             },
         )
+
+    def _node_args(self, node: int) -> list[str]:
+        """Extra `swarm fetch` arguments of node ``node`` alone (1-based)."""
+        return []
 
     def _run_direct(self, tb: Testbed) -> dict[str, Any]:
         before = tb.counters(tb.origin_ns)
@@ -756,6 +792,153 @@ class ScenarioRunner:
         )
 
 
+ZONES_SCENARIO = Scenario("zones", 8, 400 * MBIT, 1 * GBIT, 512 * MIB, 4 * MIB)
+ZONE_NAMES = ("a", "b")
+ZONE_RUNS = ("swarm", "swarm-zones")
+
+
+def zone_of(node: int, nodes: int) -> str:
+    """Node ``node`` (1-based) of ``nodes`` is in zone a (first half) or b (second half)."""
+    return ZONE_NAMES[0] if node <= nodes // 2 else ZONE_NAMES[1]
+
+
+class ZoneRunner(ScenarioRunner):
+    """Swarm with and without ``--zone`` on two zones of nodes, counting cross-zone bytes.
+
+    Both runs use the same testbed, whose node ports count the frames each node
+    receives from nodes of the other zone (see :mod:`benchmarks.testbed`); the
+    first run passes no ``--zone`` (no preference), the second ``--zone a`` to the
+    first half of the nodes and ``--zone b`` to the rest.
+    """
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        options: RunOptions | None = None,
+        *,
+        oversubscription: int | None = None,
+    ) -> None:
+        super().__init__(scenario, options)
+        self.zones = tuple(zone_of(i, scenario.nodes) for i in range(1, scenario.nodes + 1))
+        self.zone_flags = False
+        # N: a node receives from the other zone at most 1/N of its link, as its
+        # share of an uplink N times slower than the zone's nodes together.
+        self.oversubscription = oversubscription
+
+    def _node_args(self, node: int) -> list[str]:
+        return ["--zone", self.zones[node - 1]] if self.zone_flags else []
+
+    def _run(self) -> dict[str, Any]:
+        sc = self.scenario
+        s3 = LocalS3Server(self.work / "s3", host=ORIGIN_ADDR, port=S3_PORT)
+        self.env = {**s3.env(), "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+        self._make_artifact(s3.bucket(BUCKET) / self.name)
+        s3.bucket("catalog")
+        (self.work / "logs").mkdir()
+        self.say(
+            f"{sc.nodes} nodes in zones {'/'.join(self.zones)}, node links "
+            f"{sc.node_bps / MBIT:.0f} Mbit/s, origin {sc.origin_bps / MBIT:.0f} Mbit/s, "
+            f"{format_size(sc.model_bytes)} in {format_size(sc.piece_size)} pieces; "
+            f"T_min {sc.lower_bound_seconds:.1f} s"
+        )
+        runs: dict[str, dict[str, Any]] = {}
+        cross_bps = sc.node_bps // self.oversubscription if self.oversubscription else None
+        shape = replace(sc.shape, zones=self.zones, cross_zone_down_bps=cross_bps)
+        if cross_bps:
+            self.say(f"cross-zone receive capped at {cross_bps / MBIT:.0f} Mbit/s per node")
+        with Testbed(shape, tag=self.options.tag) as tb:
+            self._start_origin(tb)
+            self._publish(tb)
+            for run in ZONE_RUNS:
+                self.zone_flags = run == "swarm-zones"
+                idle = self._wait_for_idle_host()
+                self.say(f"running {run} (host CPU busy before: {idle:.0%})")
+                nodes = range(1, sc.nodes + 1)
+                cross0 = [tb.cross_zone_rx_bytes(i) for i in nodes]
+                rx0 = [tb.counters(ns).rx_bytes for ns in tb.node_ns]
+                try:
+                    entry = self._run_swarm(tb)
+                except BenchmarkError as exc:
+                    self.say(f"{run} failed: {exc}")
+                    runs[run] = {"error": str(exc)}
+                    continue
+                cross = [tb.cross_zone_rx_bytes(i) - c for i, c in zip(nodes, cross0, strict=True)]
+                rx = [tb.counters(ns).rx_bytes - r for ns, r in zip(tb.node_ns, rx0, strict=True)]
+                entry.update(self._cross_zone(entry, cross, rx))
+                entry["host_cpu_busy_before"] = round(idle, 3)
+                runs[run] = entry
+                self.say(
+                    f"{run}: p50 {entry['p50_seconds']:.1f} s, max {entry['max_seconds']:.1f} s "
+                    f"({entry['ratio_to_bound']:.2f} x T_min), cross-zone "
+                    f"{entry['cross_zone_ratio']:.3f} x F (wire {entry['cross_zone_wire_ratio']:.3f}),"
+                    f" reported {entry['cross_zone_reported_ratio']}, origin "
+                    f"{entry['origin_ratio']:.3f} x F"
+                )
+        return scenario_result(
+            sc,
+            runs,
+            date=dt.date.today(),
+            meta={
+                "host_cpus": os.cpu_count(),
+                **code_version(),
+                "zones": list(self.zones),
+                "oversubscription": self.oversubscription,
+                "cross_zone_down_bps": cross_bps,
+                "fetch_args": list(self.options.fetch_args),
+                "tracker_args": list(self.options.tracker_args),
+                "timing": "wall clock from launch of the peers to each node's completion marker",
+                "cross_zone_source": (
+                    "tc class counters on each node's bridge-side port: frames whose source "
+                    "is a node of the other zone (wire bytes, headers included); "
+                    "cross_zone_bytes = wire bytes x (payload received / wire received)"
+                ),
+            },
+        )
+
+    def _cross_zone(self, entry: dict[str, Any], cross: list[int], rx: list[int]) -> dict[str, Any]:
+        f = self.scenario.model_bytes
+        payload = int(entry["peer_bytes_reported"]) + int(entry["origin_bytes_reported"])
+        # Headers are the same share of every data frame, so the wire-to-payload
+        # factor of all a node received converts its cross-zone frames too.
+        payload_share = payload / max(1, sum(rx))
+        cross_bytes = round(sum(cross) * payload_share)
+        reported = entry.get("cross_zone_bytes_reported")
+        return {
+            "cross_zone_wire_bytes": sum(cross),
+            "cross_zone_wire_bytes_per_node": cross,
+            "rx_wire_bytes_per_node": rx,
+            "cross_zone_bytes": cross_bytes,
+            "cross_zone_wire_ratio": round(sum(cross) / f, 4),
+            "cross_zone_ratio": round(cross_bytes / f, 4),
+            "cross_zone_reported_ratio": None if reported is None else round(reported / f, 4),
+        }
+
+
+def run_zones(
+    *,
+    options: RunOptions | None = None,
+    size: int | None = None,
+    oversubscription: int | None = None,
+    results_dir: Path | None = None,
+) -> tuple[dict[str, Any], Path]:
+    """Run the zones scenario (``size`` reduces it) and write its JSON; return it and its path.
+
+    ``oversubscription`` N caps what a node receives from the other zone at 1/N of
+    its link (result ``zones-<N>to1-<date>.json``); None leaves the fabric flat.
+    """
+    name = f"zones-{oversubscription}to1" if oversubscription else "zones"
+    scenario = replace(ZONES_SCENARIO, name=name, model_bytes=size or ZONES_SCENARIO.model_bytes)
+    result = ZoneRunner(scenario, options, oversubscription=oversubscription).run()
+    if size is not None:
+        result["reduced"] = True
+        out_dir = results_dir or Path(tempfile.gettempdir()) / "swarm-bench-dev"
+        path = out_dir / f"{name}-{scenario.model_bytes}b-{result['date']}.json"
+    else:
+        path = result_path(results_dir or RESULTS_DIR, name, dt.date.fromisoformat(result["date"]))
+    write_result(path, result)
+    return result, path
+
+
 @dataclass
 class _Outcome:
     node_seconds: list[float]
@@ -839,12 +1022,19 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m benchmarks.shaped",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
-    parser.add_argument("scenarios", nargs="*", default=list(SCENARIOS), help=", ".join(SCENARIOS))
+    parser.add_argument(
+        "scenarios", nargs="*", default=list(SCENARIOS), help=", ".join([*SCENARIOS, "zones"])
+    )
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated")
     parser.add_argument("--nodes", type=int, help="reduced run: this many nodes")
     parser.add_argument("--size", type=parse_size, help="reduced run: artifact size, e.g. 64MiB")
     parser.add_argument("--piece-size", type=parse_size, help="override the scenario's piece size")
     parser.add_argument("--lt-piece-size", type=parse_size, help="libtorrent's piece size")
+    parser.add_argument(
+        "--oversubscription",
+        type=int,
+        help="zones: a node receives from the other zone at most 1/N of its link",
+    )
     parser.add_argument("--results-dir", type=Path)
     parser.add_argument("--workdir", type=Path, help="parent of the temporary work directory")
     parser.add_argument("--keep", action="store_true", help="keep the work directory and logs")
@@ -873,6 +1063,15 @@ def main(argv: list[str] | None = None) -> int:
         verbose=args.verbose,
     )
     for name in args.scenarios:
+        if name == "zones":
+            _, path = run_zones(
+                options=options,
+                size=args.size,
+                oversubscription=args.oversubscription,
+                results_dir=args.results_dir,
+            )
+            print(path)
+            continue
         _, path = run_scenario(
             name,
             options=options,

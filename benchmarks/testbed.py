@@ -15,6 +15,16 @@ A namespace's upload is shaped with ``tbf`` on its own ``eth0``; its download wi
 ``htb`` on its bridge-side port. This kernel has no netem, so links have no added
 delay or loss. Byte counters come from each interface (``ip -s -j link show``).
 
+With ``Shape.zones`` (a zone name per node), each node's port splits its download
+class in two under one parent that holds the rate: frames from nodes of another
+zone (a ``u32`` match on the source address) go to class ``1:20``, the rest to
+``1:10``. The rate limit is the parent's, so the link is shaped as without zones;
+the class counters tell the bytes each node received across zones
+(:meth:`Testbed.cross_zone_rx_bytes`). ``Shape.cross_zone_down_bps`` caps class
+``1:20``: each node's share of an oversubscribed uplink between the zones (a
+node-by-node approximation of one shared uplink). This kernel has no tc actions, ``flower``
+or iptables, so classes are the counters to hand.
+
 :class:`Testbed` is a context manager: it builds everything on entry and tears
 everything down on exit, also when the run inside fails or is interrupted. It
 remembers every process it started and, before deleting the namespaces, ends any
@@ -68,10 +78,20 @@ class Shape:
     origin_up_bps: int
     origin_down_bps: int | None = None
     mtu: int = 1500
+    zones: tuple[str, ...] = ()  # the zone of each node, in node order; () for none
+    # With zones: the most a node receives from other zones (its share of an
+    # oversubscribed uplink); None: as fast as its link.
+    cross_zone_down_bps: int | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.nodes <= MAX_NODES:
             raise ValueError(f"nodes must be 1..{MAX_NODES}, got {self.nodes}")
+        if self.zones and len(self.zones) != self.nodes:
+            raise ValueError(f"zones names {len(self.zones)} nodes, the shape has {self.nodes}")
+        if self.cross_zone_down_bps is not None and not (
+            self.zones and 0 < self.cross_zone_down_bps <= self.node_down_bps
+        ):
+            raise ValueError("cross_zone_down_bps needs zones and must be in (0, node_down_bps]")
         for name in ("node_up_bps", "node_down_bps", "origin_up_bps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
@@ -189,6 +209,8 @@ class Testbed:
         self._add_host(self.origin_ns, "po", ORIGIN_ADDR, s.origin_up_bps, s.origin_down_bps)
         for i, ns in enumerate(self.node_ns, start=1):
             self._add_host(ns, f"p{i}", node_addr(i), s.node_up_bps, s.node_down_bps)
+            if s.zones:
+                self._split_cross_zone(i)
 
     def _add_host(
         self, ns: str, port: str, addr: str, up_bps: int | None, down_bps: int | None
@@ -270,6 +292,58 @@ class Testbed:
                     _rate(down_bps),
                 ]
             )
+
+    def _split_cross_zone(self, index: int) -> None:
+        """Give node ``index``'s port a class of its own for frames from other zones."""
+        s = self.shape
+        port = f"p{index}"
+        down = s.node_down_bps
+        cross = s.cross_zone_down_bps
+
+        def tc(args: str) -> None:
+            _cmd(["ip", "netns", "exec", self.bridge_ns, "tc", *args.split()])
+
+        tc(f"class del dev {port} classid 1:10")
+        tc(f"class add dev {port} parent 1: classid 1:1 htb rate {down}bit ceil {down}bit")
+        if cross is None:
+            # Each child is guaranteed half and may borrow up to the whole link.
+            local_rate, cross_rate, cross_ceil = down // 2, down // 2, down
+        else:
+            local_rate, cross_rate, cross_ceil = down - cross, cross, cross
+        tc(
+            f"class add dev {port} parent 1:1 classid 1:10 htb rate {max(1, local_rate)}bit "
+            f"ceil {down}bit"
+        )
+        tc(
+            f"class add dev {port} parent 1:1 classid 1:20 htb rate {cross_rate}bit "
+            f"ceil {cross_ceil}bit"
+        )
+        own = s.zones[index - 1]
+        for other, zone in enumerate(s.zones, start=1):
+            if zone != own:
+                src = f"{node_addr(other)}/32"
+                tc(
+                    f"filter add dev {port} parent 1: protocol ip prio 1 u32 match ip src {src} flowid 1:20"
+                )
+
+    def cross_zone_rx_bytes(self, index: int) -> int:
+        """Bytes (frames) node ``index`` has received from nodes of other zones so far."""
+        if not self.shape.zones:
+            raise BenchmarkError("this testbed has no zones")
+        # This iproute2's tc has no JSON output for classes: read the text form,
+        # "class htb 1:20 parent 1:1 ..." followed by " Sent <bytes> bytes <pkts> pkt ...".
+        port = f"p{index}"
+        argv = ["ip", "netns", "exec", self.bridge_ns, "tc", "-s", "class", "show", "dev", port]
+        out = _cmd(argv).stdout
+        words = out.split()
+        for i, word in enumerate(words[:-4]):
+            if word == "htb" and words[i + 1] == "1:20":
+                sent = words.index("Sent", i)
+                try:
+                    return int(words[sent + 1])
+                except (ValueError, IndexError) as exc:
+                    raise BenchmarkError(f"unexpected `tc -s class show` output: {out!r}") from exc
+        raise BenchmarkError(f"no cross-zone class on port p{index}")
 
     def close(self) -> None:
         """Stop every process and delete every namespace this testbed made. Idempotent."""

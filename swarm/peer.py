@@ -587,6 +587,15 @@ class SwarmPeer:
                     self._pull_from_origin(piece), f"origin-{piece}"
                 )
         self.peer_zones.update(reply.peer_zones)
+        if self.config.zone:
+            # A peer that dialed in before any reply named it was taken for one of our
+            # zone; once its zone is known it counts, and is asked, as what it is.
+            for conn in self.conns.values():
+                theirs = self.peer_zones.get(conn.peer_id, "")
+                if not conn.remote and theirs not in ("", self.config.zone):
+                    conn.remote = True
+                    if conn.bitfield is not None:
+                        self.picker.set_remote(conn)
         for peer_id, host, port in reply.peers:
             if peer_id == self.peer_id or peer_id in self.barred:
                 continue

@@ -420,6 +420,17 @@ class PiecePicker(Generic[PeerT]):
         # --native) cannot compile a class attribute aliasing a method.
         return self.remove_peer(peer)
 
+    def set_remote(self, peer: PeerT) -> None:
+        """A connected peer turned out to be in another zone (the engine learned its zone
+        after it was added): from now on it is asked only for what no same-zone peer has."""
+        known = self._peers.get(peer)
+        if known is None or peer in self._remote:
+            return
+        self._remote.add(peer)
+        for piece in known:
+            if piece not in self._have:
+                self._remote_avail[piece] += 1
+
     def is_remote(self, peer: PeerT) -> bool:
         """True if ``peer`` was added as a peer of another zone."""
         return peer in self._remote

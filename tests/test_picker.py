@@ -616,3 +616,23 @@ def test_remote_peers_never_get_a_locally_held_piece_before_endgame(
         for piece in range(num_pieces):
             if piece not in picker.have:
                 assert picker.local_availability(piece) == sum(piece in held[q] for q in range(2))
+
+
+def test_a_peer_found_to_be_remote_after_it_was_added_is_asked_only_for_what_no_local_peer_has() -> (
+    None
+):
+    picker: PiecePicker[str] = PiecePicker([100] * 4, 100, random.Random(1))
+    local, later = Bitfield(4), Bitfield(4)
+    for piece in (0, 1):
+        local.add(piece)
+    for piece in (0, 1, 2, 3):
+        later.add(piece)
+    picker.add_peer("local", local)
+    picker.add_peer("later", later)  # its zone not known yet: taken for a local peer
+    picker.set_remote("later")
+    assert picker.is_remote("later")
+    assert picker.local_availability(0) == 1 and picker.local_availability(2) == 0
+    asked = {block.piece for block in picker.pick("later", 4)}
+    assert asked <= {2, 3} and asked
+    picker.set_remote("later")  # idempotent
+    assert picker.local_availability(3) == 0
