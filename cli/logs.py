@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Mapping
@@ -147,6 +148,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(obj, default=str, ensure_ascii=False)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _one_line(text: str) -> str:
+    """``text`` with control and bidi characters escaped: whatever a remote put in a
+    message (an address, a name) can't start a line of its own or reorder one."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
 class PlainFormatter(logging.Formatter):
     """``TS LEVEL logger: message key=value ...`` for a text log without a terminal.
 
@@ -160,9 +170,10 @@ class PlainFormatter(logging.Formatter):
             for k, v in record_fields(record).items()
             if k not in _context.fields and record.name not in (PROGRESS_LOGGER, NOTICE_LOGGER)
         }
-        line = f"{rfc3339(record.created)} {record.levelname} {record.name}: {record.getMessage()}"
+        message = _one_line(record.getMessage())
+        line = f"{rfc3339(record.created)} {record.levelname} {record.name}: {message}"
         if fields:
-            line += " " + " ".join(f"{k}={v}" for k, v in fields.items())
+            line += " " + " ".join(f"{k}={_one_line(str(v))}" for k, v in fields.items())
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line

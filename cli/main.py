@@ -555,6 +555,13 @@ def fetch(
         )
     key = load_key(token_file)
     metrics_at = parse_listen("--metrics-listen", metrics_listen) if metrics_listen else None
+    if advertise:
+        from swarm.hosts import valid_host
+
+        if not valid_host(advertise):
+            raise typer.BadParameter(
+                f"--advertise must be an IP address or DNS name, got {advertise!r}"
+            )
     if tracker:
         host, port = parse_listen("--listen", listen)
         from swarm.peer import PeerConfig

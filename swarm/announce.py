@@ -46,6 +46,7 @@ import yarl
 
 from swarm.auth import MAC_SIZE, NONCE_SIZE, ClusterKey, new_nonce
 from swarm.errors import TrackerError, UnknownArtifactError
+from swarm.hosts import valid_host
 from swarm.manifest import Manifest, parse_ref
 
 log = logging.getLogger("swarm.tracker")
@@ -181,8 +182,10 @@ class Announce:
                 raise BadAnnounce(f"peer id must be {PEER_ID_SIZE} bytes")
             if type(port) is not int or not 0 < port < 65536:
                 raise BadAnnounce(f"bad listening port {port!r}")
-            if not isinstance(host, str) or len(host) > 255:
-                raise BadAnnounce("bad advertised host")
+            if not isinstance(host, str) or (host and not valid_host(host)):
+                raise BadAnnounce(
+                    f"bad advertised host {str(host)[:80]!r}: not an IP address or DNS name"
+                )
             if not isinstance(have, bytes):
                 raise BadAnnounce("have must be a bitfield")
             if not isinstance(progress, list) or len(progress) > MAX_PROGRESS_ENTRIES:

@@ -73,6 +73,7 @@ from swarm.errors import (
     VerificationError,
 )
 from swarm.fetch import FetchConfig, FetchResult, fetch_direct, process_age
+from swarm.hosts import valid_host
 from swarm.manifest import Manifest
 from swarm.picker import BlockRequest, PiecePicker
 from swarm.protocol import (
@@ -597,7 +598,7 @@ class SwarmPeer:
                     if conn.bitfield is not None:
                         self.picker.set_remote(conn)
         for peer_id, host, port in reply.peers:
-            if peer_id == self.peer_id or peer_id in self.barred:
+            if peer_id == self.peer_id or peer_id in self.barred or not valid_host(host):
                 continue
             self.known_peers[peer_id] = (host, port)
             # Whoever learns of the other first dials at once, rather than waiting for
@@ -812,9 +813,9 @@ class SwarmPeer:
         try:
             await asyncio.wait_for(loop.sock_connect(sock, (host, port)), 5.0)
             conn = self._start_conn(sock, (host, port), outbound=True)
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, ValueError) as exc:  # UnicodeError: an odd name
             sock.close()
-            log.info("can't connect to peer %s at %s:%d: %s", peer_id.hex()[:8], host, port, exc)
+            log.info("can't connect to peer %s at %r:%d: %s", peer_id.hex()[:8], host, port, exc)
             return
         except BaseException:  # cancelled: the socket is still ours to close
             sock.close()

@@ -147,6 +147,9 @@ class RateLimiter:
         self.bucket = TokenBucket(rate, burst, now=clock())
         self.waited = 0.0
         """Seconds callers were told to wait on this limiter, summed (for metrics)."""
+        # Futures of callers waiting out a debt, resolved when the rate changes so
+        # that they wait what is left at the new rate rather than at the old one.
+        self._waiters: set[asyncio.Future[None]] = set()
 
     @property
     def limited(self) -> bool:
@@ -157,8 +160,15 @@ class RateLimiter:
         return self.bucket.rate
 
     def set_rate(self, rate: float | None) -> None:
-        """A new rate (bytes/s; 0 or None: unlimited) from now on."""
+        """A new rate (bytes/s; 0 or None: unlimited) from now on; callers already
+        waiting wait what is left of their debt at the new rate."""
+        before = self.bucket.rate
         self.bucket.set_rate(rate, self._clock())
+        if self.bucket.rate != before:
+            waiters, self._waiters = self._waiters, set()
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     def reserve(self, n: int) -> float:
         """Debit ``n`` bytes now; the seconds to wait before moving them."""
@@ -183,8 +193,30 @@ async def acquire_all(n: int, limiters: tuple[RateLimiter, ...]) -> None:
         return
     for limiter in taken:
         limiter.waited += wait
+    loop = asyncio.get_running_loop()
     try:
-        await asyncio.sleep(wait)
+        while wait > 0:
+            rates = [limiter.rate for limiter in taken]
+            woken: asyncio.Future[None] = loop.create_future()
+            for limiter in taken:
+                limiter._waiters.add(woken)
+            started = loop.time()
+            try:
+                await asyncio.wait({woken}, timeout=wait)
+            finally:
+                for limiter in taken:
+                    limiter._waiters.discard(woken)
+            if not woken.done():
+                return
+            # A rate changed: the debt left is paid at the new rate (at once if lifted).
+            left = wait - (loop.time() - started)
+            wait = max(
+                (
+                    left * old / limiter.rate if limiter.rate > 0 else 0.0
+                    for limiter, old in zip(taken, rates, strict=True)
+                ),
+                default=0.0,
+            )
     except asyncio.CancelledError:
         # The bytes will not move: let whoever comes next have them.
         for limiter in taken:

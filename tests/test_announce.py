@@ -9,6 +9,7 @@ trip through the wire, and no longer does once any field is changed.
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import msgpack
@@ -40,7 +41,9 @@ announces = st.builds(
     peer_id=peer_ids,
     port=st.integers(1, 65535),
     have=st.binary(max_size=512),
-    host=st.text(max_size=40).filter(lambda h: len(h.encode()) <= 255),
+    host=st.just("")
+    | st.ip_addresses().map(str)
+    | st.from_regex(r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?(\.[a-z0-9]{1,10}){0,3}", fullmatch=True),
     progress=st.dictionaries(st.integers(0, 10**6), st.integers(0, 2**40), max_size=20),
     done=st.booleans(),
     leaving=st.booleans(),
@@ -291,3 +294,40 @@ def test_http_auth_header_round_trip() -> None:
     assert not KEY.check(mac, b"http", *http_auth_parts("GET", "/v1/swarms", ts, nonce, b"x"))
     for bad in ("", "1.2", "x.00.00", f"1.{'0' * 32}.{'0' * 10}", "1." + "g" * 32 + "." + "0" * 64):
         assert parse_http_auth(bad) is None
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "a" * 64,
+        "x..y",
+        "-lead.example",
+        "10.0.0.7\u202e1.0.0.721",
+        "h\nERROR forged",
+        "é.example",
+        "a b",
+    ],
+)
+def test_a_host_that_is_not_an_address_is_refused_everywhere(host: str) -> None:
+    """One announce with such a host ended every fetch told about it (the dialer's
+    resolver raised), forged text log lines, and spoofed the status page."""
+    from swarm.hosts import valid_host
+    from tracker.errors import BadAnnounceError
+    from tracker.registry import SwarmRegistry
+
+    assert not valid_host(host)
+    msg = Announce("m@" + "ab" * 32, b"p" * PEER_ID_SIZE, 7001, b"\x00", host=host)
+    with pytest.raises(BadAnnounce, match="advertised host"):
+        Announce.decode(msg.encode())
+    registry = SwarmRegistry([1000], peer_ttl=10.0, rng=random.Random(1))
+    with pytest.raises(BadAnnounceError, match="IP address or DNS name"):
+        registry.announce(b"p" * PEER_ID_SIZE, (host, 7001), None, {}, 0.0)
+
+
+@pytest.mark.parametrize(
+    "host", ["10.0.0.7", "::1", "node-7.cluster.local", "n7", "fd00::7"]
+)
+def test_addresses_and_dns_names_are_valid_hosts(host: str) -> None:
+    from swarm.hosts import valid_host
+
+    assert valid_host(host)

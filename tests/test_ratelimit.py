@@ -185,3 +185,20 @@ def test_acquire_all_waits_for_the_slowest_cap_not_the_sum() -> None:
             await task
 
     asyncio.run(body())
+
+
+def test_a_rate_change_shortens_the_waits_already_under_way() -> None:
+    """Four callers waiting out 1 MiB each at 100 KB/s (10-40 s): lifting the cap, or
+    raising it, releases them within the bound below, or the test fails on it."""
+    import asyncio
+
+    async def main(new_rate: float | None) -> None:
+        limiter = RateLimiter(100_000, burst=1)
+        waits = [asyncio.create_task(limiter.acquire(1 << 20)) for _ in range(4)]
+        await asyncio.sleep(0.05)
+        limiter.set_rate(new_rate)
+        await asyncio.wait_for(asyncio.gather(*waits), 5.0)
+        assert limiter.bucket.rate == (new_rate or 0.0)
+
+    asyncio.run(main(None))
+    asyncio.run(main(1e12))

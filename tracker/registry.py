@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from swarm.bitfield import Bitfield
+from swarm.hosts import valid_host
 from tracker.assignment import SeederAssignment
 from tracker.errors import BadAnnounceError
 from tracker.zones import NO_ZONE, ZoneIndex
@@ -302,8 +303,10 @@ class SwarmRegistry:
             host, port = addr
         except (TypeError, ValueError) as exc:
             raise BadAnnounceError(f"address must be (host, port), got {addr!r}") from exc
-        if not isinstance(host, str) or not host:
-            raise BadAnnounceError(f"address host must be a non-empty string, got {host!r}")
+        if not isinstance(host, str) or not valid_host(host):
+            raise BadAnnounceError(
+                f"address host must be an IP address or DNS name, got {str(host)[:80]!r}"
+            )
         if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 0xFFFF:
             raise BadAnnounceError(f"address port must be in 1..65535, got {port!r}")
         if isinstance(have, Bitfield):
