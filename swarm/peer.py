@@ -169,6 +169,7 @@ class PeerConfig:
     max_upload_rate: int | None = None  # bytes/s of block payload sent to peers; None: uncapped
     max_download_rate: int | None = None  # bytes/s from peers and the origin; None: uncapped
     zone: str = ""  # this node's zone or rack, sent in announces ("" for none)
+    zone_patience: float = 5.0  # seconds a same-zone peer may leave requests unanswered
 
 
 class _OpenFiles:
@@ -252,9 +253,18 @@ class _Conn:
         self.last_recv = time.monotonic()
         self.tasks: list[asyncio.Task[None]] = []
         self.received_bytes = 0
-        # In another zone than ours (both declared): asked only for what no peer of
-        # our zone has, and what it sends counts as cross-zone bytes.
+        # In another zone than ours (both declared): what it sends counts as
+        # cross-zone bytes.
+        self.other_zone = False
+        # Asked only for what no peer the picker counts as local has: a peer of
+        # another zone, or one of ours that holds pieces but does not serve them.
         self.remote = False
+        # When the requests now outstanding started waiting, and when payload last came.
+        self.waiting_since = 0.0
+        self.last_payload = 0.0
+        # Left our requests unanswered (see SwarmPeer._zone_watch_loop): kept to one
+        # request in flight, a probe, so it can't sit on a pipeline's worth of blocks.
+        self.demoted = False
 
     def send(self, msg: Message) -> None:
         if self.closed:
@@ -399,6 +409,8 @@ class SwarmPeer:
             self._spawn(self._accept_loop(), "accept")
             self._spawn(self._upload_loop(), "uploads")
             self._spawn(self._keepalive_loop(), "keepalive")
+            if self.config.zone:
+                self._spawn(self._zone_watch_loop(), "zone-watch")
             if self.store.complete:
                 self._finishing = True
                 await self._finish()
@@ -593,9 +605,10 @@ class SwarmPeer:
             # zone; once its zone is known it counts, and is asked, as what it is.
             for conn in self.conns.values():
                 theirs = self.peer_zones.get(conn.peer_id, "")
-                if not conn.remote and theirs not in ("", self.config.zone):
-                    conn.remote = True
-                    if conn.bitfield is not None:
+                if not conn.other_zone and theirs not in ("", self.config.zone):
+                    conn.other_zone = True
+                    was_remote, conn.remote = conn.remote, True
+                    if conn.bitfield is not None and not was_remote:
                         self.picker.set_remote(conn)
         for peer_id, host, port in reply.peers:
             if peer_id == self.peer_id or peer_id in self.barred or not valid_host(host):
@@ -974,6 +987,7 @@ class SwarmPeer:
                             raise EOFError("connection closed in the middle of a block")
                         decoder.payload_consumed(n)
                         filled += n
+                        conn.last_payload = time.monotonic()
                     else:
                         if lowat != 1:
                             lowat = _set_rcvlowat(conn.sock, 1)
@@ -1009,7 +1023,7 @@ class SwarmPeer:
                     if discard:
                         self.duplicate_causes["cancelled"] += header.length
                         self.peer_bytes += header.length
-                        if conn.remote:
+                        if conn.other_zone:
                             self.cross_zone_bytes += header.length
                         self._block_pool.release(buf)
                     else:
@@ -1066,7 +1080,8 @@ class SwarmPeer:
         conn.peer_id = msg.peer_id
         # A peer no reply has named yet counts as in our zone: unknown is not remote.
         theirs = self.peer_zones.get(msg.peer_id, "")
-        conn.remote = bool(self.config.zone) and theirs not in ("", self.config.zone)
+        conn.other_zone = bool(self.config.zone) and theirs not in ("", self.config.zone)
+        conn.remote = conn.other_zone
         self.pending_conns.discard(conn)
         self.conns[msg.peer_id] = conn
 
@@ -1110,7 +1125,7 @@ class SwarmPeer:
         conn.requested.discard(block)
         self.peer_bytes += header.length
         conn.received_bytes += header.length
-        if conn.remote:
+        if conn.other_zone:
             self.cross_zone_bytes += header.length
         if self.store.has(block.piece) or header.piece in self.verifying:
             self.duplicate_causes["had"] += header.length
@@ -1164,9 +1179,11 @@ class SwarmPeer:
         """Keep ``requests_per_peer`` block requests in flight to ``conn``."""
         if conn.closed or conn.bitfield is None or self.conns.get(conn.peer_id) is not conn:
             return
-        want = self.config.requests_per_peer - len(conn.requested)
+        want = (1 if conn.demoted else self.config.requests_per_peer) - len(conn.requested)
         if want <= 0:
             return
+        if not conn.requested:
+            conn.waiting_since = time.monotonic()
         for block in self.picker.pick(conn, want):
             conn.requested.add(block)
             conn.send(Request(*block))
@@ -1301,6 +1318,40 @@ class SwarmPeer:
             count = min(_RATE_SLICE, length - start)
             await limit.acquire(count)
             await send(start, count)
+
+    async def _zone_watch_loop(self) -> None:
+        """Stop counting a same-zone peer as a holder once it leaves our requests
+        unanswered for ``zone_patience`` seconds (choked, capped, hostile): otherwise
+        its bitfield alone would keep every peer of another zone from being asked for
+        those pieces, and a complete, idle peer next door would wait unused."""
+        patience = self.config.zone_patience
+        while True:
+            await asyncio.sleep(min(1.0, patience / 2))
+            now = time.monotonic()
+            demoted = False
+            for conn in list(self.conns.values()):
+                if (
+                    not conn.remote
+                    and conn.requested
+                    and conn.bitfield is not None
+                    and now - max(conn.waiting_since, conn.last_payload) > patience
+                ):
+                    conn.remote = conn.demoted = demoted = True
+                    self.picker.set_remote(conn)
+                    # What it sits on goes back to be asked of others.
+                    for block in list(conn.requested):
+                        self.picker.block_failed(conn, block)
+                        conn.cancel(block)
+                    log.info(
+                        "%r left our requests unanswered for %.0fs: peers of other zones "
+                        "may serve what it holds",
+                        conn,
+                        patience,
+                    )
+            if demoted:
+                # The others first, so that what the demoted sat on goes to them.
+                for conn in sorted(self.conns.values(), key=lambda c: c.demoted):
+                    self._fill(conn)
 
     async def _keepalive_loop(self) -> None:
         while True:

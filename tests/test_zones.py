@@ -266,3 +266,34 @@ def test_a_peer_takes_what_its_zone_has_from_its_zone(tmp_path: Path, zoned: boo
             del seed_b_run
 
     run_test(body)
+
+
+def test_a_same_zone_peer_that_does_not_serve_stops_counting_as_a_holder(tmp_path: Path) -> None:
+    """A complete peer of our zone capped at 1 KB/s (as a choking or hostile one would
+    be) and a complete peer of another zone: once the first has left our requests
+    unanswered for ``zone_patience``, the other zone is asked, instead of the fetch
+    crawling at the first one's pace (or reading the artifact from the origin)."""
+    import asyncio
+    import shutil
+
+    from test_rate_caps import WAIT, cluster, run_test, wait_for
+
+    async def body() -> None:
+        async with cluster(tmp_path) as c:
+            await c.seeded(zone="b")
+            shutil.copytree(
+                tmp_path / "seed", tmp_path / "stuck", ignore=shutil.ignore_patterns(".swarm*")
+            )
+            c.start_peer("stuck", zone="a", max_upload_rate=1_000, linger=WAIT)
+
+            def both_seeding() -> bool:
+                swarm = c.tracker.status()["swarms"][c.manifest.root_hex]
+                return bool(swarm["finished_peers"] >= 2)
+
+            await wait_for(both_seeding, "the stuck seed to be known complete")
+            _, run = c.start_peer("fetch", zone="a", zone_patience=1.0, linger=0.0)
+            result = await asyncio.wait_for(run, WAIT)
+            assert result.verified
+            assert result.extra["cross_zone_bytes"] >= c.manifest.total_size // 2, result.extra
+
+    run_test(body)
