@@ -39,6 +39,8 @@ log = logging.getLogger("swarm.origin")
 
 DEFAULT_RANGE_SIZE = 16 * 1024 * 1024
 DEFAULT_MAX_CONCURRENCY = 16
+LIMITED_SLICE = 256 * 1024
+"""Largest request made under a byte-rate cap (see ``RangedReader._read_range``)."""
 
 
 class RangedReader:
@@ -126,6 +128,15 @@ class RangedReader:
         view: memoryview,
         progress: Callable[[int], None] | None = None,
     ) -> None:
+        if self.rate_limit is not None and len(view) > LIMITED_SLICE:
+            # Under a byte-rate cap a whole range may take longer than the tracker's
+            # stall timeout to be allowed through, and progress is reported per
+            # request: read it in slices, so progress moves while the cap holds it back.
+            for start in range(0, len(view), LIMITED_SLICE):
+                await self._read_range(
+                    key, offset + start, view[start : start + LIMITED_SLICE], progress
+                )
+            return
         end = offset + len(view) - 1
         failures = 0
         first_failure = 0.0

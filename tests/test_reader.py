@@ -602,3 +602,28 @@ def test_bad_policies_and_reader_settings_are_config_errors(tmp_path: Path) -> N
         RangedReader(origin, max_concurrency=0)
     with pytest.raises(ConfigError, match="origin retry time"):
         RangedReader(origin, retry_time=-5)
+
+
+def test_under_a_rate_cap_progress_moves_slice_by_slice(tmp_path: Path) -> None:
+    """A whole 16 MiB range may take longer than the tracker's stall timeout to pass a
+    low cap: it is read in slices, each let through and reported on its own."""
+    from seeder.reader import LIMITED_SLICE
+
+    data = random.Random(4).randbytes(3 * LIMITED_SLICE + 100)
+    populate(tmp_path / "o", {"w.bin": data})
+    allowed: list[int] = []
+    reported: list[int] = []
+
+    async def allow(n: int) -> None:
+        allowed.append(n)
+
+    async def main() -> bytes:
+        async with open_origin((tmp_path / "o").as_uri()) as origin:
+            reader = RangedReader(origin, range_size=16 << 20, rate_limit=allow)
+            buf = bytearray(len(data))
+            await reader.read("w.bin", 0, memoryview(buf), reported.append)
+            return bytes(buf)
+
+    assert asyncio.run(main()) == data
+    assert allowed == [LIMITED_SLICE] * 3 + [100]
+    assert reported == allowed
