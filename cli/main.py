@@ -528,6 +528,14 @@ def fetch(
             help="This node's zone or rack (e.g. the node's topology.kubernetes.io/zone label): peers in the same zone are preferred.",
         ),
     ] = "",
+    zone_patience: Annotated[
+        float,
+        typer.Option(
+            "--zone-patience",
+            min=0.1,
+            help="Seconds a peer of this zone may leave our requests unanswered before peers of other zones are asked for what it holds.",
+        ),
+    ] = 5.0,
     metrics_listen: Annotated[
         str | None,
         typer.Option(
@@ -588,6 +596,7 @@ def fetch(
             max_upload_rate=max_upload_rate or None,
             max_download_rate=max_download_rate or None,
             zone=zone,
+            zone_patience=zone_patience,
             key=key,
         )
         result = run(
