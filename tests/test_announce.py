@@ -324,9 +324,7 @@ def test_a_host_that_is_not_an_address_is_refused_everywhere(host: str) -> None:
         registry.announce(b"p" * PEER_ID_SIZE, (host, 7001), None, {}, 0.0)
 
 
-@pytest.mark.parametrize(
-    "host", ["10.0.0.7", "::1", "node-7.cluster.local", "n7", "fd00::7"]
-)
+@pytest.mark.parametrize("host", ["10.0.0.7", "::1", "node-7.cluster.local", "n7", "fd00::7"])
 def test_addresses_and_dns_names_are_valid_hosts(host: str) -> None:
     from swarm.hosts import valid_host
 
