@@ -57,6 +57,7 @@ class RangedReader:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
         rate_limit: Callable[[int], Awaitable[None]] | None = None,
+        rate_limited: Callable[[], bool] | None = None,
     ) -> None:
         """``retry_time``, if given, replaces ``retry``'s budget: the seconds a failing
         range keeps being retried (the CLI's origin retry time). ``clock`` measures it.
@@ -75,6 +76,9 @@ class RangedReader:
         self.rng = rng if rng is not None else random.Random()
         self.clock = clock
         self.rate_limit = rate_limit
+        # Whether the hook holds reads back right now (None: whenever there is one);
+        # only then are ranges read in slices.
+        self.rate_limited = rate_limited
         self._slots = asyncio.Semaphore(max_concurrency)
 
     async def read(
@@ -128,7 +132,11 @@ class RangedReader:
         view: memoryview,
         progress: Callable[[int], None] | None = None,
     ) -> None:
-        if self.rate_limit is not None and len(view) > LIMITED_SLICE:
+        if (
+            self.rate_limit is not None
+            and len(view) > LIMITED_SLICE
+            and (self.rate_limited is None or self.rate_limited())
+        ):
             # Under a byte-rate cap a whole range may take longer than the tracker's
             # stall timeout to be allowed through, and progress is reported per
             # request: read it in slices, so progress moves while the cap holds it back.

@@ -331,6 +331,7 @@ class SwarmPeer:
             max_concurrency=self.config.origin_concurrency,
             retry_time=self.config.origin_retry_time,
             rate_limit=self._origin_rate_limit,
+            rate_limited=lambda: self.download_limit.limited or self.origin_limit.limited,
         )
         self.conns: dict[bytes, _Conn] = {}
         self.pending_conns: set[_Conn] = set()
