@@ -15,7 +15,7 @@ unsupported) end the read at once, as does ``RetryBudgetExceeded`` when a range 
 out of budget; the other ranges of that read are cancelled first.
 
 An optional ``rate_limit`` hook (e.g. ``RateLimiter.acquire`` of
-``swarm.ratelimit``) is awaited with each range's length before that range is
+``swarm.limiter``) is awaited with each range's length before that range is
 requested, retries included, and before a concurrency slot is taken, so waiting
 for the byte-rate cap never holds a slot.
 """

@@ -35,7 +35,7 @@ import random
 import re
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -43,6 +43,7 @@ import aiohttp
 import asyncio_dgram
 import msgpack
 import yarl
+from multidict import CIMultiDict
 
 from swarm.auth import MAC_SIZE, NONCE_SIZE, ClusterKey, new_nonce
 from swarm.errors import TrackerError, UnknownArtifactError
@@ -475,17 +476,32 @@ class TrackerClient:
         value, nonce = http_auth_header(self.key, method, yarl.URL(url).path, body, self._next_ts())
         return {AUTH_HEADER: value}, nonce
 
-    async def get(self, path: str) -> tuple[int, bytes, dict[str, str]]:
-        """An authenticated GET of ``path`` (e.g. ``/v1/swarms``): status, body, headers."""
+    async def _request(
+        self, method: str, path: str, body: bytes = b"", content_type: str = ""
+    ) -> tuple[int, bytes, Mapping[str, str], bytes]:
+        """One signed HTTP request: status, body, headers (case-insensitive) and the
+        request's nonce.
+
+        The one place where aiohttp's errors become TrackerError.
+        """
         url = f"{self.base}{path}"
-        headers, _ = self._auth("GET", url, b"")
+        headers, nonce = self._auth(method, url, body)
+        if content_type:
+            headers["Content-Type"] = content_type
         try:
-            async with self._http().get(url, headers=headers) as resp:
-                return resp.status, await resp.read(), dict(resp.headers)
+            async with self._http().request(
+                method, url, data=body or None, headers=headers
+            ) as resp:
+                return resp.status, await resp.read(), CIMultiDict(resp.headers), nonce
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise TrackerError(
                 f"tracker {self.base} unreachable: {exc or type(exc).__name__}"
             ) from exc
+
+    async def get(self, path: str) -> tuple[int, bytes, dict[str, str]]:
+        """An authenticated GET of ``path`` (e.g. ``/v1/swarms``): status, body, headers."""
+        status, body, headers, _ = await self._request("GET", path)
+        return status, body, dict(headers)
 
     async def manifest(self, ref: str) -> Manifest:
         """The manifest ``ref`` names, from the tracker (which reads it from the catalog).
@@ -494,16 +510,8 @@ class TrackerClient:
         will not help), TrackerAuthError if it refuses our token or its answer does
         not prove the token, and TrackerError if it is unreachable or failing.
         """
-        url = f"{self.base}/v1/manifest/{ref}"
-        headers, nonce = self._auth("GET", url, b"")
-        try:
-            async with self._http().get(url, headers=headers) as resp:
-                body = await resp.read()
-                status, mac_hex = resp.status, resp.headers.get(MAC_HEADER, "")
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise TrackerError(
-                f"tracker {self.base} unreachable: {exc or type(exc).__name__}"
-            ) from exc
+        status, body, headers, nonce = await self._request("GET", f"/v1/manifest/{ref}")
+        mac_hex = headers.get(MAC_HEADER, "")
         text = body.decode(errors="replace")[:500]
         if status == 404:
             raise UnknownArtifactError(f"tracker {self.base}: {text} (HTTP 404)")
@@ -591,19 +599,10 @@ class TrackerClient:
             stream.close()
 
     async def _announce_http(self, msg: Announce) -> Reply:
-        url = f"{self.base}/v1/announce"
         msg.sign(self.key, self._next_ts(), new_nonce())
-        data = msg.encode()
-        headers, _ = self._auth("POST", url, data)
-        headers["Content-Type"] = "application/msgpack"
-        try:
-            async with self._http().post(url, data=data, headers=headers) as resp:
-                body = await resp.read()
-                status = resp.status
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise TrackerError(
-                f"tracker {self.base} unreachable: {exc or type(exc).__name__}"
-            ) from exc
+        status, body, _, _ = await self._request(
+            "POST", "/v1/announce", msg.encode(), "application/msgpack"
+        )
         text = body.decode(errors="replace")[:300]
         if status == 401:
             raise TrackerAuthError(

@@ -31,7 +31,7 @@ and at most ``max_pending_conns`` accepted ones wait at a time, so strangers
 can't hold the peer's descriptors; running out of descriptors pauses accepting,
 never ends it.
 
-Byte-rate caps (``swarm.ratelimit``), each per process and shared by every
+Byte-rate caps (``swarm.limiter``), each per process and shared by every
 connection: ``max_upload_rate`` paces block payloads sent, a slice at a time;
 ``max_download_rate`` paces payload reads from peers (a read waits before its
 ``recv_into``, so TCP backpressure slows the sender) and this peer's origin reads;
@@ -74,6 +74,7 @@ from swarm.errors import (
 )
 from swarm.fetch import FetchConfig, FetchResult, fetch_direct, process_age
 from swarm.hosts import valid_host
+from swarm.limiter import RateLimiter, acquire_all
 from swarm.manifest import Manifest
 from swarm.picker import BlockRequest, PiecePicker
 from swarm.protocol import (
@@ -95,7 +96,6 @@ from swarm.protocol import (
     Request,
     encode,
 )
-from swarm.ratelimit import RateLimiter, acquire_all
 from swarm.store import PieceStore
 
 log = logging.getLogger("swarm.peer")

@@ -52,7 +52,7 @@ from typing import Final
 import blake3
 
 from swarm.errors import DiskFullError, StoreError, VerificationError
-from swarm.manifest import MAX_COMPRESSED_SIZE, Manifest
+from swarm.manifest import Manifest
 
 STATE_DIR: Final = ".swarm"
 COMPLETE_MARKER: Final = ".swarm-complete"
@@ -123,6 +123,14 @@ def read_small(path: Path, limit: int = MAX_SMALL_STATE) -> bytes | None:
         return None
     finally:
         os.close(fd)
+
+
+def _is_regular_file(path: Path) -> bool:
+    """Whether ``path`` is a regular file (not a link, FIFO or directory), without opening it."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def check_not_link(path: Path) -> None:
@@ -446,7 +454,7 @@ class PieceStore:
             write_owner(self.dest, root, durable=self.durable)
         with _translated(f"can't write {self.dest / STATE_DIR}"):
             mpath = manifest_path(self.dest, root)
-            if read_small(mpath, MAX_COMPRESSED_SIZE) is None:
+            if not _is_regular_file(mpath):
                 replace_file(mpath, m.encode(), durable=self.durable)
             self._state_fd = _open_sized(state_path(self.dest, root), n, reset=not state_ok)
             self._identities_fd = _open_sized(

@@ -30,6 +30,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aio_helpers import run_bounded, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from servers import HTTPFileServer, free_port, populate
 from swarm_helpers import ByteCountingRelay
@@ -55,18 +56,11 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def run_test(body: Callable[[], Awaitable[None]]) -> None:
-    async def bounded() -> None:
-        await asyncio.wait_for(body(), TEST_TIMEOUT)
-
-    asyncio.run(bounded())
+    run_bounded(body, TEST_TIMEOUT)
 
 
 async def wait_for(predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await asyncio.sleep(0.02)
+    await wait_until(predicate, what, timeout)
 
 
 def make_files(seed: int = 7) -> dict[str, bytes]:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aio_helpers import run_bounded, wait_until
 from servers import HTTPFileServer, free_port, populate
 from swarm_helpers import ByteCountingRelay
 
@@ -168,18 +169,11 @@ async def cluster(tmp_path: Path, files: dict[str, bytes] | None = None) -> Asyn
 
 
 def run_test(body: Callable[[], Awaitable[None]]) -> None:
-    async def bounded() -> None:
-        await asyncio.wait_for(body(), TEST_TIMEOUT)
-
-    asyncio.run(bounded())
+    run_bounded(body, TEST_TIMEOUT)
 
 
 async def wait_for(predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await asyncio.sleep(0.02)
+    await wait_until(predicate, what, timeout)
 
 
 async def listening(peer: SwarmPeer) -> int:

@@ -29,6 +29,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from aio_helpers import run_bounded, wait_until
 from servers import free_port, populate
 
 from seeder.publish import publish
@@ -253,18 +254,11 @@ async def cluster(tmp_path: Path, origin_rate: int | None = None) -> AsyncIterat
 
 
 def run_test(body: Callable[[], Awaitable[None]]) -> None:
-    async def bounded() -> None:
-        await asyncio.wait_for(body(), TEST_TIMEOUT)
-
-    asyncio.run(bounded())
+    run_bounded(body, TEST_TIMEOUT)
 
 
 async def wait_for(predicate: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {WAIT:.0f} s waiting for {what}")
-        await asyncio.sleep(0.02)
+    await wait_until(predicate, what, WAIT)
 
 
 @dataclass

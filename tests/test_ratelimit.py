@@ -14,7 +14,8 @@ import random
 import pytest
 
 from swarm.errors import ConfigError
-from swarm.ratelimit import MIN_BURST, RateLimiter, TokenBucket, acquire_all, default_burst
+from swarm.limiter import RateLimiter, acquire_all
+from swarm.ratelimit import MIN_BURST, TokenBucket, default_burst
 
 MiB = 1024 * 1024
 
