@@ -47,11 +47,11 @@ from typing import Any, cast
 
 import msgpack
 
+from core.auth import ClusterKey, new_nonce
+from core.bitfield import Bitfield
+from core.units import parse_size
 from seeder.publish import publish
 from swarm.announce import Announce
-from swarm.auth import ClusterKey, new_nonce
-from swarm.bitfield import Bitfield
-from swarm.units import parse_size
 from tracker.service import Tracker, TrackerConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))

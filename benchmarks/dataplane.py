@@ -46,12 +46,12 @@ from typing import Any
 
 from benchmarks.errors import BenchmarkError
 from benchmarks.shaped import REPO_ROOT, RESULTS_DIR, write_result
+from core.auth import TOKEN_ENV, ClusterKey
+from core.bitfield import Bitfield
+from core.errors import TrackerError
+from core.units import parse_size
 from seeder.local_s3 import free_port
 from swarm.announce import Announce, TrackerClient
-from swarm.auth import TOKEN_ENV, ClusterKey
-from swarm.bitfield import Bitfield
-from swarm.errors import TrackerError
-from swarm.units import parse_size
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB

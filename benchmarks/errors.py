@@ -1,6 +1,6 @@
 """Errors raised by the benchmarks::
 
-SwarmError                 see ``swarm.errors``
+SwarmError                 see ``core.errors``
 └── BenchmarkError         a benchmark run failed: a process exited non-zero, timed out,
     │                      or reported an unverified result
     └── TestbedUnavailableError
@@ -10,7 +10,7 @@ SwarmError                 see ``swarm.errors``
 
 from __future__ import annotations
 
-from swarm.errors import SwarmError
+from core.errors import SwarmError
 
 
 class BenchmarkError(SwarmError):

@@ -35,9 +35,9 @@ import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
+from core.units import format_size, parse_size
 from seeder.backends.s3 import S3Origin
 from seeder.reader import DEFAULT_MAX_CONCURRENCY, DEFAULT_RANGE_SIZE, RangedReader
-from swarm.units import format_size, parse_size
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from servers import S3Server, environ

@@ -56,8 +56,8 @@ from benchmarks.shaped import (
     ScenarioRunner,
 )
 from benchmarks.testbed import BRIDGE_ADDR, ORIGIN_ADDR, Testbed, node_addr
+from core.units import format_size, parse_size
 from seeder.local_s3 import LocalS3Server
-from swarm.units import format_size, parse_size
 
 ANNOUNCE_INTERVAL = 4.0  # grace = 1.5 x this: covers every process's start-up
 SAMPLE_INTERVAL = 0.2

@@ -27,7 +27,7 @@ from typing import Any
 from benchmarks import dataplane, rate_cap, shaped
 from benchmarks.errors import BenchmarkError, TestbedUnavailableError
 from benchmarks.testbed import require_root
-from swarm.units import format_size
+from core.units import format_size
 
 START_MARKER = "<!-- bench:start -->"
 END_MARKER = "<!-- bench:end -->"

@@ -73,7 +73,7 @@ from typing import IO, Any
 from benchmarks.errors import BenchmarkError
 from benchmarks.testbed import BRIDGE_ADDR, ORIGIN_ADDR, Shape, Testbed, node_addr
 from seeder.local_s3 import LocalS3Server
-from swarm.units import format_size, parse_size
+from core.units import format_size, parse_size
 
 log = logging.getLogger("benchmarks.shaped")
 

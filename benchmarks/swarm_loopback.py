@@ -22,8 +22,8 @@ from typing import Any
 
 from rich.console import Console
 
+from core.units import parse_size
 from swarm.demo import DemoConfig, run_demo
-from swarm.units import parse_size
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -25,9 +25,9 @@ from cli.progress import (
     progress_as_lines,
     stderr,
 )
-from swarm.errors import ConfigError, SwarmError
-from swarm.manifest import DEFAULT_PIECE_SIZE
-from swarm.units import format_size, parse_size
+from core.errors import ConfigError, SwarmError
+from core.manifest import DEFAULT_PIECE_SIZE
+from core.units import format_size, parse_size
 
 try:  # typer >= 0.22 vendors click; older releases use click itself
     from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
@@ -39,7 +39,7 @@ except ImportError:  # pragma: no cover - depends on the installed typer
     )
 
 if TYPE_CHECKING:
-    from swarm.auth import ClusterKey
+    from core.auth import ClusterKey
     from swarm.fetch import FetchConfig, FetchResult
     from swarm.peer import PeerConfig
 
@@ -152,7 +152,7 @@ OriginRetryTime = Annotated[
 
 def load_key(token_file: Path | None) -> ClusterKey:
     """The cluster token from ``--token-file`` or ``SWARM_TOKEN``; a bad one is a usage error."""
-    from swarm.auth import ClusterKey
+    from core.auth import ClusterKey
 
     try:
         return ClusterKey.load(token_file)
@@ -677,7 +677,7 @@ async def _fetch_swarm(
     seeders; with ``metrics_at``, Prometheus metrics served there until it returns."""
     from seeder.catalog import Catalog
     from swarm.announce import TrackerAuthError, TrackerClient
-    from swarm.errors import TrackerError, UnknownArtifactError
+    from core.errors import TrackerError, UnknownArtifactError
     from swarm.peer import SwarmPeer
 
     client = TrackerClient(tracker_url, key=config.key, ca_file=str(ca_file) if ca_file else None)

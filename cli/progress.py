@@ -30,7 +30,7 @@ from rich.progress import (
 )
 
 from cli.logs import PROGRESS_LOGGER, current_format
-from swarm.units import format_size
+from core.units import format_size
 
 __all__ = [
     "DEFAULT_PROGRESS_INTERVAL",

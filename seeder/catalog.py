@@ -23,12 +23,12 @@ import os
 import re
 from typing import Final
 
+from core.auth import ClusterKey
+from core.errors import CatalogError, ConfigError, ManifestError
+from core.manifest import MAX_COMPRESSED_SIZE, Manifest, parse_ref
 from seeder.errors import OriginNotFoundError, OriginUnsupportedError
 from seeder.origin import Origin, open_origin
 from seeder.reader import RangedReader
-from swarm.auth import ClusterKey
-from swarm.errors import CatalogError, ConfigError, ManifestError
-from swarm.manifest import MAX_COMPRESSED_SIZE, Manifest, parse_ref
 
 CATALOG_ENV = "SWARM_CATALOG"
 # MAC purpose: a catalog signature can't be replayed as any other message's MAC.

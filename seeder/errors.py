@@ -3,7 +3,7 @@
 Library exceptions (botocore, google-api-core, aiohttp, OSError) are translated into
 these at the backend edge with ``raise ... from exc``::
 
-    swarm.errors.OriginError
+    core.errors.OriginError
     ├── OriginTransientError     429/5xx/SlowDown/reset/timeout: retry with backoff
     ├── RetryBudgetExceeded      transient failures went on past the retry budget
     ├── OriginNotFoundError      404 / no such bucket, key or path: fail fast
@@ -13,7 +13,7 @@ these at the backend edge with ``raise ... from exc``::
 
 from __future__ import annotations
 
-from swarm.errors import OriginError
+from core.errors import OriginError
 
 
 class OriginTransientError(OriginError):

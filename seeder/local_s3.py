@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-from swarm.errors import ConfigError, OriginError
+from core.errors import ConfigError, OriginError
 
 ACCESS_KEY = "swarm-local-access-key"
 SECRET_KEY = "swarm-local-secret-key"

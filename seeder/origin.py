@@ -19,7 +19,7 @@ import abc
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from swarm.errors import ConfigError
+from core.errors import ConfigError
 
 
 @dataclass(frozen=True, slots=True)

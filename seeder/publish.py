@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 
+from core.auth import ClusterKey
+from core.buffers import BufferPool
+from core.digest import digest
+from core.errors import ConfigError, SwarmError
+from core.manifest import DEFAULT_PIECE_SIZE, Manifest, validate_path
 from seeder.catalog import Catalog
 from seeder.origin import ObjectInfo, Origin, open_origin
 from seeder.reader import RangedReader
-from swarm.auth import ClusterKey
-from swarm.buffers import BufferPool
-from swarm.errors import ConfigError, SwarmError
-from swarm.manifest import DEFAULT_PIECE_SIZE, Manifest, validate_path
-from swarm.store import digest
 
 
 async def list_files(origin: Origin, files: Sequence[str] | None) -> list[ObjectInfo]:

@@ -29,11 +29,11 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 
+from core.errors import ConfigError
 from seeder.backends.common import OriginThrottledError
 from seeder.errors import OriginTransientError, RetryBudgetExceeded
 from seeder.origin import Origin
 from seeder.retry import RetryPolicy
-from swarm.errors import ConfigError
 
 log = logging.getLogger("swarm.origin")
 

@@ -27,7 +27,7 @@ import random
 from dataclasses import dataclass
 from typing import Final
 
-from swarm.errors import ConfigError
+from core.errors import ConfigError
 
 # Seconds a request keeps being retried after its first transient failure.
 DEFAULT_RETRY_TIME: Final = 600.0

@@ -15,11 +15,11 @@ from rich.console import Console
 from rich.table import Table
 
 import simulations.native
+from core.errors import ConfigError, SwarmError
+from core.units import parse_size
 from simulations.engine import Result
 from simulations.runner import plot_results, run_strategy
 from simulations.scenario import STRATEGIES, Scenario, list_scenarios, load_scenario
-from swarm.errors import ConfigError, SwarmError
-from swarm.units import parse_size
 
 __all__ = ["build_scenario", "register", "results_table", "simulate"]
 

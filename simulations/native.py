@@ -6,7 +6,7 @@ that is six minutes; compiled with mypyc (which turns the type-annotated
 modules into C extensions, statement for statement) it is half a minute to
 three quarters of one, as this VM's speed drifts (``benchmarks/sim_speed.py``).
 Nothing is rewritten for speed: the compiled modules are the production
-:mod:`swarm.picker`, :mod:`swarm.choker` and :mod:`swarm.bitfield` and the
+:mod:`swarm.picker`, :mod:`swarm.choker` and :mod:`core.bitfield` and the
 simulator's own engine, network and strategies, built from the files in this
 checkout, so the policy simulated is still the policy the peers run.
 
@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from swarm.errors import SwarmError
+from core.errors import SwarmError
 
 __all__ = [
     "COMPILED",
@@ -53,9 +53,9 @@ __all__ = [
 
 # Packages copied into the build (everything `swarm simulate` imports from this
 # project) and, of those, the modules compiled: the ones a run spends its time in.
-PACKAGES = ("cli", "seeder", "simulations", "swarm", "tracker")
+PACKAGES = ("cli", "core", "seeder", "simulations", "swarm", "tracker")
 COMPILED = (
-    "swarm/bitfield.py",
+    "core/bitfield.py",
     "swarm/choker.py",
     "swarm/picker.py",
     "simulations/network.py",

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from swarm.errors import ConfigError
-from swarm.units import parse_size
+from core.errors import ConfigError
+from core.units import parse_size
 
 __all__ = [
     "SCENARIO_DIR",

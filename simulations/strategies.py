@@ -48,10 +48,10 @@ from typing import Any, Final
 from librt.vecs import vec
 from mypy_extensions import i64, u8
 
+from core.bitfield import Bitfield
 from simulations.engine import FlowDone, OriginRequest, Simulation
 from simulations.network import Flow
 from simulations.scenario import Scenario
-from swarm.bitfield import Bitfield
 from swarm.choker import UploadScheduler
 from swarm.picker import BlockRequest, PiecePicker
 from tracker.assignment import SeederAssignment

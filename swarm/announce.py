@@ -11,7 +11,7 @@ datagram each (asyncio-dgram), retried with backoff; an announce too large for a
 datagram, or one whose datagrams go unanswered, goes over HTTP instead. With an
 ``https://`` tracker URL every announce goes over HTTPS and none over UDP.
 
-Authentication (see ``swarm.auth``): an announce carries ``ts`` (unix ms, strictly
+Authentication (see ``core.auth``): an announce carries ``ts`` (unix ms, strictly
 increasing per client), a fresh 16-byte ``nonce`` and ``mac``, the cluster key's
 ``announce`` MAC over the announce's canonical bytes (its encoding with an empty
 ``mac``), so it names its peer id, time and nonce. The tracker refuses a bad MAC, a
@@ -45,10 +45,11 @@ import msgpack
 import yarl
 from multidict import CIMultiDict
 
-from swarm.auth import MAC_SIZE, NONCE_SIZE, ClusterKey, new_nonce
-from swarm.errors import TrackerError, UnknownArtifactError
+from core.auth import MAC_SIZE, NONCE_SIZE, ClusterKey, new_nonce
+from core.digest import PEER_ID_LENGTH
+from core.errors import TrackerError, UnknownArtifactError
+from core.manifest import Manifest, parse_ref
 from swarm.hosts import valid_host
-from swarm.manifest import Manifest, parse_ref
 
 log = logging.getLogger("swarm.tracker")
 
@@ -57,7 +58,7 @@ MAX_DATAGRAM = 60_000
 # The largest announce is a bitfield of MAX_PIECES (512 KiB) plus bounded lists; the
 # tracker reads no more than this of any request body.
 MAX_HTTP_ANNOUNCE = 1024 * 1024
-PEER_ID_SIZE = 20
+PEER_ID_SIZE: Final = PEER_ID_LENGTH
 MAX_PROGRESS_ENTRIES = 4096
 MAX_PEERS_IN_REPLY = 1000
 MAX_BARRED = 256

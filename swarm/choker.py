@@ -14,7 +14,10 @@ concurrent block sends, enough to fill its link without thrashing the disk). The
 slots are granted round-robin across peers, one block per turn, from a FIFO
 queue of pending requests per peer: a peer that pipelines 64 requests cannot
 starve one that sent 2, and every requester gets an equal share of our upload
-rate however deep its pipeline is.
+rate however deep its pipeline is. A peer holds at most ``max_per_peer`` slots at
+a time: a connection's sends go out one after another anyway, and a peer that asks
+for much and then stops reading would otherwise hold every slot while the peers it
+should serve wait.
 
 The scheduler is pure bookkeeping: the engine calls :meth:`UploadScheduler.enqueue`
 for each Request, :meth:`~UploadScheduler.next` whenever a slot may be free, and
@@ -42,11 +45,13 @@ class _Queue(Generic[PeerT, RequestT]):
     list operations compile to native calls; deque methods stay generic.)
     """
 
-    __slots__ = ("peer", "requests")
+    __slots__ = ("active", "parked", "peer", "requests")
 
     def __init__(self, peer: PeerT) -> None:
         self.peer = peer
         self.requests: list[RequestT] = []
+        self.active = 0  # slots it holds
+        self.parked = False  # has requests, out of the ring while it holds max_per_peer
 
 
 class UploadScheduler(Generic[PeerT, RequestT]):
@@ -57,13 +62,16 @@ class UploadScheduler(Generic[PeerT, RequestT]):
     peer cannot grow our memory without bound.
     """
 
-    def __init__(self, max_active: int, *, max_queue: int = 256) -> None:
+    def __init__(self, max_active: int, *, max_queue: int = 256, max_per_peer: int = 0) -> None:
         if max_active < 1:
             raise ValueError(f"max_active must be >= 1, got {max_active}")
+        if max_per_peer < 0:
+            raise ValueError(f"max_per_peer must be >= 0, got {max_per_peer}")
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         self.max_active = max_active
         self.max_queue = max_queue
+        self.max_per_peer = max_per_peer or max_active  # 0: no limit of its own
         # Peer -> its queue of pending requests.
         self._queues: dict[PeerT, _Queue[PeerT, RequestT]] = {}
         # The queues that are not empty, in round-robin order (at most one per
@@ -115,7 +123,7 @@ class UploadScheduler(Generic[PeerT, RequestT]):
             return False
         requests.append(request)
         self._pending_count += 1
-        if not size:
+        if not size and not queue.parked:
             self._ring.append(queue)
         return True
 
@@ -127,7 +135,10 @@ class UploadScheduler(Generic[PeerT, RequestT]):
         queue.requests.remove(request)
         self._pending_count -= 1
         if not queue.requests:
-            self._ring.remove(queue)
+            if queue.parked:
+                queue.parked = False
+            else:
+                self._ring.remove(queue)
         return True
 
     def next(self) -> tuple[PeerT, RequestT] | None:
@@ -142,8 +153,12 @@ class UploadScheduler(Generic[PeerT, RequestT]):
         requests = queue.requests
         request = requests.pop(0)
         self._pending_count -= 1
+        queue.active += 1
         if requests:
-            self._ring.append(queue)  # back of the line
+            if queue.active >= self.max_per_peer:
+                queue.parked = True  # back in line when one of its sends is done
+            else:
+                self._ring.append(queue)  # back of the line
         peer = queue.peer
         self._active_peers.append(peer)
         self._active_requests.append(request)
@@ -163,6 +178,12 @@ class UploadScheduler(Generic[PeerT, RequestT]):
             ):
                 del peers[i]
                 del requests[i]
+                queue = self._queues.get(peer)
+                if queue is not None:
+                    queue.active -= 1
+                    if queue.parked:
+                        queue.parked = False
+                        self._ring.append(queue)
                 return
 
     def peer_gone(self, peer: PeerT) -> list[RequestT]:
@@ -173,7 +194,8 @@ class UploadScheduler(Generic[PeerT, RequestT]):
         queue = self._queues.pop(peer, None)
         if queue is not None and queue.requests:
             self._pending_count -= len(queue.requests)
-            self._ring.remove(queue)
+            if not queue.parked:
+                self._ring.remove(queue)
         gone = self.active_for(peer)
         if gone:
             kept = [i for i, other in enumerate(self._active_peers) if other != peer]

@@ -27,13 +27,14 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from core.auth import TOKEN_ENV, ClusterKey
+from core.digest import digest
+from core.errors import SwarmError
+from core.manifest import Manifest
+from core.units import format_size
 from seeder.local_s3 import LocalS3Server, free_port
 from seeder.publish import publish
-from swarm.auth import TOKEN_ENV, ClusterKey
-from swarm.errors import SwarmError
-from swarm.manifest import Manifest
-from swarm.store import STATE_DIR, digest, read_complete_marker
-from swarm.units import format_size
+from swarm.store import STATE_DIR, read_complete_marker
 
 BUCKET = "models"
 

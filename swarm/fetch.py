@@ -21,9 +21,9 @@ from typing import Any
 
 from seeder.origin import Origin, open_origin
 from seeder.reader import RangedReader
-from swarm.buffers import BufferPool
-from swarm.errors import SwarmError, VerificationError
-from swarm.manifest import Manifest
+from core.buffers import BufferPool
+from core.errors import SwarmError, VerificationError
+from core.manifest import Manifest
 from swarm.store import PieceStore
 
 log = logging.getLogger("swarm.fetch")

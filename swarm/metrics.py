@@ -33,10 +33,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from swarm.errors import ConfigError
+from core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from swarm.buffers import BufferPool
+    from core.buffers import BufferPool
     from swarm.peer import SwarmPeer
 
 __all__ = ["MetricsServer", "PeerCollector", "metrics_response", "peer_registry", "serve_metrics"]

@@ -58,24 +58,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Final
 
-from seeder.origin import Origin, open_origin
-from seeder.reader import RangedReader
-from swarm.announce import Announce, BadAnnounce, Reply, TrackerClient, check_zone
-from swarm.auth import ClusterKey, new_nonce
-from swarm.bitfield import Bitfield
-from swarm.buffers import BufferPool
-from swarm.choker import UploadScheduler
-from swarm.errors import (
+from core.auth import ClusterKey, new_nonce
+from core.bitfield import Bitfield
+from core.buffers import BufferPool
+from core.errors import (
     ConfigError,
     RemoteProtocolError,
     SwarmError,
     TrackerError,
     VerificationError,
 )
+from core.manifest import Manifest
+from seeder.origin import Origin, open_origin
+from seeder.reader import RangedReader
+from swarm.announce import Announce, BadAnnounce, Reply, TrackerClient, check_zone
+from swarm.choker import UploadScheduler
 from swarm.fetch import FetchConfig, FetchResult, fetch_direct, process_age
 from swarm.hosts import valid_host
 from swarm.limiter import RateLimiter, acquire_all
-from swarm.manifest import Manifest
 from swarm.picker import BlockRequest, PiecePicker
 from swarm.protocol import (
     NEED_DATA,

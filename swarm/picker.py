@@ -62,7 +62,7 @@ from typing import Final, Generic, NamedTuple, TypeVar
 from librt.vecs import append, vec
 from mypy_extensions import i32, i64, u8
 
-from swarm.bitfield import Bitfield
+from core.bitfield import Bitfield
 
 __all__ = ["BlockRequest", "PiecePicker"]
 

@@ -47,7 +47,7 @@ between the Hello and the Handshake, a second Hello or Handshake).
 Connecting
 ----------
 Nothing that identifies the swarm (root, peer id, bitfield) is sent to a
-connection that has not proved the cluster token (:mod:`swarm.auth`). The
+connection that has not proved the cluster token (:mod:`core.auth`). The
 dialer speaks first and the acceptor proves the token first, so a process that
 merely connects to a peer's port learns a nonce and nothing else::
 
@@ -85,9 +85,9 @@ newer, is reported as "wrong version", not as garbage.
 Errors
 ------
 Building an invalid message (a negative piece, a 31-byte root, a block longer
-than :data:`MAX_BLOCK`) raises :class:`~swarm.errors.LocalProtocolError`: that is
+than :data:`MAX_BLOCK`) raises :class:`~core.errors.LocalProtocolError`: that is
 our bug. Anything invalid the remote sends raises
-:class:`~swarm.errors.RemoteProtocolError` from :meth:`FrameDecoder.next_event`,
+:class:`~core.errors.RemoteProtocolError` from :meth:`FrameDecoder.next_event`,
 with a message saying what was wrong; the caller drops that peer. After an
 error the decoder stays failed. :meth:`PeerHandshake.receive` raises
 RemoteProtocolError too, for a bad proof, a wrong root or a frame out of order.
@@ -102,9 +102,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Literal, TypeAlias
 
-from swarm.auth import MAC_SIZE, NONCE_SIZE, ClusterKey
-from swarm.bitfield import Bitfield
-from swarm.errors import LocalProtocolError, RemoteProtocolError
+from core.auth import MAC_SIZE, NONCE_SIZE, ClusterKey
+from core.bitfield import Bitfield
+from core.digest import PEER_ID_LENGTH
+from core.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
@@ -142,7 +143,7 @@ PROTOCOL_VERSION: Final = 2
 
 HANDSHAKE_MAGIC: Final = b"SWRM"
 ROOT_LENGTH: Final = 32
-PEER_ID_LENGTH: Final = 20
+
 
 MAX_PIECES: Final = 1 << 22
 """Most pieces an artifact may have (4 Mi; a 1 TB model at 256 MiB pieces has ~4000)."""

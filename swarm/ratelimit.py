@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from swarm.errors import ConfigError
+from core.errors import ConfigError
 
 __all__ = [
     "DEFAULT_BURST_SECONDS",

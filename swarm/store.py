@@ -51,8 +51,9 @@ from typing import Final
 
 import blake3
 
-from swarm.errors import DiskFullError, StoreError, VerificationError
-from swarm.manifest import Manifest
+from core.digest import digest
+from core.errors import DiskFullError, StoreError, VerificationError
+from core.manifest import Manifest
 
 STATE_DIR: Final = ".swarm"
 COMPLETE_MARKER: Final = ".swarm-complete"
@@ -69,11 +70,6 @@ NO_IDENTITY: Final = bytes(IDENTITY.size)
 # would make a root-run fetch write wherever it points, and a FIFO would block it.
 _SAFE_OPEN: Final = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
 MAX_SMALL_STATE: Final = 64 * 1024  # the owner and completion records are a line each
-
-
-def digest(data: memoryview | bytes | bytearray) -> bytes:
-    """blake3 of a piece, using every core for large pieces (the GIL is released)."""
-    return blake3.blake3(data, max_threads=blake3.blake3.AUTO).digest()
 
 
 _SCRATCH = 4 * 1024 * 1024  # read-back chunk when a piece must be hashed from disk

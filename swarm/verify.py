@@ -26,8 +26,8 @@ from typing import Any
 
 import blake3
 
-from swarm.errors import ManifestError, StoreError
-from swarm.manifest import MAX_COMPRESSED_SIZE, Manifest
+from core.errors import ManifestError, StoreError
+from core.manifest import MAX_COMPRESSED_SIZE, Manifest
 from swarm.store import (
     IDENTITY,
     NO_IDENTITY,

@@ -43,8 +43,8 @@ from typing import Any, Protocol, Self, TypeVar
 
 from servers import LOOPBACK, S3Server, free_port, populate, venv_binary
 
+from core.auth import ClusterKey
 from seeder.publish import publish
-from swarm.auth import ClusterKey
 
 STOP_TIMEOUT = 5.0
 READY_TIMEOUT = 20.0

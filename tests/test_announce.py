@@ -17,6 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from core.auth import ClusterKey, new_nonce
+from core.errors import TrackerError
 from swarm.announce import (
     MAX_BARRED,
     PEER_ID_SIZE,
@@ -27,8 +29,6 @@ from swarm.announce import (
     http_auth_parts,
     parse_http_auth,
 )
-from swarm.auth import ClusterKey, new_nonce
-from swarm.errors import TrackerError
 
 ROOT = "ab" * 32
 REF = f"llama@{ROOT}"

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from swarm.bitfield import Bitfield
+from core.bitfield import Bitfield
 
 
 def test_bit_order_is_bittorrent() -> None:

@@ -4,7 +4,7 @@ import asyncio
 import socket
 import threading
 
-from swarm.buffers import BufferPool
+from core.buffers import BufferPool
 
 
 def test_buffer_still_in_use_is_abandoned_not_reused() -> None:

@@ -19,11 +19,11 @@ import zstandard
 from conftest import S3Bucket
 from servers import populate
 
+from core.auth import ClusterKey
+from core.errors import CatalogError
+from core.manifest import Manifest
 from seeder.catalog import Catalog, entry_mac
 from seeder.publish import publish
-from swarm.auth import ClusterKey
-from swarm.errors import CatalogError
-from swarm.manifest import Manifest
 
 T = TypeVar("T")
 KIB = 1024

@@ -14,8 +14,8 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from swarm.errors import ManifestError
-from swarm.manifest import (
+from core.errors import ManifestError
+from core.manifest import (
     MAX_PATH_DEPTH,
     MAX_PIECES,
     MIN_PIECE_SIZE,

@@ -35,13 +35,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from servers import HTTPFileServer, free_port, populate
 from swarm_helpers import ByteCountingRelay
 
+from core.auth import ClusterKey
+from core.bitfield import Bitfield
+from core.errors import ConfigError
+from core.manifest import Manifest
 from seeder.publish import publish
 from swarm.announce import Announce, TrackerClient
-from swarm.auth import ClusterKey
-from swarm.bitfield import Bitfield
-from swarm.errors import ConfigError
 from swarm.fetch import FetchResult
-from swarm.manifest import Manifest
 from swarm.metrics import MetricsServer, peer_registry, serve_metrics
 from swarm.peer import PeerConfig, SwarmPeer
 from tracker.service import Tracker, TrackerConfig

@@ -19,6 +19,7 @@ from conftest import ARTIFACT as FILES
 from conftest import GCSBucket, S3Bucket, SeededOrigin
 from servers import FaultPlan, FaultyHTTPServer, GCSServer, S3Server, populate
 
+from core.errors import ConfigError, ManifestError
 from seeder.backends.common import (
     OriginThrottledError,
     check_range_reply,
@@ -37,7 +38,6 @@ from seeder.errors import (
 )
 from seeder.origin import ObjectInfo, Origin, open_origin
 from seeder.publish import list_files
-from swarm.errors import ConfigError, ManifestError
 
 T = TypeVar("T")
 

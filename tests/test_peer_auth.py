@@ -40,11 +40,11 @@ from aio_helpers import run_bounded, wait_until
 from servers import HTTPFileServer, free_port, populate
 from swarm_helpers import ByteCountingRelay
 
+from core.auth import ClusterKey, new_nonce
+from core.manifest import Manifest
 from seeder.publish import publish
 from swarm.announce import TrackerClient
-from swarm.auth import ClusterKey, new_nonce
 from swarm.fetch import FetchResult
-from swarm.manifest import Manifest
 from swarm.peer import PeerConfig, SwarmPeer, _OpenFiles
 from swarm.protocol import (
     NEED_DATA,

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from swarm.bitfield import Bitfield
+from core.bitfield import Bitfield
 from swarm.picker import BlockRequest, PiecePicker
 
 BLOCK = 16

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from swarm.auth import ClusterKey
-from swarm.bitfield import Bitfield
-from swarm.errors import LocalProtocolError, RemoteProtocolError
+from core.auth import ClusterKey
+from core.bitfield import Bitfield
+from core.errors import LocalProtocolError, RemoteProtocolError
 from swarm.protocol import (
     HEADER_SIZE,
     MAX_BLOCK,

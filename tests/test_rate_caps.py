@@ -32,12 +32,12 @@ import pytest
 from aio_helpers import run_bounded, wait_until
 from servers import free_port, populate
 
+from core.bitfield import Bitfield
+from core.errors import ConfigError
+from core.manifest import Manifest
 from seeder.publish import publish
 from swarm.announce import MAX_ZONE_LENGTH, Announce, BadAnnounce, Reply, TrackerClient
-from swarm.bitfield import Bitfield
-from swarm.errors import ConfigError
 from swarm.fetch import FetchResult
-from swarm.manifest import Manifest
 from swarm.peer import PeerConfig, SwarmPeer
 from swarm.ratelimit import default_burst
 from tracker.registry import SwarmRegistry

@@ -13,7 +13,7 @@ import random
 
 import pytest
 
-from swarm.errors import ConfigError
+from core.errors import ConfigError
 from swarm.limiter import RateLimiter, acquire_all
 from swarm.ratelimit import MIN_BURST, TokenBucket, default_burst
 

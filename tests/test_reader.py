@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from servers import FaultPlan, FaultyHTTPServer, GCSServer, S3Server, populate
 
+from core.errors import ConfigError
 from seeder.backends.gcs import GCSOrigin
 from seeder.backends.http import HTTPOrigin
 from seeder.backends.s3 import S3Origin
@@ -26,7 +27,6 @@ from seeder.errors import OriginError, OriginNotFoundError, RetryBudgetExceeded
 from seeder.origin import Origin, open_origin
 from seeder.reader import RangedReader
 from seeder.retry import DEFAULT_RETRY_TIME, RetryPolicy
-from swarm.errors import ConfigError
 
 T = TypeVar("T")
 SHARD = "weights/shard-0.bin"

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from swarm.bitfield import Bitfield
+from core.bitfield import Bitfield
 from swarm.picker import PiecePicker
 from tracker.errors import BadAnnounceError, TrackerError
 from tracker.registry import AnnounceReply, PeerAddress, SwarmRegistry

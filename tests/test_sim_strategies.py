@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from core.errors import ConfigError
 from simulations.runner import run_strategy
 from simulations.scenario import (
     Crash,
@@ -17,7 +18,6 @@ from simulations.scenario import (
     load_scenario,
 )
 from simulations.strategies import cache_bound, cache_owners
-from swarm.errors import ConfigError
 
 MiB = 1024**2
 

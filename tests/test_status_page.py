@@ -30,11 +30,11 @@ import aiohttp
 import pytest
 from servers import free_port, populate
 
+from core.auth import ClusterKey
+from core.bitfield import Bitfield
+from core.manifest import Manifest
 from seeder.publish import publish
 from swarm.announce import PEER_ID_SIZE, Announce, Reply, TrackerClient
-from swarm.auth import ClusterKey
-from swarm.bitfield import Bitfield
-from swarm.manifest import Manifest
 from tracker.registry import SwarmRegistry
 from tracker.service import Tracker, TrackerConfig
 from tracker.status_page import StatusLimits, availability_cells, swarm_snapshot

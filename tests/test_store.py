@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from swarm.errors import DiskFullError, StoreError, VerificationError
-from swarm.manifest import Manifest
-from swarm.store import COMPLETE_MARKER, PieceStore, digest, read_complete_marker
+from core.digest import digest
+from core.errors import DiskFullError, StoreError, VerificationError
+from core.manifest import Manifest
+from swarm.store import COMPLETE_MARKER, PieceStore, read_complete_marker
 
 KIB = 1024
 
@@ -246,7 +247,7 @@ def test_twenty_thousand_files_within_a_small_descriptor_limit(tmp_path: Path) -
 def unvalidated(path: str, data: bytes) -> Manifest:
     """A one-file manifest built without validation: the manifest caps path depth, and the
     store must not depend on that (its own limits are the file system's)."""
-    from swarm.manifest import FileEntry
+    from core.manifest import FileEntry
 
     return Manifest(
         "m", "file:///nowhere", KIB, (FileEntry(path, len(data), 0, 1),), (digest(data),)
@@ -412,7 +413,7 @@ def test_a_live_process_holds_the_destination_until_it_dies(tmp_path: Path) -> N
         [
             sys.executable,
             "-c",
-            "import sys, time; from pathlib import Path; from swarm.manifest import Manifest; "
+            "import sys, time; from pathlib import Path; from core.manifest import Manifest; "
             "from swarm.store import PieceStore; "
             "s = PieceStore(Path(sys.argv[1]) / 'dest', Manifest.decode(Path(sys.argv[1], 'm.manifest').read_bytes())); "
             "s.open(); print('ready', flush=True); time.sleep(60)",

@@ -20,9 +20,9 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from core.manifest import Manifest
 from seeder.publish import publish
 from swarm.fetch import FetchConfig, FetchResult, fetch_direct
-from swarm.manifest import Manifest
 from swarm.store import COMPLETE_MARKER, PieceStore, read_complete_marker
 
 KIB = 1024

@@ -33,6 +33,10 @@ import pytest
 from aiohttp import web
 from servers import free_port, populate
 
+from core.auth import ClusterKey, new_nonce
+from core.bitfield import Bitfield
+from core.errors import TrackerError
+from core.manifest import Manifest
 from seeder.publish import publish
 from swarm.announce import (
     AUTH_HEADER,
@@ -43,10 +47,6 @@ from swarm.announce import (
     TrackerClient,
     http_auth_header,
 )
-from swarm.auth import ClusterKey, new_nonce
-from swarm.bitfield import Bitfield
-from swarm.errors import TrackerError
-from swarm.manifest import Manifest
 from tracker.service import AnnounceGate, Tracker, TrackerConfig, _RefusalLog
 
 PIECE = 64 * 1024

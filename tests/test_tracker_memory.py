@@ -22,8 +22,8 @@ from conftest import S3Bucket
 from servers import S3Server, populate
 from swarm_helpers import TrackerProcess, processes
 
+from core.manifest import DIGEST_SIZE, FORMAT_VERSION, MAX_PIECES, MIN_PIECE_SIZE
 from seeder.publish import publish
-from swarm.manifest import DIGEST_SIZE, FORMAT_VERSION, MAX_PIECES, MIN_PIECE_SIZE
 
 MIB = 1024 * 1024
 BOMB_SIZE = 200 * MIB

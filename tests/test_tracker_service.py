@@ -24,12 +24,12 @@ import aiohttp
 import pytest
 from servers import HTTPFileServer, free_port, populate
 
+from core.auth import ClusterKey, new_nonce
+from core.bitfield import Bitfield
+from core.errors import CatalogError, TrackerError, UnknownArtifactError
+from core.manifest import Manifest
 from seeder.publish import publish
 from swarm.announce import PEER_ID_SIZE, Announce, Reply, TrackerClient
-from swarm.auth import ClusterKey, new_nonce
-from swarm.bitfield import Bitfield
-from swarm.errors import CatalogError, TrackerError, UnknownArtifactError
-from swarm.manifest import Manifest
 from tracker.service import Tracker, TrackerConfig
 
 PIECE = 64 * 1024

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from swarm.errors import ConfigError
-from swarm.units import format_size, parse_gbps, parse_size
+from core.errors import ConfigError
+from core.units import format_size, parse_gbps, parse_size
 
 
 @pytest.mark.parametrize(

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from core.errors import StoreError
+from core.manifest import Manifest
 from seeder.publish import publish
-from swarm.errors import StoreError
 from swarm.fetch import FetchConfig, FetchResult, fetch_direct
-from swarm.manifest import Manifest
 from swarm.store import COMPLETE_MARKER, PieceStore, read_complete_marker
 from swarm.verify import BadFile, BadPiece, verify_dir
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from servers import free_port
 
+from core.errors import ConfigError
 from simulations.runner import run_strategy
 from simulations.scenario import Scenario
-from swarm.errors import ConfigError
 from tracker.zones import ZoneIndex, split_sample
 
 
@@ -225,8 +225,8 @@ def test_a_peer_takes_what_its_zone_has_from_its_zone(tmp_path: Path, zoned: boo
 
     from test_rate_caps import BLOCK, WAIT, cluster, run_test, wait_for
 
+    from core.bitfield import Bitfield
     from swarm.announce import Announce, TrackerClient
-    from swarm.bitfield import Bitfield
 
     async def body() -> None:
         async with cluster(tmp_path) as c:

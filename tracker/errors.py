@@ -2,7 +2,7 @@
 
 ::
 
-    SwarmError                    (swarm.errors)
+    SwarmError                    (core.errors)
     └── TrackerError              the tracker could not be reached or refused a request
         ├── BadAnnounceError      an announce carried an invalid field (which one is in
         │                         the message); the tracker answers 400 and keeps going
@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from swarm.errors import TrackerError
+from core.errors import TrackerError
 
 __all__ = ["BadAnnounceError", "TrackerError", "UnauthenticatedError"]
 

@@ -26,7 +26,7 @@ from prometheus_client.registry import Collector
 from swarm.metrics import swarm_labels
 
 if TYPE_CHECKING:
-    from swarm.manifest import Manifest
+    from core.manifest import Manifest
     from tracker.registry import SwarmRegistry
     from tracker.service import Tracker
 

@@ -54,15 +54,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from swarm.bitfield import Bitfield
+from core.bitfield import Bitfield
+from core.digest import PEER_ID_LENGTH
 from swarm.hosts import valid_host
 from tracker.assignment import SeederAssignment
 from tracker.errors import BadAnnounceError
 from tracker.zones import NO_ZONE, ZoneIndex
 
 __all__ = ["AnnounceReply", "PeerAddress", "SwarmRegistry"]
-
-PEER_ID_LENGTH = 20
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ pulls), so a restarted tracker loses nothing. For the first announce rounds afte
 start-up it holds back new origin assignments, so that pulls already under way at
 peers it has not heard from yet are not handed out twice.
 
-Trust (see ``swarm.auth`` and ``swarm.announce``). With a cluster token, every
+Trust (see ``core.auth`` and ``swarm.announce``). With a cluster token, every
 request but ``/healthz``, ``/readyz``, ``/metrics`` and the status page must prove it: an HTTP request without a
 valid ``X-Swarm-Auth`` is answered 401, and an announce whose MAC fails, whose
 timestamp is more than 5 minutes off, or which replays an earlier one is refused
@@ -52,6 +52,10 @@ from typing import Any, Final
 import asyncio_dgram
 from aiohttp import web
 
+from core.auth import ClusterKey
+from core.bitfield import Bitfield
+from core.errors import CatalogError, ConfigError, ManifestError, SwarmError
+from core.manifest import Manifest, parse_ref
 from seeder.catalog import Catalog
 from seeder.errors import OriginNotFoundError, OriginPermissionError
 from swarm.announce import (
@@ -66,10 +70,6 @@ from swarm.announce import (
     http_auth_parts,
     parse_http_auth,
 )
-from swarm.auth import ClusterKey
-from swarm.bitfield import Bitfield
-from swarm.errors import CatalogError, ConfigError, ManifestError, SwarmError
-from swarm.manifest import Manifest, parse_ref
 from swarm.metrics import metrics_response
 from tracker.errors import BadAnnounceError, UnauthenticatedError
 from tracker.metrics import TrackerMetrics

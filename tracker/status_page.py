@@ -32,7 +32,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from swarm.manifest import Manifest
+from core.manifest import Manifest
 from tracker.registry import SwarmRegistry
 
 __all__ = ["OPEN_PATHS", "StatusLimits", "StatusPage", "availability_cells", "swarm_snapshot"]

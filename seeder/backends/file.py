@@ -9,9 +9,9 @@ import os
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from core.errors import ConfigError
 from seeder.errors import OriginError, OriginNotFoundError, OriginPermissionError
 from seeder.origin import ObjectInfo, Origin
-from swarm.errors import ConfigError
 
 
 def _translate(exc: OSError, what: str) -> OriginError:

@@ -32,6 +32,7 @@ from google.auth.credentials import AnonymousCredentials, Credentials
 from google.auth.transport.requests import AuthorizedSession
 from google.cloud import storage
 
+from core.errors import ConfigError
 from seeder.backends.common import (
     CONNECT_TIMEOUT,
     READ_TIMEOUT,
@@ -48,7 +49,6 @@ from seeder.errors import (
     OriginTransientError,
 )
 from seeder.origin import ObjectInfo, Origin, join_key
-from swarm.errors import ConfigError
 
 DEFAULT_POOL = 64
 _TIMEOUT = (CONNECT_TIMEOUT, READ_TIMEOUT)

@@ -17,6 +17,7 @@ from urllib.parse import quote, urlsplit
 
 import aiohttp
 
+from core.errors import ConfigError
 from seeder.backends.common import (
     CONNECT_TIMEOUT,
     READ_TIMEOUT,
@@ -35,7 +36,6 @@ from seeder.errors import (
     OriginUnsupportedError,
 )
 from seeder.origin import ObjectInfo, Origin
-from swarm.errors import ConfigError
 
 DEFAULT_CONNECTIONS = 64
 

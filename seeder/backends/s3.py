@@ -25,6 +25,7 @@ import botocore.loaders
 import botocore.session
 from botocore.config import Config
 
+from core.errors import ConfigError
 from seeder.backends.common import (
     CONNECT_TIMEOUT,
     READ_CHUNK,
@@ -46,7 +47,6 @@ from seeder.errors import (
     OriginTransientError,
 )
 from seeder.origin import ObjectInfo, Origin, join_key
-from swarm.errors import ConfigError
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

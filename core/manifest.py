@@ -12,7 +12,7 @@ On disk and in the catalog the canonical encoding is compressed with zstandard.
 allocating (the decompressed size by :func:`max_encoded_size` of the compressed
 size, see there), keeps nothing of what it rejects, and refuses traversal paths,
 duplicates, control characters, absurd depth and inconsistent piece tables with a
-:class:`~swarm.errors.ManifestError` that says what is wrong.
+:class:`~core.errors.ManifestError` that says what is wrong.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ import blake3
 import msgpack
 import zstandard
 
-from swarm.errors import ManifestError
+from core.digest import DIGEST_SIZE
+from core.errors import ManifestError
 
 FORMAT_VERSION = 1
-DIGEST_SIZE = 32
 DEFAULT_PIECE_SIZE = 256 * 1024 * 1024
 MIN_PIECE_SIZE = 1024
 MAX_PIECE_SIZE = 4 * 1024**3

@@ -28,7 +28,7 @@ import secrets
 from pathlib import Path
 from typing import Final
 
-from swarm.errors import ConfigError
+from core.errors import ConfigError
 
 TOKEN_ENV: Final = "SWARM_TOKEN"
 MIN_TOKEN_LENGTH: Final = 16

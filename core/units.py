@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from swarm.errors import ConfigError
+from core.errors import ConfigError
 
 _UNITS: dict[str, int] = {
     "": 1,

@@ -1,0 +1,1119 @@
+"""The peer session: every rule of one peer, and no I/O.
+
+A :class:`PeerSession` is the state machine of one peer of one swarm. It owns the
+piece picker, the upload scheduler, every connection's handshake, bitfield and
+requested and cancelled blocks, the contributors of each piece (for blame), the
+origin pulls the tracker assigned, and every timeout. It never reads a clock,
+opens a socket or starts a thread: the caller (the asyncio peer in
+:mod:`swarm.peer`, or the simulator) feeds it **events** with the time they
+happened, and carries out the **actions** it returns::
+
+    actions = session.handle(Received(conn, msg), now)
+    for action in actions:
+        ...  # Send, SendBlock, StoreBlock, Verify, StartPull, CancelPull, Dial, Close, ...
+
+Connections are named by the caller (any int, unique while open). An action on a
+connection the session has closed, or an event about one, is simply ignored, so a
+driver never needs to know whether a close has reached it yet.
+
+The rules, each tested in ``tests/test_session.py``:
+
+- **Handshake.** Nothing but the connect flow (:class:`swarm.protocol.PeerHandshake`)
+  is accepted until the remote proved the cluster token; an unproven connection
+  is closed after ``handshake_timeout``, and at most ``max_pending_conns``
+  accepted connections wait at a time. If both peers dial each other, both keep
+  the connection the peer with the smaller id dialed. A proven dialer that we
+  refuse (duplicate, barred) still gets our Handshake first, so it can tell a
+  refusal from a token mismatch.
+- **Requests.** ``requests_per_peer`` blocks in flight per connection, picked
+  rarest first; a block that was not requested closes the connection; a block that
+  crossed our Cancel on the wire is dropped without offence. A connection that
+  leaves our requests unanswered for ``request_timeout`` has them expire: they go
+  to other peers, and it is kept to one request in flight (a probe) until it
+  delivers again. A block whose payload takes longer than ``request_timeout``
+  closes its connection, which would otherwise pin a receive buffer.
+- **Uploads.** Requests for pieces we hold are served round-robin over
+  ``upload_slots`` slots, at most ``uploads_per_conn`` per connection (a
+  connection that asks for much and never reads can't hold every slot); an upload
+  that does not finish within ``request_timeout`` closes its connection.
+- **Trust.** A piece counts, is announced (HAVE, only to connections that lack it)
+  and is served only once verified. A piece that fails verification is blamed on
+  its one source, or on the one source two failed pieces share; that peer is
+  barred for the swarm (closed, never admitted again, reported to the tracker).
+- **Origin pulls.** Pieces the tracker assigns are reserved in the picker and
+  pulled; one the tracker takes back is released and asked of peers at once.
+- **Zones.** Peers of another zone are asked only for what no same-zone peer has;
+  a same-zone peer that leaves requests unanswered for ``zone_patience`` is
+  treated as one of another zone from then on.
+- **Liveness.** A keepalive after ``keepalive`` seconds of our silence; a
+  connection silent for ``idle_timeout`` is closed. A peer closed for a timeout or
+  that could not be reached is not dialed again for a while (doubling, capped).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from core.auth import NONCE_SIZE, ClusterKey
+from core.bitfield import Bitfield
+from core.errors import RemoteProtocolError
+from swarm.choker import UploadScheduler
+from swarm.hosts import valid_host
+from swarm.picker import BlockRequest, PiecePicker
+from swarm.protocol import (
+    BitfieldMsg,
+    Cancel,
+    Handshake,
+    Have,
+    Hello,
+    KeepAlive,
+    Message,
+    PeerHandshake,
+    Reject,
+    Request,
+)
+
+__all__ = [
+    "Action",
+    "AnnounceSoon",
+    "BlockReceived",
+    "BlockStarted",
+    "BlockStored",
+    "CancelPull",
+    "Close",
+    "Closed",
+    "Complete",
+    "Dial",
+    "DialFailed",
+    "Event",
+    "Opened",
+    "OriginProgress",
+    "PeerSession",
+    "PieceFailed",
+    "PieceVerified",
+    "Progress",
+    "PullDone",
+    "PullFailed",
+    "Received",
+    "Send",
+    "SendBlock",
+    "SessionConfig",
+    "SessionStats",
+    "StartPull",
+    "StoreBlock",
+    "Tick",
+    "TrackerReplied",
+    "UploadDone",
+    "Verify",
+]
+
+log = logging.getLogger("swarm.session")
+
+_CANCELLED_MEMORY: Final = 4096  # cancelled blocks remembered per connection
+_REDIAL_MIN: Final = 5.0  # seconds before a peer that failed us is dialed again, doubling
+_REDIAL_MAX: Final = 300.0
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """The policy settings of a peer; every one is reachable from ``swarm fetch`` flags.
+
+    Not slotted: the CLI and :class:`swarm.peer.PeerConfig` read the defaults off
+    the class (``SessionConfig.block_size``), so they are stated only here.
+    """
+
+    block_size: int = 4 * 1024 * 1024
+    requests_per_peer: int = 6
+    upload_slots: int = 16
+    uploads_per_conn: int = 2  # one block sending, one read ahead
+    request_timeout: float = 30.0
+    handshake_timeout: float = 10.0
+    max_pending_conns: int = 256
+    keepalive: float = 20.0
+    idle_timeout: float = 90.0
+    zone: str = ""
+    zone_patience: float = 5.0
+    endgame_duplicates: int = 2
+    max_upload_queue: int = 256
+
+
+@dataclass
+class SessionStats:
+    """Counters of one session, reported in ``swarm fetch --json`` and metrics."""
+
+    peer_bytes: int = 0
+    cross_zone_bytes: int = 0
+    uploaded_bytes: int = 0
+    origin_pieces: int = 0
+    corrupt_pieces: int = 0
+    auth_failures: int = 0
+    handshake_timeouts: int = 0
+    pending_refused: int = 0
+    requests_expired: int = 0
+    slow_closes: int = 0
+    # Bytes received twice, by why: crossed our Cancel / piece already verified or
+    # verifying / block already on disk.
+    duplicate_causes: dict[str, int] = field(
+        default_factory=lambda: {"cancelled": 0, "had": 0, "written": 0}
+    )
+
+
+# -- events: what the driver tells the session ---------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """A connection is up. ``peer_id``: whom we dialed (outbound), else empty."""
+
+    conn: int
+    outbound: bool
+    peer_id: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class DialFailed:
+    """Dialing ``peer_id`` (a :class:`Dial` action) failed before a connection was up."""
+
+    peer_id: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """A control message arrived on ``conn`` (anything but block payload)."""
+
+    conn: int
+    msg: Message
+
+
+@dataclass(frozen=True, slots=True)
+class BlockStarted:
+    """The header of a block arrived on ``conn``; its payload follows."""
+
+    conn: int
+    block: BlockRequest
+
+
+@dataclass(frozen=True, slots=True)
+class BlockReceived:
+    """The whole payload of the block that started on ``conn`` arrived."""
+
+    conn: int
+    block: BlockRequest
+
+
+@dataclass(frozen=True, slots=True)
+class BlockStored:
+    """A :class:`StoreBlock` finished; ``written`` False: it was on disk already."""
+
+    conn: int
+    block: BlockRequest
+    written: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class PieceVerified:
+    """A :class:`Verify` found the assembled piece good."""
+
+    piece: int
+
+
+@dataclass(frozen=True, slots=True)
+class PieceFailed:
+    """A :class:`Verify` found the assembled piece bad (its blocks are thrown away)."""
+
+    piece: int
+
+
+@dataclass(frozen=True, slots=True)
+class UploadDone:
+    """A :class:`SendBlock` finished (or failed): its slot is free."""
+
+    conn: int
+    request: Request
+
+
+@dataclass(frozen=True, slots=True)
+class OriginProgress:
+    """``nbytes`` of an origin pull of ``piece`` arrived (``reset``: an attempt restarts)."""
+
+    piece: int
+    nbytes: int
+    reset: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PullDone:
+    """The origin pull of ``piece`` finished: written and verified."""
+
+    piece: int
+
+
+@dataclass(frozen=True, slots=True)
+class PullFailed:
+    """The origin pull of ``piece`` ended without the piece (cancelled, or failed)."""
+
+    piece: int
+
+
+@dataclass(frozen=True, slots=True)
+class TrackerReplied:
+    """An announce reply: peers to know, pieces to pull, zones, whether all are done."""
+
+    peers: Sequence[tuple[bytes, str, int]] = ()
+    assigned: Sequence[int] = ()
+    peer_zones: Mapping[bytes, str] = field(default_factory=dict)
+    complete: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    """``conn`` ended: closed by the remote, a socket error, or a frame we refused.
+
+    ``reason`` says why for the log; ``remote_fault``: the remote broke the protocol.
+    """
+
+    conn: int
+    reason: str = ""
+    remote_fault: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Time passed: timeouts, keepalives and expiries are checked (call about once a second)."""
+
+
+Event = (
+    Opened
+    | DialFailed
+    | Received
+    | BlockStarted
+    | BlockReceived
+    | BlockStored
+    | PieceVerified
+    | PieceFailed
+    | UploadDone
+    | OriginProgress
+    | PullDone
+    | PullFailed
+    | TrackerReplied
+    | Closed
+    | Tick
+)
+
+
+# -- actions: what the session asks of the driver ------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send a control message on ``conn``."""
+
+    conn: int
+    msg: Message
+
+
+@dataclass(frozen=True, slots=True)
+class SendBlock:
+    """Send the block ``request`` names (a verified piece's bytes) on ``conn``; then
+    feed :class:`UploadDone`."""
+
+    conn: int
+    request: Request
+
+
+@dataclass(frozen=True, slots=True)
+class StoreBlock:
+    """Write the block just received on ``conn``; then feed :class:`BlockStored`."""
+
+    conn: int
+    block: BlockRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Verify:
+    """Every block of ``piece`` is stored: hash it; feed PieceVerified or PieceFailed."""
+
+    piece: int
+
+
+@dataclass(frozen=True, slots=True)
+class StartPull:
+    """Pull ``piece`` from the origin; feed OriginProgress, then PullDone or PullFailed."""
+
+    piece: int
+
+
+@dataclass(frozen=True, slots=True)
+class CancelPull:
+    """Stop pulling ``piece``; feed PullFailed when it has stopped."""
+
+    piece: int
+
+
+@dataclass(frozen=True, slots=True)
+class Dial:
+    """Connect to ``peer_id``; feed Opened(outbound=True) or DialFailed."""
+
+    peer_id: bytes
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close ``conn`` once what was sent on it has gone out. The session has
+    forgotten it already: feeding Closed for it is harmless."""
+
+    conn: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """``piece`` (``length`` bytes) is verified and ours."""
+
+    piece: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class Complete:
+    """Every piece is verified (given once)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AnnounceSoon:
+    """Something the tracker should hear before the next interval (an origin piece)."""
+
+
+Action = (
+    Send
+    | SendBlock
+    | StoreBlock
+    | Verify
+    | StartPull
+    | CancelPull
+    | Dial
+    | Close
+    | Progress
+    | Complete
+    | AnnounceSoon
+)
+
+
+class _Conn:
+    """The session's record of one connection."""
+
+    __slots__ = (
+        "bitfield",
+        "cancelled",
+        "discarding",
+        "established",
+        "handshake",
+        "id",
+        "last_block",
+        "last_recv",
+        "last_sent",
+        "opened_at",
+        "other_zone",
+        "outbound",
+        "peer_id",
+        "receiving",
+        "receiving_since",
+        "remote",
+        "requested",
+        "snubbed",
+        "uploads",
+        "waiting_since",
+    )
+
+    def __init__(
+        self, conn: int, outbound: bool, peer_id: bytes, handshake: PeerHandshake, now: float
+    ) -> None:
+        self.id = conn
+        self.outbound = outbound
+        self.peer_id = peer_id
+        self.handshake = handshake
+        self.established = False
+        self.opened_at = now
+        self.bitfield: Bitfield | None = None
+        # Our requests in flight on it, oldest first.
+        self.requested: dict[BlockRequest, None] = {}
+        # Blocks we cancelled: the data may already be on the wire, which is no offence.
+        self.cancelled: dict[BlockRequest, None] = {}
+        self.receiving: BlockRequest | None = None  # the block whose payload is arriving
+        self.receiving_since = 0.0
+        self.discarding = False  # that block crossed our Cancel: dropped when whole
+        self.waiting_since = now  # when the requests now in flight started waiting
+        self.last_block = now
+        self.last_recv = now
+        self.last_sent = now
+        self.snubbed = False  # left requests unanswered: one request in flight, a probe
+        self.other_zone = False  # in another zone than ours (both declared)
+        # Asked only for what no same-zone peer has: another zone's, or a snubbed one of ours.
+        self.remote = False
+        self.uploads: dict[Request, float] = {}  # blocks being sent to it, since when
+
+    def __repr__(self) -> str:
+        return f"<conn {self.id} peer {self.peer_id.hex()[:8] or '?'}>"
+
+
+class PeerSession:
+    """The rules of one peer of one swarm (see the module docstring)."""
+
+    def __init__(
+        self,
+        piece_lengths: Sequence[int],
+        *,
+        root: bytes,
+        peer_id: bytes,
+        key: ClusterKey,
+        config: SessionConfig | None = None,
+        rng: random.Random | None = None,
+        nonce: Callable[[], bytes] | None = None,
+        have: Iterable[int] = (),
+        listen_port: int = 0,
+    ) -> None:
+        self.config = config or SessionConfig()
+        self.lengths = list(piece_lengths)
+        self.num_pieces = len(self.lengths)
+        self.root = root
+        self.peer_id = peer_id
+        self.key = key
+        self.listen_port = listen_port
+        self.rng = rng or random.Random()
+        self._nonce = nonce or (lambda: self.rng.randbytes(NONCE_SIZE))
+        self.block_size = max(1, min(self.config.block_size, max(self.lengths, default=1)))
+        self.picker: PiecePicker[_Conn] = PiecePicker(
+            self.lengths,
+            self.block_size,
+            self.rng,
+            endgame_duplicates=self.config.endgame_duplicates,
+        )
+        self.uploads: UploadScheduler[_Conn, Request] = UploadScheduler(
+            self.config.upload_slots,
+            max_queue=self.config.max_upload_queue,
+            max_per_peer=self.config.uploads_per_conn,
+        )
+        self.stats = SessionStats()
+        self.conns: dict[int, _Conn] = {}  # every open connection, proven or not
+        self.peers: dict[bytes, _Conn] = {}  # proven connections, by peer id
+        self.pending = 0  # accepted (inbound) connections still in their handshake
+        self.barred: set[bytes] = set()
+        self.known_peers: dict[bytes, tuple[str, int]] = {}
+        self.peer_zones: dict[bytes, str] = {}
+        self.dialing: set[bytes] = set()
+        self._retry_at: dict[bytes, tuple[float, float]] = {}  # peer -> (not before, backoff)
+        self.pulls: set[int] = set()  # origin pulls running
+        self.origin_progress: dict[int, int] = {}
+        self.contributors: dict[int, set[bytes]] = {}
+        self.failed_sets: list[set[bytes]] = []
+        self.verifying: set[int] = set()
+        # Blocks handed to the driver to store, with the record of their source (kept
+        # even if it closes meanwhile: the picker and blame still need it).
+        self._storing: dict[tuple[int, BlockRequest], _Conn] = {}
+        self.swarm_complete = False
+        self._completed = False
+        for piece in have:
+            self.picker.mark_have(piece)
+        self._completed = self.picker.done
+
+    # -- what the driver reads ----------------------------------------------------
+
+    @property
+    def complete(self) -> bool:
+        """Every piece is verified."""
+        return self.picker.done
+
+    @property
+    def have(self) -> Bitfield:
+        return self.picker.have
+
+    def has(self, piece: int) -> bool:
+        return piece in self.picker.have
+
+    def peer_of(self, conn: int) -> bytes:
+        """The proven peer id of ``conn`` (empty if unknown or not proven)."""
+        record = self.conns.get(conn)
+        return record.peer_id if record is not None and record.established else b""
+
+    def is_other_zone(self, conn: int) -> bool:
+        record = self.conns.get(conn)
+        return record is not None and record.other_zone
+
+    # -- events -------------------------------------------------------------------
+
+    def handle(self, event: Event, now: float) -> list[Action]:
+        """Apply ``event`` (which happened at ``now``); the actions to carry out, in order."""
+        out: list[Action] = []
+        if isinstance(event, Received):
+            conn = self.conns.get(event.conn)
+            if conn is not None:
+                self._received(conn, event.msg, now, out)
+        elif isinstance(event, BlockReceived):
+            conn = self.conns.get(event.conn)
+            if conn is not None:
+                self._block_received(conn, event.block, now, out)
+        elif isinstance(event, BlockStored):
+            self._block_stored(event.conn, event.block, event.written, now, out)
+        elif isinstance(event, UploadDone):
+            self._upload_done(event.conn, event.request, now, out)
+        elif isinstance(event, BlockStarted):
+            conn = self.conns.get(event.conn)
+            if conn is not None:
+                self._block_started(conn, event.block, now, out)
+        elif isinstance(event, OriginProgress):
+            if event.piece in self.pulls:
+                done = 0 if event.reset else self.origin_progress.get(event.piece, 0)
+                self.origin_progress[event.piece] = done + event.nbytes
+        elif isinstance(event, Tick):
+            self._tick(now, out)
+        elif isinstance(event, PieceVerified):
+            self.verifying.discard(event.piece)
+            if not self.has(event.piece):
+                self._piece_ours(event.piece, now, out)
+        elif isinstance(event, PieceFailed):
+            self._piece_failed(event.piece, now, out)
+        elif isinstance(event, PullDone):
+            self._pull_done(event.piece, now, out)
+        elif isinstance(event, PullFailed):
+            self._pull_ended(event.piece, now, out)
+        elif isinstance(event, TrackerReplied):
+            self._tracker_replied(event, now, out)
+        elif isinstance(event, Opened):
+            self._opened(event, now, out)
+        elif isinstance(event, DialFailed):
+            self.dialing.discard(event.peer_id)
+            self._retry_later(event.peer_id, now)
+        elif isinstance(event, Closed):
+            conn = self.conns.get(event.conn)
+            if conn is not None:
+                self._closed(conn, event.reason, event.remote_fault, now, out)
+        return out
+
+    # -- connections --------------------------------------------------------------
+
+    def _opened(self, event: Opened, now: float, out: list[Action]) -> None:
+        if event.outbound:
+            self.dialing.discard(event.peer_id)
+        elif self.pending >= self.config.max_pending_conns:
+            self.stats.pending_refused += 1
+            out.append(Close(event.conn, "too many connections are still in their handshake"))
+            return
+        handshake = PeerHandshake(
+            self.key,
+            dialer=event.outbound,
+            root=self.root,
+            peer_id=self.peer_id,
+            listen_port=self.listen_port,
+            nonce=self._nonce(),
+        )
+        conn = _Conn(event.conn, event.outbound, event.peer_id, handshake, now)
+        self.conns[event.conn] = conn
+        if not event.outbound:
+            self.pending += 1
+        for msg in handshake.start():
+            self._send(conn, msg, now, out)
+
+    def _send(self, conn: _Conn, msg: Message, now: float, out: list[Action]) -> None:
+        conn.last_sent = now
+        out.append(Send(conn.id, msg))
+
+    def _handshake_msg(
+        self, conn: _Conn, msg: Hello | Handshake, now: float, out: list[Action]
+    ) -> None:
+        try:
+            replies = conn.handshake.receive(msg)  # raises unless proved, for our root
+        except RemoteProtocolError as exc:
+            self._refused(conn, str(exc), now, out)
+            return
+        if not isinstance(msg, Handshake):
+            for reply in replies:
+                self._send(conn, reply, now, out)
+            return
+        refusal = self._admit(conn, msg, now, out)
+        if refusal:
+            if not conn.outbound:
+                # The dialer proved the token: answer before closing, or it would
+                # take the refusal for a token mismatch.
+                for reply in replies:
+                    self._send(conn, reply, now, out)
+            self._drop(conn, now, out)
+            out.append(Close(conn.id, refusal))
+            return
+        for reply in replies:
+            self._send(conn, reply, now, out)
+        self._send(conn, BitfieldMsg.from_bitfield(self.picker.have), now, out)
+
+    def _admit(self, conn: _Conn, msg: Handshake, now: float, out: list[Action]) -> str:
+        """Make ``conn`` the connection to the proven peer ``msg`` names; else why not."""
+        if msg.peer_id == self.peer_id or msg.peer_id in self.barred:
+            return "connection to ourselves or to a barred peer"
+        if conn.peer_id and conn.peer_id != msg.peer_id:
+            return "peer id differs from what the tracker said"
+        existing = self.peers.get(msg.peer_id)
+        if existing is not None:
+            # Both dialed at once. Both ends keep the connection that the peer
+            # with the smaller id dialed, so they agree without another message.
+            if conn.outbound != (self.peer_id < msg.peer_id):
+                return "duplicate connection"
+            self._drop(existing, now, out)
+            out.append(Close(existing.id, "duplicate connection"))
+        conn.peer_id = msg.peer_id
+        conn.established = True
+        conn.last_recv = conn.last_block = conn.waiting_since = now
+        if not conn.outbound:
+            self.pending -= 1
+        self.peers[msg.peer_id] = conn
+        self._retry_at.pop(msg.peer_id, None)
+        # A peer no reply has named yet counts as in our zone: unknown is not remote.
+        zone = self.config.zone
+        theirs = self.peer_zones.get(msg.peer_id, "")
+        conn.other_zone = bool(zone) and theirs not in ("", zone)
+        conn.remote = conn.other_zone
+        return ""
+
+    def _refused(self, conn: _Conn, reason: str, now: float, out: list[Action]) -> None:
+        """``conn`` failed the handshake: drop it with a warning, counted."""
+        self.stats.auth_failures += 1
+        side = "to" if conn.outbound else "from"
+        log.warning("refused connection %s %r: %s", side, conn, reason)
+        if conn.outbound and conn.peer_id:
+            self._retry_later(conn.peer_id, now)
+        self._drop(conn, now, out)
+        out.append(Close(conn.id, reason))
+
+    def _closed(
+        self, conn: _Conn, reason: str, remote_fault: bool, now: float, out: list[Action]
+    ) -> None:
+        if not conn.established:
+            if remote_fault:
+                self._refused(conn, reason, now, out)
+                return
+            if conn.handshake.heard:
+                # It spoke our protocol, then left before proving itself: a proven peer
+                # that refuses us still sends its Handshake first, so this is most
+                # likely our proof failing its check.
+                self._refused(
+                    conn,
+                    f"it closed the connection during the handshake ({reason}): "
+                    "it holds another cluster token, or none?",
+                    now,
+                    out,
+                )
+                return
+            log.info("%r closed before its hello: %s", conn, reason)
+            if conn.outbound and conn.peer_id:
+                self._retry_later(conn.peer_id, now)
+        else:
+            if reason:
+                log.info("dropping %r: %s", conn, reason)
+            if remote_fault:
+                self._retry_later(conn.peer_id, now)
+        self._drop(conn, now, out)
+
+    def _close(
+        self, conn: _Conn, reason: str, now: float, out: list[Action], *, retry: bool = True
+    ) -> None:
+        """Close a connection by our own rule."""
+        log.info("closing %r: %s", conn, reason)
+        if retry and conn.peer_id:
+            self._retry_later(conn.peer_id, now)
+        self._drop(conn, now, out)
+        out.append(Close(conn.id, reason))
+
+    def _drop(self, conn: _Conn, now: float, out: list[Action]) -> None:
+        """Forget ``conn``: its requests go back to be asked of others."""
+        if self.conns.pop(conn.id, None) is None:
+            return
+        if not conn.established:
+            if not conn.outbound:
+                self.pending -= 1
+        elif self.peers.get(conn.peer_id) is conn:
+            del self.peers[conn.peer_id]
+        self.picker.remove_peer(conn)
+        self.uploads.peer_gone(conn)
+        conn.requested.clear()
+        self._grant(now, out)
+        self._fill_all(now, out)
+
+    def _retry_later(self, peer_id: bytes, now: float) -> None:
+        """Don't dial ``peer_id`` again for a while (longer each time it fails us)."""
+        _, backoff = self._retry_at.get(peer_id, (0.0, _REDIAL_MIN / 2))
+        backoff = min(backoff * 2, _REDIAL_MAX)
+        self._retry_at[peer_id] = (now + backoff, backoff)
+
+    # -- messages -----------------------------------------------------------------
+
+    def _received(self, conn: _Conn, msg: Message, now: float, out: list[Action]) -> None:
+        conn.last_recv = now
+        if not conn.established:
+            if isinstance(msg, Hello | Handshake):
+                self._handshake_msg(conn, msg, now, out)
+            else:
+                self._refused(conn, f"{type(msg).__name__} before the handshake", now, out)
+            return
+        if isinstance(msg, Have):
+            self._have(conn, msg.piece, now, out)
+        elif isinstance(msg, Request):
+            self._request(conn, msg, now, out)
+        elif isinstance(msg, BitfieldMsg):
+            sent = msg.to_bitfield(self.num_pieces)
+            if conn.bitfield is None:
+                # The one record of the peer's pieces: the picker reads it (and
+                # merges a second Bitfield into it).
+                conn.bitfield = sent
+            self.picker.add_peer(conn, sent, remote=conn.remote)
+            self._fill(conn, now, out)
+        elif isinstance(msg, Cancel):
+            self.uploads.cancel(conn, Request(msg.piece, msg.offset, msg.length))
+        elif isinstance(msg, Reject):
+            block = BlockRequest(msg.piece, msg.offset, msg.length)
+            conn.cancelled.pop(block, None)
+            if block in conn.requested:
+                del conn.requested[block]
+                self.picker.block_failed(conn, block)
+            self._fill(conn, now, out)
+        elif isinstance(msg, Hello | Handshake):
+            self._close(conn, f"a second {type(msg).__name__} on one connection", now, out)
+
+    def _have(self, conn: _Conn, piece: int, now: float, out: list[Action]) -> None:
+        bits = conn.bitfield
+        if bits is None:
+            bits = conn.bitfield = Bitfield(self.num_pieces)
+            self.picker.add_peer(conn, bits, remote=conn.remote)
+        if bits.add(piece) and piece not in self.picker.have:
+            self.picker.peer_has(conn, piece)
+            self._fill(conn, now, out)
+
+    def _request(self, conn: _Conn, msg: Request, now: float, out: list[Action]) -> None:
+        if msg.piece not in self.picker.have or not self.uploads.enqueue(conn, msg):
+            self._send(conn, Reject(msg.piece, msg.offset, msg.length), now, out)
+            return
+        self._grant(now, out)
+
+    # -- blocks from peers --------------------------------------------------------
+
+    def _block_started(
+        self, conn: _Conn, block: BlockRequest, now: float, out: list[Action]
+    ) -> None:
+        conn.last_recv = now
+        if not conn.established:
+            self._refused(conn, "block before the handshake", now, out)
+            return
+        if block in conn.requested:
+            conn.discarding = False
+        elif block in conn.cancelled:
+            del conn.cancelled[block]
+            conn.discarding = True  # it crossed our Cancel on the wire
+        else:
+            self._close(conn, f"sent block {tuple(block)} that was not requested", now, out)
+            return
+        conn.receiving = block
+        conn.receiving_since = now
+
+    def _block_received(
+        self, conn: _Conn, block: BlockRequest, now: float, out: list[Action]
+    ) -> None:
+        conn.receiving = None
+        conn.last_recv = conn.last_block = now
+        stats = self.stats
+        stats.peer_bytes += block.length
+        if conn.other_zone:
+            stats.cross_zone_bytes += block.length
+        if conn.snubbed:
+            conn.snubbed = False
+            log.info("%r serves again", conn)
+        if conn.discarding:
+            conn.discarding = False
+            stats.duplicate_causes["cancelled"] += block.length
+        elif block not in conn.requested:
+            pass  # cannot happen: BlockStarted checked it
+        else:
+            del conn.requested[block]
+            if block.piece in self.picker.have or block.piece in self.verifying:
+                stats.duplicate_causes["had"] += block.length
+            else:
+                self._storing[(conn.id, block)] = conn
+                out.append(StoreBlock(conn.id, block))
+        self._fill(conn, now, out)
+
+    def _block_stored(
+        self, conn_id: int, block: BlockRequest, written: bool, now: float, out: list[Action]
+    ) -> None:
+        source = self._storing.pop((conn_id, block), None)
+        conn = self.conns.get(conn_id)
+        if source is None:
+            return  # not a block we asked to store
+        if not written:
+            self.stats.duplicate_causes["written"] += block.length
+            if conn is not None:
+                self._fill(conn, now, out)
+            return
+        piece = block.piece
+        if piece in self.picker.have or piece in self.verifying:
+            return
+        # Counted even if the connection has closed since: the bytes are on disk and
+        # in the piece's hash, and this names their source if it lied.
+        self.contributors.setdefault(piece, set()).add(source.peer_id)
+        for other, dup in self.picker.block_received(source, block):
+            self._cancel(other, dup, now, out)
+        if self.picker.piece_complete(piece):
+            self.verifying.add(piece)
+            out.append(Verify(piece))
+        if conn is not None:
+            self._fill(conn, now, out)
+
+    def _cancel(self, conn: _Conn, block: BlockRequest, now: float, out: list[Action]) -> None:
+        if block not in conn.requested:
+            return
+        del conn.requested[block]
+        conn.cancelled[block] = None
+        while len(conn.cancelled) > _CANCELLED_MEMORY:
+            del conn.cancelled[next(iter(conn.cancelled))]
+        self._send(conn, Cancel(block.piece, block.offset, block.length), now, out)
+
+    # -- pieces -------------------------------------------------------------------
+
+    def _piece_ours(self, piece: int, now: float, out: list[Action]) -> None:
+        """``piece`` is verified (from peers or the origin): count it, tell, move on."""
+        for conn, block in self.picker.mark_have(piece):
+            self._cancel(conn, block, now, out)
+        self.contributors.pop(piece, None)
+        have = Have(piece)
+        for conn in self.peers.values():
+            # HAVE suppression: a peer that has the piece has no use for the news.
+            bits = conn.bitfield
+            if bits is None or piece not in bits:
+                self._send(conn, have, now, out)
+        out.append(Progress(piece, self.lengths[piece]))
+        if self.picker.done and not self._completed:
+            self._completed = True
+            out.append(Complete())
+        self._fill_all(now, out)
+
+    def _piece_failed(self, piece: int, now: float, out: list[Action]) -> None:
+        self.verifying.discard(piece)
+        self.stats.corrupt_pieces += 1
+        sources = self.contributors.pop(piece, set())
+        sources.discard(b"")
+        log.warning(
+            "piece %d failed blake3 verification (from %d peers); fetching it again",
+            piece,
+            len(sources),
+        )
+        for conn, block in self.picker.piece_failed(piece):
+            self._cancel(conn, block, now, out)
+        culprits: set[bytes] = set()
+        if len(sources) == 1:
+            culprits = set(sources)
+        else:
+            for earlier in self.failed_sets:
+                common = earlier & sources
+                if len(common) == 1:
+                    culprits |= common
+            self.failed_sets.append(sources)
+        for peer_id in sorted(culprits):
+            self._bar(peer_id, now, out)
+        self._fill_all(now, out)
+
+    def _bar(self, peer_id: bytes, now: float, out: list[Action]) -> None:
+        if peer_id in self.barred:
+            return
+        log.warning("barring peer %s for sending data that failed verification", peer_id.hex()[:8])
+        self.barred.add(peer_id)
+        self.known_peers.pop(peer_id, None)
+        conn = self.peers.get(peer_id)
+        if conn is not None:
+            self._drop(conn, now, out)
+            out.append(Close(conn.id, "sent corrupt data"))
+
+    # -- origin pulls and the tracker ---------------------------------------------
+
+    def _tracker_replied(self, reply: TrackerReplied, now: float, out: list[Action]) -> None:
+        self.swarm_complete = reply.complete
+        assigned = set(reply.assigned)
+        for piece in sorted(self.pulls - assigned):
+            log.info("piece %d was reassigned by the tracker; dropping our origin pull", piece)
+            out.append(CancelPull(piece))
+            self._pull_ended(piece, now, out)
+        for piece in reply.assigned:
+            if (
+                0 <= piece < self.num_pieces
+                and piece not in self.pulls
+                and piece not in self.verifying
+                and self.picker.reserve(piece)
+            ):
+                self.pulls.add(piece)
+                self.origin_progress[piece] = 0
+                out.append(StartPull(piece))
+        self.peer_zones.update(reply.peer_zones)
+        zone = self.config.zone
+        if zone:
+            # A peer that dialed in before any reply named it was taken for one of our
+            # zone; once its zone is known it counts, and is asked, as what it is.
+            for conn in self.peers.values():
+                theirs = self.peer_zones.get(conn.peer_id, "")
+                if not conn.other_zone and theirs not in ("", zone):
+                    conn.other_zone = True
+                    self._make_remote(conn)
+        for peer_id, host, port in reply.peers:
+            if peer_id == self.peer_id or peer_id in self.barred or not valid_host(host):
+                continue
+            self.known_peers[peer_id] = (host, port)
+            # Whoever learns of the other first dials at once, rather than waiting for
+            # the other's next announce; if both dial, the handshake keeps one.
+            if peer_id in self.peers or peer_id in self.dialing or self._connecting(peer_id):
+                continue
+            retry = self._retry_at.get(peer_id)
+            if retry is not None and now < retry[0]:
+                continue
+            self.dialing.add(peer_id)
+            out.append(Dial(peer_id, host, port))
+
+    def _connecting(self, peer_id: bytes) -> bool:
+        return any(c.peer_id == peer_id and not c.established for c in self.conns.values())
+
+    def _pull_done(self, piece: int, now: float, out: list[Action]) -> None:
+        if piece not in self.pulls:
+            return
+        self.pulls.discard(piece)
+        self.origin_progress.pop(piece, None)
+        self.stats.origin_pieces += 1
+        out.append(AnnounceSoon())
+        if piece not in self.picker.have:
+            self._piece_ours(piece, now, out)
+
+    def _pull_ended(self, piece: int, now: float, out: list[Action]) -> None:
+        """An origin pull stopped without the piece: peers may serve it, ask them now."""
+        if piece not in self.pulls:
+            return
+        self.pulls.discard(piece)
+        self.origin_progress.pop(piece, None)
+        self.picker.release(piece)
+        self._fill_all(now, out)
+
+    # -- requests -----------------------------------------------------------------
+
+    def _fill(self, conn: _Conn, now: float, out: list[Action]) -> None:
+        """Keep ``requests_per_peer`` block requests in flight to ``conn`` (one if snubbed)."""
+        if conn.bitfield is None or not conn.established:
+            return
+        want = (1 if conn.snubbed else self.config.requests_per_peer) - len(conn.requested)
+        if want <= 0:
+            return
+        picked = self.picker.pick(conn, want)
+        if not picked:
+            return
+        if not conn.requested:
+            conn.waiting_since = now
+        for block in picked:
+            conn.requested[block] = None
+            self._send(conn, Request(block.piece, block.offset, block.length), now, out)
+
+    def _fill_all(self, now: float, out: list[Action]) -> None:
+        # The snubbed last, so that what they sat on goes to the others.
+        snubbed = []
+        for conn in list(self.peers.values()):
+            if conn.snubbed:
+                snubbed.append(conn)
+            else:
+                self._fill(conn, now, out)
+        for conn in snubbed:
+            self._fill(conn, now, out)
+
+    def _make_remote(self, conn: _Conn) -> None:
+        if not conn.remote:
+            conn.remote = True
+            if conn.bitfield is not None:
+                self.picker.set_remote(conn)
+
+    # -- uploads ------------------------------------------------------------------
+
+    def _grant(self, now: float, out: list[Action]) -> None:
+        while (granted := self.uploads.next()) is not None:
+            conn, request = granted
+            conn.uploads[request] = now
+            out.append(SendBlock(conn.id, request))
+
+    def _upload_done(self, conn_id: int, request: Request, now: float, out: list[Action]) -> None:
+        conn = self.conns.get(conn_id)
+        if conn is None:
+            return
+        if conn.uploads.pop(request, None) is not None:
+            self.stats.uploaded_bytes += request.length
+            conn.last_sent = now
+        self.uploads.done(conn, request)
+        self._grant(now, out)
+
+    # -- time ---------------------------------------------------------------------
+
+    def _tick(self, now: float, out: list[Action]) -> None:
+        cfg = self.config
+        expired: list[_Conn] = []
+        for conn in list(self.conns.values()):
+            if conn.id not in self.conns:
+                continue  # dropped by an earlier rule of this tick (a duplicate, say)
+            if not conn.established:
+                if now - conn.opened_at > cfg.handshake_timeout:
+                    self.stats.handshake_timeouts += 1
+                    log.warning(
+                        "closing %r: no handshake within %.1fs", conn, cfg.handshake_timeout
+                    )
+                    self._drop(conn, now, out)
+                    out.append(Close(conn.id, "no handshake in time"))
+                continue
+            if now - conn.last_recv > cfg.idle_timeout:
+                self._close(conn, f"peer silent for {cfg.idle_timeout:.0f}s", now, out)
+                continue
+            if conn.receiving is not None and now - conn.receiving_since > cfg.request_timeout:
+                self.stats.slow_closes += 1
+                self._close(
+                    conn, f"a block's payload took more than {cfg.request_timeout:.0f}s", now, out
+                )
+                continue
+            if conn.uploads and now - min(conn.uploads.values()) > cfg.request_timeout:
+                self.stats.slow_closes += 1
+                self._close(
+                    conn,
+                    f"it did not take a block we sent within {cfg.request_timeout:.0f}s",
+                    now,
+                    out,
+                )
+                continue
+            if conn.requested and conn.receiving is None:
+                waited = now - max(conn.waiting_since, conn.last_block)
+                if waited > cfg.request_timeout:
+                    expired.append(conn)
+                elif cfg.zone and not conn.remote and waited > cfg.zone_patience:
+                    log.info(
+                        "%r left our requests unanswered for %.0fs: peers of other zones "
+                        "may serve what it holds",
+                        conn,
+                        cfg.zone_patience,
+                    )
+                    self._make_remote(conn)
+                    expired.append(conn)
+            if now - conn.last_sent >= cfg.keepalive:
+                self._send(conn, KeepAlive(), now, out)
+        for conn in expired:
+            self._expire(conn, now, out)
+        if expired:
+            self._fill_all(now, out)
+
+    def _expire(self, conn: _Conn, now: float, out: list[Action]) -> None:
+        """``conn`` left our requests unanswered: they go to others; it keeps a probe."""
+        if not conn.snubbed:
+            log.info(
+                "%r left %d requests unanswered: asking other peers", conn, len(conn.requested)
+            )
+        conn.snubbed = True
+        self.stats.requests_expired += len(conn.requested)
+        for block in list(conn.requested):
+            self.picker.block_failed(conn, block)
+            self._cancel(conn, block, now, out)
+        conn.waiting_since = now
