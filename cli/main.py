@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
+import random
 import signal
 import sys
 import threading
@@ -28,6 +30,12 @@ from cli.progress import (
 from core.errors import ConfigError, SwarmError
 from core.manifest import DEFAULT_PIECE_SIZE
 from core.units import format_size, parse_size
+from seeder.retry import DEFAULT_RETRY_TIME
+from swarm.demo import DemoConfig
+from swarm.fetch import FetchConfig
+from swarm.peer import PeerConfig
+from swarm.session import SessionConfig
+from tracker.service import TrackerConfig
 
 try:  # typer >= 0.22 vendors click; older releases use click itself
     from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
@@ -40,11 +48,9 @@ except ImportError:  # pragma: no cover - depends on the installed typer
 
 if TYPE_CHECKING:
     from core.auth import ClusterKey
-    from swarm.fetch import FetchConfig, FetchResult
-    from swarm.peer import PeerConfig
+    from swarm.fetch import FetchResult
 
 T = TypeVar("T")
-MiB: Final = 1 << 20
 log = logging.getLogger("swarm.cli")
 
 ENV_PREFIX: Final = "SWARM"
@@ -83,6 +89,43 @@ class Size(int):
             if self and self % (1 << shift) == 0:
                 return f"{self >> shift}{unit}"
         return int.__repr__(self)
+
+
+def config_default(name: str, *configs: type[Any]) -> Any:
+    """The default of setting ``name`` in the first of ``configs`` (dataclasses) that has it.
+
+    A flag's default is its setting's, stated once in the component's config.
+    """
+    for config in configs:
+        for setting in dataclasses.fields(config):
+            if setting.name != name:
+                continue
+            if setting.default is not dataclasses.MISSING:
+                return setting.default
+            if setting.default_factory is not dataclasses.MISSING:
+                return setting.default_factory()
+            raise TypeError(f"{config.__name__}.{name} has no default")
+    raise AttributeError(f"no setting {name!r} in {', '.join(c.__name__ for c in configs)}")
+
+
+def peer_default(name: str) -> Any:
+    """The default of a ``swarm fetch --tracker`` setting."""
+    return config_default(name, SessionConfig, PeerConfig)
+
+
+def fetch_default(name: str) -> Any:
+    """The default of a ``swarm fetch --direct`` setting (and of the origin settings both share)."""
+    return config_default(name, FetchConfig)
+
+
+def tracker_default(name: str) -> Any:
+    """The default of a ``swarm tracker`` setting."""
+    return config_default(name, TrackerConfig)
+
+
+def demo_default(name: str) -> Any:
+    """The default of a ``swarm demo`` setting."""
+    return config_default(name, DemoConfig)
 
 
 def rate_flag(flag: str, *, help: str) -> Any:
@@ -317,7 +360,7 @@ def publish(
         ),
     ] = None,
     token_file: TokenFile = None,
-    origin_retry_time: OriginRetryTime = 600.0,
+    origin_retry_time: OriginRetryTime = DEFAULT_RETRY_TIME,
     progress_interval: ProgressInterval = DEFAULT_PROGRESS_INTERVAL,
     json: JsonFlag = False,
 ) -> None:
@@ -413,10 +456,10 @@ def fetch(
             min=0,
             help="After finishing, keep serving until every peer of the swarm has finished, at most this many seconds.",
         ),
-    ] = 300.0,
+    ] = peer_default("linger"),
     listen: Annotated[
         str, typer.Option("--listen", help="HOST:PORT to accept peer connections on (port 0: any).")
-    ] = "0.0.0.0:0",
+    ] = f"{peer_default('listen_host')}:{peer_default('listen_port')}",
     advertise: Annotated[
         str,
         typer.Option(
@@ -424,14 +467,14 @@ def fetch(
             envvar="SWARM_ADVERTISE",
             help="Address other peers should dial (default: the address the tracker sees).",
         ),
-    ] = "",
+    ] = peer_default("advertise_host"),
     fallback_direct: Annotated[
         bool,
         typer.Option(
             "--fallback-direct",
             help="If the tracker stays unreachable past --tracker-timeout, read the rest from the origin. Off by default: a hundred silent fallbacks are the storm swarm prevents.",
         ),
-    ] = False,
+    ] = peer_default("fallback_direct"),
     tracker_timeout: Annotated[
         float,
         typer.Option(
@@ -439,11 +482,11 @@ def fetch(
             min=1,
             help="Seconds the tracker may stay unreachable before giving up (or falling back).",
         ),
-    ] = 120.0,
+    ] = peer_default("tracker_timeout"),
     block_size: Annotated[
         int,
         size_flag("--block-size", help="Block size requested from peers."),
-    ] = Size(4 * MiB),
+    ] = Size(peer_default("block_size")),
     requests_per_peer: Annotated[
         int,
         typer.Option(
@@ -452,7 +495,7 @@ def fetch(
             max=256,
             help="Block requests in flight per peer connection.",
         ),
-    ] = 6,
+    ] = peer_default("requests_per_peer"),
     upload_slots: Annotated[
         int,
         typer.Option(
@@ -461,7 +504,7 @@ def fetch(
             max=1024,
             help="Blocks uploaded at once, shared round-robin by all peers.",
         ),
-    ] = 16,
+    ] = peer_default("upload_slots"),
     serve_corrupt: Annotated[
         bool,
         typer.Option(
@@ -470,25 +513,25 @@ def fetch(
             allow_from_autoenv=False,  # fault injection must be asked for on the command line
             help="Fault injection for tests: corrupt every block served.",
         ),
-    ] = False,
+    ] = peer_default("serve_corrupt"),
     origin: Annotated[
         str | None,
         typer.Option(
             "--origin",
             help="Read the data from this origin URL instead of the one in the manifest (a mirror).",
         ),
-    ] = None,
+    ] = peer_default("origin_url"),
     pieces_in_flight: Annotated[
         int, typer.Option("--pieces-in-flight", min=1, max=256, help="Pieces fetched at once.")
-    ] = 4,
+    ] = fetch_default("pieces_in_flight"),
     range_size: Annotated[
         int,
         size_flag("--range-size", help="Size of each ranged origin request."),
-    ] = Size(16 * MiB),
+    ] = Size(fetch_default("range_size")),
     origin_concurrency: Annotated[
         int,
         typer.Option("--origin-concurrency", min=1, max=1024, help="Concurrent origin requests."),
-    ] = 16,
+    ] = fetch_default("origin_concurrency"),
     no_fsync: Annotated[
         bool,
         typer.Option(
@@ -505,21 +548,21 @@ def fetch(
     ] = False,
     token_file: TokenFile = None,
     tracker_ca: TrackerCA = None,
-    origin_retry_time: OriginRetryTime = 600.0,
+    origin_retry_time: OriginRetryTime = DEFAULT_RETRY_TIME,
     max_upload_rate: Annotated[
         int | None,
         rate_flag(
             "--max-upload-rate",
             help="Cap on the bytes per second sent to other peers (e.g. 500MB), shared by every connection.",
         ),
-    ] = None,
+    ] = peer_default("max_upload_rate"),
     max_download_rate: Annotated[
         int | None,
         rate_flag(
             "--max-download-rate",
             help="Cap on the bytes per second received from peers and read from the origin together.",
         ),
-    ] = None,
+    ] = peer_default("max_download_rate"),
     zone: Annotated[
         str,
         typer.Option(
@@ -527,7 +570,7 @@ def fetch(
             envvar="SWARM_ZONE",
             help="This node's zone or rack (e.g. the node's topology.kubernetes.io/zone label): peers in the same zone are preferred.",
         ),
-    ] = "",
+    ] = peer_default("zone"),
     zone_patience: Annotated[
         float,
         typer.Option(
@@ -535,7 +578,28 @@ def fetch(
             min=0.1,
             help="Seconds a peer of this zone may leave our requests unanswered before peers of other zones are asked for what it holds.",
         ),
-    ] = 5.0,
+    ] = peer_default("zone_patience"),
+    request_timeout: Annotated[
+        float,
+        typer.Option(
+            "--request-timeout",
+            min=0.1,
+            help=(
+                "Seconds a peer may leave our block requests unanswered before they are asked "
+                "of other peers (it keeps one request until it serves again); a block whose "
+                "payload takes longer (plus its size at 1 MiB/s), or an upload the peer does "
+                "not take in that time, closes the connection."
+            ),
+        ),
+    ] = peer_default("request_timeout"),
+    handshake_timeout: Annotated[
+        float,
+        typer.Option(
+            "--handshake-timeout",
+            min=0.1,
+            help="Seconds a new connection may take to prove the cluster token before it is closed.",
+        ),
+    ] = peer_default("handshake_timeout"),
     metrics_listen: Annotated[
         str | None,
         typer.Option(
@@ -555,8 +619,6 @@ def fetch(
 
     Exit code 0 only when every piece is verified and the completion marker is written.
     """
-    from swarm.fetch import FetchConfig
-
     if direct == bool(tracker):
         raise typer.BadParameter(
             "give exactly one of --tracker URL (swarm) or --direct (origin only)"
@@ -572,8 +634,6 @@ def fetch(
             )
     if tracker:
         host, port = parse_listen("--listen", listen)
-        from swarm.peer import PeerConfig
-
         config = PeerConfig(
             listen_host=host,
             listen_port=port,
@@ -597,6 +657,8 @@ def fetch(
             max_download_rate=max_download_rate or None,
             zone=zone,
             zone_patience=zone_patience,
+            request_timeout=request_timeout,
+            handshake_timeout=handshake_timeout,
             key=key,
         )
         result = run(
@@ -675,32 +737,35 @@ async def _fetch_swarm(
 ) -> FetchResult:
     """``ref`` through the swarm: the manifest from the tracker, the pieces from peers and
     seeders; with ``metrics_at``, Prometheus metrics served there until it returns."""
-    from seeder.catalog import Catalog
-    from swarm.announce import TrackerAuthError, TrackerClient
     from core.errors import TrackerError, UnknownArtifactError
+    from seeder.catalog import Catalog
+    from seeder.retry import Backoff, tracker_retry
+    from swarm.announce import TrackerAuthError, TrackerClient
     from swarm.peer import SwarmPeer
 
     client = TrackerClient(tracker_url, key=config.key, ca_file=str(ca_file) if ca_file else None)
     try:
         manifest = None
-        deadline = asyncio.get_running_loop().time() + config.tracker_timeout
-        backoff = 0.5
+        loop = asyncio.get_running_loop()
+        backoff = Backoff(tracker_retry(config.tracker_timeout))
+        rng = random.Random()
         while manifest is None:
             try:
                 manifest = await client.manifest(ref)
             except (UnknownArtifactError, TrackerAuthError):
                 raise  # the tracker answered: asking again would not help
             except TrackerError as exc:
-                if asyncio.get_running_loop().time() > deadline:
+                now = loop.time()
+                delay = backoff.fail(now, rng)
+                if not backoff.allows(now, delay):
                     if config.fallback_direct and catalog:
                         log.warning("tracker unreachable (%s); falling back to the origin", exc)
                         async with Catalog(catalog, config.key) as cat:
                             manifest = await cat.get(ref)
                         break
                     raise
-                log.warning("tracker not answering (%s); retrying in %.1fs", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
+                log.warning("tracker not answering (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
         logs.bind(artifact=manifest.name, root=manifest.root_hex)
         # The peer exists before its progress does, so that every progress line has its id.
         bars: list[ByteProgress] = []
@@ -718,7 +783,7 @@ async def _fetch_swarm(
                 manifest.name,
                 manifest.total_size,
                 interval=progress_interval,
-                sources=lambda: (peer.origin.counters.bytes_read, peer.peer_bytes),
+                sources=lambda: (peer.origin.counters.bytes_read, peer.session.stats.peer_bytes),
             ) as bar:
                 bars.append(bar)
                 return await peer.run()
@@ -820,15 +885,11 @@ def verify(
         if repair and not report.ok:
             ref = f"{report.artifact}@{report.root}"
             if tracker:
-                from swarm.peer import PeerConfig
-
                 peer_config = PeerConfig(linger=0.0, catalog=catalog, key=key)
                 result = await _fetch_swarm(
                     ref, dest, tracker, catalog, peer_config, tracker_ca, progress_interval
                 )
             else:
-                from swarm.fetch import FetchConfig
-
                 result = await _fetch_direct(
                     ref, dest, catalog, key, None, FetchConfig(), progress_interval
                 )
@@ -858,7 +919,7 @@ def verify(
 def tracker_command(
     listen: Annotated[
         str, typer.Option("--listen", help="HOST:PORT for HTTP and UDP announces.")
-    ] = "0.0.0.0:7070",
+    ] = f"{tracker_default('host')}:{tracker_default('port')}",
     catalog: Annotated[
         str | None,
         typer.Option(
@@ -868,7 +929,7 @@ def tracker_command(
     announce_interval: Annotated[
         float,
         typer.Option("--announce-interval", min=0.1, help="Seconds between a peer's announces."),
-    ] = 2.0,
+    ] = tracker_default("announce_interval"),
     peer_ttl: Annotated[
         float,
         typer.Option(
@@ -876,7 +937,7 @@ def tracker_command(
             min=0.5,
             help="A peer silent this long has left; its origin pieces are reassigned.",
         ),
-    ] = 10.0,
+    ] = tracker_default("peer_ttl"),
     stall_timeout: Annotated[
         float,
         typer.Option(
@@ -884,13 +945,13 @@ def tracker_command(
             min=0.5,
             help="An origin pull whose progress stands still this long is reassigned.",
         ),
-    ] = 30.0,
+    ] = tracker_default("stall_timeout"),
     per_peer_origin_pieces: Annotated[
         int,
         typer.Option(
             "--per-peer-origin-pieces", min=1, help="Origin pieces one peer pulls at once."
         ),
-    ] = 2,
+    ] = tracker_default("per_peer_limit"),
     origin_budget: Annotated[
         int | None,
         typer.Option(
@@ -898,7 +959,7 @@ def tracker_command(
             min=1,
             help="Origin pieces the whole cluster pulls at once (default: per-peer limit x peers, at most 256: pieces in flight share the origin and help nobody until whole).",
         ),
-    ] = None,
+    ] = tracker_default("origin_budget"),
     manifest_ttl: Annotated[
         float,
         typer.Option(
@@ -906,7 +967,7 @@ def tracker_command(
             min=0.0,
             help="Seconds a name's latest version is cached (a burst by name reads the catalog once; a republish is served within this time).",
         ),
-    ] = 5.0,
+    ] = tracker_default("manifest_ttl"),
     bar_reporters: Annotated[
         int,
         typer.Option(
@@ -914,14 +975,14 @@ def tracker_command(
             min=2,
             help="Distinct peers that must report a peer for corrupt data before the tracker bars it from the swarm.",
         ),
-    ] = 2,
+    ] = tracker_default("bar_reporters"),
     origin_rate_limit: Annotated[
         int | None,
         rate_flag(
             "--origin-rate-limit",
             help="Cap on the cluster's origin reads of one artifact, in bytes per second (e.g. 2GB), split equally among the peers pulling.",
         ),
-    ] = None,
+    ] = tracker_default("origin_rate"),
     token_file: TokenFile = None,
     tls_cert: Annotated[
         Path | None,
@@ -938,7 +999,7 @@ def tracker_command(
 ) -> None:
     """Run the per-cluster tracker: manifests, swarm registry, seeder assignment (HTTP + UDP)."""
     from seeder.catalog import catalog_url
-    from tracker.service import Tracker, TrackerConfig
+    from tracker.service import Tracker
 
     host, port = parse_listen("--listen", listen)
     key = load_key(token_file)
@@ -995,9 +1056,13 @@ def tracker_command(
 def demo(
     peers: Annotated[
         int, typer.Option("--peers", min=1, max=64, help="Peer processes to start.")
-    ] = 6,
-    size: Annotated[int, size_flag("--size", help="Synthetic model size.")] = Size(256 * MiB),
-    piece_size: Annotated[int, size_flag("--piece-size", help="Piece size.")] = (Size(16 * MiB)),
+    ] = demo_default("peers"),
+    size: Annotated[int, size_flag("--size", help="Synthetic model size.")] = Size(
+        demo_default("size")
+    ),
+    piece_size: Annotated[int, size_flag("--piece-size", help="Piece size.")] = Size(
+        demo_default("piece_size")
+    ),
     workdir: Annotated[
         Path | None,
         typer.Option(
@@ -1008,7 +1073,7 @@ def demo(
     json: JsonFlag = False,
 ) -> None:
     """Run a whole swarm on this machine: S3 server, publish, tracker, N peers, verify, summary."""
-    from swarm.demo import DemoConfig, run_demo
+    from swarm.demo import run_demo
 
     async def go() -> dict[str, Any]:
         config = DemoConfig(

@@ -19,6 +19,10 @@ one into an outage. ``budget`` seconds after a request first failed, its retries
 stop; with the default of ten minutes and a 20 s cap, a brownout costs a few
 dozen requests per range, far below what the origin is throttling.
 ``max_attempts`` can still bound the count (the simulator uses it).
+
+The same policy paces every retry loop: origin reads (``seeder.reader``), and an
+unreachable tracker (``tracker_retry``: the peer's announces, the CLI's manifest
+request). A loop keeps its streak of failures in a :class:`Backoff`.
 """
 
 from __future__ import annotations
@@ -105,3 +109,54 @@ class RetryPolicy:
         if self.max_attempts is not None and failures >= self.max_attempts:
             return False
         return elapsed + next_delay <= self.budget
+
+
+def tracker_retry(timeout: float) -> RetryPolicy:
+    """How an unreachable tracker is retried, giving up ``timeout`` seconds after it
+    first failed (``--tracker-timeout``).
+
+    0.5 s doubling to 10 s, times a factor drawn from 0.5 to 1.5 so that a burst of
+    peers the tracker lost together does not come back together: a window whose top
+    is 1.5 times that and whose bottom is a third of its top.
+    """
+    return RetryPolicy(base_delay=0.75, max_delay=15.0, jitter=2 / 3, budget=timeout)
+
+
+class Backoff:
+    """One retry loop's current streak of failures under a :class:`RetryPolicy`.
+
+    Pure, as the policy is: the caller passes the time from its own clock and its
+    ``random.Random``. A loop calls :meth:`fail` when a try fails, gives up unless
+    :meth:`allows` the delay it returned, sleeps that long otherwise, and calls
+    :meth:`reset` when a try succeeds, so the next outage starts from the first
+    delay with a fresh budget.
+    """
+
+    __slots__ = ("_first_failure", "failures", "policy")
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.policy = policy
+        self.failures = 0  # tries failed since the last success
+        self._first_failure = 0.0
+
+    def fail(self, now: float, rng: random.Random, retry_after: float | None = None) -> float:
+        """Record a failed try at ``now``; the seconds to wait before the next one.
+
+        ``retry_after`` is the server's ``Retry-After``, if it sent one.
+        """
+        if self.failures == 0:
+            self._first_failure = now
+        self.failures += 1
+        return self.policy.delay(self.failures, retry_after, rng)
+
+    def failing_for(self, now: float) -> float:
+        """Seconds since the first failure of the current streak (0 when there is none)."""
+        return now - self._first_failure if self.failures else 0.0
+
+    def allows(self, now: float, delay: float) -> bool:
+        """Whether a next try, ``delay`` seconds after ``now``, fits the policy's budget."""
+        return self.policy.allows(self.failures, self.failing_for(now), delay)
+
+    def reset(self) -> None:
+        """A try succeeded: the streak is over."""
+        self.failures = 0

@@ -11,7 +11,6 @@ from the origin" baseline that benchmarks compare the swarm against.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import time
 from collections.abc import Callable
@@ -19,14 +18,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.buffers import BufferPool
+from core.errors import SwarmError
+from core.manifest import Manifest
 from seeder.origin import Origin, open_origin
 from seeder.reader import RangedReader
-from core.buffers import BufferPool
-from core.errors import SwarmError, VerificationError
-from core.manifest import Manifest
+from seeder.retry import DEFAULT_RETRY_TIME
+from seeder.role import DEFAULT_VERIFY_RETRIES, pull_piece
 from swarm.store import PieceStore
-
-log = logging.getLogger("swarm.fetch")
 
 
 def process_age() -> float | None:
@@ -56,10 +55,12 @@ class FetchConfig:
     pieces_in_flight: int = 4
     range_size: int = 16 * 1024 * 1024
     origin_concurrency: int = 16
-    verify_retries: int = 1
+    verify_retries: int = DEFAULT_VERIFY_RETRIES  # further reads of a piece that fails verification
     durable: bool = True
     direct_io: bool = True  # write pieces bypassing the page cache where possible
-    origin_retry_time: float = 600.0  # seconds a throttled or failing origin range is retried
+    origin_retry_time: float = (
+        DEFAULT_RETRY_TIME  # seconds a throttled or failing origin range is retried
+    )
 
 
 @dataclass
@@ -146,24 +147,13 @@ async def _pull_pieces(
 
     async def worker() -> None:
         for index in queue:
-            piece = manifest.piece(index)
-            async with pool.lease(piece.length) as buf:
-                for attempt in range(config.verify_retries + 1):
-                    await reader.read(piece.path, piece.offset, buf)
-                    try:
-                        await asyncio.to_thread(store.write_piece, index, buf)
-                        break
-                    except VerificationError as exc:
-                        result.verify_failures += 1
-                        if attempt == config.verify_retries:
-                            raise VerificationError(
-                                f"{exc} — the origin's data no longer matches the published manifest "
-                                f"{manifest.ref}; republish the artifact",
-                                piece=index,
-                            ) from exc
-                        log.warning("%s; reading it from the origin again", exc)
+            length = manifest.piece_lengths[index]
+            async with pool.lease(length) as buf:
+                result.verify_failures += await pull_piece(
+                    reader, store, manifest, index, buf, verify_retries=config.verify_retries
+                )
             if progress:
-                progress(piece.length)
+                progress(length)
 
     try:
         async with asyncio.TaskGroup() as tg:

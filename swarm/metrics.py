@@ -87,11 +87,13 @@ class PeerCollector(Collector):
             return family
 
         yield gauge("swarm_peer_artifact_bytes", "Size of the artifact (F).", peer.m.total_size)
+        session = peer.session
+        stats = session.stats
         yield gauge("swarm_peer_pieces", "Pieces of the artifact.", peer.m.num_pieces)
         yield gauge(
             "swarm_peer_verified_pieces",
             "Pieces verified and on disk (reused from an earlier run included).",
-            peer.picker.have.count(),
+            session.have.count(),
         )
         yield gauge(
             "swarm_peer_finished",
@@ -124,7 +126,7 @@ class PeerCollector(Collector):
         yield counter(
             "swarm_peer_origin_pieces",
             "Pieces pulled from the origin and verified (fetch JSON: origin_pieces).",
-            peer.origin_pieces,
+            stats.origin_pieces,
         )
         yield gauge(
             "swarm_peer_origin_pieces_in_flight",
@@ -134,24 +136,24 @@ class PeerCollector(Collector):
         yield counter(
             "swarm_peer_downloaded_bytes",
             "Block bytes received from other peers, duplicates included (fetch JSON: peer_bytes).",
-            peer.peer_bytes,
+            stats.peer_bytes,
         )
         yield counter(
             "swarm_peer_uploaded_bytes",
             "Block bytes sent to other peers (fetch JSON: uploaded_bytes).",
-            peer.uploaded_bytes,
+            stats.uploaded_bytes,
         )
         yield counter(
             "swarm_peer_cross_zone_bytes",
             "Block bytes received from peers of another zone (fetch JSON: cross_zone_bytes).",
-            peer.cross_zone_bytes,
+            stats.cross_zone_bytes,
         )
         duplicates = CounterMetricFamily(
             "swarm_peer_duplicate_bytes",
             "Block bytes received that were not needed, by cause (fetch JSON: duplicate_causes).",
             labels=(*names, "cause"),
         )
-        for cause, value in sorted(peer.duplicate_causes.items()):
+        for cause, value in sorted(stats.duplicate_causes.items()):
             duplicates.add_metric([*labels, cause], value)
         yield duplicates
         yield gauge(
@@ -162,51 +164,67 @@ class PeerCollector(Collector):
         yield counter(
             "swarm_peer_corrupt_pieces",
             "Pieces from peers that failed verification (fetch JSON: corrupt_pieces).",
-            peer.corrupt_pieces,
+            stats.corrupt_pieces,
         )
         yield gauge(
             "swarm_peer_barred_peers",
             "Peers barred for this swarm after sending corrupt data.",
-            len(peer.barred),
+            len(session.barred),
         )
         yield gauge(
-            "swarm_peer_connections", "Connections to peers that proved the token.", len(peer.conns)
+            "swarm_peer_connections",
+            "Connections to peers that proved the token.",
+            len(session.peers),
         )
         yield gauge(
             "swarm_peer_pending_connections",
             "Accepted connections still in their handshake.",
-            len(peer.pending_conns),
+            session.pending,
         )
-        yield gauge("swarm_peer_known_peers", "Peers the tracker named.", len(peer.known_peers))
+        yield gauge("swarm_peer_known_peers", "Peers the tracker named.", len(session.known_peers))
         yield counter(
             "swarm_peer_auth_failures",
             "Connections dropped for failing the handshake (token, root or version).",
-            peer.auth_failures,
+            stats.auth_failures,
         )
         yield counter(
             "swarm_peer_handshake_timeouts",
             "Connections closed for not finishing the handshake in time.",
-            peer.handshake_timeouts,
+            stats.handshake_timeouts,
+        )
+        yield counter(
+            "swarm_peer_expired_requests",
+            "Block requests given up on a peer that left them unanswered (fetch JSON: requests_expired).",
+            stats.requests_expired,
+        )
+        yield counter(
+            "swarm_peer_slow_closes",
+            "Connections closed for a block payload or upload that took too long (fetch JSON: slow_closes).",
+            stats.slow_closes,
         )
         yield counter(
             "swarm_peer_refused_connections",
             "Accepted connections closed at once: too many were in their handshake.",
-            peer.pending_refused,
+            stats.pending_refused,
         )
         yield gauge(
-            "swarm_peer_upload_slots_active", "Block uploads being sent now.", peer.uploads.active
+            "swarm_peer_upload_slots_active",
+            "Block uploads being sent now.",
+            session.uploads.active,
         )
         yield gauge(
             "swarm_peer_upload_queue_requests",
             "Block requests from peers waiting for an upload slot.",
-            peer.uploads.pending,
+            session.uploads.pending,
         )
         yield gauge(
             "swarm_peer_disk_queue_blocks",
             "Received blocks waiting for the disk thread (bounded by blocks_in_flight).",
             _pool_in_use(peer._block_pool),
         )
-        yield gauge("swarm_peer_verifying_pieces", "Pieces being hashed now.", len(peer.verifying))
+        yield gauge(
+            "swarm_peer_verifying_pieces", "Pieces being hashed now.", len(session.verifying)
+        )
 
 
 def peer_registry(peer: SwarmPeer) -> CollectorRegistry:

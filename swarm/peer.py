@@ -1,35 +1,20 @@
-"""The peer: one ``swarm fetch --tracker`` process on a GPU node.
+"""The peer: one ``swarm fetch --tracker`` process on a GPU node, as an asyncio driver.
 
-It plays two roles at once. As a **seeder** it pulls the pieces the tracker
-assigned to it from the origin (ranged reads into a reused buffer, verified, then
-announced to every connected peer). As a **downloader** it fetches every other
-piece from peers, rarest first, several blocks in flight per connection, one piece
-from several peers at once; blocks are written in place and the assembled piece is
-verified with blake3 before it counts, is recorded, or is served.
+Every rule of the peer lives in :class:`swarm.session.PeerSession`: what to
+request from whom, what to serve, whom to trust, blame and bar, when a request or
+a handshake has taken too long, which origin pulls to run. This module does only
+the I/O around it: sockets, the disk and the origin. It feeds the session events
+(a message arrived, a block was stored, a piece verified, an origin pull
+progressed, the tracker replied, a second passed) and carries out the actions it
+returns (send, store, verify, pull, dial, close).
 
 Connections use raw non-blocking sockets with ``loop.sock_*``: payloads are read
-with ``recv_into`` straight into a reused block buffer and sent with
-``sock_sendfile`` straight from the page cache. Each connection has one reader
-task and one writer task; all swarm state (picker, upload scheduler, contributor
-records) is touched only from the event loop, so it needs no locks.
-
-Upload policy: no choking. ``UploadScheduler`` grants a fixed number of upload
-slots round-robin across every peer that asks, so no peer starves. Tit-for-tat
-exists to punish free riders among strangers; in one trusted cluster every node
-wants every other node to finish, and withholding upload only slows the swarm.
-
-A peer whose data fails verification is dropped and barred for the rest of this
-swarm: if a failed piece came from one peer, that peer; if from several, the one
-peer common to two failed pieces.
-
-Connections prove the cluster token before anything else (the connect flow is
-``swarm.protocol.PeerHandshake``): an unproven connection is sent nothing but our
-Hello, and one that fails the handshake (garbage, a bad proof, another root or
-protocol version) is dropped with a warning and counted (``auth_failures``). An
-unproven connection is closed after ``handshake_timeout`` (``handshake_timeouts``)
-and at most ``max_pending_conns`` accepted ones wait at a time, so strangers
-can't hold the peer's descriptors; running out of descriptors pauses accepting,
-never ends it.
+with ``recv_into`` straight into a reused block buffer and sent from a direct-I/O
+read (or ``sock_sendfile`` from the page cache). Each connection has one reader
+task and one writer task; the session is touched only from the event loop, so it
+needs no locks. One disk thread owns the assembly of pieces from blocks: writes,
+hashing and verification of a piece happen in order without locks (see
+PieceStore).
 
 Byte-rate caps (``swarm.limiter``), each per process and shared by every
 connection: ``max_upload_rate`` paces block payloads sent, a slice at a time;
@@ -38,6 +23,9 @@ connection: ``max_upload_rate`` paces block payloads sent, a slice at a time;
 and the origin rate the tracker hands out in each announce reply (this peer's
 share of the cluster's origin cap) paces origin reads too. Uncapped, a block
 costs one attribute read.
+
+Running out of descriptors pauses accepting (and fails a dial, retried later),
+never ends the peer.
 """
 
 from __future__ import annotations
@@ -46,6 +34,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import errno
+import itertools
 import logging
 import mmap
 import os
@@ -53,54 +42,75 @@ import random
 import socket
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Final
 
 from core.auth import ClusterKey, new_nonce
-from core.bitfield import Bitfield
 from core.buffers import BufferPool
-from core.errors import (
-    ConfigError,
-    RemoteProtocolError,
-    SwarmError,
-    TrackerError,
-    VerificationError,
-)
+from core.errors import ConfigError, RemoteProtocolError, SwarmError, TrackerError
 from core.manifest import Manifest
 from seeder.origin import Origin, open_origin
 from seeder.reader import RangedReader
+from seeder.retry import Backoff, tracker_retry
+from seeder.role import pull_piece
 from swarm.announce import Announce, BadAnnounce, Reply, TrackerClient, check_zone
-from swarm.choker import UploadScheduler
 from swarm.fetch import FetchConfig, FetchResult, fetch_direct, process_age
-from swarm.hosts import valid_host
 from swarm.limiter import RateLimiter, acquire_all
-from swarm.picker import BlockRequest, PiecePicker
+from swarm.picker import BlockRequest
 from swarm.protocol import (
     NEED_DATA,
-    BitfieldMsg,
     BlockEnd,
     BlockHeader,
     BlockPayload,
-    Cancel,
     ConnectionClosed,
     FrameDecoder,
-    Handshake,
-    Have,
-    Hello,
-    KeepAlive,
     Message,
-    PeerHandshake,
-    Reject,
     Request,
     encode,
+)
+from swarm.session import (
+    Action,
+    AnnounceSoon,
+    BlockReceived,
+    BlockStarted,
+    BlockStored,
+    CancelPull,
+    Close,
+    Closed,
+    Complete,
+    Dial,
+    DialFailed,
+    Event,
+    Opened,
+    OriginProgress,
+    PeerSession,
+    PieceFailed,
+    PieceVerified,
+    Progress,
+    PullDone,
+    PullFailed,
+    Received,
+    Send,
+    SendBlock,
+    SessionConfig,
+    StartPull,
+    StoreBlock,
+    Tick,
+    TrackerReplied,
+    UploadDone,
+    Verify,
 )
 from swarm.store import PieceStore
 
 log = logging.getLogger("swarm.peer")
 
 _PAYLOAD_LOWAT = 256 * 1024
+_TICK: Final = 0.5  # seconds between the session's Tick events
+_CLOSE_FLUSH: Final = 2.0  # seconds a closing connection may take to send what is queued
+_DIAL_TIMEOUT: Final = 5.0
+_MAX_CONTROL_QUEUE: Final = 100_000  # frames queued for one connection that does not read
 
 # accept() errors that end one connection or say "not now", never the accept loop.
 _ACCEPT_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -137,16 +147,31 @@ def _set_rcvlowat(sock: socket.socket, n: int) -> int:
     return n
 
 
+_S: Final = SessionConfig()  # the session's defaults, stated once there
+
+
 @dataclass
 class PeerConfig:
-    """Settings of one peer; every one is reachable from ``swarm fetch`` flags."""
+    """Settings of one peer; every one is reachable from ``swarm fetch`` flags.
+
+    The policy settings (block size to handshake timeout) go to the session; their
+    defaults are :class:`swarm.session.SessionConfig`'s.
+    """
 
     listen_host: str = "0.0.0.0"
     listen_port: int = 0
     advertise_host: str = ""
-    block_size: int = 4 * 1024 * 1024
-    requests_per_peer: int = 6
-    upload_slots: int = 16
+    block_size: int = _S.block_size
+    requests_per_peer: int = _S.requests_per_peer
+    upload_slots: int = _S.upload_slots
+    uploads_per_conn: int = _S.uploads_per_conn
+    request_timeout: float = _S.request_timeout
+    handshake_timeout: float = _S.handshake_timeout
+    max_pending_conns: int = _S.max_pending_conns
+    keepalive: float = _S.keepalive
+    idle_timeout: float = _S.idle_timeout
+    zone: str = _S.zone  # this node's zone or rack, sent in announces ("" for none)
+    zone_patience: float = _S.zone_patience
     linger: float = 300.0
     tracker_timeout: float = 120.0
     fallback_direct: bool = False
@@ -154,22 +179,31 @@ class PeerConfig:
     origin_url: str | None = None
     origin_pieces_in_flight: int = 2
     blocks_in_flight: int = 8  # received blocks waiting for the disk thread, across connections
-    range_size: int = 16 * 1024 * 1024
-    origin_concurrency: int = 16
-    origin_retry_time: float = 600.0  # seconds a throttled or failing origin range is retried
+    range_size: int = FetchConfig.range_size
+    origin_concurrency: int = FetchConfig.origin_concurrency
+    origin_retry_time: float = FetchConfig.origin_retry_time  # seconds an origin range is retried
     durable: bool = True
     direct_io: bool = True  # write and serve pieces bypassing the page cache where possible
-    keepalive: float = 20.0
-    idle_timeout: float = 90.0
     serve_corrupt: bool = False  # fault injection for tests: flip a bit of every block sent
     key: ClusterKey = field(default_factory=lambda: ClusterKey(None))  # the cluster token
-    handshake_timeout: float = 10.0  # an unproven connection is closed after this long
-    max_pending_conns: int = 256  # accepted connections still in their handshake, at most
     open_files: int = 32  # artifact files kept open for uploads when idle
     max_upload_rate: int | None = None  # bytes/s of block payload sent to peers; None: uncapped
     max_download_rate: int | None = None  # bytes/s from peers and the origin; None: uncapped
-    zone: str = ""  # this node's zone or rack, sent in announces ("" for none)
-    zone_patience: float = 5.0  # seconds a same-zone peer may leave requests unanswered
+
+    def session_config(self) -> SessionConfig:
+        return SessionConfig(
+            block_size=self.block_size,
+            requests_per_peer=self.requests_per_peer,
+            upload_slots=self.upload_slots,
+            uploads_per_conn=self.uploads_per_conn,
+            request_timeout=self.request_timeout,
+            handshake_timeout=self.handshake_timeout,
+            max_pending_conns=self.max_pending_conns,
+            keepalive=self.keepalive,
+            idle_timeout=self.idle_timeout,
+            zone=self.zone,
+            zone_patience=self.zone_patience,
+        )
 
 
 class _OpenFiles:
@@ -222,68 +256,25 @@ class _OpenFiles:
 
 
 class _Conn:
-    """One connection to another peer: a reader task, a writer task, and its queues."""
+    """One connection's I/O: its socket, a reader task, a writer task and their queues."""
 
     def __init__(
-        self,
-        node: SwarmPeer,
-        sock: socket.socket,
-        addr: tuple[str, int],
-        outbound: bool,
-        handshake: PeerHandshake,
+        self, conn_id: int, sock: socket.socket, addr: tuple[str, int], outbound: bool
     ) -> None:
-        self.node = node
+        self.id = conn_id
         self.sock = sock
         self.addr = addr
         self.outbound = outbound
-        self.handshake = handshake
-        self.deadline: asyncio.TimerHandle | None = None
-        # Set when we refuse a proven dialer (duplicate, barred): the writer sends
-        # our Handshake first, so the dialer sees a refusal, not a token mismatch.
-        self.refused: RemoteProtocolError | None = None
-        self.peer_id = b""
-        self.control: deque[bytes] = deque()
-        self.uploads: deque[Request] = deque()
+        self.control: deque[bytes] = deque()  # encoded frames to send, before any block
+        self.blocks: deque[Request] = deque()  # blocks to send (SendBlock), in order
         self.wake = asyncio.Event()
-        self.requested: set[BlockRequest] = set()
-        # Blocks we cancelled: the data may already be on the wire, which is no offence.
-        self.cancelled: dict[BlockRequest, None] = {}
-        self.bitfield: Bitfield | None = None
-        self.closed = False
-        self.last_recv = time.monotonic()
         self.tasks: list[asyncio.Task[None]] = []
-        self.received_bytes = 0
-        # In another zone than ours (both declared): what it sends counts as
-        # cross-zone bytes.
-        self.other_zone = False
-        # Asked only for what no peer the picker counts as local has: a peer of
-        # another zone, or one of ours that holds pieces but does not serve them.
-        self.remote = False
-        # When the requests now outstanding started waiting, and when payload last came.
-        self.waiting_since = 0.0
-        self.last_payload = 0.0
-        # Left our requests unanswered (see SwarmPeer._zone_watch_loop): kept to one
-        # request in flight, a probe, so it can't sit on a pipeline's worth of blocks.
-        self.demoted = False
-
-    def send(self, msg: Message) -> None:
-        if self.closed:
-            return
-        if len(self.control) > 100_000:
-            raise RemoteProtocolError("peer is not reading: its control queue overflowed")
-        self.control.append(encode(msg))
-        self.wake.set()
-
-    def cancel(self, block: BlockRequest) -> None:
-        if block in self.requested:
-            self.requested.discard(block)
-            self.cancelled[block] = None
-            while len(self.cancelled) > 4096:
-                del self.cancelled[next(iter(self.cancelled))]
-            self.send(Cancel(*block))
+        self.closing = False  # the session closed it: the writer sends what is queued, then ends
+        self.closed = False
+        self.other_zone = False  # counted once proven (cross-zone bytes)
 
     def __repr__(self) -> str:
-        return f"<peer {self.peer_id.hex()[:8] or '?'} {self.addr[0]}:{self.addr[1]}>"
+        return f"<conn {self.id} {self.addr[0]}:{self.addr[1]}>"
 
 
 class SwarmPeer:
@@ -305,21 +296,26 @@ class SwarmPeer:
         self.progress = progress
         self.rng = rng or random.Random()
         self.peer_id = self.rng.randbytes(20)
+        try:
+            check_zone(self.config.zone)
+        except BadAnnounce as exc:
+            raise ConfigError(f"--zone: {exc}") from exc
         self.store = PieceStore(
             dest,  # type: ignore[arg-type]
             manifest,
             durable=self.config.durable,
             direct_io=self.config.direct_io,
         )
-        self.block_size = min(self.config.block_size, manifest.piece_size)
-        self.picker: PiecePicker[_Conn] = PiecePicker(
-            manifest.piece_lengths, self.block_size, self.rng
+        self.session = PeerSession(
+            manifest.piece_lengths,
+            root=manifest.root,
+            peer_id=self.peer_id,
+            key=self.config.key,
+            config=self.config.session_config(),
+            rng=self.rng,
+            nonce=new_nonce,
         )
-        self.uploads: UploadScheduler[_Conn, Request] = UploadScheduler(self.config.upload_slots)
-        try:
-            check_zone(self.config.zone)
-        except BadAnnounce as exc:
-            raise ConfigError(f"--zone: {exc}") from exc
+        self.block_size = self.session.block_size
         # Byte-rate caps, shared by every connection; the origin one follows the tracker.
         self.upload_limit = RateLimiter(self.config.max_upload_rate)
         self.download_limit = RateLimiter(self.config.max_download_rate)
@@ -333,41 +329,22 @@ class SwarmPeer:
             rate_limit=self._origin_rate_limit,
             rate_limited=lambda: self.download_limit.limited or self.origin_limit.limited,
         )
-        self.conns: dict[bytes, _Conn] = {}
-        self.pending_conns: set[_Conn] = set()
-        self.barred: set[bytes] = set()
-        self.known_peers: dict[bytes, tuple[str, int]] = {}
-        self._dials: set[bytes] = set()  # peers we are connecting to
+        self.conns: dict[int, _Conn] = {}  # every open connection, proven or not
+        self._conn_ids = itertools.count(1)
         self.origin_tasks: dict[int, asyncio.Task[None]] = {}
-        self.origin_progress: dict[int, int] = {}
-        self.contributors: dict[int, set[bytes]] = {}
-        self.failed_sets: list[set[bytes]] = []
-        self.verifying: set[int] = set()
+        # Received blocks waiting for the session's StoreBlock, in their pool buffers.
+        self._received: dict[tuple[int, BlockRequest], mmap.mmap] = {}
         self.finished = asyncio.Event()
         self._finishing = False
         self._announce_soon = asyncio.Event()
-        self.swarm_complete = False
         self.listen_port = 0
-        self.peer_bytes = 0
-        self.cross_zone_bytes = 0
-        self.peer_zones: dict[bytes, str] = {}  # from the tracker's replies
-        self.uploaded_bytes = 0
-        # Bytes received twice, by why: crossed our Cancel / piece already verified or
-        # verifying / block already on disk.
-        self.duplicate_causes = {"cancelled": 0, "had": 0, "written": 0}
-        self.origin_pieces = 0
-        self.corrupt_pieces = 0
         self._server: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._files = _OpenFiles(
             lambda index: self.store.dest / self.m.files[index].path, self.config.open_files
         )
-        # Connections dropped before the remote proved the token (see _handshake_failed),
-        # closed for not finishing the handshake in time, and refused for too many pending.
-        self.auth_failures = 0
-        self.handshake_timeouts = 0
-        self.pending_refused = 0  # accepted and closed at once: too many pending
         self._refusal_logged = 0.0
+        self._refusals_seen = 0
         self._fatal: BaseException | None = None
         self._origin_pool = BufferPool(
             min(manifest.piece_size, max(manifest.piece_lengths, default=1)),
@@ -378,12 +355,75 @@ class SwarmPeer:
         self._block_pool = BufferPool(self.block_size, self.config.blocks_in_flight)
         # Blocks read for upload (direct I/O); rounded up to whole pages for the read.
         self._upload_pool = BufferPool(-(-self.block_size // 4096) * 4096, self.config.upload_slots)
-        # One thread owns the assembly of pieces from blocks: writes, hashing and
-        # verification of a piece happen in order without locks (see PieceStore).
         self._disk = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="swarm-disk")
-        self._upload_wake = asyncio.Event()
         self.started = time.monotonic()
         self.finished_at: float | None = None
+
+    # --- what reports and metrics read ----------------------------------------------
+
+    @property
+    def barred(self) -> set[bytes]:
+        return self.session.barred
+
+    @property
+    def swarm_complete(self) -> bool:
+        return self.session.swarm_complete
+
+    # --- the session ---------------------------------------------------------------
+
+    def _feed(self, event: Event) -> None:
+        """Apply ``event`` to the session and carry out what it asks."""
+        self._apply(self.session.handle(event, time.monotonic()))
+
+    def _apply(self, actions: Sequence[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                self._send(action.conn, action.msg)
+            elif isinstance(action, SendBlock):
+                conn = self.conns.get(action.conn)
+                if conn is not None and not conn.closing:
+                    conn.blocks.append(action.request)
+                    conn.wake.set()
+                else:  # gone meanwhile: the slot is free again
+                    self._feed(UploadDone(action.conn, action.request))
+            elif isinstance(action, StoreBlock):
+                self._store_block(action.conn, action.block)
+            elif isinstance(action, Verify):
+                self._spawn(self._verify(action.piece), f"verify-{action.piece}")
+            elif isinstance(action, Progress):
+                if self.progress:
+                    self.progress(action.length)
+            elif isinstance(action, StartPull):
+                self._start_pull(action.piece)
+            elif isinstance(action, CancelPull):
+                task = self.origin_tasks.get(action.piece)
+                if task is not None:
+                    task.cancel()
+            elif isinstance(action, Dial):
+                self._spawn(
+                    self._dial(action.peer_id, action.host, action.port),
+                    f"dial-{action.peer_id.hex()[:8]}",
+                )
+            elif isinstance(action, Close):
+                conn = self.conns.get(action.conn)
+                if conn is not None:
+                    self._close_conn(conn, flush=True)
+            elif isinstance(action, AnnounceSoon):
+                self._announce_soon.set()
+            elif isinstance(action, Complete) and not self._finishing:
+                self._finishing = True
+                self._spawn(self._finish(), "finish")
+
+    def _send(self, conn_id: int, msg: Message) -> None:
+        conn = self.conns.get(conn_id)
+        if conn is None or conn.closed:
+            return
+        if len(conn.control) > _MAX_CONTROL_QUEUE:
+            self._close_conn(conn)
+            self._feed(Closed(conn.id, "peer is not reading: its control queue overflowed", True))
+            return
+        conn.control.append(encode(msg))
+        conn.wake.set()
 
     # --- top level -----------------------------------------------------------------
 
@@ -402,16 +442,12 @@ class SwarmPeer:
         try:
             await asyncio.to_thread(self.store.open)
             result.reused_bytes = self.store.reused_bytes
-            for piece in self.store.verified_pieces():
-                self.picker.mark_have(piece)
+            self.session.restore(self.store.verified_pieces())
             if self.progress and self.store.reused_bytes:
                 self.progress(self.store.reused_bytes)
             await self._listen()
             self._spawn(self._accept_loop(), "accept")
-            self._spawn(self._upload_loop(), "uploads")
-            self._spawn(self._keepalive_loop(), "keepalive")
-            if self.config.zone:
-                self._spawn(self._zone_watch_loop(), "zone-watch")
+            self._spawn(self._tick_loop(), "tick")
             if self.store.complete:
                 self._finishing = True
                 await self._finish()
@@ -422,21 +458,24 @@ class SwarmPeer:
             await self._linger(announcer)
         finally:
             await self._shutdown()
+            stats = self.session.stats
             result.origin_bytes = self.origin.counters.bytes_read
             result.origin_retries = self.origin.counters.retries
-            result.peer_bytes = self.peer_bytes
+            result.peer_bytes = stats.peer_bytes
             result.seconds = (self.finished_at or time.monotonic()) - self.started
             result.extra.update(
-                uploaded_bytes=self.uploaded_bytes,
-                duplicate_bytes=sum(self.duplicate_causes.values()),
-                duplicate_causes=dict(self.duplicate_causes),
-                origin_pieces=self.origin_pieces,
-                corrupt_pieces=self.corrupt_pieces,
-                cross_zone_bytes=self.cross_zone_bytes,
-                barred_peers=sorted(p.hex() for p in self.barred),
-                auth_failures=self.auth_failures,
-                handshake_timeouts=self.handshake_timeouts,
-                pending_refused=self.pending_refused,
+                uploaded_bytes=stats.uploaded_bytes,
+                duplicate_bytes=sum(stats.duplicate_causes.values()),
+                duplicate_causes=dict(stats.duplicate_causes),
+                origin_pieces=stats.origin_pieces,
+                corrupt_pieces=stats.corrupt_pieces,
+                cross_zone_bytes=stats.cross_zone_bytes,
+                barred_peers=sorted(p.hex() for p in self.session.barred),
+                auth_failures=stats.auth_failures,
+                handshake_timeouts=stats.handshake_timeouts,
+                pending_refused=stats.pending_refused,
+                requests_expired=stats.requests_expired,
+                slow_closes=stats.slow_closes,
                 peer_id=self.peer_id.hex(),
                 linger_seconds=round(time.monotonic() - (self.finished_at or time.monotonic()), 3),
             )
@@ -478,22 +517,30 @@ class SwarmPeer:
         if task.cancelled():
             return
         exc = task.exception()
-        if exc is not None and self._fatal is None:
-            log.error("%s failed: %s", task.get_name(), exc)
+        if exc is not None:
+            self._fail(f"{task.get_name()} failed: {exc}", exc)
+
+    def _fail(self, message: str, exc: BaseException) -> None:
+        """Something the peer can't go on without failed (the disk, the origin): end it."""
+        if self._fatal is None:
+            log.error("%s", message)
             self._fatal = exc
             self.finished.set()  # wake the waiter, which raises it
 
     async def _shutdown(self) -> None:
-        for conn in list(self.conns.values()) + list(self.pending_conns):
-            self._close_conn(conn, None)
+        for conn in list(self.conns.values()):
+            self._close_conn(conn)
         await self._cancel_tasks()
         # Connections a task opened while being cancelled (see _cancel_tasks).
-        for conn in list(self.conns.values()) + list(self.pending_conns):
-            self._close_conn(conn, None)
+        for conn in list(self.conns.values()):
+            self._close_conn(conn)
         if self._server is not None:
             self._server.close()
         # Let writes already handed to the disk thread finish before the files close.
         await asyncio.get_running_loop().run_in_executor(None, self._disk.shutdown)
+        for buf in self._received.values():
+            self._block_pool.release(buf)
+        self._received.clear()
         self._files.close()
         self.store.close()
         await self.origin.close()
@@ -519,6 +566,23 @@ class SwarmPeer:
             log.error("%d tasks did not end when cancelled", sum(not t.done() for t in self._tasks))
         await asyncio.gather(*ended, return_exceptions=True)
 
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(_TICK)
+            self._feed(Tick())
+            refused = self.session.stats.pending_refused
+            if refused != self._refusals_seen:
+                self._refusals_seen = refused
+                now = time.monotonic()
+                if now - self._refusal_logged >= 10.0:  # one line per 10 s, however many come
+                    self._refusal_logged = now
+                    log.warning(
+                        "refused connections at once: %d are still in their handshake "
+                        "(%d refused so far)",
+                        self.config.max_pending_conns,
+                        refused,
+                    )
+
     # --- tracker -------------------------------------------------------------------
 
     async def _announce(self, *, leaving: bool = False) -> Reply:
@@ -526,10 +590,10 @@ class SwarmPeer:
             ref=self.m.ref,
             peer_id=self.peer_id,
             port=self.listen_port,
-            have=self.picker.have.to_bytes(),
+            have=self.session.have.to_bytes(),
             host=self.config.advertise_host,
-            progress=dict(self.origin_progress),
-            barred=sorted(self.barred),
+            progress=dict(self.session.origin_progress),
+            barred=sorted(self.session.barred),
             done=self.store.complete,
             leaving=leaving,
             zone=self.config.zone,
@@ -537,20 +601,18 @@ class SwarmPeer:
         return await self.tracker.announce(msg)
 
     async def _announce_loop(self) -> None:
-        interval = 1.0
-        backoff = 0.5
-        unreachable_since: float | None = None
+        backoff = Backoff(tracker_retry(self.config.tracker_timeout))
         while True:
             try:
                 reply = await self._announce()
             except TrackerError as exc:
                 now = time.monotonic()
-                unreachable_since = unreachable_since or now
-                down = now - unreachable_since
+                delay = backoff.fail(now, self.rng)
+                down = backoff.failing_for(now)
                 log.warning(
-                    "tracker unreachable for %.0fs (%s); retrying in %.1fs", down, exc, backoff
+                    "tracker unreachable for %.0fs (%s); retrying in %.1fs", down, exc, delay
                 )
-                if down > self.config.tracker_timeout and not self.store.complete:
+                if not backoff.allows(now, delay) and not self.store.complete:
                     if self.config.fallback_direct:
                         log.warning(
                             "falling back to fetching the rest directly from the origin (--fallback-direct)"
@@ -561,68 +623,37 @@ class SwarmPeer:
                         f"tracker unreachable for {down:.0f}s: giving up (pass --fallback-direct to read the rest "
                         "from the origin instead)"
                     ) from exc
-                await asyncio.sleep(backoff * (0.5 + self.rng.random()))
-                backoff = min(backoff * 2, 10.0)
+                await asyncio.sleep(delay)
                 continue
-            if unreachable_since is not None:
+            if backoff.failures:
                 log.warning("tracker reachable again")
-            unreachable_since, backoff = None, 0.5
-            interval = reply.interval
+            backoff.reset()
             self._apply_reply(reply)
             # Announce early when an origin pull finished, so the next assignment
             # doesn't wait a whole interval; at most every tenth of an interval.
+            interval = reply.interval
             await asyncio.sleep(interval / 10)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._announce_soon.wait(), interval * 0.9)
             self._announce_soon.clear()
 
     def _apply_reply(self, reply: Reply) -> None:
-        self.swarm_complete = reply.complete
         if reply.origin_rate != self.origin_limit.rate:
             self.origin_limit.set_rate(reply.origin_rate)
-        assigned = set(reply.assigned)
-        for piece, task in list(self.origin_tasks.items()):
-            if piece not in assigned:
-                log.info("piece %d was reassigned by the tracker; dropping our origin pull", piece)
-                task.cancel()
-        if reply.assigned and not self.origin_pieces and not self.origin_tasks:
+        if reply.assigned and not self.session.stats.origin_pieces and not self.origin_tasks:
             log.info(
                 "first origin assignment (%d pieces) %.2fs after the process started",
                 len(reply.assigned),
                 process_age() or 0.0,
             )
-        for piece in reply.assigned:
-            if (
-                0 <= piece < self.m.num_pieces
-                and piece not in self.origin_tasks
-                and not self.store.has(piece)
-            ) and self.picker.reserve(piece):
-                self.origin_tasks[piece] = self._spawn(
-                    self._pull_from_origin(piece), f"origin-{piece}"
-                )
-        self.peer_zones.update(reply.peer_zones)
-        if self.config.zone:
-            # A peer that dialed in before any reply named it was taken for one of our
-            # zone; once its zone is known it counts, and is asked, as what it is.
-            for conn in self.conns.values():
-                theirs = self.peer_zones.get(conn.peer_id, "")
-                if not conn.other_zone and theirs not in ("", self.config.zone):
-                    conn.other_zone = True
-                    was_remote, conn.remote = conn.remote, True
-                    if conn.bitfield is not None and not was_remote:
-                        self.picker.set_remote(conn)
-        for peer_id, host, port in reply.peers:
-            if peer_id == self.peer_id or peer_id in self.barred or not valid_host(host):
-                continue
-            self.known_peers[peer_id] = (host, port)
-            # Whoever learns of the other first dials at once, rather than waiting for
-            # the other's next announce; if both dial, the handshake keeps one.
-            if peer_id not in self.conns and not self._dialing(peer_id):
-                self._dials.add(peer_id)
-                self._spawn(self._dial(peer_id, host, port), f"dial-{peer_id.hex()[:8]}")
-
-    def _dialing(self, peer_id: bytes) -> bool:
-        return peer_id in self._dials or any(c.peer_id == peer_id for c in self.pending_conns)
+        self._feed(
+            TrackerReplied(
+                peers=reply.peers,
+                assigned=reply.assigned,
+                peer_zones=reply.peer_zones,
+                complete=reply.complete,
+            )
+        )
 
     async def _fallback_direct(self) -> None:
         for task in self.origin_tasks.values():
@@ -646,60 +677,80 @@ class SwarmPeer:
         await asyncio.to_thread(self.store.open)
         if result.verified:
             self.finished_at = time.monotonic()
-            self.swarm_complete = True
+            self.session.swarm_complete = True
             self.finished.set()
 
     # --- seeder role ----------------------------------------------------------------
 
+    def _start_pull(self, index: int) -> None:
+        if index in self.origin_tasks:
+            return
+        self.origin_tasks[index] = self._spawn(self._pull_from_origin(index), f"origin-{index}")
+
     async def _pull_from_origin(self, index: int) -> None:
         piece = self.m.piece(index)
 
+        def attempt(_: int) -> None:
+            # Reported in announces: the tracker's stall detection watches it move.
+            self._feed(OriginProgress(index, 0, reset=True))
+
         def advance(n: int) -> None:
-            self.origin_progress[index] = self.origin_progress.get(index, 0) + n
+            self._feed(OriginProgress(index, n))
 
         try:
             async with self._origin_pool.lease(piece.length) as buf:
-                for attempt in range(2):
-                    # Reported in announces: the tracker's stall detection watches it move.
-                    self.origin_progress[index] = 0
-                    await self.reader.read(piece.path, piece.offset, buf, advance)
-                    try:
-                        await asyncio.to_thread(self.store.write_piece, index, buf)
-                        break
-                    except VerificationError as exc:
-                        if attempt:
-                            raise VerificationError(
-                                f"{exc}: the origin's data no longer matches the published manifest {self.m.ref}",
-                                piece=index,
-                            ) from exc
-                        log.warning("%s; reading it from the origin again", exc)
-        except asyncio.CancelledError:
-            self.picker.release(index)
-            # Peers may hold it now (that is why the tracker took it back): ask them
-            # at once, as nothing else may come along to trigger a request.
-            self._fill_all()
-            raise
-        finally:
+                await pull_piece(
+                    self.reader, self.store, self.m, index, buf, advance, on_attempt=attempt
+                )
+        except BaseException:
             self.origin_tasks.pop(index, None)
-            self.origin_progress.pop(index, None)
-        self.origin_pieces += 1
-        self._announce_soon.set()
-        self._piece_verified(index)
+            # Cancelled (the tracker took it back) or failed: peers may hold it now,
+            # and the session asks them at once.
+            self._feed(PullFailed(index))
+            raise
+        self.origin_tasks.pop(index, None)
+        self._feed(PullDone(index))
 
-    # --- pieces --------------------------------------------------------------------
+    # --- blocks and pieces -----------------------------------------------------------
 
-    def _piece_verified(self, index: int) -> None:
-        for conn, block in self.picker.mark_have(index):
-            conn.cancel(block)
-        self.contributors.pop(index, None)
-        for conn in self.conns.values():
-            conn.send(Have(index))
-        if self.progress:
-            self.progress(self.m.piece_lengths[index])
-        if self.store.complete and not self._finishing:
-            self._finishing = True
-            self._spawn(self._finish(), "finish")
-        self._fill_all()
+    def _store_block(self, conn_id: int, block: BlockRequest) -> None:
+        buf = self._received.pop((conn_id, block), None)
+        if buf is None:  # not received here (cannot happen): tell the session it is not stored
+            self._feed(BlockStored(conn_id, block, written=False))
+            return
+        view = memoryview(buf)[: block.length]
+        written = asyncio.get_running_loop().run_in_executor(
+            self._disk, self.store.write_block, block.piece, block.offset, view
+        )
+        written.add_done_callback(lambda fut: self._block_written(conn_id, block, buf, view, fut))
+
+    def _block_written(
+        self,
+        conn_id: int,
+        block: BlockRequest,
+        buf: mmap.mmap,
+        view: memoryview,
+        fut: asyncio.Future[bool],
+    ) -> None:
+        view.release()
+        self._block_pool.release(buf)
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:
+            # The disk, not the peer, failed (full, read-only): nothing more can land.
+            self._fail(
+                f"writing a block of {self.m.describe_piece(block.piece)} failed: {exc}", exc
+            )
+            return
+        self._feed(BlockStored(conn_id, block, written=fut.result()))
+
+    async def _verify(self, index: int) -> None:
+        loop = asyncio.get_running_loop()
+        ok = await loop.run_in_executor(self._disk, self.store.verify_assembled, index)
+        if not ok:
+            log.warning("%s failed blake3 verification", self.m.describe_piece(index))
+        self._feed(PieceVerified(index) if ok else PieceFailed(index))
 
     async def _finish(self) -> None:
         await asyncio.to_thread(self.store.finish)
@@ -710,47 +761,6 @@ class SwarmPeer:
             reply = await self._announce()
             self._apply_reply(reply)
 
-    async def _verify_assembled(self, index: int) -> None:
-        self.verifying.add(index)
-        loop = asyncio.get_running_loop()
-        try:
-            ok = await loop.run_in_executor(self._disk, self.store.verify_assembled, index)
-        finally:
-            self.verifying.discard(index)
-        if ok:
-            self._piece_verified(index)
-            return
-        self.corrupt_pieces += 1
-        sources = self.contributors.pop(index, set())
-        log.warning(
-            "%s failed blake3 verification (from %d peers); fetching it again",
-            self.m.describe_piece(index),
-            len(sources),
-        )
-        for conn, block in self.picker.piece_failed(index):
-            conn.cancel(block)
-        culprits: set[bytes] = set()
-        if len(sources) == 1:
-            culprits = set(sources)
-        else:
-            for earlier in self.failed_sets:
-                common = earlier & sources
-                if len(common) == 1:
-                    culprits |= common
-            self.failed_sets.append(sources)
-        for peer_id in culprits:
-            self._bar(peer_id)
-        self._fill_all()
-
-    def _bar(self, peer_id: bytes) -> None:
-        if peer_id in self.barred:
-            return
-        log.warning("barring peer %s for sending data that failed verification", peer_id.hex()[:8])
-        self.barred.add(peer_id)
-        conn = self.conns.get(peer_id)
-        if conn is not None:
-            self._close_conn(conn, RemoteProtocolError("sent corrupt data"))
-
     # --- connections ---------------------------------------------------------------
 
     async def _listen(self) -> None:
@@ -760,7 +770,7 @@ class SwarmPeer:
         sock.listen(256)
         sock.setblocking(False)
         self._server = sock
-        self.listen_port = sock.getsockname()[1]
+        self.listen_port = self.session.listen_port = sock.getsockname()[1]
         log.info("listening for peers on %s:%d", self.config.listen_host, self.listen_port)
 
     async def _accept_loop(self) -> None:
@@ -790,92 +800,47 @@ class SwarmPeer:
                     pause = min(pause * 2, _ACCEPT_PAUSE_MAX)
                 continue
             pause = _ACCEPT_PAUSE_MIN
-            inbound_pending = sum(1 for c in self.pending_conns if not c.outbound)
-            if inbound_pending >= self.config.max_pending_conns:
-                sock.close()
-                self._refuse_overflow(addr)
-                continue
             try:
                 self._start_conn(sock, addr, outbound=False)
             except OSError as exc:  # reset before we got to it
                 sock.close()
                 log.info("peer connection from %s:%d lost at once: %s", addr[0], addr[1], exc)
 
-    def _refuse_overflow(self, addr: tuple[str, int]) -> None:
-        self.pending_refused += 1
-        now = time.monotonic()
-        if now - self._refusal_logged >= 10.0:  # one line per 10 s, however many come
-            self._refusal_logged = now
-            log.warning(
-                "refused %s:%d at once: %d connections are still in their handshake "
-                "(%d refused so far)",
-                addr[0],
-                addr[1],
-                self.config.max_pending_conns,
-                self.pending_refused,
-            )
-
     async def _dial(self, peer_id: bytes, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
         try:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        except OSError as exc:  # out of descriptors: the next announce tries again
-            self._dials.discard(peer_id)
+        except OSError as exc:  # out of descriptors: tried again later
             log.warning("can't open a socket to peer %s: %s", peer_id.hex()[:8], exc)
+            self._feed(DialFailed(peer_id))
             return
         sock.setblocking(False)
         try:
-            await asyncio.wait_for(loop.sock_connect(sock, (host, port)), 5.0)
-            conn = self._start_conn(sock, (host, port), outbound=True)
+            await asyncio.wait_for(loop.sock_connect(sock, (host, port)), _DIAL_TIMEOUT)
+            self._start_conn(sock, (host, port), outbound=True, peer_id=peer_id)
         except (OSError, TimeoutError, ValueError) as exc:  # UnicodeError: an odd name
             sock.close()
             log.info("can't connect to peer %s at %r:%d: %s", peer_id.hex()[:8], host, port, exc)
-            return
+            self._feed(DialFailed(peer_id))
         except BaseException:  # cancelled: the socket is still ours to close
             sock.close()
             raise
-        finally:
-            self._dials.discard(peer_id)
-        conn.peer_id = peer_id
 
-    def _start_conn(self, sock: socket.socket, addr: tuple[str, int], *, outbound: bool) -> _Conn:
+    def _start_conn(
+        self, sock: socket.socket, addr: tuple[str, int], *, outbound: bool, peer_id: bytes = b""
+    ) -> None:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, opt, 4 * 1024 * 1024)
-        handshake = PeerHandshake(
-            self.config.key,
-            dialer=outbound,
-            root=self.m.root,
-            peer_id=self.peer_id,
-            listen_port=self.listen_port,
-            nonce=new_nonce(),
-        )
-        conn = _Conn(self, sock, addr, outbound, handshake)
-        self.pending_conns.add(conn)
-        for msg in handshake.start():
-            conn.send(msg)
-        conn.deadline = asyncio.get_running_loop().call_later(
-            self.config.handshake_timeout, self._handshake_overdue, conn
-        )
+        conn = _Conn(next(self._conn_ids), sock, addr, outbound)
+        self.conns[conn.id] = conn
         conn.tasks = [
             self._spawn_conn(self._reader(conn), conn, "reader"),
             self._spawn_conn(self._writer(conn), conn, "writer"),
         ]
-        return conn
-
-    def _handshake_overdue(self, conn: _Conn) -> None:
-        if conn.closed or conn not in self.pending_conns:
-            return
-        self.handshake_timeouts += 1
-        log.warning(
-            "closing %s:%d: no handshake within %.1fs",
-            conn.addr[0],
-            conn.addr[1],
-            self.config.handshake_timeout,
-        )
-        self._close_conn(conn, None)
+        self._feed(Opened(conn.id, outbound, peer_id, f"{addr[0]}:{addr[1]}"))
 
     def _spawn_conn(self, coro: object, conn: _Conn, role: str) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.create_task(coro, name=f"{role}-{conn.addr}")  # type: ignore[arg-type]
@@ -884,67 +849,46 @@ class SwarmPeer:
         def done(t: asyncio.Task[None]) -> None:
             self._tasks.discard(t)
             if t.cancelled():
+                if conn.closing and role == "writer":
+                    self._close_conn(conn)
                 return
             exc = t.exception()
-            if isinstance(exc, SwarmError | OSError | EOFError) or exc is None:
-                self._close_conn(conn, exc)
+            was_open = not conn.closed
+            self._close_conn(conn)
+            if not was_open:
+                return
+            if isinstance(exc, RemoteProtocolError):
+                self._feed(Closed(conn.id, str(exc), remote_fault=True))
+            elif exc is None or isinstance(exc, SwarmError | OSError | EOFError):
+                self._feed(Closed(conn.id, str(exc or "") or type(exc).__name__))
             else:
                 log.error("%s of %r crashed: %r", role, conn, exc)
-                self._close_conn(conn, exc)
-                if self._fatal is None:
-                    self._fatal = exc
-                    self.finished.set()
+                self._feed(Closed(conn.id, repr(exc)))
+                self._fail(f"{role} of {conn!r} crashed: {exc!r}", exc)
 
         task.add_done_callback(done)
         return task
 
-    def _close_conn(self, conn: _Conn, why: BaseException | None) -> None:
+    def _close_conn(self, conn: _Conn, *, flush: bool = False) -> None:
+        """Close ``conn``; with ``flush``, once what is queued on it has been sent."""
         if conn.closed:
             return
+        if flush and conn.control and not conn.closing:
+            # The writer sends what is queued (a refusal's Handshake), then ends.
+            conn.closing = True
+            conn.blocks.clear()
+            conn.wake.set()
+            for task in conn.tasks:
+                if task.get_name().startswith("reader") and task is not asyncio.current_task():
+                    task.cancel()
+            asyncio.get_running_loop().call_later(_CLOSE_FLUSH, self._close_conn, conn)
+            return
         conn.closed = True
-        if conn.deadline is not None:
-            conn.deadline.cancel()
-        if why is not None and not conn.handshake.done:
-            self._handshake_failed(conn, why)
-        elif why is not None:
-            log.info("dropping %r: %s", conn, why or type(why).__name__)
-        self.pending_conns.discard(conn)
-        if self.conns.get(conn.peer_id) is conn:
-            del self.conns[conn.peer_id]
-        self.picker.remove_peer(conn)
-        self.uploads.peer_gone(conn)
-        self._upload_wake.set()
+        self.conns.pop(conn.id, None)
         for task in conn.tasks:
             if task is not asyncio.current_task():
                 task.cancel()
         conn.sock.close()
-        self._fill_all()
-
-    def _handshake_failed(self, conn: _Conn, why: BaseException) -> None:
-        """Log and count a connection that ended before the remote proved the token."""
-        host, port = conn.addr
-        if isinstance(why, RemoteProtocolError):
-            reason = str(why)
-        elif conn.handshake.heard:
-            # It spoke our protocol, then left before proving itself: a proven peer
-            # that refuses us still sends its Handshake first, so this is most
-            # likely our proof failing its check.
-            reason = (
-                f"it closed the connection during the handshake ({why or type(why).__name__}): "
-                "it holds another cluster token, or none?"
-            )
-        else:
-            # Nothing received at all: a port probe, or a peer that refused us for load.
-            log.info(
-                "connection %s:%d closed before its hello: %s",
-                host,
-                port,
-                why or type(why).__name__,
-            )
-            return
-        self.auth_failures += 1
-        side = "to" if conn.outbound else "from"
-        log.warning("refused connection %s %s:%d: %s", side, host, port, reason)
 
     async def _reader(self, conn: _Conn) -> None:
         loop = asyncio.get_running_loop()
@@ -955,16 +899,15 @@ class SwarmPeer:
         ctrl = bytearray(64 * 1024)
         block_buf: mmap.mmap | None = None  # a pool buffer between a block's header and end
         block_view = memoryview(b"")
-        header: BlockHeader | None = None
+        block: BlockRequest | None = None
         filled = 0
-        discard = False
         lowat = 1
         try:
             while True:
                 event = decoder.next_event()
                 if event is NEED_DATA:
                     remaining = decoder.payload_remaining
-                    if header is not None and remaining > 0:
+                    if block is not None and remaining > 0:
                         # Wake for a payload only once a good part of it is there: at 50 MB/s
                         # a socket is readable thousands of times a second, a few bytes each
                         # time, and every wake-up costs a turn of the event loop.
@@ -988,7 +931,6 @@ class SwarmPeer:
                             raise EOFError("connection closed in the middle of a block")
                         decoder.payload_consumed(n)
                         filled += n
-                        conn.last_payload = time.monotonic()
                     else:
                         if lowat != 1:
                             lowat = _set_rcvlowat(conn.sock, 1)
@@ -997,18 +939,13 @@ class SwarmPeer:
                             decoder.feed_eof()
                         else:
                             decoder.feed(bytes(ctrl[:n]))
-                    conn.last_recv = time.monotonic()
                     continue
                 if isinstance(event, BlockHeader):
                     block = BlockRequest(event.piece, event.offset, event.length)
-                    if block in conn.requested:
-                        discard = False
-                    elif block in conn.cancelled:
-                        del conn.cancelled[block]
-                        discard = True  # it crossed our Cancel on the wire
-                    else:
-                        raise RemoteProtocolError(f"sent block {block} that was not requested")
-                    header, filled = event, 0
+                    self._feed(BlockStarted(conn.id, block))
+                    if conn.closed or conn.closing:
+                        return  # the session refused it
+                    filled = 0
                     block_buf = await self._block_pool.acquire()
                     block_view = memoryview(block_buf)
                 elif isinstance(event, BlockPayload):
@@ -1018,191 +955,28 @@ class SwarmPeer:
                         # Payload that came in with control frames: owed, paid by the next wait.
                         download.reserve(len(event.data))
                 elif isinstance(event, BlockEnd):
-                    assert header is not None and block_buf is not None
+                    assert block is not None and block_buf is not None
                     block_view.release()
-                    buf, block_buf = block_buf, None  # handed on: no longer ours to release
-                    if discard:
-                        self.duplicate_causes["cancelled"] += header.length
-                        self.peer_bytes += header.length
-                        if conn.other_zone:
-                            self.cross_zone_bytes += header.length
-                        self._block_pool.release(buf)
-                    else:
-                        self._on_block(conn, header, buf)
-                    header = None
+                    key = (conn.id, block)
+                    # Handed on: the session's StoreBlock takes it, or it goes back.
+                    self._received[key] = block_buf
+                    block_buf = None
+                    self._feed(BlockReceived(conn.id, block))
+                    leftover = self._received.pop(key, None)
+                    if leftover is not None:
+                        self._block_pool.release(leftover)
+                    block = None
                 elif isinstance(event, ConnectionClosed):
                     raise EOFError("peer closed the connection")
-                elif conn.refused is not None:
-                    raise conn.refused
-                elif isinstance(event, Hello | Handshake):
-                    self._on_handshake(conn, event)
-                elif not conn.handshake.done:  # the decoder refuses this; kept as a guard
-                    raise RemoteProtocolError(f"{type(event).__name__} before the handshake")
                 else:
-                    self._on_message(conn, event)
+                    self._feed(Received(conn.id, event))
+                    if conn.closed or conn.closing:
+                        return
         finally:
             if block_buf is not None:
                 self._block_pool.release(block_buf)
 
-    def _on_handshake(self, conn: _Conn, msg: Hello | Handshake) -> None:
-        """A frame of the connect flow: check it, then answer (see PeerHandshake)."""
-        replies = conn.handshake.receive(msg)  # raises unless proved, for our root
-        if not isinstance(msg, Handshake):
-            for reply in replies:
-                conn.send(reply)
-            return
-        try:
-            self._admit(conn, msg)
-        except RemoteProtocolError as exc:
-            if conn.outbound:
-                raise  # the acceptor has already proved itself: just close
-            # The dialer proved the token: answer before closing, or it would take
-            # the refusal for a token mismatch.
-            conn.refused = exc
-        for reply in replies:
-            conn.send(reply)
-        if conn.refused is None:
-            conn.send(BitfieldMsg.from_bitfield(self.picker.have))
-            log.debug("connected to %r", conn)
-
-    def _admit(self, conn: _Conn, msg: Handshake) -> None:
-        """Make ``conn`` the connection to the proven peer ``msg`` names, or refuse it."""
-        if msg.peer_id == self.peer_id or msg.peer_id in self.barred:
-            raise RemoteProtocolError("connection to ourselves or to a barred peer")
-        if conn.peer_id and conn.peer_id != msg.peer_id:
-            raise RemoteProtocolError("peer id differs from what the tracker said")
-        existing = self.conns.get(msg.peer_id)
-        if existing is not None:
-            # Both dialed at once. Both ends keep the connection that the peer
-            # with the smaller id dialed, so they agree without another message.
-            if conn.outbound != (self.peer_id < msg.peer_id):
-                raise RemoteProtocolError("duplicate connection")
-            self._close_conn(existing, RemoteProtocolError("duplicate connection"))
-        conn.peer_id = msg.peer_id
-        # A peer no reply has named yet counts as in our zone: unknown is not remote.
-        theirs = self.peer_zones.get(msg.peer_id, "")
-        conn.other_zone = bool(self.config.zone) and theirs not in ("", self.config.zone)
-        conn.remote = conn.other_zone
-        self.pending_conns.discard(conn)
-        self.conns[msg.peer_id] = conn
-
-    def _on_message(self, conn: _Conn, msg: Message) -> None:
-        if isinstance(msg, BitfieldMsg):
-            # conn.bitfield is the one record of the peer's pieces; the picker
-            # reads it (and merges a second Bitfield into it).
-            sent = msg.to_bitfield(self.m.num_pieces)
-            if conn.bitfield is None:
-                conn.bitfield = sent
-            self.picker.add_peer(conn, sent, remote=conn.remote)
-            self._fill(conn)
-        elif isinstance(msg, Have):
-            if conn.bitfield is None:
-                conn.bitfield = Bitfield(self.m.num_pieces)
-                self.picker.add_peer(conn, conn.bitfield, remote=conn.remote)
-            if conn.bitfield.add(msg.piece):
-                self.picker.peer_has(conn, msg.piece)
-            self._fill(conn)
-        elif isinstance(msg, Request):
-            if not self.store.has(msg.piece) or not self.uploads.enqueue(conn, msg):
-                conn.send(Reject(msg.piece, msg.offset, msg.length))
-            else:
-                self._upload_wake.set()
-        elif isinstance(msg, Cancel):
-            req = Request(msg.piece, msg.offset, msg.length)
-            self.uploads.cancel(conn, req)
-        elif isinstance(msg, Reject):
-            block = BlockRequest(msg.piece, msg.offset, msg.length)
-            conn.cancelled.pop(block, None)
-            if block in conn.requested:
-                conn.requested.discard(block)
-                self.picker.block_failed(conn, block)
-            self._fill(conn)
-        elif isinstance(msg, KeepAlive):
-            pass
-
-    def _on_block(self, conn: _Conn, header: BlockHeader, buf: mmap.mmap) -> None:
-        """A whole block arrived in ``buf`` (a pool buffer): hand it to the disk thread."""
-        block = BlockRequest(header.piece, header.offset, header.length)
-        conn.requested.discard(block)
-        self.peer_bytes += header.length
-        conn.received_bytes += header.length
-        if conn.other_zone:
-            self.cross_zone_bytes += header.length
-        if self.store.has(block.piece) or header.piece in self.verifying:
-            self.duplicate_causes["had"] += header.length
-            self._block_pool.release(buf)
-            self._fill(conn)
-            return
-        view = memoryview(buf)[: block.length]
-        written = asyncio.get_running_loop().run_in_executor(
-            self._disk, self.store.write_block, block.piece, block.offset, view
-        )
-        written.add_done_callback(lambda fut: self._block_written(conn, block, buf, view, fut))
-        self._fill(conn)
-
-    def _block_written(
-        self,
-        conn: _Conn,
-        block: BlockRequest,
-        buf: mmap.mmap,
-        view: memoryview,
-        fut: asyncio.Future[bool],
-    ) -> None:
-        view.release()
-        self._block_pool.release(buf)
-        if fut.cancelled():
-            return
-        exc = fut.exception()
-        if exc is not None:
-            # The disk, not the peer, failed (full, read-only): nothing more can land.
-            if self._fatal is None:
-                log.error(
-                    "writing a block of %s failed: %s", self.m.describe_piece(block.piece), exc
-                )
-                self._fatal = exc
-                self.finished.set()
-            return
-        if not fut.result():
-            self.duplicate_causes["written"] += block.length
-            self._fill(conn)
-            return
-        # Counted even if ``conn`` has closed since: the bytes are on disk and in the
-        # piece's hash, and ``contributors`` still names their source if it lied.
-        self.contributors.setdefault(block.piece, set()).add(conn.peer_id)
-        for other, dup in self.picker.block_received(conn, block):
-            other.cancel(dup)
-        if self.picker.piece_complete(block.piece) and block.piece not in self.verifying:
-            self.verifying.add(block.piece)
-            self._spawn(self._verify_assembled(block.piece), f"verify-{block.piece}")
-        self._fill(conn)
-
-    def _fill(self, conn: _Conn) -> None:
-        """Keep ``requests_per_peer`` block requests in flight to ``conn``."""
-        if conn.closed or conn.bitfield is None or self.conns.get(conn.peer_id) is not conn:
-            return
-        want = (1 if conn.demoted else self.config.requests_per_peer) - len(conn.requested)
-        if want <= 0:
-            return
-        if not conn.requested:
-            conn.waiting_since = time.monotonic()
-        for block in self.picker.pick(conn, want):
-            conn.requested.add(block)
-            conn.send(Request(*block))
-
-    def _fill_all(self) -> None:
-        for conn in list(self.conns.values()):
-            self._fill(conn)
-
     # --- uploads -------------------------------------------------------------------
-
-    async def _upload_loop(self) -> None:
-        while True:
-            await self._upload_wake.wait()
-            self._upload_wake.clear()
-            while (nxt := self.uploads.next()) is not None:
-                conn, req = nxt
-                conn.uploads.append(req)
-                conn.wake.set()
 
     async def _writer(self, conn: _Conn) -> None:
         loop = asyncio.get_running_loop()
@@ -1216,22 +990,21 @@ class SwarmPeer:
                     conn.control.clear()
                     await loop.sock_sendall(conn.sock, data)
                     continue
-                if conn.refused is not None:
-                    raise conn.refused
-                if ahead is None and conn.uploads:
-                    req = conn.uploads.popleft()
+                if conn.closing:
+                    return
+                if ahead is None and conn.blocks:
+                    req = conn.blocks.popleft()
                     ahead = (req, asyncio.create_task(self._load_block(req)))
                 if ahead is not None:
                     req, loading = ahead
                     ahead = None
-                    if conn.uploads:
-                        nxt = conn.uploads.popleft()
+                    if conn.blocks:
+                        nxt = conn.blocks.popleft()
                         ahead = (nxt, asyncio.create_task(self._load_block(nxt)))
                     try:
                         await self._send_block(loop, conn, req, await loading)
                     finally:
-                        self.uploads.done(conn, req)
-                        self._upload_wake.set()
+                        self._feed(UploadDone(conn.id, req))
                     continue
                 conn.wake.clear()
                 await conn.wake.wait()
@@ -1240,7 +1013,7 @@ class SwarmPeer:
                 req, loading = ahead
                 loading.cancel()
                 loading.add_done_callback(self._release_loaded)
-                self.uploads.done(conn, req)
+                self._feed(UploadDone(conn.id, req))
 
     def _release_loaded(self, task: asyncio.Task[mmap.mmap | None]) -> None:
         if not task.cancelled() and task.exception() is None and (buf := task.result()) is not None:
@@ -1304,7 +1077,6 @@ class SwarmPeer:
                     lambda start, count: loop.sock_sendfile(conn.sock, f, at + start, count),
                     req.length,
                 )
-        self.uploaded_bytes += req.length
 
     async def _send_payload(
         self, send: Callable[[int, int], Awaitable[object]], length: int
@@ -1319,47 +1091,3 @@ class SwarmPeer:
             count = min(_RATE_SLICE, length - start)
             await limit.acquire(count)
             await send(start, count)
-
-    async def _zone_watch_loop(self) -> None:
-        """Stop counting a same-zone peer as a holder once it leaves our requests
-        unanswered for ``zone_patience`` seconds (choked, capped, hostile): otherwise
-        its bitfield alone would keep every peer of another zone from being asked for
-        those pieces, and a complete, idle peer next door would wait unused."""
-        patience = self.config.zone_patience
-        while True:
-            await asyncio.sleep(min(1.0, patience / 2))
-            now = time.monotonic()
-            demoted = False
-            for conn in list(self.conns.values()):
-                if (
-                    not conn.remote
-                    and conn.requested
-                    and conn.bitfield is not None
-                    and now - max(conn.waiting_since, conn.last_payload) > patience
-                ):
-                    conn.remote = conn.demoted = demoted = True
-                    self.picker.set_remote(conn)
-                    # What it sits on goes back to be asked of others.
-                    for block in list(conn.requested):
-                        self.picker.block_failed(conn, block)
-                        conn.cancel(block)
-                    log.info(
-                        "%r left our requests unanswered for %.0fs: peers of other zones "
-                        "may serve what it holds",
-                        conn,
-                        patience,
-                    )
-            if demoted:
-                # The others first, so that what the demoted sat on goes to them.
-                for conn in sorted(self.conns.values(), key=lambda c: c.demoted):
-                    self._fill(conn)
-
-    async def _keepalive_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.keepalive / 2)
-            now = time.monotonic()
-            for conn in list(self.conns.values()):
-                if now - conn.last_recv > self.config.idle_timeout:
-                    self._close_conn(conn, RemoteProtocolError("peer silent for too long"))
-                else:
-                    conn.send(KeepAlive())

@@ -30,8 +30,9 @@ The rules, each tested in ``tests/test_session.py``:
   crossed our Cancel on the wire is dropped without offence. A connection that
   leaves our requests unanswered for ``request_timeout`` has them expire: they go
   to other peers, and it is kept to one request in flight (a probe) until it
-  delivers again. A block whose payload takes longer than ``request_timeout``
-  closes its connection, which would otherwise pin a receive buffer.
+  delivers again. A block whose payload takes longer than ``request_timeout`` plus
+  its length at :data:`MIN_BLOCK_RATE` closes its connection (a trickle would
+  otherwise pin a receive buffer).
 - **Uploads.** Requests for pieces we hold are served round-robin over
   ``upload_slots`` slots, at most ``uploads_per_conn`` per connection (a
   connection that asks for much and never reads can't hold every slot); an upload
@@ -116,6 +117,9 @@ log = logging.getLogger("swarm.session")
 _CANCELLED_MEMORY: Final = 4096  # cancelled blocks remembered per connection
 _REDIAL_MIN: Final = 5.0  # seconds before a peer that failed us is dialed again, doubling
 _REDIAL_MAX: Final = 300.0
+# A block's payload may take request_timeout plus its length at this rate before its
+# connection is closed: enough for a big block over a busy link, not for a trickle.
+MIN_BLOCK_RATE: Final = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -167,11 +171,13 @@ class SessionStats:
 
 @dataclass(frozen=True, slots=True)
 class Opened:
-    """A connection is up. ``peer_id``: whom we dialed (outbound), else empty."""
+    """A connection is up. ``peer_id``: whom we dialed (outbound), else empty;
+    ``addr``: the remote's address, for logs."""
 
     conn: int
     outbound: bool
     peer_id: bytes = b""
+    addr: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,6 +415,7 @@ class _Conn:
     """The session's record of one connection."""
 
     __slots__ = (
+        "addr",
         "bitfield",
         "cancelled",
         "discarding",
@@ -432,9 +439,16 @@ class _Conn:
     )
 
     def __init__(
-        self, conn: int, outbound: bool, peer_id: bytes, handshake: PeerHandshake, now: float
+        self,
+        conn: int,
+        outbound: bool,
+        peer_id: bytes,
+        handshake: PeerHandshake,
+        now: float,
+        addr: str = "",
     ) -> None:
         self.id = conn
+        self.addr = addr
         self.outbound = outbound
         self.peer_id = peer_id
         self.handshake = handshake
@@ -459,7 +473,7 @@ class _Conn:
         self.uploads: dict[Request, float] = {}  # blocks being sent to it, since when
 
     def __repr__(self) -> str:
-        return f"<conn {self.id} peer {self.peer_id.hex()[:8] or '?'}>"
+        return f"<peer {self.peer_id.hex()[:8] or '?'} {self.addr or self.id}>"
 
 
 class PeerSession:
@@ -545,6 +559,12 @@ class PeerSession:
         record = self.conns.get(conn)
         return record is not None and record.other_zone
 
+    def restore(self, pieces: Iterable[int]) -> None:
+        """Pieces found verified on disk at start-up, before any connection."""
+        for piece in pieces:
+            self.picker.mark_have(piece)
+        self._completed = self.picker.done
+
     # -- events -------------------------------------------------------------------
 
     def handle(self, event: Event, now: float) -> list[Action]:
@@ -612,7 +632,7 @@ class PeerSession:
             listen_port=self.listen_port,
             nonce=self._nonce(),
         )
-        conn = _Conn(event.conn, event.outbound, event.peer_id, handshake, now)
+        conn = _Conn(event.conn, event.outbound, event.peer_id, handshake, now, event.addr)
         self.conns[event.conn] = conn
         if not event.outbound:
             self.pending += 1
@@ -828,11 +848,11 @@ class PeerSession:
         if conn.snubbed:
             conn.snubbed = False
             log.info("%r serves again", conn)
-        if conn.discarding:
+        if conn.discarding or block not in conn.requested:
+            # It crossed our Cancel on the wire (or we cancelled it while it arrived).
             conn.discarding = False
+            conn.cancelled.pop(block, None)
             stats.duplicate_causes["cancelled"] += block.length
-        elif block not in conn.requested:
-            pass  # cannot happen: BlockStarted checked it
         else:
             del conn.requested[block]
             if block.piece in self.picker.have or block.piece in self.verifying:
@@ -1070,10 +1090,15 @@ class PeerSession:
             if now - conn.last_recv > cfg.idle_timeout:
                 self._close(conn, f"peer silent for {cfg.idle_timeout:.0f}s", now, out)
                 continue
-            if conn.receiving is not None and now - conn.receiving_since > cfg.request_timeout:
+            receiving = conn.receiving
+            if (
+                receiving is not None
+                and now - conn.receiving_since
+                > cfg.request_timeout + receiving.length / MIN_BLOCK_RATE
+            ):
                 self.stats.slow_closes += 1
                 self._close(
-                    conn, f"a block's payload took more than {cfg.request_timeout:.0f}s", now, out
+                    conn, f"a block's payload took {now - conn.receiving_since:.0f}s", now, out
                 )
                 continue
             if conn.uploads and now - min(conn.uploads.values()) > cfg.request_timeout:
@@ -1085,11 +1110,14 @@ class PeerSession:
                     out,
                 )
                 continue
-            if conn.requested and conn.receiving is None:
+            if conn.requested:
                 waited = now - max(conn.waiting_since, conn.last_block)
-                if waited > cfg.request_timeout:
+                if conn.receiving is None and waited > cfg.request_timeout:
                     expired.append(conn)
                 elif cfg.zone and not conn.remote and waited > cfg.zone_patience:
+                    # Judged on whole blocks, even while one arrives: a peer of our zone
+                    # that can't deliver a block in that time is as slow as one of
+                    # another zone, and its holding a piece must not keep them unasked.
                     log.info(
                         "%r left our requests unanswered for %.0fs: peers of other zones "
                         "may serve what it holds",

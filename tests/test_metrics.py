@@ -219,7 +219,7 @@ def test_tracker_and_lingering_peer_metrics_match_the_json(tmp_path: Path) -> No
             await wait_for(
                 lambda: (
                     swarm_status().get("finished_peers") == 2
-                    and seeder.uploaded_bytes == downloader.peer_bytes
+                    and seeder.session.stats.uploaded_bytes == downloader.session.stats.peer_bytes
                 ),
                 "the tracker to hear both finished, and the last upload to be counted",
             )

@@ -251,7 +251,9 @@ def auth_warnings(caplog: pytest.LogCaptureFixture, stranger: Stranger) -> list[
     return [
         r.getMessage()
         for r in caplog.records
-        if r.name == "swarm.peer" and r.levelno == logging.WARNING and where in r.getMessage()
+        if r.name in ("swarm.peer", "swarm.session")
+        and r.levelno == logging.WARNING
+        and where in r.getMessage()
     ]
 
 
@@ -288,7 +290,9 @@ def test_a_stranger_is_sent_only_a_hello_and_dropped_for_a_wrong_proof(
             fake = Handshake(root, b"s" * 20, 1, OTHER_KEY.mac(b"peer-dial", b"x"))
             await stranger.send(encode(fake))
             assert await stranger.closed_by_peer() == b""
-            await wait_for(lambda: peer.auth_failures == 1, "the failure to be counted")
+            await wait_for(
+                lambda: peer.session.stats.auth_failures == 1, "the failure to be counted"
+            )
             [line] = auth_warnings(caplog, stranger)
             assert "does not prove our cluster token" in line
 
@@ -296,7 +300,9 @@ def test_a_stranger_is_sent_only_a_hello_and_dropped_for_a_wrong_proof(
             garbage = await Stranger.connect(port)
             await garbage.send(b"GET /v1/swarms HTTP/1.1\r\nHost: x\r\n\r\n")
             assert await garbage.closed_by_peer() == b""
-            await wait_for(lambda: peer.auth_failures == 2, "the garbage to be counted")
+            await wait_for(
+                lambda: peer.session.stats.auth_failures == 2, "the garbage to be counted"
+            )
             [line] = auth_warnings(caplog, garbage)
             assert "exceeds the limit" in line
 
@@ -305,7 +311,9 @@ def test_a_stranger_is_sent_only_a_hello_and_dropped_for_a_wrong_proof(
             v1 = struct.pack("!4sH32s20sH", b"SWRM", 1, root, b"o" * 20, 7000)
             await old.send(struct.pack("!IB", 1 + len(v1), 0) + v1)
             assert await old.closed_by_peer() == b""
-            await wait_for(lambda: peer.auth_failures == 3, "the old version to be counted")
+            await wait_for(
+                lambda: peer.session.stats.auth_failures == 3, "the old version to be counted"
+            )
             [line] = auth_warnings(caplog, old)
             assert "protocol version 1, we speak 2" in line
 
@@ -314,7 +322,9 @@ def test_a_stranger_is_sent_only_a_hello_and_dropped_for_a_wrong_proof(
             await eager.send(encode(Hello(2, new_nonce())) + encode(BitfieldMsg(b"\xff")))
             assert isinstance(await eager.next_message(), Hello)
             assert await eager.closed_by_peer() == b""
-            await wait_for(lambda: peer.auth_failures == 4, "the early bitfield to be counted")
+            await wait_for(
+                lambda: peer.session.stats.auth_failures == 4, "the early bitfield to be counted"
+            )
 
             relay.open_gate()
             result = await asyncio.wait_for(run, WAIT)
@@ -342,10 +352,12 @@ def test_silent_and_stalled_connections_are_closed_at_the_handshake_deadline(
             # Both are closed by the peer (each read is bounded by WAIT).
             assert await silent.closed_by_peer() == b""
             assert await stalled.closed_by_peer() == b""
-            await wait_for(lambda: peer.handshake_timeouts == 2, "both timeouts to be counted")
+            await wait_for(
+                lambda: peer.session.stats.handshake_timeouts == 2, "both timeouts to be counted"
+            )
             for s in (silent, stalled):
                 assert "no handshake within" in auth_warnings(caplog, s)[0]
-            assert peer.auth_failures == 0
+            assert peer.session.stats.auth_failures == 0
             relay.open_gate()
             result = await asyncio.wait_for(run, WAIT)
             assert result.extra["handshake_timeouts"] == 2
@@ -362,11 +374,11 @@ def test_pending_connections_are_bounded(tmp_path: Path) -> None:
             )
             port = await listening(peer)
             waiting = [await Stranger.connect(port) for _ in range(3)]
-            await wait_for(lambda: len(peer.pending_conns) == 3, "three pending connections")
+            await wait_for(lambda: peer.session.pending == 3, "three pending connections")
             extra = [await Stranger.connect(port) for _ in range(2)]
             for s in extra:
                 assert await s.closed_by_peer() == b""
-            assert peer.pending_refused == 2
+            assert peer.session.stats.pending_refused == 2
             # The first three are still open and are answered once they speak.
             for s in waiting:
                 await s.send(encode(Hello(2, new_nonce())))
@@ -396,16 +408,24 @@ def test_peers_with_different_tokens_never_exchange_data(
             # Each has pieces only the other has (the tracker spreads origin pulls),
             # so neither can finish; both keep trying, and keep refusing.
             await wait_for(
-                lambda: a.auth_failures >= 2 and b.auth_failures >= 2,
+                lambda: a.session.stats.auth_failures >= 2 and b.session.stats.auth_failures >= 2,
                 "both peers to count refused connections",
             )
             await wait_for(
-                lambda: a.origin_pieces + b.origin_pieces == c.manifest.num_pieces,
+                lambda: (
+                    a.session.stats.origin_pieces + b.session.stats.origin_pieces
+                    == c.manifest.num_pieces
+                ),
                 "the origin pulls to finish",
             )
             assert not run_a.done() and not run_b.done()
-            assert (a.peer_bytes, a.uploaded_bytes, b.peer_bytes, b.uploaded_bytes) == (0, 0, 0, 0)
-            assert not a.conns and not b.conns
+            assert (
+                a.session.stats.peer_bytes,
+                a.session.stats.uploaded_bytes,
+                b.session.stats.peer_bytes,
+                b.session.stats.uploaded_bytes,
+            ) == (0, 0, 0, 0)
+            assert not a.session.peers and not b.session.peers
 
     run_test(body)
 
@@ -482,8 +502,12 @@ def test_garbage_and_oversized_frames_drop_only_that_connection(
             # One that stays open with half a frame sent, while an honest peer swarms.
             half = await proven_stranger(port, root, KEY)
             await half.send(b"\x00\x00\x00")
-            await wait_for(lambda: a.auth_failures == 2, "the two strangers to be counted")
-            await wait_for(lambda: len(a.conns) == 1, "only the half-frame stranger to remain")
+            await wait_for(
+                lambda: a.session.stats.auth_failures == 2, "the two strangers to be counted"
+            )
+            await wait_for(
+                lambda: len(a.session.peers) == 1, "only the half-frame stranger to remain"
+            )
             relay.open_gate()
             _, run_b = c.start_peer("b", KEY)
             result_a, result_b = await asyncio.wait_for(

@@ -312,7 +312,7 @@ def test_max_upload_rate_caps_the_bytes_a_peer_serves(tmp_path: Path, direct_io:
             seed = await c.seeded(max_upload_rate=CAP, direct_io=direct_io)
             assert seed.upload_limit.limited and not seed.download_limit.limited
             _, run = c.start_peer("leech", linger=0.0)
-            measured = await measure(lambda: seed.uploaded_bytes, total, run)
+            measured = await measure(lambda: seed.session.stats.uploaded_bytes, total, run)
             result = await asyncio.wait_for(run, WAIT)
             assert result.verified and result.peer_bytes == total and result.origin_bytes == 0
             check_cap(measured, CAP, "upload")
@@ -326,7 +326,7 @@ def test_max_download_rate_caps_the_bytes_a_peer_receives(tmp_path: Path) -> Non
             total = c.manifest.total_size
             await c.seeded()
             leech, run = c.start_peer("leech", linger=0.0, max_download_rate=CAP)
-            measured = await measure(lambda: leech.peer_bytes, total, run)
+            measured = await measure(lambda: leech.session.stats.peer_bytes, total, run)
             result = await asyncio.wait_for(run, WAIT)
             assert result.verified and result.peer_bytes == total and result.origin_bytes == 0
             check_cap(measured, CAP, "download")

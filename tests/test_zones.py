@@ -255,7 +255,7 @@ def test_a_peer_takes_what_its_zone_has_from_its_zone(tmp_path: Path, zoned: boo
             _, run = c.start_peer("fetch", linger=0.0, zone=zone_a)
             result = await asyncio.wait_for(run, WAIT)
             assert result.verified
-            served_by_b = seed_b.uploaded_bytes
+            served_by_b = seed_b.session.stats.uploaded_bytes
             if zoned:
                 assert result.extra["cross_zone_bytes"] == served_by_b
                 # Requests may reach zone b before zone a's bitfield is in: one pipeline.
