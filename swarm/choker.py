@@ -124,7 +124,10 @@ class UploadScheduler(Generic[PeerT, RequestT]):
         requests.append(request)
         self._pending_count += 1
         if not size and not queue.parked:
-            self._ring.append(queue)
+            if queue.active >= self.max_per_peer:
+                queue.parked = True  # in line again when one of its sends is done
+            else:
+                self._ring.append(queue)
         return True
 
     def cancel(self, peer: PeerT, request: RequestT) -> bool:

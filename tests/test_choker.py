@@ -119,3 +119,17 @@ def test_fair_share_under_random_arrivals() -> None:
         served[finished[0]] += 1
     # Pipelines 1..29 deep, yet every peer got about the same share.
     assert max(served.values()) - min(served.values()) <= 0.1 * 3000 / len(peers)
+
+
+def test_a_peer_holds_at_most_max_per_peer_slots_however_its_requests_arrive() -> None:
+    sched: UploadScheduler[str, int] = UploadScheduler(16, max_per_peer=2)
+    granted = []
+    for request in range(10):  # one at a time, each granted before the next arrives
+        sched.enqueue("greedy", request)
+        while (nxt := sched.next()) is not None:
+            granted.append(nxt)
+    assert granted == [("greedy", 0), ("greedy", 1)]
+    sched.enqueue("modest", 100)
+    assert sched.next() == ("modest", 100)  # another peer is served meanwhile
+    sched.done("greedy", 0)
+    assert sched.next() == ("greedy", 2) and sched.next() is None
