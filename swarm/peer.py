@@ -39,6 +39,7 @@ import logging
 import mmap
 import os
 import random
+import resource
 import socket
 import time
 from collections import Counter, OrderedDict, deque
@@ -111,6 +112,24 @@ _TICK: Final = 0.5  # seconds between the session's Tick events
 _CLOSE_FLUSH: Final = 2.0  # seconds a closing connection may take to send what is queued
 _DIAL_TIMEOUT: Final = 5.0
 _MAX_CONTROL_QUEUE: Final = 100_000  # frames queued for one connection that does not read
+# Descriptors kept for everything but peer connections (the store's files, the files
+# served, the tracker client, threads' pipes): half the limit, at most this many.
+_FD_RESERVE: Final = 256
+
+
+def connection_limit() -> int:
+    """How many peer connections this process may hold open at once.
+
+    Each takes a descriptor; the store and the tracker client need theirs too, so
+    connections get what the limit leaves after a reserve. At the limit, new
+    connections are closed at once and dials wait: a flood of connections can slow
+    the peer down, never make a disk write or an accept fail for want of a descriptor.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(8, soft - min(soft // 2, _FD_RESERVE))
+
 
 # accept() errors that end one connection or say "not now", never the accept loop.
 _ACCEPT_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -330,6 +349,8 @@ class SwarmPeer:
             rate_limited=lambda: self.download_limit.limited or self.origin_limit.limited,
         )
         self.conns: dict[int, _Conn] = {}  # every open connection, proven or not
+        self.max_conns = connection_limit()
+        self.conns_refused = 0  # accepted and closed at once: at the connection limit
         self._conn_ids = itertools.count(1)
         self.origin_tasks: dict[int, asyncio.Task[None]] = {}
         # Received blocks waiting for the session's StoreBlock, in their pool buffers.
@@ -474,6 +495,7 @@ class SwarmPeer:
                 auth_failures=stats.auth_failures,
                 handshake_timeouts=stats.handshake_timeouts,
                 pending_refused=stats.pending_refused,
+                conns_refused=self.conns_refused,
                 requests_expired=stats.requests_expired,
                 slow_closes=stats.slow_closes,
                 peer_id=self.peer_id.hex(),
@@ -800,14 +822,36 @@ class SwarmPeer:
                     pause = min(pause * 2, _ACCEPT_PAUSE_MAX)
                 continue
             pause = _ACCEPT_PAUSE_MIN
+            if len(self.conns) >= self.max_conns:
+                sock.close()
+                self._refuse_at_limit(addr)
+                continue
             try:
                 self._start_conn(sock, addr, outbound=False)
             except OSError as exc:  # reset before we got to it
                 sock.close()
                 log.info("peer connection from %s:%d lost at once: %s", addr[0], addr[1], exc)
 
+    def _refuse_at_limit(self, addr: tuple[str, int]) -> None:
+        self.conns_refused += 1
+        now = time.monotonic()
+        if now - self._refusal_logged >= 10.0:  # one line per 10 s, however many come
+            self._refusal_logged = now
+            log.warning(
+                "refused %s:%d at once: %d connections are open, the most this process's "
+                "descriptor limit allows (%d refused so far)",
+                addr[0],
+                addr[1],
+                len(self.conns),
+                self.conns_refused,
+            )
+
     async def _dial(self, peer_id: bytes, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
+        if len(self.conns) >= self.max_conns:
+            log.info("not dialing peer %s: at the connection limit", peer_id.hex()[:8])
+            self._feed(DialFailed(peer_id))
+            return
         try:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         except OSError as exc:  # out of descriptors: tried again later
