@@ -778,8 +778,19 @@ class PeerSession:
                 self._refused(conn, f"{type(msg).__name__} before the handshake", now, out)
             return
         if isinstance(msg, Have):
+            if not 0 <= msg.piece < self.num_pieces:
+                self._close(conn, f"HAVE of piece {msg.piece} of {self.num_pieces}", now, out)
+                return
             self._have(conn, msg.piece, now, out)
         elif isinstance(msg, Request):
+            if not self._in_range(msg.piece, msg.offset, msg.length):
+                self._close(
+                    conn,
+                    f"request of piece {msg.piece} bytes {msg.offset}+{msg.length}, outside the artifact",
+                    now,
+                    out,
+                )
+                return
             self._request(conn, msg, now, out)
         elif isinstance(msg, BitfieldMsg):
             sent = msg.to_bitfield(self.num_pieces)
@@ -800,6 +811,13 @@ class PeerSession:
             self._fill(conn, now, out)
         elif isinstance(msg, Hello | Handshake):
             self._close(conn, f"a second {type(msg).__name__} on one connection", now, out)
+
+    def _in_range(self, piece: int, offset: int, length: int) -> bool:
+        return (
+            0 <= piece < self.num_pieces
+            and offset >= 0
+            and 0 < length <= self.lengths[piece] - offset
+        )
 
     def _have(self, conn: _Conn, piece: int, now: float, out: list[Action]) -> None:
         bits = conn.bitfield
