@@ -57,7 +57,7 @@ import logging
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from core.auth import NONCE_SIZE, ClusterKey
 from core.bitfield import Bitfield
@@ -137,6 +137,9 @@ class SessionConfig:
     request_timeout: float = 30.0
     handshake_timeout: float = 10.0
     max_pending_conns: int = 256
+    # Connections beyond which no one new is dialed (others may still dial us): the
+    # tracker's reply sample, so a peer knows a reply's worth of neighbours at most.
+    max_peers: int = 50
     keepalive: float = 20.0
     idle_timeout: float = 90.0
     zone: str = ""
@@ -491,7 +494,10 @@ class PeerSession:
         nonce: Callable[[], bytes] | None = None,
         have: Iterable[int] = (),
         listen_port: int = 0,
+        picker_factory: Callable[..., PiecePicker[Any]] = PiecePicker,
     ) -> None:
+        """``picker_factory`` makes the picker (called as ``PiecePicker`` is): a variant
+        of the policy for the simulator's ablations."""
         self.config = config or SessionConfig()
         self.lengths = list(piece_lengths)
         self.num_pieces = len(self.lengths)
@@ -502,7 +508,7 @@ class PeerSession:
         self.rng = rng or random.Random()
         self._nonce = nonce or (lambda: self.rng.randbytes(NONCE_SIZE))
         self.block_size = max(1, min(self.config.block_size, max(self.lengths, default=1)))
-        self.picker: PiecePicker[_Conn] = PiecePicker(
+        self.picker: PiecePicker[_Conn] = picker_factory(
             self.lengths,
             self.block_size,
             self.rng,
@@ -1006,6 +1012,8 @@ class PeerSession:
             # Whoever learns of the other first dials at once, rather than waiting for
             # the other's next announce; if both dial, the handshake keeps one.
             if peer_id in self.peers or peer_id in self.dialing or self._connecting(peer_id):
+                continue
+            if len(self.peers) + len(self.dialing) >= self.config.max_peers:
                 continue
             retry = self._retry_at.get(peer_id)
             if retry is not None and now < retry[0]:
