@@ -42,6 +42,12 @@ the bytes the processes themselves report reading from the origin are kept as
 ``origin_bytes_reported``. ``--no-fsync`` is passed to swarm fetches (libtorrent
 doesn't fsync either).
 
+Each swarm result carries the simulator's prediction for the same run
+(``simulated``, see :mod:`benchmarks.sim_truth`): the same nodes, link rates,
+artifact, piece size and flags, with the start-up the peers measured added to
+every simulated completion; and real ÷ simulated for p50 and max completion and
+for origin bytes.
+
 ``python -m benchmarks.shaped origin-bound --size 64MiB --nodes 4`` runs a
 reduced version for development; such runs write their JSON to the work
 directory, not to ``benchmarks/results``, unless ``--results-dir`` is given.
@@ -72,8 +78,8 @@ from typing import IO, Any
 
 from benchmarks.errors import BenchmarkError
 from benchmarks.testbed import BRIDGE_ADDR, ORIGIN_ADDR, Shape, Testbed, node_addr
-from seeder.local_s3 import LocalS3Server
 from core.units import format_size, parse_size
+from seeder.local_s3 import LocalS3Server
 
 log = logging.getLogger("benchmarks.shaped")
 
@@ -191,6 +197,7 @@ def scenario_result(
         "date": date.isoformat(),
         "nodes": scenario.nodes,
         "model_bytes": scenario.model_bytes,
+        "files": scenario.files,
         "piece_size": scenario.piece_size,
         "node_link_bps": scenario.node_bps,
         "origin_link_bps": scenario.origin_bps,
@@ -394,7 +401,7 @@ class ScenarioRunner:
                     f"({entry['ratio_to_bound']:.2f} x T_min), origin "
                     f"{entry['origin_ratio']:.3f} x F, host CPU busy {entry['host_cpu_busy']:.0%}"
                 )
-        return scenario_result(
+        result = scenario_result(
             sc,
             systems,
             date=dt.date.today(),
@@ -407,6 +414,26 @@ class ScenarioRunner:
                 "origin_bytes_source": "tx bytes of the origin namespace's eth0 (ip -s -j link show)",
             },
         )
+        self._add_prediction(result)
+        return result
+
+    def _add_prediction(self, result: dict[str, Any]) -> None:
+        """The simulator's prediction beside the swarm run (see :mod:`benchmarks.sim_truth`)."""
+        entry = result["systems"].get("swarm")
+        if entry is None or "error" in entry:
+            return
+        # Imported here and any failure caught: a run of minutes is kept whatever
+        # the simulator does.
+        try:
+            from benchmarks.sim_truth import add_prediction, format_prediction
+
+            simulated = add_prediction(result)
+        except Exception as exc:
+            self.say(f"swarm simulated: failed: {exc!r}")
+            entry["simulated"] = {"error": repr(exc)}
+            return
+        if simulated is not None:
+            self.say(f"swarm {format_prediction(simulated)}")
 
     def _wait_for_idle_host(self) -> float:
         """Wait (bounded) until other work on this machine leaves the CPUs mostly idle.
@@ -776,6 +803,9 @@ class ScenarioRunner:
             extra={
                 **extra,
                 "self_p50_seconds": round(statistics.median(self_seconds), 3),
+                "startup_seconds": [
+                    float(r["startup_seconds"]) for r in outcome.reports if "startup_seconds" in r
+                ],
                 "startup_max_seconds": max(
                     (
                         float(r["startup_seconds"])
