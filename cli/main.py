@@ -600,6 +600,62 @@ def fetch(
             help="Seconds a new connection may take to prove the cluster token before it is closed.",
         ),
     ] = peer_default("handshake_timeout"),
+    max_peers: Annotated[
+        int,
+        typer.Option(
+            "--max-peers",
+            min=1,
+            help="Connections beyond which this peer dials no one new (others may still dial it).",
+        ),
+    ] = peer_default("max_peers"),
+    uploads_per_conn: Annotated[
+        int,
+        typer.Option(
+            "--uploads-per-peer",
+            min=1,
+            help="Upload slots one connection may hold at once (of --upload-slots).",
+        ),
+    ] = peer_default("uploads_per_conn"),
+    max_pending_conns: Annotated[
+        int,
+        typer.Option(
+            "--max-pending-connections",
+            min=1,
+            help="Accepted connections that may wait in their handshake at once; more are closed at once.",
+        ),
+    ] = peer_default("max_pending_conns"),
+    keepalive: Annotated[
+        float,
+        typer.Option(
+            "--keepalive",
+            min=0.1,
+            help="Seconds of our silence on a connection before a keepalive is sent.",
+        ),
+    ] = peer_default("keepalive"),
+    idle_timeout: Annotated[
+        float,
+        typer.Option(
+            "--idle-timeout",
+            min=0.1,
+            help="Seconds a connection may stay silent before it is closed.",
+        ),
+    ] = peer_default("idle_timeout"),
+    endgame_duplicates: Annotated[
+        int,
+        typer.Option(
+            "--endgame-duplicates",
+            min=1,
+            help="In endgame, how many peers one missing block may be asked of at once.",
+        ),
+    ] = peer_default("endgame_duplicates"),
+    max_upload_queue: Annotated[
+        int,
+        typer.Option(
+            "--max-upload-queue",
+            min=1,
+            help="Requests one peer may have queued with us; more are rejected.",
+        ),
+    ] = peer_default("max_upload_queue"),
     metrics_listen: Annotated[
         str | None,
         typer.Option(
@@ -659,6 +715,13 @@ def fetch(
             zone_patience=zone_patience,
             request_timeout=request_timeout,
             handshake_timeout=handshake_timeout,
+            max_peers=max_peers,
+            uploads_per_conn=uploads_per_conn,
+            max_pending_conns=max_pending_conns,
+            keepalive=keepalive,
+            idle_timeout=idle_timeout,
+            endgame_duplicates=endgame_duplicates,
+            max_upload_queue=max_upload_queue,
             key=key,
         )
         result = run(

@@ -203,6 +203,11 @@ class PeerCollector(Collector):
             stats.slow_closes,
         )
         yield counter(
+            "swarm_peer_limit_refused_connections",
+            "Accepted connections closed at once: the descriptor limit's share for peers was full (fetch JSON: conns_refused).",
+            peer.conns_refused,
+        )
+        yield counter(
             "swarm_peer_refused_connections",
             "Accepted connections closed at once: too many were in their handshake.",
             stats.pending_refused,

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import errno
 import itertools
 import logging
@@ -187,6 +188,9 @@ class PeerConfig:
     request_timeout: float = _S.request_timeout
     handshake_timeout: float = _S.handshake_timeout
     max_pending_conns: int = _S.max_pending_conns
+    max_peers: int = _S.max_peers
+    endgame_duplicates: int = _S.endgame_duplicates
+    max_upload_queue: int = _S.max_upload_queue
     keepalive: float = _S.keepalive
     idle_timeout: float = _S.idle_timeout
     zone: str = _S.zone  # this node's zone or rack, sent in announces ("" for none)
@@ -210,18 +214,9 @@ class PeerConfig:
     max_download_rate: int | None = None  # bytes/s from peers and the origin; None: uncapped
 
     def session_config(self) -> SessionConfig:
+        """The session's settings: every field of SessionConfig, from ours of that name."""
         return SessionConfig(
-            block_size=self.block_size,
-            requests_per_peer=self.requests_per_peer,
-            upload_slots=self.upload_slots,
-            uploads_per_conn=self.uploads_per_conn,
-            request_timeout=self.request_timeout,
-            handshake_timeout=self.handshake_timeout,
-            max_pending_conns=self.max_pending_conns,
-            keepalive=self.keepalive,
-            idle_timeout=self.idle_timeout,
-            zone=self.zone,
-            zone_patience=self.zone_patience,
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(SessionConfig)}
         )
 
 
@@ -351,6 +346,7 @@ class SwarmPeer:
         self.conns: dict[int, _Conn] = {}  # every open connection, proven or not
         self.max_conns = connection_limit()
         self.conns_refused = 0  # accepted and closed at once: at the connection limit
+        self._dials = 0  # dials under way: each will hold a descriptor
         self._conn_ids = itertools.count(1)
         self.origin_tasks: dict[int, asyncio.Task[None]] = {}
         # Received blocks waiting for the session's StoreBlock, in their pool buffers.
@@ -822,7 +818,7 @@ class SwarmPeer:
                     pause = min(pause * 2, _ACCEPT_PAUSE_MAX)
                 continue
             pause = _ACCEPT_PAUSE_MIN
-            if len(self.conns) >= self.max_conns:
+            if len(self.conns) + self._dials >= self.max_conns:
                 sock.close()
                 self._refuse_at_limit(addr)
                 continue
@@ -847,11 +843,18 @@ class SwarmPeer:
             )
 
     async def _dial(self, peer_id: bytes, host: str, port: int) -> None:
-        loop = asyncio.get_running_loop()
-        if len(self.conns) >= self.max_conns:
+        if len(self.conns) + self._dials >= self.max_conns:
             log.info("not dialing peer %s: at the connection limit", peer_id.hex()[:8])
             self._feed(DialFailed(peer_id))
             return
+        self._dials += 1
+        try:
+            await self._connect(peer_id, host, port)
+        finally:
+            self._dials -= 1
+
+    async def _connect(self, peer_id: bytes, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
         try:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         except OSError as exc:  # out of descriptors: tried again later
@@ -862,7 +865,7 @@ class SwarmPeer:
         try:
             await asyncio.wait_for(loop.sock_connect(sock, (host, port)), _DIAL_TIMEOUT)
             self._start_conn(sock, (host, port), outbound=True, peer_id=peer_id)
-        except (OSError, TimeoutError, ValueError) as exc:  # UnicodeError: an odd name
+        except (OSError, TimeoutError, ValueError, OverflowError) as exc:  # odd names, ports
             sock.close()
             log.info("can't connect to peer %s at %r:%d: %s", peer_id.hex()[:8], host, port, exc)
             self._feed(DialFailed(peer_id))
@@ -1093,9 +1096,10 @@ class SwarmPeer:
         self, loop: asyncio.AbstractEventLoop, conn: _Conn, req: Request, buf: mmap.mmap | None
     ) -> None:
         piece = self.m.piece(req.piece)
-        await loop.sock_sendall(conn.sock, encode(BlockHeader(req.piece, req.offset, req.length)))
+        header = encode(BlockHeader(req.piece, req.offset, req.length))
         if buf is not None:
             try:
+                await loop.sock_sendall(conn.sock, header)
                 with memoryview(buf) as whole:
                     await self._send_payload(
                         lambda start, count: loop.sock_sendall(
@@ -1105,7 +1109,9 @@ class SwarmPeer:
                     )
             finally:
                 self._upload_pool.release(buf)
-        elif self.config.serve_corrupt:
+            return
+        await loop.sock_sendall(conn.sock, header)
+        if self.config.serve_corrupt:
             bad = bytearray(req.length)
             with self._files.lease(piece.file_index) as f:
                 await asyncio.to_thread(os.preadv, f.fileno(), [bad], piece.offset + req.offset)

@@ -434,6 +434,7 @@ class _Conn:
         "peer_id",
         "receiving",
         "receiving_since",
+        "rejects",
         "remote",
         "requested",
         "snubbed",
@@ -470,6 +471,7 @@ class _Conn:
         self.last_recv = now
         self.last_sent = now
         self.snubbed = False  # left requests unanswered: one request in flight, a probe
+        self.rejects = 0  # our requests it rejected since it last delivered a block
         self.other_zone = False  # in another zone than ours (both declared)
         # Asked only for what no same-zone peer has: another zone's, or a snubbed one of ours.
         self.remote = False
@@ -799,7 +801,11 @@ class PeerSession:
                 return
             self._request(conn, msg, now, out)
         elif isinstance(msg, BitfieldMsg):
-            sent = msg.to_bitfield(self.num_pieces)
+            try:
+                sent = msg.to_bitfield(self.num_pieces)
+            except RemoteProtocolError as exc:
+                self._close(conn, str(exc), now, out)
+                return
             if conn.bitfield is None:
                 # The one record of the peer's pieces: the picker reads it (and
                 # merges a second Bitfield into it).
@@ -814,7 +820,14 @@ class PeerSession:
             if block in conn.requested:
                 del conn.requested[block]
                 self.picker.block_failed(conn, block)
-            self._fill(conn, now, out)
+                conn.rejects += 1
+                if conn.rejects > self.config.requests_per_peer:
+                    # An honest peer rejects only when its upload queue is full; one that
+                    # rejects what its bitfield claims, again and again, would otherwise
+                    # be asked for the same blocks forever, and hold them from others.
+                    self._close(conn, f"rejected {conn.rejects} requests in a row", now, out)
+                    return
+            self._fill_all(now, out)
         elif isinstance(msg, Hello | Handshake):
             self._close(conn, f"a second {type(msg).__name__} on one connection", now, out)
 
@@ -869,6 +882,7 @@ class PeerSession:
         stats.peer_bytes += block.length
         if conn.other_zone:
             stats.cross_zone_bytes += block.length
+        conn.rejects = 0
         if conn.snubbed:
             conn.snubbed = False
             log.info("%r serves again", conn)
@@ -893,17 +907,17 @@ class PeerSession:
         conn = self.conns.get(conn_id)
         if source is None:
             return  # not a block we asked to store
-        if not written:
-            self.stats.duplicate_causes["written"] += block.length
-            if conn is not None:
-                self._fill(conn, now, out)
-            return
         piece = block.piece
+        if not written:
+            # On disk already (an earlier source's, or a pull's): these bytes are not
+            # in the piece, but the block is there, and counts as received all the same.
+            self.stats.duplicate_causes["written"] += block.length
         if piece in self.picker.have or piece in self.verifying:
             return
-        # Counted even if the connection has closed since: the bytes are on disk and
-        # in the piece's hash, and this names their source if it lied.
-        self.contributors.setdefault(piece, set()).add(source.peer_id)
+        if written:
+            # Counted even if the connection has closed since: the bytes are on disk
+            # and in the piece's hash, and this names their source if it lied.
+            self.contributors.setdefault(piece, set()).add(source.peer_id)
         for other, dup in self.picker.block_received(source, block):
             self._cancel(other, dup, now, out)
         if self.picker.piece_complete(piece):
@@ -963,6 +977,10 @@ class PeerSession:
             self.failed_sets.append(sources)
         for peer_id in sorted(culprits):
             self._bar(peer_id, now, out)
+        if culprits:
+            # Failures a barred peer explains blame no one else: a stale set would pin
+            # the next liar's failures on an honest peer it once shared a piece with.
+            self.failed_sets = [f for f in self.failed_sets if not f & self.barred]
         self._fill_all(now, out)
 
     def _bar(self, peer_id: bytes, now: float, out: list[Action]) -> None:
@@ -1006,7 +1024,12 @@ class PeerSession:
                     conn.other_zone = True
                     self._make_remote(conn)
         for peer_id, host, port in reply.peers:
-            if peer_id == self.peer_id or peer_id in self.barred or not valid_host(host):
+            if (
+                peer_id == self.peer_id
+                or peer_id in self.barred
+                or not valid_host(host)
+                or not 0 < port < 65536
+            ):
                 continue
             self.known_peers[peer_id] = (host, port)
             # Whoever learns of the other first dials at once, rather than waiting for
@@ -1025,10 +1048,12 @@ class PeerSession:
         return any(c.peer_id == peer_id and not c.established for c in self.conns.values())
 
     def _pull_done(self, piece: int, now: float, out: list[Action]) -> None:
-        if piece not in self.pulls:
+        # Also after a take-back: a pull cancelled while its write ran may still land.
+        if piece in self.pulls:
+            self.pulls.discard(piece)
+            self.origin_progress.pop(piece, None)
+        elif piece in self.picker.have:
             return
-        self.pulls.discard(piece)
-        self.origin_progress.pop(piece, None)
         self.stats.origin_pieces += 1
         out.append(AnnounceSoon())
         if piece not in self.picker.have:
@@ -1127,7 +1152,10 @@ class PeerSession:
                     conn, f"a block's payload took {now - conn.receiving_since:.0f}s", now, out
                 )
                 continue
-            if conn.uploads and now - min(conn.uploads.values()) > cfg.request_timeout:
+            if conn.uploads and any(
+                now - since > cfg.request_timeout + request.length / MIN_BLOCK_RATE
+                for request, since in conn.uploads.items()
+            ):
                 self.stats.slow_closes += 1
                 self._close(
                     conn,
@@ -1154,6 +1182,11 @@ class PeerSession:
                     expired.append(conn)
             if now - conn.last_sent >= cfg.keepalive:
                 self._send(conn, KeepAlive(), now, out)
+        if self._retry_at:
+            # A backoff that has run out is the same as none.
+            stale = [p for p, (until, _) in self._retry_at.items() if now > until + _REDIAL_MAX]
+            for peer_id in stale:
+                del self._retry_at[peer_id]
         for conn in expired:
             self._expire(conn, now, out)
         if expired:
