@@ -34,6 +34,7 @@ from seeder.retry import DEFAULT_RETRY_TIME
 from swarm.demo import DemoConfig
 from swarm.fetch import FetchConfig
 from swarm.peer import PeerConfig
+from swarm.protocol import MAX_BLOCK
 from swarm.session import SessionConfig
 from tracker.service import TrackerConfig
 
@@ -678,6 +679,11 @@ def fetch(
     if direct == bool(tracker):
         raise typer.BadParameter(
             "give exactly one of --tracker URL (swarm) or --direct (origin only)"
+        )
+    if not 1 <= block_size <= MAX_BLOCK:
+        raise typer.BadParameter(
+            f"--block-size must be 1 byte to {format_size(MAX_BLOCK)} (the wire's largest"
+            f" block), got {format_size(block_size)}"
         )
     key = load_key(token_file)
     metrics_at = parse_listen("--metrics-listen", metrics_listen) if metrics_listen else None

@@ -173,6 +173,20 @@ class PiecePicker(Generic[PeerT]):
         self._partials: dict[int, _Partial[PeerT]] = {}
         self._open_partials: dict[int, None] = {}
 
+        # Peers whose last pick found nothing, with the epoch it found nothing
+        # at. The epoch moves whenever a block or piece may have become
+        # available to peers that had nothing to offer (a block re-opened, a
+        # piece back among the unstarted, a change of which pieces remote
+        # peers may serve); a peer's own new piece drops its entry if the piece
+        # is one we could ask for. (Starting a piece needs no move: an idle
+        # peer holds no unstarted piece it may be asked for, so it holds none
+        # of the blocks a start opens.)
+        # An engine asks every connection after each verified piece and each
+        # HAVE: measured in the simulator (1000 nodes, ~39 connections each),
+        # 71 picks per node and piece, nearly all of them empty scans.
+        self._epoch = 0
+        self._idle: dict[PeerT, int] = {}
+
     # -- read-only state ------------------------------------------------------
 
     @property
@@ -187,6 +201,10 @@ class PiecePicker(Generic[PeerT]):
     def have(self) -> Bitfield:
         """A copy of the pieces we have verified."""
         return self._have.copy()
+
+    def has(self, piece: int) -> bool:
+        """True if we have verified ``piece`` (no copy of the bitfield made)."""
+        return piece in self._have
 
     @property
     def missing_count(self) -> int:
@@ -321,6 +339,7 @@ class PiecePicker(Generic[PeerT]):
             self._swap(i64(self._pos[piece]), first)
             start[upper] = i32(first + 1)
         self._shuffle_in(i64(self._pos[piece]), i64(start[level]), i64(start[level + 1]))
+        self._epoch += 1
 
     def _set_avail(self, piece: int, delta: int) -> None:
         """One more (``delta`` = 1) or one fewer (-1) connected peer has ``piece``."""
@@ -362,6 +381,10 @@ class PiecePicker(Generic[PeerT]):
                 f"bitfield of {len(bitfield)} pieces for an artifact of {self.num_pieces}"
             )
         known = self._peers.get(peer)
+        if peer in self._idle:
+            del self._idle[peer]
+        if remote:
+            self._epoch += 1  # more remote holders: other remote peers may serve more
         if known is None:
             self._peers[peer] = bitfield
             if remote:
@@ -389,6 +412,9 @@ class PiecePicker(Generic[PeerT]):
         self._set_avail(piece, 1)
         if self._remote and peer in self._remote:
             self._remote_avail[piece] += 1
+            self._epoch += 1
+        elif peer in self._idle and (self._bucketed(piece) or piece in self._open_partials):
+            del self._idle[peer]
 
     def remove_peer(self, peer: PeerT) -> list[BlockRequest]:
         """``peer`` disconnected: forget its pieces; its requests go back to open.
@@ -396,9 +422,13 @@ class PiecePicker(Generic[PeerT]):
         Returns the requests that were in flight to it (now open again).
         """
         known = self._peers.pop(peer, None)
+        if peer in self._idle:
+            del self._idle[peer]
         if known is not None:
             have = self._have
             remote = peer in self._remote
+            if self._remote and not remote:
+                self._epoch += 1  # fewer same-zone holders: remote peers may serve more
             if remote:
                 self._remote.discard(peer)
             for piece in known:
@@ -427,6 +457,7 @@ class PiecePicker(Generic[PeerT]):
         if known is None or peer in self._remote:
             return
         self._remote.add(peer)
+        self._epoch += 1
         for piece in known:
             if piece not in self._have:
                 self._remote_avail[piece] += 1
@@ -513,6 +544,22 @@ class PiecePicker(Generic[PeerT]):
         bits = self._peers.get(peer)
         if bits is None or max_blocks <= 0 or self.done:
             return []
+        endgame = self.in_endgame  # duplicates depend on the whole state: no shortcut
+        if not endgame:
+            idle = self._idle.get(peer)
+            if idle is not None and idle == self._epoch:
+                return []
+        picked = self._pick(peer, bits, max_blocks, endgame)
+        if picked or endgame:
+            if peer in self._idle:
+                del self._idle[peer]
+        else:
+            self._idle[peer] = self._epoch
+        return picked
+
+    def _pick(
+        self, peer: PeerT, bits: Bitfield, max_blocks: int, endgame: bool
+    ) -> list[BlockRequest]:
         remote = bool(self._remote) and peer in self._remote
         picked: list[BlockRequest] = []
         if self._open_partials:
@@ -531,7 +578,7 @@ class PiecePicker(Generic[PeerT]):
             self._take_open(peer, new_piece, max_blocks - len(picked), picked)
         if (
             not picked
-            and self.in_endgame
+            and endgame
             and self._blocks_to_go() <= len(self._peers)
             and not self._requested_from(peer)
         ):
@@ -729,6 +776,7 @@ class PiecePicker(Generic[PeerT]):
         partial.open += 1
         partial.next_open = min(partial.next_open, index)
         self._open_partials[block.piece] = None
+        self._epoch += 1
 
     def piece_complete(self, piece: int) -> bool:
         """True when every block of ``piece`` has been received (time to verify)."""

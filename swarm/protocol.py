@@ -84,9 +84,11 @@ newer, is reported as "wrong version", not as garbage.
 
 Errors
 ------
-Building an invalid message (a negative piece, a 31-byte root, a block longer
-than :data:`MAX_BLOCK`) raises :class:`~core.errors.LocalProtocolError`: that is
-our bug. Anything invalid the remote sends raises
+Building an invalid message (a negative piece, a 31-byte root, a block past the
+largest piece) raises :class:`~core.errors.LocalProtocolError`, and so does
+encoding a block longer than :data:`MAX_BLOCK`: that is our bug. (A message may
+name a longer block than the wire carries: the simulator's sessions move a whole
+piece as one block.) Anything invalid the remote sends raises
 :class:`~core.errors.RemoteProtocolError` from :meth:`FrameDecoder.next_event`,
 with a message saying what was wrong; the caller drops that peer. After an
 error the decoder stays failed. :meth:`PeerHandshake.receive` raises
@@ -282,7 +284,7 @@ class Have:
 def _check_range(owner: str, piece: int, offset: int, length: int) -> None:
     _check_int(owner, "piece", piece, 0, MAX_PIECES - 1)
     _check_int(owner, "offset", offset, 0, _U32_MAX)
-    _check_int(owner, "length", length, 1, MAX_BLOCK)
+    _check_int(owner, "length", length, 1, MAX_PIECE_LENGTH)
     if offset + length > MAX_PIECE_LENGTH:
         raise LocalProtocolError(
             f"{owner} offset {offset} + length {length} runs past the largest piece "
@@ -544,9 +546,14 @@ def encode(msg: Message) -> bytes:
 
     For a :class:`BlockHeader` this is only the frame; the caller sends the
     ``length`` payload bytes right after it. Raises LocalProtocolError for
-    something that is not a message.
+    something that is not a message, or a block longer than :data:`MAX_BLOCK`.
     """
     if isinstance(msg, Request | Cancel | Reject | BlockHeader):
+        if msg.length > MAX_BLOCK:
+            raise LocalProtocolError(
+                f"{type(msg).__name__} length {msg.length} is over the wire's largest block"
+                f" ({MAX_BLOCK} bytes)"
+            )
         return _frame(_RANGE_TYPES[type(msg)], _RANGE.pack(msg.piece, msg.offset, msg.length))
     if isinstance(msg, Have):
         return _frame(_T_HAVE, _PIECE.pack(msg.piece))

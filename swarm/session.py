@@ -556,7 +556,7 @@ class PeerSession:
         return self.picker.have
 
     def has(self, piece: int) -> bool:
-        return piece in self.picker.have
+        return self.picker.has(piece)
 
     def peer_of(self, conn: int) -> bytes:
         """The proven peer id of ``conn`` (empty if unknown or not proven)."""
@@ -843,12 +843,12 @@ class PeerSession:
         if bits is None:
             bits = conn.bitfield = Bitfield(self.num_pieces)
             self.picker.add_peer(conn, bits, remote=conn.remote)
-        if bits.add(piece) and piece not in self.picker.have:
+        if bits.add(piece) and not self.picker.has(piece):
             self.picker.peer_has(conn, piece)
             self._fill(conn, now, out)
 
     def _request(self, conn: _Conn, msg: Request, now: float, out: list[Action]) -> None:
-        if msg.piece not in self.picker.have or not self.uploads.enqueue(conn, msg):
+        if not self.picker.has(msg.piece) or not self.uploads.enqueue(conn, msg):
             self._send(conn, Reject(msg.piece, msg.offset, msg.length), now, out)
             return
         self._grant(now, out)
@@ -893,7 +893,7 @@ class PeerSession:
             stats.duplicate_causes["cancelled"] += block.length
         else:
             del conn.requested[block]
-            if block.piece in self.picker.have or block.piece in self.verifying:
+            if self.picker.has(block.piece) or block.piece in self.verifying:
                 stats.duplicate_causes["had"] += block.length
             else:
                 self._storing[(conn.id, block)] = conn
@@ -912,7 +912,7 @@ class PeerSession:
             # On disk already (an earlier source's, or a pull's): these bytes are not
             # in the piece, but the block is there, and counts as received all the same.
             self.stats.duplicate_causes["written"] += block.length
-        if piece in self.picker.have or piece in self.verifying:
+        if self.picker.has(piece) or piece in self.verifying:
             return
         if written:
             # Counted even if the connection has closed since: the bytes are on disk
@@ -1052,11 +1052,11 @@ class PeerSession:
         if piece in self.pulls:
             self.pulls.discard(piece)
             self.origin_progress.pop(piece, None)
-        elif piece in self.picker.have:
+        elif self.picker.has(piece):
             return
         self.stats.origin_pieces += 1
         out.append(AnnounceSoon())
-        if piece not in self.picker.have:
+        if not self.picker.has(piece):
             self._piece_ours(piece, now, out)
 
     def _pull_ended(self, piece: int, now: float, out: list[Action]) -> None:

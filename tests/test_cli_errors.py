@@ -41,6 +41,18 @@ def _wait_for(predicate: object, timeout: float, what: str) -> None:
         ("--no-such-flag",),
         ("--log-format", "xml", "tracker"),
         ("fetch", "m", "--dest", "/tmp/x", "--direct", "--progress-interval", "0"),
+        # Over the wire's largest block (swarm.protocol.MAX_BLOCK): refused before
+        # anything starts, not when the first connection's decoder is built.
+        (
+            "fetch",
+            "m",
+            "--dest",
+            "/tmp/x",
+            "--tracker",
+            "http://127.0.0.1:9",
+            "--block-size",
+            "32MiB",
+        ),
     ],
 )
 def test_usage_mistakes_are_one_line_and_exit_2(args: tuple[str, ...]) -> None:

@@ -636,3 +636,93 @@ def test_a_peer_found_to_be_remote_after_it_was_added_is_asked_only_for_what_no_
     assert asked <= {2, 3} and asked
     picker.set_remote("later")  # idempotent
     assert picker.local_availability(3) == 0
+
+
+def _pickable(picker: PiecePicker[int], peer: int, bits: Bitfield) -> list[int]:
+    """Pieces ``peer`` could be asked for now, computed from scratch (no endgame)."""
+    remote = picker.is_remote(peer)
+    return [
+        piece
+        for piece in bits
+        if (picker._bucketed(piece) or piece in picker._open_partials)
+        and (not remote or picker.local_availability(piece) == 0)
+    ]
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(
+                ["pick", "recv", "fail", "gone", "has", "reserve", "release", "remote"]
+            ),
+            st.integers(0, 99),
+        ),
+        max_size=120,
+    ),
+    st.integers(0, 2**32),
+)
+@settings(max_examples=300)
+def test_a_peer_found_idle_is_skipped_only_while_nothing_new_is_pickable(
+    events: list[tuple[str, int]], seed: int
+) -> None:
+    """The idle shortcut never hides a block: every empty pick outside endgame is
+    confirmed by a scan from scratch (several blocks per piece, remote peers,
+    releases, departures)."""
+    num_pieces, num_peers = 6, 5
+    rng = random.Random(seed)
+    picker: PiecePicker[int] = PiecePicker([BLOCK * 3] * num_pieces, BLOCK, random.Random(seed))
+    records: dict[int, Bitfield] = {}
+    for peer in range(num_peers):
+        records[peer] = Bitfield.from_indices(rng.sample(range(num_pieces), 2), num_pieces)
+        picker.add_peer(peer, records[peer], remote=peer >= 3)
+    empty = 0
+    for kind, n in events:
+        peer = n % num_peers
+        if kind == "pick":
+            picked = picker.pick(peer, 1 + n % 3)
+            if not picked and not picker.in_endgame and not picker.done:
+                empty += 1
+                assert _pickable(picker, peer, records[peer]) == []
+        elif kind == "recv" and picker.outstanding(peer):
+            block = picker.outstanding(peer)[n % len(picker.outstanding(peer))]
+            picker.block_received(peer, block)
+            if picker.piece_complete(block.piece):
+                if n % 5 == 0:
+                    picker.piece_failed(block.piece)
+                else:
+                    picker.mark_have(block.piece)
+        elif kind == "fail" and picker.outstanding(peer):
+            picker.block_failed(peer, picker.outstanding(peer)[0])
+        elif kind == "gone":
+            picker.remove_peer(peer)
+            records[peer] = Bitfield(num_pieces)
+            picker.add_peer(peer, records[peer], remote=n % 2 == 0)
+        elif kind == "has":
+            piece = n % num_pieces
+            if records[peer].add(piece):
+                picker.peer_has(peer, piece)
+        elif kind == "reserve":
+            picker.reserve(n % num_pieces)
+        elif kind == "release" and picker.is_reserved(n % num_pieces):
+            picker.release(n % num_pieces)
+        elif kind == "remote":
+            picker.set_remote(peer)
+
+
+def test_an_idle_peer_gets_a_block_that_another_peer_gave_back() -> None:
+    picker: PiecePicker[str] = PiecePicker([BLOCK * 3] * 4, BLOCK, random.Random(0))
+    a = Bitfield.from_indices([0], 4)
+    picker.add_peer("a", a)
+    picker.add_peer("b", Bitfield.from_indices([0], 4))
+    taken = picker.pick("b", 3)
+    assert pieces(taken) == [0, 0, 0]
+    assert picker.pick("a", 3) == []  # found idle
+    picker.block_failed("b", taken[1])
+    assert picker.pick("a", 3) == [taken[1]]
+    assert picker.pick("a", 3) == []
+    picker.add_peer("c", Bitfield.from_indices([1], 4))
+    assert picker.pick("a", 3) == []  # c's piece is no use to a
+    a.add(1)
+    picker.peer_has("a", 1)
+    assert pieces(picker.pick("a", 1)) == [1]  # its own new piece
+    assert pieces(picker.pick("c", 3)) == [1, 1]  # the open rest of a started piece
