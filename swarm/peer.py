@@ -647,12 +647,14 @@ class SwarmPeer:
                 log.warning("tracker reachable again")
             backoff.reset()
             self._apply_reply(reply)
-            # Announce early when an origin pull finished, so the next assignment
-            # doesn't wait a whole interval; at most every tenth of an interval.
-            interval = reply.interval
-            await asyncio.sleep(interval / 10)
+            # Announce again as soon as an origin pull finished, so the next
+            # assignment comes while the other pulls still run: one announce in
+            # flight at a time, and pulls that finish meanwhile share the next.
+            # Only verified origin pieces trigger it, so a peer announces at most
+            # as often as it completes pieces (a floor of a tenth of the interval
+            # here made a lone peer 23x slower than --direct with 4 MiB pieces).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._announce_soon.wait(), interval * 0.9)
+                await asyncio.wait_for(self._announce_soon.wait(), reply.interval)
             self._announce_soon.clear()
 
     def _apply_reply(self, reply: Reply) -> None:
