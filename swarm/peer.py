@@ -200,7 +200,9 @@ class PeerConfig:
     fallback_direct: bool = False
     catalog: str | None = None
     origin_url: str | None = None
-    origin_pieces_in_flight: int = 2
+    origin_pieces_in_flight: int = (
+        FetchConfig.pieces_in_flight
+    )  # as --direct; the tracker hands a lone peer as many
     blocks_in_flight: int = 8  # received blocks waiting for the disk thread, across connections
     range_size: int = FetchConfig.range_size
     origin_concurrency: int = FetchConfig.origin_concurrency

@@ -17,12 +17,14 @@ def make(
     *,
     seed: int = 0,
     per_peer_limit: int = 2,
+    min_in_flight: int = 1,
     origin_budget: int | None = None,
     stall_timeout: float = 30.0,
 ) -> SeederAssignment[str]:
     policy: SeederAssignment[str] = SeederAssignment(
         [PIECE] * num_pieces,
         per_peer_limit=per_peer_limit,
+        min_in_flight=min_in_flight,
         origin_budget=origin_budget,
         stall_timeout=stall_timeout,
         rng=random.Random(seed),
@@ -294,3 +296,23 @@ def test_invariants_under_random_events(events: list[tuple[str, int]], seed: int
         check_invariants(policy)
         for piece in ever_present:
             assert policy.owner(piece) is None
+
+
+def test_a_small_swarm_keeps_min_in_flight_pieces_pulling() -> None:
+    """A lone peer pulls four at once (what --direct keeps), two peers two each, and
+    the per-peer limit rules again once there are peers enough."""
+    policy = make(40, 1, per_peer_limit=2, min_in_flight=4)
+    assert policy.limit == 4 and policy.budget == 4
+    assert len(policy.assign(0.0)["p0"]) == 4
+    policy.peer_joined("p1", 1.0)
+    assert policy.limit == 2 and policy.budget == 4
+    assert policy.assign(1.0) == {}  # four in flight already, all p0's
+    for piece in policy.assignments("p0")[:2]:
+        policy.piece_present(piece)
+    assert {peer: len(pieces) for peer, pieces in policy.assign(2.0).items()} == {"p1": 2}
+    for i in range(2, 5):
+        policy.peer_joined(f"p{i}", 3.0)
+    assert policy.limit == 2 and policy.budget == 10
+    check_invariants(policy)
+    with pytest.raises(ValueError, match="min_in_flight"):
+        make(4, min_in_flight=0)

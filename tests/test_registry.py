@@ -26,6 +26,7 @@ def addr(i: int) -> tuple[str, int]:
 def make(num_pieces: int = 10, **kwargs: Any) -> SwarmRegistry:
     kwargs.setdefault("peer_ttl", 60.0)
     kwargs.setdefault("rng", random.Random(0))
+    kwargs.setdefault("min_in_flight", 1)  # the per-peer limit alone, as these tests count it
     return SwarmRegistry([PIECE] * num_pieces, **kwargs)
 
 

@@ -179,7 +179,7 @@ def test_fake_progress_for_every_piece_takes_nothing_from_real_seeders(tmp_path:
         client = TrackerClient(url)
         try:
             real = await client.announce(_announce(manifest, HONEST, 7001))
-            assert len(real.assigned) == 2
+            assert len(real.assigned) == 4  # alone: the small-swarm floor
             everything = {p: 1 for p in range(manifest.num_pieces)}
             fake = await client.announce(_announce(manifest, LIAR, 7002, progress=everything))
             assert set(fake.assigned).isdisjoint(real.assigned)
@@ -294,7 +294,7 @@ def test_with_the_token_everything_works(tmp_path: Path) -> None:
             a = await client.announce(_announce(manifest, VICTIM, 7001))
             b = await other.announce(_announce(manifest, HONEST, 7002))
             assert client.udp_failures == other.udp_failures == 0
-            assert len(a.assigned) == 2 and b.peers == [(VICTIM, "127.0.0.1", 7001)]
+            assert len(a.assigned) == 4 and b.peers == [(VICTIM, "127.0.0.1", 7001)]
             status, data, _ = await client.get("/v1/swarms")
             assert status == 200
             assert json.loads(data)["swarms"][manifest.root_hex]["peers"] == 2
@@ -470,7 +470,7 @@ def test_https_tracker_with_a_ca_bundle(tmp_path: Path) -> None:
         try:
             assert (await client.manifest(NAME)).root_hex == manifest.root_hex
             reply = await client.announce(_announce(manifest, HONEST, 7001))
-            assert len(reply.assigned) == 2
+            assert len(reply.assigned) == 4
             assert client.udp_failures == 0 and tracker.announces == 1  # over HTTPS only
             with pytest.raises(TrackerError, match="unreachable"):
                 await stranger.manifest(NAME)

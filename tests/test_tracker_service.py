@@ -62,6 +62,7 @@ def run_with_tracker(
             peer_ttl=5.0,
             stall_timeout=5.0,
             restart_grace=0.0,
+            min_origin_pieces=1,  # two per peer from the first: the counts below follow
         )
         tracker = Tracker(config, rng=random.Random(1))
         await tracker.start()

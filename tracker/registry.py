@@ -57,7 +57,7 @@ from typing import Any
 from core.bitfield import Bitfield
 from core.digest import PEER_ID_LENGTH
 from swarm.hosts import valid_host
-from tracker.assignment import SeederAssignment
+from tracker.assignment import MIN_IN_FLIGHT, SeederAssignment
 from tracker.errors import BadAnnounceError
 from tracker.zones import NO_ZONE, ZoneIndex
 
@@ -120,6 +120,7 @@ class SwarmRegistry:
         rng: random.Random,
         max_peers_in_reply: int = 50,
         per_peer_limit: int = 2,
+        min_in_flight: int = MIN_IN_FLIGHT,
         origin_budget: int | None = None,
         stall_timeout: float = 30.0,
         assign_after: float = float("-inf"),
@@ -145,6 +146,7 @@ class SwarmRegistry:
         self.assignment: SeederAssignment[bytes] = SeederAssignment(
             self._lengths,
             per_peer_limit=per_peer_limit,
+            min_in_flight=min_in_flight,
             origin_budget=origin_budget,
             stall_timeout=stall_timeout,
             rng=rng,

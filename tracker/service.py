@@ -71,6 +71,7 @@ from swarm.announce import (
     parse_http_auth,
 )
 from swarm.metrics import metrics_response
+from tracker.assignment import MIN_IN_FLIGHT
 from tracker.errors import BadAnnounceError, UnauthenticatedError
 from tracker.metrics import TrackerMetrics
 from tracker.registry import SwarmRegistry
@@ -103,6 +104,8 @@ class TrackerConfig:
     announce_interval: float = 2.0
     peer_ttl: float = 10.0
     per_peer_limit: int = 2
+    min_origin_pieces: int = MIN_IN_FLIGHT
+    """Origin pieces a small swarm keeps in flight at least: a lone peer pulls this many."""
     origin_budget: int | None = None
     origin_rate: int | None = None
     """Cluster-wide cap on origin reads in bytes/s, shared by the peers pulling (None: uncapped)."""
@@ -403,6 +406,7 @@ class Tracker:
                 rng=random.Random(self._rng.random()),
                 max_peers_in_reply=self.config.max_peers_in_reply,
                 per_peer_limit=self.config.per_peer_limit,
+                min_in_flight=self.config.min_origin_pieces,
                 origin_budget=self.config.origin_budget,
                 stall_timeout=self.config.stall_timeout,
                 assign_after=self._started + grace,
