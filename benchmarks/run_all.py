@@ -100,7 +100,9 @@ def render_other(
                 f"| {run['aggregate_mb_per_s']:.0f} | {'yes' if run['verified'] else 'NO'} |\n"
             )
     if sim_speed is not None:
-        r = sim_speed
+        # Since 2026-12-03 the figures of this checkout are under "after" (and an
+        # earlier revision's, with --before, under "before").
+        r = {**sim_speed, **sim_speed.get("after", {})}
         compiled = r["compiled"]
         out += (
             f"\nSimulator speed ({r['date']}, `python -m benchmarks.sim_speed`): "
@@ -118,7 +120,14 @@ def render_other(
                 f", interpreted {interpreted['wall_seconds']:.0f} s (ratio "
                 f"{r['speedup']:.2f}, same result: {'yes' if r['same_result'] else 'NO'})"
             )
-        out += f"; target {r['target_wall_seconds']} s.\n"
+        before = r.get("before")
+        if before is not None:
+            out += (
+                f"; {r['before_revision']} in the same run: compiled "
+                f"{before['compiled']['wall_seconds']:.0f} s (after ÷ before "
+                f"{r['after_over_before']['compiled']:.2f})"
+            )
+        out += f"; target {r.get('target_wall_seconds', 60)} s.\n"
     return out
 
 

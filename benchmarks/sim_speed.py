@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         "piece_bytes": first["piece_bytes"],
         "model_size_override": args.model_size,
         "before_revision": args.before,
+        "target_wall_seconds": 60,
         **{name: _report(compiled[name], interpreted[name]) for name in roots},
     }
     if args.before:

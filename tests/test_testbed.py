@@ -16,6 +16,7 @@ from benchmarks.run_all import (
     END_MARKER,
     START_MARKER,
     latest_results,
+    render_other,
     render_table,
     replace_marked,
     update_readme,
@@ -239,3 +240,31 @@ def test_latest_results_picks_the_newest_file_of_each_scenario(tmp_path: Path) -
 def test_scenario_overrides_keep_the_bound_consistent() -> None:
     small = Scenario("dev", 4, 10**9, 2 * 10**8, 64 * MIB, 4 * MIB)
     assert small.lower_bound_seconds == pytest.approx(64 * MIB * 8 / 2e8)
+
+
+def test_sim_speed_renders_old_and_before_after_results() -> None:
+    common = {
+        "date": "2026-12-03",
+        "scenario": "fireworks-kimi",
+        "variant": "n1000-o25",
+        "strategy": "swarm",
+        "nodes": 1000,
+        "model_bytes": 1 << 40,
+        "piece_bytes": 256 << 20,
+        "target_wall_seconds": 60,
+    }
+    timing = {"wall_seconds": 30.0, "events": 4_000_000}
+    old = {**common, "compiled": timing, "compiled_walls": [29.0, 30.0, 31.0]}
+    assert "compiled (`--native`) 30 s (median of 3: 29, 30, 31 s)" in render_other(
+        None, None, sim_speed=old
+    )
+    new = {
+        **common,
+        "before_revision": "main",
+        "after": {"compiled": {**timing, "wall_seconds": 60.0}, "compiled_walls": [60.0]},
+        "before": {"compiled": timing, "compiled_walls": [30.0]},
+        "after_over_before": {"compiled": 2.0, "interpreted": None},
+    }
+    text = render_other(None, None, sim_speed=new)
+    assert "compiled (`--native`) 60 s; main in the same run: compiled 30 s" in text
+    assert "(after ÷ before 2.00)" in text
