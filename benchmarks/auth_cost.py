@@ -52,7 +52,8 @@ from core.bitfield import Bitfield
 from core.units import parse_size
 from seeder.publish import publish
 from swarm.announce import Announce
-from tracker.service import Tracker, TrackerConfig
+from tracker.config import TrackerConfig
+from tracker.service import Tracker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from servers import free_port, populate

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from core.units import format_size, parse_size
-from tracker.service import TrackerConfig
+from tracker.config import TrackerConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SWARM = str(Path(sys.executable).parent / "swarm")

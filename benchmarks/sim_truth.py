@@ -5,7 +5,7 @@ artifact (size, files, piece size) and the flags the tracker and the peers ran
 with. :func:`build_scenario` turns exactly those into a
 :class:`simulations.scenario.Scenario`: block size and pipeline depths come from
 the peer's and the tracker's config defaults (:class:`swarm.peer.PeerConfig`,
-:class:`tracker.service.TrackerConfig`) with the run's flags applied on top, so
+:class:`tracker.config.TrackerConfig`) with the run's flags applied on top, so
 nothing is stated twice. :func:`predict` runs the simulator's ``swarm`` strategy
 on it with a fixed seed and returns its p50 and max completion, its origin
 bytes, and the ratios real ÷ simulated.
@@ -44,7 +44,7 @@ from core.units import parse_size
 from simulations.runner import run_strategy
 from simulations.scenario import NodeGroup, Scenario
 from swarm.peer import PeerConfig
-from tracker.service import TrackerConfig
+from tracker.config import TrackerConfig
 
 __all__ = [
     "SEED",

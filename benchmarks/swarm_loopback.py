@@ -23,7 +23,8 @@ from typing import Any
 from rich.console import Console
 
 from core.units import parse_size
-from swarm.demo import DemoConfig, run_demo
+from swarm.demo import run_demo
+from swarm.demo_config import DemoConfig
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -31,12 +31,12 @@ from core.errors import ConfigError, SwarmError
 from core.manifest import DEFAULT_PIECE_SIZE
 from core.units import format_size, parse_size
 from seeder.retry import DEFAULT_RETRY_TIME
-from swarm.demo import DemoConfig
+from swarm.demo_config import DemoConfig
 from swarm.fetch import FetchConfig
 from swarm.peer import PeerConfig
 from swarm.protocol import MAX_BLOCK
 from swarm.session import SessionConfig
-from tracker.service import TrackerConfig
+from tracker.config import TrackerConfig
 
 try:  # typer >= 0.22 vendors click; older releases use click itself
     from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -17,9 +17,10 @@ from rich.table import Table
 import simulations.native
 from core.errors import ConfigError, SwarmError
 from core.units import parse_size
-from simulations.engine import Result
-from simulations.runner import plot_results, run_strategy
 from simulations.scenario import STRATEGIES, Scenario, list_scenarios, load_scenario
+
+if TYPE_CHECKING:
+    from simulations.engine import Result
 
 __all__ = ["build_scenario", "register", "results_table", "simulate"]
 
@@ -172,6 +173,10 @@ def simulate(
                 **overrides,
             )
             simulations.native.reexec("cli.main", ["simulate", *argv, "--native"], build)
+        # Here, not at the top: every ``swarm`` command registers this one, and
+        # a fetch should not load the engine and the strategies to start.
+        from simulations.runner import plot_results, run_strategy
+
         results: list[Result] = []
         for name in names:
             stderr.print(

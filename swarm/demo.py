@@ -34,21 +34,10 @@ from core.manifest import Manifest
 from core.units import format_size
 from seeder.local_s3 import LocalS3Server, free_port
 from seeder.publish import publish
+from swarm.demo_config import DemoConfig
 from swarm.store import STATE_DIR, read_complete_marker
 
 BUCKET = "models"
-
-
-@dataclass
-class DemoConfig:
-    peers: int = 6
-    size: int = 256 * 1024 * 1024
-    piece_size: int = 16 * 1024 * 1024
-    shards: int = 4
-    seed: int = 1
-    workdir: Path | None = None
-    keep: bool = False
-    timeout: float = 600.0
 
 
 @dataclass

@@ -44,7 +44,8 @@ from swarm.announce import Announce, TrackerClient
 from swarm.fetch import FetchResult
 from swarm.metrics import MetricsServer, peer_registry, serve_metrics
 from swarm.peer import PeerConfig, SwarmPeer
-from tracker.service import Tracker, TrackerConfig
+from tracker.config import TrackerConfig
+from tracker.service import Tracker
 
 PIECE = 64 * 1024
 NAME = "metrics-llm"

@@ -56,7 +56,8 @@ from swarm.protocol import (
     PeerHandshake,
     encode,
 )
-from tracker.service import Tracker, TrackerConfig
+from tracker.config import TrackerConfig
+from tracker.service import Tracker
 
 PIECE = 64 * 1024
 NAME = "auth-llm"
@@ -141,7 +142,9 @@ class Cluster:
 
 
 @contextlib.asynccontextmanager
-async def cluster(tmp_path: Path, files: dict[str, bytes] | None = None) -> AsyncIterator[Cluster]:
+async def cluster(
+    tmp_path: Path, files: dict[str, bytes] | None = None, *, restart_grace: float = 0.0
+) -> AsyncIterator[Cluster]:
     files = files or make_files()
     populate(tmp_path / "www" / "model", files)
     catalog = (tmp_path / "catalog").as_uri()
@@ -153,7 +156,7 @@ async def cluster(tmp_path: Path, files: dict[str, bytes] | None = None) -> Asyn
         announce_interval=0.2,
         peer_ttl=5.0,
         stall_timeout=5.0,
-        restart_grace=0.0,
+        restart_grace=restart_grace,
     )
     tracker = Tracker(config, rng=random.Random(1))
     await tracker.start()
@@ -555,7 +558,9 @@ def test_peers_trade_an_artifact_of_many_files_with_few_open(tmp_path: Path) -> 
     files = {f"shards/{i:03d}.bin": random.Random(i).randbytes(3000 + i) for i in range(40)}
 
     async def body() -> None:
-        async with cluster(tmp_path, files) as c:
+        # Both are known before the tracker assigns anything (its start-up grace):
+        # a peer alone pulls back to back, and 40 files of 3 KB would all be its.
+        async with cluster(tmp_path, files, restart_grace=1.0) as c:
             # The tracker splits the origin pulls between the two, so each uploads
             # about half of the 40 files to the other through a cache of 4.
             _, run_a = c.start_peer("a", KEY, open_files=4)

@@ -40,8 +40,9 @@ from swarm.announce import MAX_ZONE_LENGTH, Announce, BadAnnounce, Reply, Tracke
 from swarm.fetch import FetchResult
 from swarm.peer import PeerConfig, SwarmPeer
 from swarm.ratelimit import default_burst
+from tracker.config import TrackerConfig
 from tracker.registry import SwarmRegistry
-from tracker.service import Tracker, TrackerConfig
+from tracker.service import Tracker
 
 MiB = 1024 * 1024
 PIECE = 1 * MiB
@@ -64,6 +65,7 @@ def registry(origin_rate: int | None, pieces: int = 8, per_peer: int = 2) -> Swa
         peer_ttl=10.0,
         rng=random.Random(1),
         per_peer_limit=per_peer,
+        min_in_flight=1,  # the per-peer limit alone: a lone first peer takes no more
         origin_rate=origin_rate,
     )
 

@@ -24,7 +24,7 @@ from benchmarks.sim_truth import (
     startup_delay,
 )
 from swarm.peer import PeerConfig
-from tracker.service import TrackerConfig
+from tracker.config import TrackerConfig
 
 GBIT = 1000 * MBIT
 

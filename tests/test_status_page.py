@@ -35,8 +35,9 @@ from core.bitfield import Bitfield
 from core.manifest import Manifest
 from seeder.publish import publish
 from swarm.announce import PEER_ID_SIZE, Announce, Reply, TrackerClient
+from tracker.config import TrackerConfig
 from tracker.registry import SwarmRegistry
-from tracker.service import Tracker, TrackerConfig
+from tracker.service import Tracker
 from tracker.status_page import StatusLimits, availability_cells, swarm_snapshot
 
 PIECE = 64 * 1024

@@ -47,7 +47,8 @@ from swarm.announce import (
     TrackerClient,
     http_auth_header,
 )
-from tracker.service import AnnounceGate, Tracker, TrackerConfig, _RefusalLog
+from tracker.config import TrackerConfig
+from tracker.service import AnnounceGate, Tracker, _RefusalLog
 
 PIECE = 64 * 1024
 NAME = "tiny-llm"

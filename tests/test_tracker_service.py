@@ -30,7 +30,8 @@ from core.errors import CatalogError, TrackerError, UnknownArtifactError
 from core.manifest import Manifest
 from seeder.publish import publish
 from swarm.announce import PEER_ID_SIZE, Announce, Reply, TrackerClient
-from tracker.service import Tracker, TrackerConfig
+from tracker.config import TrackerConfig
+from tracker.service import Tracker
 
 PIECE = 64 * 1024
 NAME = "tiny-llm"
