@@ -20,7 +20,7 @@ import json
 import random
 import shutil
 import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -298,6 +298,7 @@ def test_status_page_in_headless_chromium(running_tracker: RunningTracker) -> No
             f"(need a chromium binary and {CHROMEDRIVER}; .ci/run installs both with apt-get)"
         )
     from selenium import webdriver
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -317,9 +318,22 @@ def test_status_page_in_headless_chromium(running_tracker: RunningTracker) -> No
         driver.get(f"{running_tracker.url}/")
         card = f'section.swarm[data-root="{root}"]'
 
+        def fresh(read: Callable[[], str]) -> str:
+            # The page re-renders on every poll: an element just found may be
+            # replaced before it is read. Find it again, a few times at most.
+            for _ in range(5):
+                try:
+                    return read()
+                except StaleElementReferenceException:
+                    continue
+            return read()
+
         def text(selector: str) -> str:
-            found = driver.find_elements(By.CSS_SELECTOR, f"{card} {selector}")
-            return found[0].text if found else ""
+            def read() -> str:
+                found = driver.find_elements(By.CSS_SELECTOR, f"{card} {selector}")
+                return found[0].text if found else ""
+
+            return fresh(read)
 
         WebDriverWait(driver, 30, poll_frequency=0.2).until(
             lambda _: text('[data-field="name"]') == NAME
@@ -331,11 +345,16 @@ def test_status_page_in_headless_chromium(running_tracker: RunningTracker) -> No
         size = running_tracker.manifest.total_size
         assert text('[data-field="origin"] .value') == f"{known.origin_bytes / size:.3f}"
         for peer_id, have in known.haves.items():
-            row = driver.find_element(By.CSS_SELECTOR, f'{card} tr[data-peer="{peer_id}"]')
-            assert f"{have} / {known.pieces}" in row.text
-        strip = driver.find_element(By.CSS_SELECTOR, f'{card} canvas[data-field="availability"]')
-        assert strip.get_attribute("data-cells") == str(known.pieces)
-        assert "swarms" in driver.find_element(By.ID, "summary").text
+            assert f"{have} / {known.pieces}" in text(f'tr[data-peer="{peer_id}"]')
+        cells = fresh(
+            lambda: str(
+                driver.find_element(
+                    By.CSS_SELECTOR, f'{card} canvas[data-field="availability"]'
+                ).get_attribute("data-cells")
+            )
+        )
+        assert cells == str(known.pieces)
+        assert "swarms" in fresh(lambda: driver.find_element(By.ID, "summary").text)
 
         # The swarm moves: a rate appears, computed in the page from its polls.
         running_tracker.announce(bytes([ord("h")]) * PEER_ID_SIZE, 7003, set(range(known.pieces)))
