@@ -122,6 +122,8 @@ class Result:
     wall_seconds: float
     events: int
     network_fallbacks: int
+    network_relevels: int
+    """Link re-levellings the network solver did: its share of the wall time."""
     total_series: Series = field(repr=False)
     origin_series: Series = field(repr=False)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -184,6 +186,7 @@ class Result:
             "wall_seconds": self.wall_seconds,
             "events": self.events,
             "network_fallbacks": self.network_fallbacks,
+            "network_relevels": self.network_relevels,
             **self.extra,
             **(
                 {
@@ -633,6 +636,7 @@ class Simulation:
             wall_seconds=time.perf_counter() - wall,
             events=count,
             network_fallbacks=self.net.fallbacks,
+            network_relevels=self.net.relevels,
             total_series=self.total_series,
             origin_series=self.origin_series,
             extra=dict(extra()) if callable(extra) else {},

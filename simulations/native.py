@@ -58,9 +58,13 @@ COMPILED = (
     "core/bitfield.py",
     "swarm/choker.py",
     "swarm/picker.py",
+    "swarm/session.py",
+    "tracker/registry.py",
+    "tracker/zones.py",
     "simulations/network.py",
     "simulations/engine.py",
     "simulations/strategies.py",
+    "simulations/session_swarm.py",
 )
 
 _MARKER = "BUILT"

@@ -69,6 +69,24 @@ _INSERTION_MAX: Final = 32
 # anything measurable, far above float rounding.
 _REL_TOL: Final = 1e-9
 
+# Relative rise of a flow's rate below which the re-levelling keeps the old
+# rate and leaves its other links alone: a rise is capacity a flow could use
+# and ripples across the swarm when passed on; a fall is always applied, so no
+# link is ever over its capacity. Measured in the session-driven simulator
+# (fireworks-kimi n1000-o25, a 16 GiB slice, compiled): with 1e-9, 36.6 M
+# re-levellings and 779 s; with 1e-3, 5.1 M and 16.3 s, completion times
+# within 0.4 %. Flows may run up to this much below their max-min rate.
+_RATE_TOL: Final = 1e-3
+
+
+def _moves(rate: float, old: float) -> bool:
+    """True if a flow re-levelled from ``old`` to ``rate`` takes the new rate."""
+    if (rate == 0.0) != (old == 0.0):
+        return True
+    if rate > old:
+        return rate - old > _RATE_TOL * (rate + old)
+    return old - rate > _REL_TOL * (rate + old)
+
 
 class Link:
     """A shared capacity in bytes per second."""
@@ -580,7 +598,7 @@ class Network:
                 # moves at this link's level (or the members' cap).
                 rate = pool.cap if pool.cap < level else level
                 old = pool.rate
-                if abs(rate - old) > _REL_TOL * (rate + old) or (rate == 0.0) != (old == 0.0):
+                if _moves(rate, old):
                     pool.advance(now)
                     pool.rate = rate
                     self._repool(pool, now)
@@ -591,7 +609,7 @@ class Network:
                 bound = bounds[i]
                 rate = bound if bound < level else level
                 old = flow.rate
-                if abs(rate - old) > _REL_TOL * (rate + old) or (rate == 0.0) != (old == 0.0):
+                if _moves(rate, old):
                     if now > flow.stamp:
                         flow.remaining -= old * (now - flow.stamp)
                         flow.stamp = now

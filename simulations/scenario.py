@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
-STRATEGIES = ("direct", "cache", "swarm", "swarm-random")
+STRATEGIES = ("direct", "cache", "swarm", "swarm-random", "swarm-session", "swarm-session-random")
 
 
 def gbps(value: float) -> float:

@@ -43,7 +43,8 @@ import math
 import random
 from bisect import bisect_left
 from collections import deque
-from typing import Any, Final
+from collections.abc import Hashable
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from librt.vecs import vec
 from mypy_extensions import i64, u8
@@ -57,6 +58,9 @@ from swarm.picker import BlockRequest, PiecePicker
 from tracker.assignment import SeederAssignment
 from tracker.zones import ZoneIndex
 
+if TYPE_CHECKING:
+    from simulations.session_swarm import SessionSwarm
+
 __all__ = [
     "Cache",
     "Direct",
@@ -66,6 +70,8 @@ __all__ = [
     "cache_owners",
     "make_strategy",
 ]
+
+PeerT = TypeVar("PeerT", bound=Hashable)
 
 
 # -- direct -------------------------------------------------------------------
@@ -369,7 +375,7 @@ class _Conn:
 _RANDOM_TRIES: Final = 16
 
 
-class RandomOrderPicker(PiecePicker["_Node"]):
+class RandomOrderPicker(PiecePicker[PeerT]):
     """The real picker with one change: new pieces in random order, not rarest first.
 
     Everything else (finish started pieces first, reservations, endgame) is
@@ -751,7 +757,7 @@ class Swarm:
             self._fill(other)
 
 
-def make_strategy(name: str, sim: Simulation) -> Direct | Cache | Swarm:
+def make_strategy(name: str, sim: Simulation) -> Direct | Cache | Swarm | SessionSwarm:
     """The strategy called ``name`` over ``sim``."""
     if name == "direct":
         return Direct(sim)
@@ -761,4 +767,9 @@ def make_strategy(name: str, sim: Simulation) -> Direct | Cache | Swarm:
         return Swarm(sim)
     if name == "swarm-random":
         return Swarm(sim, random_order=True)
+    if name in ("swarm-session", "swarm-session-random"):
+        # Imported here: it imports this module (RandomOrderPicker).
+        from simulations.session_swarm import SessionSwarm
+
+        return SessionSwarm(sim, random_order=name.endswith("random"))
     raise ValueError(f"unknown strategy {name!r}")

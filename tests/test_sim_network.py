@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from simulations.network import Flow, Link, Network, progressive_filling
+from simulations.network import _RATE_TOL, Flow, Link, Network, progressive_filling
 
 
 def _noop(flow: Flow, now: float) -> None:
@@ -90,7 +90,10 @@ def _check_against_progressive_filling(seed: int, net: Network) -> None:
         net.settle(step)
         reference = progressive_filling(flows)
         for flow in flows:
-            assert flow.rate == pytest.approx(reference[flow], rel=1e-6, abs=1e-9)
+            # A small rise is not passed on (network._RATE_TOL): a flow may run
+            # a little below its max-min rate, never above it.
+            assert flow.rate <= reference[flow] * (1 + 1e-6) + 1e-9
+            assert flow.rate >= reference[flow] * (1 - 5 * _RATE_TOL) - 1e-9
         for link in links:
             assert link.load <= link.capacity * (1 + 1e-9) + 1e-12
 

@@ -1,0 +1,90 @@
+"""The swarm-session model: every simulated node a real PeerSession (small runs)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from simulations.engine import Simulation
+from simulations.runner import run_strategy
+from simulations.scenario import Crash, Scenario
+from simulations.session_swarm import SessionSwarm
+from simulations.strategies import RandomOrderPicker
+from swarm.picker import PiecePicker
+from swarm.session import PeerSession, SessionConfig
+from tracker.registry import SwarmRegistry
+
+MiB = 1024**2
+
+
+def test_every_node_is_a_peer_session_and_the_tracker_is_the_registry() -> None:
+    # Blocks of a quarter piece; everything else is the peer's default.
+    scenario = Scenario(
+        nodes=8, model_size=32 * MiB, piece_size=4 * MiB, block_size=1 * MiB, nic_gbps=1
+    )
+    sim = Simulation(scenario, "swarm-session")
+    strategy = SessionSwarm(sim)
+    result = sim.run(strategy)
+    assert len(result.completed()) == 8
+    assert result.origin_bytes == scenario.model_size
+    assert isinstance(strategy.registry, SwarmRegistry)
+    assert strategy.registry.num_peers == 8
+    peer = SessionConfig()
+    for node in strategy.nodes:
+        session = node.session
+        assert isinstance(session, PeerSession)
+        assert type(session.picker) is PiecePicker
+        assert session.block_size == 1 * MiB
+        assert dataclasses.replace(session.config, block_size=peer.block_size) == peer
+        assert session.complete
+        assert session.peers  # it found others through the tracker's replies
+    # Only the origin pieces' bytes came from the origin: four blocks per piece
+    # moved between peers, and the sessions stored and verified each piece once.
+    assert sum(n.session.stats.origin_pieces for n in strategy.nodes if n.session) == 8
+
+
+def test_without_a_block_size_the_session_uses_the_peers() -> None:
+    scenario = Scenario(nodes=3, model_size=16 * MiB, piece_size=8 * MiB, nic_gbps=1)
+    sim = Simulation(scenario, "swarm-session")
+    strategy = SessionSwarm(sim)
+    sim.run(strategy)
+    for node in strategy.nodes:
+        assert node.session is not None
+        assert node.session.block_size == SessionConfig().block_size
+
+
+def test_random_order_uses_the_random_picker() -> None:
+    scenario = Scenario(nodes=6, model_size=48 * MiB, piece_size=4 * MiB, nic_gbps=10)
+    result = run_strategy(scenario, "swarm-session-random")
+    assert result.strategy == "swarm-session-random"
+    assert len(result.completed()) == 6
+    assert result.origin_bytes == scenario.model_size
+    sim = Simulation(scenario, "swarm-session-random")
+    strategy = SessionSwarm(sim, random_order=True)
+    sim.run(strategy)
+    for node in strategy.nodes:
+        assert node.session is not None
+        assert type(node.session.picker) is RandomOrderPicker
+
+
+def test_a_crashed_seeder_is_forgotten_and_the_others_finish() -> None:
+    scenario = Scenario(
+        nodes=6,
+        model_size=48 * MiB,
+        piece_size=4 * MiB,
+        nic_gbps=1,
+        origin_gbps=1,
+        crashes=(Crash(node=0, at=0.2),),
+    )
+    sim = Simulation(scenario, "swarm-session")
+    swarm = SessionSwarm(sim)
+    result = sim.run(swarm)
+    assert result.crashed == 1
+    assert result.completion[0] is None
+    assert all(c is not None for c in result.completion[1:])
+    assert result.origin_bytes >= scenario.model_size
+    # Its connections closed at the other ends, and the tracker forgot it.
+    crashed = swarm.nodes[0].peer_id
+    for node in swarm.nodes[1:]:
+        assert node.session is not None
+        assert crashed not in node.session.peers
+    assert crashed not in swarm.registry
