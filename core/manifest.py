@@ -1,7 +1,15 @@
 """The manifest: an artifact's table of contents, and its canonical encoding.
 
 A manifest lists the artifact's files (relative POSIX paths and sizes), the piece
-size, and one blake3 digest per piece. Pieces are numbered globally in file order;
+size, and one blake3 digest per piece.
+
+Format 2 (what ``swarm publish`` writes) also has a *block size* and every piece's
+*block layer*: the blake3 digests of its blocks (BitTorrent v2's piece layers, on
+a flat two-level tree). A piece's digest is then blake3 of its layer, so the root
+commits to every block digest, a block received from a peer is checked before it
+is written, and a piece whose blocks were all checked needs no second pass.
+Format 1 manifests (a digest of each piece's bytes, no layers) still decode and
+fetch; their pieces are checked whole. Pieces are numbered globally in file order;
 a piece never spans two files, so the last piece of each file may be short and an
 empty file has none. The *root* is the blake3 digest of the canonical (uncompressed
 msgpack) encoding: it names this exact version, and any change to any byte of any
@@ -18,6 +26,7 @@ duplicates, control characters, absurd depth and inconsistent piece tables with 
 from __future__ import annotations
 
 import bisect
+import operator
 import re
 import traceback
 from collections.abc import Sequence
@@ -29,15 +38,21 @@ import blake3
 import msgpack
 import zstandard
 
-from core.digest import DIGEST_SIZE
+from core.digest import DIGEST_SIZE, PieceHasher, layer_digest, piece_digest
 from core.errors import ManifestError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The format ``encode`` writes when a manifest has a block size; 1 without."""
+FORMATS: Final = (1, 2)
 DEFAULT_PIECE_SIZE = 256 * 1024 * 1024
+DEFAULT_BLOCK_SIZE: Final = 4 * 1024 * 1024
+"""The block a format-2 manifest checks: the peer's request size, so every block
+received is checked on arrival."""
 MIN_PIECE_SIZE = 1024
 MAX_PIECE_SIZE = 4 * 1024**3
 MAX_FILES = 1_000_000
 MAX_PIECES = 1 << 22
+MAX_BLOCKS: Final = 1 << 22  # 16 TiB in 4 MiB blocks: a 128 MiB block layer
 MAX_TOTAL_SIZE = 1 << 50  # 1 PiB
 MAX_PATH_BYTES = 4096
 MAX_COMPONENT_BYTES = 255
@@ -48,7 +63,7 @@ MAX_COMPONENT_BYTES = 255
 MAX_PATH_DEPTH: Final = 128
 MAX_NAME_LENGTH = 200
 # Room for MAX_PIECES digests and generous file paths; anything larger is hostile.
-MAX_ENCODED_SIZE = MAX_PIECES * (DIGEST_SIZE + 8) + 64 * 1024 * 1024
+MAX_ENCODED_SIZE = max(MAX_PIECES, MAX_BLOCKS) * (DIGEST_SIZE + 8) + 64 * 1024 * 1024
 MAX_COMPRESSED_SIZE = MAX_ENCODED_SIZE
 # How far a manifest may expand when decompressed: see max_encoded_size.
 MAX_EXPANSION: Final = 64
@@ -80,6 +95,18 @@ def max_encoded_size(compressed_size: int) -> int:
     this would refuse to read, so publishing and reading agree.
     """
     return min(MAX_ENCODED_SIZE, MAX_EXPANSION * compressed_size + EXPANSION_ALLOWANCE)
+
+
+def block_size_for(sizes: Sequence[int], piece_size: int) -> int:
+    """The block size a format-2 manifest of files of ``sizes`` gets.
+
+    :data:`DEFAULT_BLOCK_SIZE` (at most the piece size), doubled while the artifact
+    would have more than :data:`MAX_BLOCKS` blocks.
+    """
+    block = min(DEFAULT_BLOCK_SIZE, piece_size)
+    while block < piece_size and sum(pieces_in(n, block) for n in sizes) > MAX_BLOCKS:
+        block = min(block * 2, piece_size)
+    return block
 
 
 def validate_name(name: str) -> str:
@@ -159,17 +186,25 @@ def pieces_in(size: int, piece_size: int) -> int:
 
 @dataclass(frozen=True)
 class Manifest:
-    """An artifact version: files, piece size, a digest per piece, and the origin they came from."""
+    """An artifact version: files, piece size, a digest per piece, and the origin they came from.
+
+    ``block_size`` 0 is format 1. Otherwise ``layers[i]`` is piece ``i``'s block
+    layer and ``digests[i]`` is blake3 of it (``build`` derives the digests).
+    """
 
     name: str
     origin: str
     piece_size: int
     files: tuple[FileEntry, ...]
     digests: tuple[bytes, ...]
+    block_size: int = 0
+    layers: tuple[bytes, ...] = ()
     _nonempty_files: list[int] = field(init=False, repr=False, compare=False)
     _first_pieces: list[int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.block_size and not self.digests and self.layers:
+            object.__setattr__(self, "digests", tuple(layer_digest(x) for x in self.layers))
         nonempty = [i for i, f in enumerate(self.files) if f.piece_count]
         object.__setattr__(self, "_nonempty_files", nonempty)
         object.__setattr__(self, "_first_pieces", [self.files[i].first_piece for i in nonempty])
@@ -182,9 +217,15 @@ class Manifest:
         origin: str,
         piece_size: int,
         files: Sequence[tuple[str, int]],
-        digests: Sequence[bytes],
+        digests: Sequence[bytes] = (),
+        block_size: int = 0,
+        layers: Sequence[bytes] = (),
     ) -> Manifest:
-        """Lay out ``files`` (path, size) in pieces and attach their digests, validating all."""
+        """Lay out ``files`` (path, size) in pieces and attach their digests, validating all.
+
+        Format 1: ``digests``, one per piece. Format 2: ``block_size`` and ``layers``
+        (see :func:`core.digest.block_layer`), one per piece; the digests follow.
+        """
         _check_piece_size(piece_size)
         validate_name(name)
         entries: list[FileEntry] = []
@@ -193,8 +234,12 @@ class Manifest:
             count = pieces_in(size, piece_size)
             entries.append(FileEntry(path, size, next_piece, count))
             next_piece += count
-        manifest = cls(name, origin, piece_size, tuple(entries), tuple(digests))
-        manifest._validate()
+        if block_size and digests:
+            raise ManifestError("a format-2 manifest's digests follow from its layers")
+        manifest = cls(
+            name, origin, piece_size, tuple(entries), tuple(digests), block_size, tuple(layers)
+        )
+        manifest._validate(derived=bool(block_size))
         return manifest
 
     @staticmethod
@@ -239,6 +284,40 @@ class Manifest:
                 lengths.extend([self.piece_size] * (f.piece_count - 1))
                 lengths.append(f.size - (f.piece_count - 1) * self.piece_size)
         return lengths
+
+    @property
+    def format(self) -> int:
+        """1: a digest of each piece's bytes; 2: block layers (see the module's doc)."""
+        return 2 if self.block_size else 1
+
+    def hasher(self, max_threads: int = blake3.blake3.AUTO) -> PieceHasher:
+        """Hashes a piece streamed in order; its ``digest()`` is what ``digests`` holds."""
+        return PieceHasher(self.block_size, max_threads)
+
+    def piece_digest(self, data: memoryview | bytes | bytearray) -> bytes:
+        """The digest of a whole piece in memory, as ``digests`` holds it."""
+        return piece_digest(data, self.block_size)
+
+    def block_digest(self, index: int, offset: int, length: int) -> bytes | None:
+        """The digest a received block must have, or None when it can't be checked alone.
+
+        Only a format-2 manifest's blocks can, and only a byte range that is exactly
+        one of its blocks (``block_size`` aligned, the last one of a piece short).
+        """
+        if not self.block_size or offset % self.block_size:
+            return None
+        length_of_piece = self.piece_lengths[index]
+        if length != min(self.block_size, length_of_piece - offset):
+            return None
+        start = offset // self.block_size * DIGEST_SIZE
+        layer = self.layers[index]
+        return layer[start : start + DIGEST_SIZE] if start < len(layer) else None
+
+    def blocks_in(self, index: int) -> int:
+        """How many blocks a format-2 piece has (0 in format 1)."""
+        if not self.block_size:
+            return 0
+        return -(-self.piece_lengths[index] // self.block_size)
 
     def describe_piece(self, index: int) -> str:
         """'piece 3 (model-00001.safetensors bytes 3145728-4194303)' for error messages."""
@@ -313,7 +392,7 @@ class Manifest:
                 raw,
                 raw=False,
                 strict_map_key=True,
-                max_bin_len=MAX_PIECES * DIGEST_SIZE,
+                max_bin_len=max(MAX_PIECES, MAX_BLOCKS) * DIGEST_SIZE,
                 max_str_len=MAX_PATH_BYTES * 2,
                 max_array_len=max(MAX_FILES, 8),
                 max_map_len=16,
@@ -331,7 +410,7 @@ class Manifest:
 
     # --- validation ----------------------------------------------------------------
 
-    def _validate(self) -> None:
+    def _validate(self, derived: bool = False) -> None:
         validate_name(self.name)
         if (
             not isinstance(self.origin, str)
@@ -383,6 +462,25 @@ class Manifest:
         for i, digest in enumerate(self.digests):
             if not isinstance(digest, bytes) or len(digest) != DIGEST_SIZE:
                 raise ManifestError(f"digest of piece {i} is not {DIGEST_SIZE} bytes")
+        if not self.block_size:
+            if self.layers:
+                raise ManifestError("a format-1 manifest has no block layers")
+            return
+        _check_block_size(self.block_size, self.piece_size)
+        if len(self.layers) != next_piece:
+            raise ManifestError(
+                f"manifest has {len(self.layers)} block layers for {next_piece} pieces"
+            )
+        blocks = 0
+        for i, layer in enumerate(self.layers):
+            count = self.blocks_in(i)
+            blocks += count
+            if not isinstance(layer, bytes) or len(layer) != count * DIGEST_SIZE:
+                raise ManifestError(f"block layer of piece {i} is not {count} digests")
+        if not derived and any(map(operator.ne, map(layer_digest, self.layers), self.digests)):
+            raise ManifestError("a piece's digest does not match its block layer")
+        if blocks > MAX_BLOCKS:
+            raise ManifestError(f"manifest has {blocks} blocks, more than {MAX_BLOCKS}")
 
 
 def _decompress_bounded(data: bytes | bytearray | memoryview, limit: int) -> bytes:
@@ -433,28 +531,45 @@ def _check_piece_size(piece_size: int) -> None:
         )
 
 
+def _check_block_size(block_size: int, piece_size: int) -> None:
+    if type(block_size) is not int or not MIN_PIECE_SIZE <= block_size <= piece_size:
+        raise ManifestError(
+            f"block size must be between {MIN_PIECE_SIZE} bytes and the piece size "
+            f"{piece_size}, got {block_size!r}"
+        )
+
+
 def _canonical(m: Manifest) -> bytes:
-    obj: list[Any] = [
-        FORMAT_VERSION,
-        m.name,
-        m.origin,
-        m.piece_size,
-        [[f.path, f.size, f.piece_count] for f in m.files],
-        b"".join(m.digests),
-    ]
+    files = [[f.path, f.size, f.piece_count] for f in m.files]
+    obj: list[Any]
+    if m.block_size:
+        obj = [2, m.name, m.origin, m.piece_size, files, m.block_size, b"".join(m.layers)]
+    else:
+        obj = [1, m.name, m.origin, m.piece_size, files, b"".join(m.digests)]
     return msgpack.packb(obj, use_bin_type=True)
 
 
 def _from_obj(obj: object) -> Manifest:
-    if not isinstance(obj, list) or len(obj) != 6:
+    if not isinstance(obj, list) or not obj:
+        raise ManifestError("manifest must be a list that starts with its format version")
+    version = obj[0]
+    if type(version) is not int or version not in FORMATS:
         raise ManifestError(
-            "manifest must be a list of 6 fields: version, name, origin, piece size, files, digests"
+            f"unsupported manifest format version {version!r:.40} "
+            f"(this swarm reads {', '.join(map(str, FORMATS))})"
         )
-    version, name, origin, piece_size, files, digests = obj
-    if version != FORMAT_VERSION:
+    fields = 6 if version == 1 else 7
+    if len(obj) != fields:
         raise ManifestError(
-            f"unsupported manifest format version {version!r} (this swarm reads {FORMAT_VERSION})"
+            f"a format-{version} manifest must be a list of {fields} fields: version, name, "
+            "origin, piece size, files, "
+            + ("digests" if version == 1 else "block size, block layers")
         )
+    block_size = 0
+    if version == 1:
+        _, name, origin, piece_size, files, digests = obj
+    else:
+        _, name, origin, piece_size, files, block_size, digests = obj
     if not isinstance(name, str):
         raise ManifestError("manifest name must be a string")
     if not isinstance(origin, str):
@@ -466,6 +581,8 @@ def _from_obj(obj: object) -> Manifest:
         raise ManifestError("manifest files must be a list")
     if not isinstance(digests, bytes) or len(digests) % DIGEST_SIZE:
         raise ManifestError(f"manifest digests must be bytes, a multiple of {DIGEST_SIZE} long")
+    if version == 2:
+        _check_block_size(block_size, piece_size)
     entries: list[FileEntry] = []
     next_piece = 0
     for item in files:
@@ -480,9 +597,26 @@ def _from_obj(obj: object) -> Manifest:
         next_piece += count
         if next_piece > MAX_PIECES:
             raise ManifestError(f"manifest has more than {MAX_PIECES} pieces")
-    table = tuple(digests[i : i + DIGEST_SIZE] for i in range(0, len(digests), DIGEST_SIZE))
-    manifest = Manifest(name, origin, piece_size, tuple(entries), table)
-    manifest._validate()
+    if version == 1:
+        table = tuple(digests[i : i + DIGEST_SIZE] for i in range(0, len(digests), DIGEST_SIZE))
+        manifest = Manifest(name, origin, piece_size, tuple(entries), table)
+    else:
+        layers: list[bytes] = []
+        at = 0
+        for entry in entries:
+            for k in range(entry.piece_count):
+                length = min(piece_size, entry.size - k * piece_size)
+                if length <= 0:
+                    raise ManifestError(f"file {entry.path!r:.200} has more pieces than its size")
+                end = at + -(-length // block_size) * DIGEST_SIZE
+                if end > len(digests):
+                    raise ManifestError("manifest has fewer block digests than its pieces need")
+                layers.append(digests[at:end])
+                at = end
+        if at != len(digests):
+            raise ManifestError("manifest has more block digests than its pieces need")
+        manifest = Manifest(name, origin, piece_size, tuple(entries), (), block_size, tuple(layers))
+    manifest._validate(derived=version == 2)
     return manifest
 
 

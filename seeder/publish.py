@@ -7,9 +7,9 @@ from collections.abc import Callable, Sequence
 
 from core.auth import ClusterKey
 from core.buffers import BufferPool
-from core.digest import digest
+from core.digest import block_layer
 from core.errors import ConfigError, SwarmError
-from core.manifest import DEFAULT_PIECE_SIZE, Manifest, validate_path
+from core.manifest import DEFAULT_PIECE_SIZE, Manifest, block_size_for, validate_path
 from seeder.catalog import Catalog
 from seeder.origin import ObjectInfo, Origin, open_origin
 from seeder.reader import RangedReader
@@ -41,7 +41,10 @@ async def build_manifest(
     origin: Origin | None = None,
     retry_time: float | None = None,
 ) -> Manifest:
-    """Hash every piece of the artifact at ``origin_url`` (parallel ranged reads).
+    """Hash every block of the artifact at ``origin_url`` (parallel ranged reads).
+
+    The manifest is of format 2: every piece's block layer, so peers check each
+    block as it lands (see :mod:`core.manifest`).
 
     ``retry_time`` is how long a failing origin read keeps being retried (default:
     ``seeder.retry.DEFAULT_RETRY_TIME``).
@@ -55,7 +58,8 @@ async def build_manifest(
         total = sum(size for _, size in sizes)
         if progress:
             progress(0, total)
-        digests: list[bytes] = [b""] * len(layout)
+        block_size = block_size_for([size for _, size in sizes], piece_size)
+        layers: list[bytes] = [b""] * len(layout)
         reader = RangedReader(origin, range_size=range_size, retry_time=retry_time)
         in_flight = max(1, min(pieces_in_flight, len(layout)))
         pool = BufferPool(min(piece_size, max((n for _, _, n in layout), default=1)), in_flight)
@@ -65,7 +69,7 @@ async def build_manifest(
             for index, (key, offset, length) in todo:
                 async with pool.lease(length) as buf:
                     await reader.read(key, offset, buf)
-                    digests[index] = await asyncio.to_thread(digest, buf)
+                    layers[index] = await asyncio.to_thread(block_layer, buf, block_size)
                 if progress:
                     progress(length, total)
 
@@ -77,7 +81,12 @@ async def build_manifest(
             # Raise the first failure itself, not a group: callers and the CLI catch SwarmError.
             raise group.exceptions[0]  # noqa: B904 - keeps the failure's own cause
         return Manifest.build(
-            name=name, origin=origin_url, piece_size=piece_size, files=sizes, digests=digests
+            name=name,
+            origin=origin_url,
+            piece_size=piece_size,
+            files=sizes,
+            block_size=block_size,
+            layers=layers,
         )
     finally:
         if own:

@@ -28,7 +28,6 @@ from rich.live import Live
 from rich.table import Table
 
 from core.auth import TOKEN_ENV, ClusterKey
-from core.digest import digest
 from core.errors import SwarmError
 from core.manifest import Manifest
 from core.units import format_size
@@ -81,7 +80,7 @@ def verify_copy(dest: Path, manifest: Manifest) -> bool:
         piece = manifest.piece(index)
         with open(dest / piece.path, "rb") as f:
             f.seek(piece.offset)
-            if digest(f.read(piece.length)) != manifest.digests[index]:
+            if manifest.piece_digest(f.read(piece.length)) != manifest.digests[index]:
                 return False
     return all((dest / f.path).stat().st_size == f.size for f in manifest.files)
 

@@ -166,6 +166,12 @@ class PeerCollector(Collector):
             "Pieces from peers that failed verification (fetch JSON: corrupt_pieces).",
             stats.corrupt_pieces,
         )
+        yield counter(
+            "swarm_peer_corrupt_blocks",
+            "Blocks from peers refused before they were written: they did not match the "
+            "manifest's block digest (fetch JSON: corrupt_blocks).",
+            stats.corrupt_blocks,
+        )
         yield gauge(
             "swarm_peer_barred_peers",
             "Peers barred for this swarm after sending corrupt data.",

@@ -51,7 +51,13 @@ from typing import BinaryIO, Final
 
 from core.auth import ClusterKey, new_nonce
 from core.buffers import BufferPool
-from core.errors import ConfigError, RemoteProtocolError, SwarmError, TrackerError
+from core.errors import (
+    ConfigError,
+    RemoteProtocolError,
+    SwarmError,
+    TrackerError,
+    VerificationError,
+)
 from core.manifest import Manifest
 from seeder.origin import Origin, open_origin
 from seeder.reader import RangedReader
@@ -322,12 +328,21 @@ class SwarmPeer:
             durable=self.config.durable,
             direct_io=self.config.direct_io,
         )
+        session_config = self.config.session_config()
+        if manifest.block_size and session_config.block_size % manifest.block_size:
+            # Format 2: ask for whole blocks of the manifest, so each is checked as it lands.
+            log.info(
+                "requesting blocks of %d bytes, the manifest's block size, not %d",
+                manifest.block_size,
+                session_config.block_size,
+            )
+            session_config = dataclasses.replace(session_config, block_size=manifest.block_size)
         self.session = PeerSession(
             manifest.piece_lengths,
             root=manifest.root,
             peer_id=self.peer_id,
             key=self.config.key,
-            config=self.config.session_config(),
+            config=session_config,
             rng=self.rng,
             nonce=new_nonce,
         )
@@ -488,6 +503,8 @@ class SwarmPeer:
                 duplicate_causes=dict(stats.duplicate_causes),
                 origin_pieces=stats.origin_pieces,
                 corrupt_pieces=stats.corrupt_pieces,
+                corrupt_blocks=stats.corrupt_blocks,
+                read_back_bytes=self.store.read_back_bytes,
                 cross_zone_bytes=stats.cross_zone_bytes,
                 barred_peers=sorted(p.hex() for p in self.session.barred),
                 auth_failures=stats.auth_failures,
@@ -759,6 +776,10 @@ class SwarmPeer:
         if fut.cancelled():
             return
         exc = fut.exception()
+        if isinstance(exc, VerificationError):
+            # The block did not match its digest: nothing was written; its sender lied.
+            self._feed(BlockStored(conn_id, block, written=False, corrupt=True))
+            return
         if exc is not None:
             # The disk, not the peer, failed (full, read-only): nothing more can land.
             self._fail(

@@ -157,6 +157,7 @@ class SessionStats:
     uploaded_bytes: int = 0
     origin_pieces: int = 0
     corrupt_pieces: int = 0
+    corrupt_blocks: int = 0  # format 2: blocks refused on arrival (their sender is barred)
     auth_failures: int = 0
     handshake_timeouts: int = 0
     pending_refused: int = 0
@@ -216,11 +217,16 @@ class BlockReceived:
 
 @dataclass(frozen=True, slots=True)
 class BlockStored:
-    """A :class:`StoreBlock` finished; ``written`` False: it was on disk already."""
+    """A :class:`StoreBlock` finished; ``written`` False: it was on disk already.
+
+    ``corrupt``: the block did not match the manifest's block digest and was not
+    written (format 2); its sender is barred and the block asked of others.
+    """
 
     conn: int
     block: BlockRequest
     written: bool = True
+    corrupt: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -587,7 +593,10 @@ class PeerSession:
             if conn is not None:
                 self._block_received(conn, event.block, now, out)
         elif isinstance(event, BlockStored):
-            self._block_stored(event.conn, event.block, event.written, now, out)
+            if event.corrupt:
+                self._block_corrupt(event.conn, event.block, now, out)
+            else:
+                self._block_stored(event.conn, event.block, event.written, now, out)
         elif isinstance(event, UploadDone):
             self._upload_done(event.conn, event.request, now, out)
         elif isinstance(event, BlockStarted):
@@ -925,6 +934,25 @@ class PeerSession:
             out.append(Verify(piece))
         if conn is not None:
             self._fill(conn, now, out)
+
+    def _block_corrupt(
+        self, conn_id: int, block: BlockRequest, now: float, out: list[Action]
+    ) -> None:
+        """The block failed its digest before it was written: its one sender lied."""
+        source = self._storing.pop((conn_id, block), None)
+        if source is None:
+            return
+        self.stats.corrupt_blocks += 1
+        log.warning(
+            "block %d+%d of piece %d from %r failed its digest; asking others",
+            block.offset,
+            block.length,
+            block.piece,
+            source,
+        )
+        self.picker.block_failed(source, block)
+        self._bar(source.peer_id, now, out)
+        self._fill_all(now, out)
 
     def _cancel(self, conn: _Conn, block: BlockRequest, now: float, out: list[Action]) -> None:
         if block not in conn.requested:

@@ -51,7 +51,7 @@ from typing import Final
 
 import blake3
 
-from core.digest import digest
+from core.digest import PieceHasher, digest
 from core.errors import DiskFullError, StoreError, VerificationError
 from core.manifest import Manifest
 
@@ -156,14 +156,19 @@ def manifest_path(dest: Path, root_hex: str) -> Path:
 
 
 class _Assembly:
-    """A piece being assembled from blocks: the blocks on disk and the hash of its prefix."""
+    """A piece being assembled from blocks: the blocks on disk, and what is known of them.
 
-    __slots__ = ("hashed", "hasher", "written")
+    Format 1: the hash of the piece's prefix. Format 2: the manifest's blocks that
+    were checked before they were written.
+    """
 
-    def __init__(self) -> None:
-        self.hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    __slots__ = ("checked", "hashed", "hasher", "written")
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.hasher = manifest.hasher() if not manifest.block_size else None
         self.hashed = 0  # bytes [0, hashed) of the piece are in ``hasher``
         self.written: dict[int, int] = {}  # block offset -> length, for blocks on disk
+        self.checked: set[int] = set()  # format 2: offsets of blocks checked on arrival
 
 
 def _store_error(exc: OSError, what: str) -> StoreError:
@@ -397,6 +402,7 @@ class PieceStore:
         self._verified = bytearray(manifest.num_pieces)
         self.reused_bytes = 0
         self.rechecked_bytes = 0  # verified pieces hashed again on open (their files changed)
+        self.read_back_bytes = 0  # bytes of assembled pieces read back from disk to be hashed
         self._assemblies: dict[int, _Assembly] = {}
         self._scratch: bytearray | None = None
 
@@ -488,7 +494,9 @@ class PieceStore:
             for index in claimed:
                 piece = m.piece(index)
                 ok = (
-                    fd >= 0 and _hash_range(fd, piece.offset, piece.length, buf) == m.digests[index]
+                    fd >= 0
+                    and _hash_range(fd, piece.offset, piece.length, buf, m.hasher())
+                    == m.digests[index]
                 )
                 self.rechecked_bytes += piece.length
                 if not ok:
@@ -656,7 +664,7 @@ class PieceStore:
                 f"{m.describe_piece(index)}: got {len(data)} bytes, expected {m.piece_lengths[index]}",
                 piece=index,
             )
-        got = digest(data)
+        got = m.piece_digest(data)
         if got != m.digests[index]:
             raise VerificationError(
                 f"{m.describe_piece(index)} failed blake3 verification: "
@@ -687,10 +695,13 @@ class PieceStore:
     def write_block(self, index: int, offset: int, data: memoryview) -> bool:
         """Write a block of a piece that is being assembled from peers (not yet verified).
 
-        The piece is hashed as its blocks land: a block that continues the hashed
-        prefix is hashed from ``data`` while it is still in memory, and blocks that
-        arrived ahead of it are read back once the gap fills. So a piece received in
-        order is never read back from disk to be verified.
+        Format 2: each of the manifest's blocks that ``data`` holds whole is hashed in
+        memory and checked against the piece's block layer before anything is
+        written; one that does not match raises VerificationError and nothing of
+        ``data`` is written (its sender lied). A piece whose blocks were all checked
+        is never read back. Format 1: the piece is hashed as its blocks land: a block
+        that continues the hashed prefix is hashed from ``data`` while it is still in
+        memory, and blocks that arrived ahead of it are read back once the gap fills.
 
         Returns False, writing nothing, if the piece is already verified or this
         block of the piece's current attempt is already on disk (an endgame
@@ -710,9 +721,10 @@ class PieceStore:
             return False
         asm = self._assemblies.get(index)
         if asm is None:
-            asm = self._assemblies[index] = _Assembly()
+            asm = self._assemblies[index] = _Assembly(self.manifest)
         if offset in asm.written:
             return False
+        checked = self._check_blocks(index, offset, data) if self.manifest.block_size else ()
         with _translated(f"can't write {self.dest / piece.path}"):
             self._write_at(piece.file_index, piece.offset + offset, data)
             # Unverified bytes change no verified piece, so the file's record may follow
@@ -720,11 +732,37 @@ class PieceStore:
             with self._fds.use(piece.file_index) as fd:
                 self._record(piece.file_index, os.fstat(fd))
         asm.written[offset] = len(data)
-        if offset == asm.hashed:
+        asm.checked.update(checked)
+        if asm.hasher is not None and offset == asm.hashed:
             asm.hasher.update(data)
             asm.hashed += len(data)
             self._hash_written(index, asm)
         return True
+
+    def _check_blocks(self, index: int, offset: int, data: memoryview) -> list[int]:
+        """Check the manifest's blocks that ``data`` holds whole; their offsets.
+
+        Raises VerificationError at the first that does not match its digest.
+        """
+        m = self.manifest
+        size = m.block_size
+        end = offset + len(data)
+        length = m.piece_lengths[index]
+        start = -(-offset // size) * size
+        good: list[int] = []
+        for at in range(start, end, size):
+            stop = min(at + size, length)
+            if stop > end:
+                break
+            expected = m.block_digest(index, at, stop - at)
+            if digest(data[at - offset : stop - offset]) != expected:
+                raise VerificationError(
+                    f"block {at}+{stop - at} of {m.describe_piece(index)} does not match the "
+                    "manifest's block digest",
+                    piece=index,
+                )
+            good.append(at)
+        return good
 
     def _hash_written(self, index: int, asm: _Assembly) -> None:
         """Extend the hashed prefix over blocks already on disk."""
@@ -732,22 +770,44 @@ class PieceStore:
             self._hash_from_disk(index, asm, asm.hashed + length)
 
     def _hash_from_disk(self, index: int, asm: _Assembly, end: int) -> None:
+        assert asm.hasher is not None
+        asm.hashed = self._read_into(index, asm.hashed, end, asm.hasher)
+
+    def _read_into(
+        self, index: int, start: int, end: int, hasher: PieceHasher | blake3.blake3
+    ) -> int:
+        """Hash bytes [start, end) of piece ``index`` as they are on disk; returns ``end``."""
         piece = self.manifest.piece(index)
         if self._scratch is None:
             self._scratch = bytearray(_SCRATCH)
         view = memoryview(self._scratch)
         with _translated(f"can't read back {self.dest / piece.path}"):
             with self._fds.use(piece.file_index) as fd:
-                while asm.hashed < end:
-                    n = os.preadv(
-                        fd, [view[: min(_SCRATCH, end - asm.hashed)]], piece.offset + asm.hashed
-                    )
+                while start < end:
+                    n = os.preadv(fd, [view[: min(_SCRATCH, end - start)]], piece.offset + start)
                     if n == 0:
                         raise StoreError(
                             f"{self.dest / piece.path} is shorter than the manifest says"
                         )
-                    asm.hasher.update(view[:n])
-                    asm.hashed += n
+                    hasher.update(view[:n])
+                    start += n
+                    self.read_back_bytes += n
+        return end
+
+    def _blocks_good(self, index: int, asm: _Assembly) -> bool:
+        """Format 2: every block of the piece matches its digest (unchecked ones read back)."""
+        m = self.manifest
+        size = m.block_size
+        length = m.piece_lengths[index]
+        for at in range(0, length, size):
+            if at in asm.checked:
+                continue
+            stop = min(at + size, length)
+            hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+            self._read_into(index, at, stop, hasher)
+            if hasher.digest() != m.block_digest(index, at, stop - at):
+                return False
+        return True
 
     def verify_assembled(self, index: int) -> bool:
         """Check a piece assembled by ``write_block``; record it if it matches.
@@ -755,10 +815,14 @@ class PieceStore:
         On a mismatch the assembly is discarded, so the next attempt starts clean.
         """
         piece = self.manifest.piece(index)
-        asm = self._assemblies.pop(index, None) or _Assembly()
-        self._hash_from_disk(index, asm, piece.length)
-        if asm.hasher.digest() != self.manifest.digests[index]:
-            return False
+        asm = self._assemblies.pop(index, None) or _Assembly(self.manifest)
+        if asm.hasher is None:
+            if not self._blocks_good(index, asm):
+                return False
+        else:
+            self._hash_from_disk(index, asm, piece.length)
+            if asm.hasher.digest() != self.manifest.digests[index]:
+                return False
         with _translated(f"can't record {self.dest / piece.path}"):
             self._commit(index, piece.file_index)
         return True
@@ -890,9 +954,10 @@ def _open_sized(path: Path, size: int, *, reset: bool) -> int:
     return fd
 
 
-def _hash_range(fd: int, offset: int, length: int, buf: memoryview) -> bytes | None:
-    """blake3 of ``length`` bytes at ``offset`` read into ``buf`` in turn; None if the file ends first."""
-    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+def _hash_range(
+    fd: int, offset: int, length: int, buf: memoryview, hasher: PieceHasher
+) -> bytes | None:
+    """The digest of ``length`` bytes at ``offset`` read into ``buf`` in turn; None if the file ends first."""
     done = 0
     while done < length:
         try:

@@ -24,8 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import blake3
-
 from core.errors import ManifestError, StoreError
 from core.manifest import MAX_COMPRESSED_SIZE, Manifest
 from swarm.store import (
@@ -262,7 +260,7 @@ def _hash_all(
         except (OSError, StoreError):
             return "unreadable"
         try:
-            hasher = blake3.blake3(max_threads=1)  # the pool spreads pieces over the cores
+            hasher = m.hasher(max_threads=1)  # the pool spreads pieces over the cores
             done = 0
             while done < p.length:
                 try:

@@ -316,15 +316,18 @@ def test_a_peer_serving_corrupt_blocks_is_never_believed_and_the_rest_finish(
 
     results = finish(swarm, honest)  # byte-identical files: none of the liar's data stuck
     assert liar_id not in {r["peer_id"] for r in results.values()}
-    assert sum(r["corrupt_pieces"] for r in results.values()) > 0
+    # The manifest is of format 2: each lie is a block refused before it is written,
+    # blamed on its one sender; no piece is ever assembled from it and failed.
+    assert sum(r["corrupt_blocks"] for r in results.values()) > 0
+    assert sum(r["corrupt_pieces"] for r in results.values()) == 0
     for r in results.values():
         # Whoever caught the liar barred it locally; nobody else was blamed.
         assert r["barred_peers"] in ([], [liar_id]), r
-        assert (r["corrupt_pieces"] > 0) == (r["barred_peers"] == [liar_id]), r
+        assert (r["corrupt_blocks"] > 0) == (r["barred_peers"] == [liar_id]), r
     # What the liar pulled from the origin may be read again for the others; nothing else.
     assert_origin_accounted(swarm, results, lost=(liar.name,))
     assert max(complete_reads(swarm, [p.name for p in honest]).values()) == 1
-    caught_by = sum(r["corrupt_pieces"] > 0 for r in results.values())
+    caught_by = sum(r["corrupt_blocks"] > 0 for r in results.values())
     status = swarm.status()
     assert status is not None
     print(f"corrupt-llm: {caught_by} nodes caught the liar")

@@ -331,6 +331,7 @@ def test_tracker_and_lingering_peer_metrics_match_the_json(tmp_path: Path) -> No
                     ("swarm_peer_cross_zone_bytes_total", "cross_zone_bytes"),
                     ("swarm_peer_origin_pieces_total", "origin_pieces"),
                     ("swarm_peer_corrupt_pieces_total", "corrupt_pieces"),
+                    ("swarm_peer_corrupt_blocks_total", "corrupt_blocks"),
                     ("swarm_peer_auth_failures_total", "auth_failures"),
                     ("swarm_peer_handshake_timeouts_total", "handshake_timeouts"),
                     ("swarm_peer_reused_bytes", "reused_bytes"),

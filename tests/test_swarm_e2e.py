@@ -147,6 +147,10 @@ def test_swarm_reads_the_origin_once_and_peers_trade_the_rest(
     assert peer_bytes / received >= (peers_n - 1) / peers_n
     # A block sent just before its receiver shut down may never have been read.
     assert sum(r["uploaded_bytes"] for r in results) >= peer_bytes
-    assert all(r["corrupt_pieces"] == 0 and r["barred_peers"] == [] for r in results)
+    assert all(
+        r["corrupt_pieces"] == r["corrupt_blocks"] == 0 and r["barred_peers"] == [] for r in results
+    )
+    # Every block from a peer was checked as it landed (format 2): none read back to hash.
+    assert all(r["read_back_bytes"] == 0 for r in results), [r["read_back_bytes"] for r in results]
     # They left because the tracker said every peer had finished, not at the linger bound.
     assert all(r["linger_seconds"] < LINGER / 2 for r in results), results

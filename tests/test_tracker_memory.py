@@ -22,7 +22,7 @@ from conftest import S3Bucket
 from servers import S3Server, populate
 from swarm_helpers import TrackerProcess, processes
 
-from core.manifest import DIGEST_SIZE, FORMAT_VERSION, MAX_PIECES, MIN_PIECE_SIZE
+from core.manifest import DIGEST_SIZE, MAX_PIECES, MIN_PIECE_SIZE
 from seeder.publish import publish
 
 MIB = 1024 * 1024
@@ -55,9 +55,7 @@ def _digest_table_bomb(name: str) -> tuple[bytes, str]:
     """
     pieces = MAX_PIECES
     files = [["w.bin", pieces * MIN_PIECE_SIZE, pieces]]
-    head = msgpack.packb(
-        [FORMAT_VERSION, name, "s3://nowhere/x", MIN_PIECE_SIZE, files], use_bin_type=True
-    )
+    head = msgpack.packb([1, name, "s3://nowhere/x", MIN_PIECE_SIZE, files], use_bin_type=True)
     # A msgpack array is a count and its items: make it a 6-element array whose last
     # item, a bin32 of the digest table, is streamed rather than built in memory.
     assert head[0] == 0x95
