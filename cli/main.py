@@ -506,6 +506,17 @@ def fetch(
             help="Blocks uploaded at once, shared round-robin by all peers.",
         ),
     ] = peer_default("upload_slots"),
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            min=0,
+            max=1024,
+            help="Threads that check and write received blocks and verify pieces "
+            "(0: the cores this process may use, its CPU affinity capped by its cgroup's "
+            "CPU quota).",
+        ),
+    ] = peer_default("workers"),
     serve_corrupt: Annotated[
         bool,
         typer.Option(
@@ -715,6 +726,7 @@ def fetch(
             durable=not no_fsync,
             direct_io=not no_direct_io,
             serve_corrupt=serve_corrupt,
+            workers=workers,
             max_upload_rate=max_upload_rate or None,
             max_download_rate=max_download_rate or None,
             zone=zone,

@@ -51,6 +51,7 @@ from typing import BinaryIO, Final
 
 from core.auth import ClusterKey, new_nonce
 from core.buffers import BufferPool
+from core.cpus import usable_cores
 from core.errors import (
     ConfigError,
     RemoteProtocolError,
@@ -209,7 +210,10 @@ class PeerConfig:
     origin_pieces_in_flight: int = (
         FetchConfig.pieces_in_flight
     )  # as --direct; the tracker hands a lone peer as many
-    blocks_in_flight: int = 8  # received blocks waiting for the disk thread, across connections
+    blocks_in_flight: int = 8  # received blocks waiting for a worker, across connections
+    # Threads that check and write received blocks (and verify pieces); 0: the cores
+    # this process may use (core.cpus.usable_cores: affinity and cgroup quota).
+    workers: int = 0
     range_size: int = FetchConfig.range_size
     origin_concurrency: int = FetchConfig.origin_concurrency
     origin_retry_time: float = FetchConfig.origin_retry_time  # seconds an origin range is retried
@@ -389,7 +393,10 @@ class SwarmPeer:
         self._block_pool = BufferPool(self.block_size, self.config.blocks_in_flight)
         # Blocks read for upload (direct I/O); rounded up to whole pages for the read.
         self._upload_pool = BufferPool(-(-self.block_size // 4096) * 4096, self.config.upload_slots)
-        self._disk = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="swarm-disk")
+        self.workers = self.config.workers or usable_cores()
+        self._disk = concurrent.futures.ThreadPoolExecutor(
+            self.workers, thread_name_prefix="swarm-disk"
+        )
         self.started = time.monotonic()
         self.finished_at: float | None = None
 
@@ -505,6 +512,7 @@ class SwarmPeer:
                 corrupt_pieces=stats.corrupt_pieces,
                 corrupt_blocks=stats.corrupt_blocks,
                 read_back_bytes=self.store.read_back_bytes,
+                workers=self.workers,
                 cross_zone_bytes=stats.cross_zone_bytes,
                 barred_peers=sorted(p.hex() for p in self.session.barred),
                 auth_failures=stats.auth_failures,

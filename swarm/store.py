@@ -162,13 +162,14 @@ class _Assembly:
     were checked before they were written.
     """
 
-    __slots__ = ("checked", "hashed", "hasher", "written")
+    __slots__ = ("checked", "hashed", "hasher", "writing", "written")
 
     def __init__(self, manifest: Manifest) -> None:
         self.hasher = manifest.hasher() if not manifest.block_size else None
         self.hashed = 0  # bytes [0, hashed) of the piece are in ``hasher``
         self.written: dict[int, int] = {}  # block offset -> length, for blocks on disk
         self.checked: set[int] = set()  # format 2: offsets of blocks checked on arrival
+        self.writing: set[int] = set()  # block offsets a thread is checking and writing
 
 
 def _store_error(exc: OSError, what: str) -> StoreError:
@@ -404,7 +405,11 @@ class PieceStore:
         self.rechecked_bytes = 0  # verified pieces hashed again on open (their files changed)
         self.read_back_bytes = 0  # bytes of assembled pieces read back from disk to be hashed
         self._assemblies: dict[int, _Assembly] = {}
-        self._scratch: bytearray | None = None
+        # write_block may run on several threads at once (``swarm fetch --workers``):
+        # the lock guards the assemblies; hashing and writing happen outside it.
+        self._assembly_lock = threading.Lock()
+        self._block_written = threading.Condition(self._assembly_lock)
+        self._local = threading.local()  # each thread's read-back buffer
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -709,34 +714,51 @@ class PieceStore:
         describes what is on disk.
 
         Unverified bytes on disk are harmless: they are neither served nor recorded,
-        and a restart fetches the piece again. Not thread-safe: the engine calls
-        ``write_block`` and ``verify_assembled`` from one thread.
+        and a restart fetches the piece again. Threads may write blocks at once
+        (format 2 checks and writes them in parallel; format 1's prefix hash is
+        extended under the store's lock); ``verify_assembled`` of a piece is called
+        once all its blocks are written.
         """
         piece = self.manifest.piece(index)
         if offset < 0 or offset + len(data) > piece.length:
             raise StoreError(
                 f"block {offset}+{len(data)} lies outside {self.manifest.describe_piece(index)}"
             )
-        if self._verified[index]:
-            return False
-        asm = self._assemblies.get(index)
-        if asm is None:
-            asm = self._assemblies[index] = _Assembly(self.manifest)
-        if offset in asm.written:
-            return False
-        checked = self._check_blocks(index, offset, data) if self.manifest.block_size else ()
-        with _translated(f"can't write {self.dest / piece.path}"):
-            self._write_at(piece.file_index, piece.offset + offset, data)
-            # Unverified bytes change no verified piece, so the file's record may follow
-            # them; then only a file written to at the moment of a crash is re-hashed.
-            with self._fds.use(piece.file_index) as fd:
-                self._record(piece.file_index, os.fstat(fd))
-        asm.written[offset] = len(data)
-        asm.checked.update(checked)
-        if asm.hasher is not None and offset == asm.hashed:
-            asm.hasher.update(data)
-            asm.hashed += len(data)
-            self._hash_written(index, asm)
+        with self._assembly_lock:
+            if self._verified[index]:
+                return False
+            asm = self._assemblies.get(index)
+            if asm is None:
+                asm = self._assemblies[index] = _Assembly(self.manifest)
+            # Another thread writes this block (an endgame duplicate): its outcome
+            # decides. If it failed its check, this copy is written instead.
+            while offset in asm.writing:
+                self._block_written.wait()
+            if offset in asm.written or self._verified[index]:
+                return False
+            asm.writing.add(offset)
+        try:
+            checked = self._check_blocks(index, offset, data) if self.manifest.block_size else ()
+            with _translated(f"can't write {self.dest / piece.path}"):
+                self._write_at(piece.file_index, piece.offset + offset, data)
+                # Unverified bytes change no verified piece, so the file's record may
+                # follow them; then only a file written to at a crash is re-hashed.
+                with self._fds.use(piece.file_index) as fd:
+                    self._record(piece.file_index, os.fstat(fd))
+        except BaseException:
+            with self._assembly_lock:
+                asm.writing.discard(offset)
+                self._block_written.notify_all()
+            raise
+        with self._assembly_lock:
+            asm.writing.discard(offset)
+            self._block_written.notify_all()
+            asm.written[offset] = len(data)
+            asm.checked.update(checked)
+            if asm.hasher is not None and offset == asm.hashed:
+                asm.hasher.update(data)
+                asm.hashed += len(data)
+                self._hash_written(index, asm)
         return True
 
     def _check_blocks(self, index: int, offset: int, data: memoryview) -> list[int]:
@@ -778,9 +800,10 @@ class PieceStore:
     ) -> int:
         """Hash bytes [start, end) of piece ``index`` as they are on disk; returns ``end``."""
         piece = self.manifest.piece(index)
-        if self._scratch is None:
-            self._scratch = bytearray(_SCRATCH)
-        view = memoryview(self._scratch)
+        scratch: bytearray | None = getattr(self._local, "scratch", None)
+        if scratch is None:
+            scratch = self._local.scratch = bytearray(_SCRATCH)
+        view = memoryview(scratch)
         with _translated(f"can't read back {self.dest / piece.path}"):
             with self._fds.use(piece.file_index) as fd:
                 while start < end:
@@ -815,7 +838,8 @@ class PieceStore:
         On a mismatch the assembly is discarded, so the next attempt starts clean.
         """
         piece = self.manifest.piece(index)
-        asm = self._assemblies.pop(index, None) or _Assembly(self.manifest)
+        with self._assembly_lock:
+            asm = self._assemblies.pop(index, None) or _Assembly(self.manifest)
         if asm.hasher is None:
             if not self._blocks_good(index, asm):
                 return False

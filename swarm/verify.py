@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.cpus import usable_cores
 from core.errors import ManifestError, StoreError
 from core.manifest import MAX_COMPRESSED_SIZE, Manifest
 from swarm.store import (
@@ -196,7 +197,7 @@ def verify_dir(
     nothing is written. ``workers`` defaults to the cores this process may use.
     """
     dest = Path(dest)
-    workers = max(1, workers or len(os.sched_getaffinity(0)) or 1)
+    workers = max(1, workers or usable_cores())
     started = time.monotonic()
     if not (dest / STATE_DIR).is_dir():
         raise StoreError(f"{dest} holds no swarm artifact: no {STATE_DIR} directory")

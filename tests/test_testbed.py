@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.dataplane import dataplane_result
+from benchmarks.dataplane import build_result, dataplane_result
 from benchmarks.run_all import (
     END_MARKER,
     START_MARKER,
@@ -161,6 +161,80 @@ def test_dataplane_result_reports_both_rates_and_their_ratio() -> None:
     assert out["swarm_mbps"] == 1500.0
     assert out["raw_socket_mbps"] == 3000.0
     assert out["ratio"] == 0.5
+
+
+def _floor_run(mbps: float, cpu: float, when: str) -> dict[str, object]:
+    return {
+        "mbps": mbps,
+        "cpu_s_per_gib_received": cpu,
+        "cpu_s_per_gib_received_after_startup": cpu - 0.05,
+        "cpu_s_per_gib_sent": 0.5,
+        "peak_rss_mib": 20.0,
+        "direct_io": True,
+        "when": when,
+    }
+
+
+def _swarm_run(piece_size: int, mbps: float, cpu: float, rss: float) -> dict[str, object]:
+    return {
+        "piece_size": piece_size,
+        "workers": None,
+        "round": 0,
+        "mbps": mbps,
+        "seconds": GIB / mbps / 1e6,
+        "cpu_s_per_gib_received": cpu,
+        "cpu_s_per_gib_received_after_startup": cpu - 0.45,
+        "cpu_s_per_gib_served": 0.75,
+        "peak_rss_mib": rss,
+    }
+
+
+def test_dataplane_result_sets_every_swarm_figure_against_the_better_floor() -> None:
+    floor = [_floor_run(1000.0, 0.6, "before"), _floor_run(1200.0, 0.5, "after")]
+    raw = [{**_floor_run(3000.0, 0.3, "before"), "direct_io": False}]
+    swarm = [
+        _swarm_run(4 * MIB, 960.0, 0.6, 120.0),
+        _swarm_run(256 * MIB, 600.0, 1.0, 300.0),
+        _swarm_run(256 * MIB, 500.0, 1.2, 310.0),  # a second round: medians
+    ]
+    disk_source = [_floor_run(800.0, 0.6, "before")]
+    out = build_result(
+        size=GIB,
+        date=DAY,
+        floor_runs=floor,
+        swarm_runs=swarm,
+        raw_socket_runs=raw,
+        disk_source_runs=disk_source,
+    )
+    assert out["floor"]["mbps"] == 1200.0 and out["floor"]["cpu_s_per_gib_received"] == 0.5
+    small, large = out["swarm"]
+    assert (small["piece_size"], large["piece_size"]) == (4 * MIB, 256 * MIB)
+    assert large["mbps"] == 550.0 and len(large["runs"]) == 2
+    assert small["ratios"]["throughput"] == 0.8  # 960 / 1200
+    assert small["ratios"]["cpu"] == 1.2  # 0.6 / 0.5
+    assert small["ratios"]["cpu_after_startup"] == pytest.approx(0.15 / 0.45, abs=1e-3)
+    assert small["ratios"]["cpu_served"] == 1.5  # 0.75 / 0.5
+    assert small["ratios"]["throughput_vs_disk_source_floor"] == 1.2  # 960 / 800
+    assert out["large_over_small_piece_speed"][0]["value"] == pytest.approx(550 / 960, abs=1e-3)
+    met = {(t["config"], t["what"]): t["met"] for t in out["targets"]}
+    assert met[("4.0 MiB", "throughput ÷ floor")] is True
+    assert met[("4.0 MiB", "CPU-s per GiB received ÷ floor")] is True
+    assert met[("256.0 MiB", "CPU-s per GiB received ÷ floor")] is False  # 1.1 / 0.5
+    assert met[("256.0 MiB", "peak RSS MiB")] is False
+    assert met[("256.0 MiB ÷ 4.0 MiB", "large ÷ small piece speed")] is False
+    assert out["targets_met"] is False
+    # the keys benchmarks.run_all renders: the slowest piece size against the raw socket
+    assert (out["swarm_mbps"], out["piece_size"]) == (550.0, 256 * MIB)
+    assert out["raw_socket_mbps"] == 3000.0 and out["ratio"] == pytest.approx(550 / 3000, abs=1e-3)
+    assert "ratio 0.18" in render_table([], out)
+    json.dumps(out)
+
+
+def test_dataplane_result_needs_a_swarm_run_and_a_floor() -> None:
+    with pytest.raises(ValueError):
+        build_result(size=GIB, date=DAY, floor_runs=[_floor_run(1.0, 1.0, "x")], swarm_runs=[])
+    with pytest.raises(ValueError):
+        build_result(size=GIB, date=DAY, floor_runs=[], swarm_runs=[_swarm_run(MIB, 1.0, 1, 1)])
 
 
 # --- README table ------------------------------------------------------------------------
