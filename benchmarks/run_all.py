@@ -176,7 +176,9 @@ def render_table(scenarios: Sequence[dict[str, Any]], plane: dict[str, Any] | No
     out = "\n".join(lines) + "\n"
     if len(lines) == 2:
         out = "No shaped scenario results yet (`make bench` as root).\n"
-    if plane is not None:
+    if plane is not None and isinstance(plane.get("swarm"), list) and "floor" in plane:
+        out += render_dataplane(plane)
+    elif plane is not None:
         out += (
             f"\nData plane ({plane.get('date', '?')}): one peer serves "
             f"{format_size(plane['model_bytes'])} to another over loopback, verified and written "
@@ -194,6 +196,33 @@ def render_table(scenarios: Sequence[dict[str, Any]], plane: dict[str, Any] | No
         "are the origin interface's transmit counter. Raw figures: `benchmarks/results/`.\n"
     )
     return out
+
+
+def render_dataplane(plane: dict[str, Any]) -> str:
+    """The data-plane result of ``benchmarks.dataplane`` (floor, swarm runs) as a table."""
+    floor = plane["floor"]
+    lines = [
+        f"\nData plane ({plane.get('date', '?')}, `python -m benchmarks.dataplane`, "
+        f"{plane.get('rounds', 1)} round(s), medians): one peer serves "
+        f"{format_size(plane['model_bytes'])} to another over loopback through a real tracker, "
+        "each block checked and written to disk. The floor: a receiver doing recv_into a "
+        "reused 4 MiB buffer, blake3, O_DIRECT pwrite, at "
+        f"{floor['mbps']:.0f} MB/s and {floor['cpu_s_per_gib_received']:.2f} CPU-s per GiB "
+        "received, same run.",
+        "",
+        "| piece size | workers | MB/s | ÷ floor | CPU-s/GiB received | ÷ floor | "
+        "CPU-s/GiB served | peak RSS |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run in plane["swarm"]:
+        ratios = run.get("ratios", {})
+        lines.append(
+            f"| {format_size(run['piece_size'])} | {run.get('workers') or 1} "
+            f"| {run['mbps']:.0f} | {ratios.get('throughput', 0):.2f} "
+            f"| {run['cpu_s_per_gib_received']:.2f} | {ratios.get('cpu', 0):.2f} "
+            f"| {run['cpu_s_per_gib_served']:.2f} | {run['peak_rss_mib']:.0f} MiB |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def replace_marked(text: str, block: str) -> str | None:
