@@ -44,6 +44,12 @@ transfer has a fresh tracker and an empty destination. For each piece size:
 - ``cpu_s_per_gib_served``: the serving process keeps running (it lingers), so its
   CPU is ``utime + stime`` from ``/proc/PID/stat`` (``SC_CLK_TCK`` ticks) read just
   before the fetching process starts and just after it exits, per GiB served;
+- ``loop_cpu_s_per_gib_received``: the CPU of the fetching process's main thread
+  (its event loop: every socket read, the session, the framing) after start-up,
+  per GiB, from ``/proc/PID/task/PID/stat`` sampled every 20 ms (the last sample
+  misses at most its final 20 ms). One thread can spend at most one CPU-second a
+  second, so this caps the node at 1 ÷ it GiB/s whatever its cores: the
+  simulator's ``loop_s_per_gib``;
 - ``peak_rss_mib``: the fetching process's peak RSS, ``VmHWM`` from
   ``/proc/PID/status`` sampled every 20 ms until it exits (not ``wait4``'s
   ``ru_maxrss``, which starts from this parent's high-water mark).
@@ -496,10 +502,12 @@ def _announce_placeholder(tracker_url: str, ref: str, pieces: int, token: str | 
     asyncio.run(announce())
 
 
-def _proc_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU of a live process from ``/proc/PID/stat``; None once it is gone."""
+def _proc_cpu_seconds(pid: int, thread: int | None = None) -> float | None:
+    """User + system CPU of a live process (or of its ``thread``) from ``/proc``; None
+    once it is gone."""
+    path = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = Path(path).read_text()
     except OSError:
         return None
     # The command name (field 2) may hold spaces; utime and stime are fields 14 and 15.
@@ -556,12 +564,14 @@ def prepare_serving_peer(
 
 def _wait_measured(
     proc: subprocess.Popen[bytes], launched: float, timeout: float
-) -> tuple[int, float, int, list[tuple[float, float]]]:
+) -> tuple[int, float, int, list[tuple[float, float]], list[tuple[float, float]]]:
     """Wait for ``proc`` with ``os.wait4``, sampling its CPU and peak RSS from ``/proc``
     meanwhile: its exit code, CPU seconds (from ``wait4``), the last peak RSS seen
     (KiB; ``VmHWM`` only grows, so the last sample misses at most the final 20 ms)
-    and (seconds since launch, CPU seconds) samples."""
+    and (seconds since launch, CPU seconds) samples of the process and of its main
+    thread."""
     samples: list[tuple[float, float]] = [(0.0, 0.0)]
+    main: list[tuple[float, float]] = [(0.0, 0.0)]
     peak = 0
     deadline = launched + timeout
     while True:
@@ -570,10 +580,13 @@ def _wait_measured(
         if pid == proc.pid:
             proc.returncode = os.waitstatus_to_exitcode(status)
             samples.append((now - launched, _cpu_seconds(usage)))
-            return proc.returncode, _cpu_seconds(usage), peak, samples
+            return proc.returncode, _cpu_seconds(usage), peak, samples, main
         cpu = _proc_cpu_seconds(proc.pid)
         if cpu is not None:
             samples.append((now - launched, cpu))
+        cpu = _proc_cpu_seconds(proc.pid, thread=proc.pid)
+        if cpu is not None:
+            main.append((now - launched, cpu))
         peak = max(peak, peak_rss_kib(proc.pid) or 0)
         if now > deadline:
             raise BenchmarkError(f"the fetching peer did not finish within {timeout:.0f} s")
@@ -638,7 +651,9 @@ def transfer(
         server_cpu_before = _proc_cpu_seconds(server.pid)
         launched = time.monotonic()
         fetcher = start([*fetch, "--dest", str(fetch_dest), "--linger", "0", *peer_args], "fetcher")
-        code, fetcher_cpu, fetcher_peak, samples = _wait_measured(fetcher, launched, FETCH_TIMEOUT)
+        code, fetcher_cpu, fetcher_peak, samples, main = _wait_measured(
+            fetcher, launched, FETCH_TIMEOUT
+        )
         server_cpu_after = _proc_cpu_seconds(server.pid)
         if code != 0:
             raise BenchmarkError(
@@ -671,6 +686,11 @@ def transfer(
         fetcher_cpu_seconds=fetcher_cpu,
         fetcher_peak_rss_kib=fetcher_peak,
         startup_cpu_seconds=None if startup is None else _cpu_at(samples, float(startup)),
+        loop_cpu_seconds=(
+            None
+            if startup is None or (at := _cpu_at(main, float(startup))) is None
+            else main[-1][1] - at
+        ),
         server_cpu_seconds=server_cpu_after - server_cpu_before,
         logs=str(logs),
     )
@@ -711,6 +731,11 @@ def swarm_run(
             None if startup_cpu is None else round((fetcher_cpu - startup_cpu) / gib, 3)
         ),
         "cpu_s_per_gib_served": round(float(fetched["server_cpu_seconds"]) / gib, 3),
+        "loop_cpu_s_per_gib_received": (
+            None
+            if fetched.get("loop_cpu_seconds") is None
+            else round(float(fetched["loop_cpu_seconds"]) / gib, 3)
+        ),
         "peak_rss_mib": round(int(fetched["fetcher_peak_rss_kib"]) / 1024, 1),
         "fetcher_cpu_seconds": round(fetcher_cpu, 3),
         "startup_seconds": fetched.get("startup_seconds"),
@@ -746,6 +771,7 @@ _SWARM_FIGURES = (
     "cpu_s_per_gib_received",
     "cpu_s_per_gib_received_after_startup",
     "cpu_s_per_gib_served",
+    "loop_cpu_s_per_gib_received",
     "peak_rss_mib",
 )
 

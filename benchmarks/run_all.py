@@ -198,6 +198,10 @@ def render_table(scenarios: Sequence[dict[str, Any]], plane: dict[str, Any] | No
     return out
 
 
+def _maybe(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
 def render_dataplane(plane: dict[str, Any]) -> str:
     """The data-plane result of ``benchmarks.dataplane`` (floor, swarm runs) as a table."""
     floor = plane["floor"]
@@ -211,8 +215,8 @@ def render_dataplane(plane: dict[str, Any]) -> str:
         "received, same run.",
         "",
         "| piece size | workers | MB/s | ÷ floor | CPU-s/GiB received | ÷ floor | "
-        "CPU-s/GiB served | peak RSS |",
-        "|---|---|---|---|---|---|---|---|",
+        "of it, the event loop | CPU-s/GiB served | peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for run in plane["swarm"]:
         ratios = run.get("ratios", {})
@@ -220,6 +224,7 @@ def render_dataplane(plane: dict[str, Any]) -> str:
             f"| {format_size(run['piece_size'])} | {run.get('workers') or 1} "
             f"| {run['mbps']:.0f} | {ratios.get('throughput', 0):.2f} "
             f"| {run['cpu_s_per_gib_received']:.2f} | {ratios.get('cpu', 0):.2f} "
+            f"| {_maybe(run.get('loop_cpu_s_per_gib_received'))} "
             f"| {run['cpu_s_per_gib_served']:.2f} | {run['peak_rss_mib']:.0f} MiB |"
         )
     return "\n".join(lines) + "\n"

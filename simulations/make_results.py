@@ -43,8 +43,17 @@ RUNS: list[tuple[str, str]] = [
     ("fireworks-kimi", "n1000-o10"),
     ("fireworks-kimi", "n1000-o25"),
     ("fireworks-kimi", "n1000-o100"),
+    ("fireworks-kimi", "n100-o100-cpu32"),
+    ("fireworks-kimi", "n1000-o25-cpu32"),
+    ("fireworks-kimi", "n1000-o100-cpu32"),
     ("faults", ""),
 ]
+# Runs of fewer strategies: the CPU variants (a node's CPU caps it alike whatever
+# fetches; the swarm is the one whose node also serves).
+STRATEGIES_OF: dict[tuple[str, str], tuple[str, ...]] = {
+    ("fireworks-kimi", variant): ("swarm",)
+    for variant in ("n100-o100-cpu32", "n1000-o25-cpu32", "n1000-o100-cpu32")
+}
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -90,7 +99,7 @@ def main(argv: list[str]) -> None:
         if variant:
             scenario = scenario.select_variant(variant)
         results: list[Result] = []
-        for strategy in STRATEGIES:
+        for strategy in STRATEGIES_OF.get((name, variant), STRATEGIES):
             print(f"{name} {variant} {strategy} …", file=sys.stderr, flush=True)
             result = run_strategy(scenario, strategy)
             results.append(result)

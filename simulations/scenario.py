@@ -12,6 +12,15 @@ Heterogeneous or measured nodes are given as ``[[node_group]]`` tables
 the first nodes; the rest get ``nic_gbps``. A testbed's measured per-node link
 rates are a list of groups of one.
 
+A node's CPU is left out unless ``cpu_cores`` is set: then its download and
+upload are each capped at ``cpu_cores / (cpu_receive_s_per_gib +
+cpu_serve_s_per_gib)`` GiB/s (in a swarm a node serves about as much as it
+receives, at the same time, on the same cores) and at ``1 / loop_s_per_gib``
+GiB/s (the peer's one event-loop thread reads every socket: one core, whatever
+the node has). The defaults are the data-plane benchmark's measured costs
+(``benchmarks/results/dataplane-2026-12-04.json``, 256 MiB pieces, 2 workers,
+after start-up, on this project's 2-core test VM).
+
 Faults are ``[[crash]]`` (``node``, ``at``), ``[[throttle]]`` (``start``,
 ``end``, ``request_rate``: the origin's request budget in that window, 0 =
 every request is throttled), ``[[stall]]`` (``node``, ``at``, ``duration``: the
@@ -48,6 +57,15 @@ __all__ = [
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
 STRATEGIES = ("direct", "cache", "swarm", "swarm-random", "swarm-session", "swarm-session-random")
+
+
+GIB = 1024**3
+# Measured by ``python -m benchmarks.dataplane`` (dataplane-2026-12-04.json: 256 MiB
+# pieces, 2 workers): CPU-seconds per GiB, the receiving process after start-up, the
+# serving process, and the receiver's event-loop thread alone.
+CPU_RECEIVE_S_PER_GIB = 0.676
+CPU_SERVE_S_PER_GIB = 0.39
+LOOP_S_PER_GIB = 0.355
 
 
 def gbps(value: float) -> float:
@@ -134,6 +152,13 @@ class Scenario:
     (:class:`tracker.zones.ZoneIndex`) and asks other racks only for pieces its
     own rack lacks (the picker's remote peers). Needs ``rack_size``."""
 
+    # CPU (see the module docstring; 0 cores: not modeled)
+    cpu_cores: float = 0.0
+    cpu_receive_s_per_gib: float = CPU_RECEIVE_S_PER_GIB
+    cpu_serve_s_per_gib: float = CPU_SERVE_S_PER_GIB
+    loop_s_per_gib: float = LOOP_S_PER_GIB
+    """CPU-s per GiB on the peer's one event-loop thread; 0: no single-thread cap."""
+
     # origin
     origin_gbps: float = 10.0
     origin_connection_gbps: float | None = None
@@ -185,6 +210,11 @@ class Scenario:
             value = getattr(self, key)
             if value is not None and not value > 0:
                 raise ConfigError(f"{where}: {key} must be > 0, got {value}")
+        for key in ("cpu_cores", "cpu_receive_s_per_gib", "cpu_serve_s_per_gib", "loop_s_per_gib"):
+            if not getattr(self, key) >= 0:
+                raise ConfigError(f"{where}: {key} must be >= 0, got {getattr(self, key)}")
+        if self.cpu_cores and not self.cpu_receive_s_per_gib + self.cpu_serve_s_per_gib > 0:
+            raise ConfigError(f"{where}: cpu_cores needs a CPU cost per GiB > 0")
         if self.rack_size < 0 or not self.oversubscription >= 1.0:
             raise ConfigError(f"{where}: rack_size must be >= 0 and oversubscription >= 1")
         if self.zone_preference and not self.rack_size:
@@ -236,8 +266,27 @@ class Scenario:
                 lengths.append(tail)
         return lengths
 
+    def cpu_rate(self) -> float | None:
+        """The most a node's CPU moves each way, in B/s (None: CPU not modeled)."""
+        if not self.cpu_cores:
+            return None
+        rate = self.cpu_cores / (self.cpu_receive_s_per_gib + self.cpu_serve_s_per_gib)
+        if self.loop_s_per_gib:
+            rate = min(rate, 1.0 / self.loop_s_per_gib)
+        return rate * GIB
+
+    def cpu_limit(self) -> str:
+        """What caps a node's CPU rate: 'cores', 'event loop' or '' (not modeled)."""
+        if not self.cpu_cores:
+            return ""
+        cores = self.cpu_cores / (self.cpu_receive_s_per_gib + self.cpu_serve_s_per_gib)
+        if self.loop_s_per_gib and 1.0 / self.loop_s_per_gib < cores:
+            return "event loop"
+        return "cores"
+
     def node_rates(self) -> list[NodeRates]:
-        """Uplink and effective downlink (min of NIC and disk) of every node, in B/s."""
+        """Uplink and effective downlink (min of NIC, disk and CPU) of every node, in B/s."""
+        cpu = self.cpu_rate()
         rates: list[NodeRates] = []
         groups = list(self.node_groups)
         default = NodeGroup(self.nodes, self.up_gbps, self.down_gbps, self.disk_gbps)
@@ -250,6 +299,8 @@ class Scenario:
                 disk = group.disk_gbps or self.disk_gbps
                 if disk is not None:
                     down = min(down, gbps(disk))
+                if cpu is not None:
+                    up, down = min(up, cpu), min(down, cpu)
                 rates.append(NodeRates(up, down))
         return rates
 

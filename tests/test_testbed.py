@@ -229,7 +229,7 @@ def test_dataplane_result_sets_every_swarm_figure_against_the_better_floor() -> 
     table = render_table([], out)
     assert "at 1200 MB/s and 0.50 CPU-s per GiB received" in table
     rows = [r for r in table.splitlines() if r.startswith("| 4.0 MiB") or r.startswith("| 256")]
-    assert rows[0] == "| 4.0 MiB | 1 | 960 | 0.80 | 0.60 | 1.20 | 0.75 | 120 MiB |"
+    assert rows[0] == "| 4.0 MiB | 1 | 960 | 0.80 | 0.60 | 1.20 | – | 0.75 | 120 MiB |"
     assert rows[1].startswith("| 256.0 MiB | 1 | 550 | 0.46 | 1.10 | 2.20 |")
     json.dumps(out)
 
