@@ -41,6 +41,7 @@ import mmap
 import os
 import random
 import resource
+import select
 import socket
 import time
 from collections import Counter, OrderedDict, deque
@@ -172,6 +173,43 @@ def _set_rcvlowat(sock: socket.socket, n: int) -> int:
     with contextlib.suppress(OSError):  # not every platform lets SO_RCVLOWAT be set
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n)
     return n
+
+
+# A block's payload of at least this many bytes is received on a thread of its own
+# (the GIL is released while it waits and copies), not by the event loop: the
+# loop's copies capped a node at one core's worth, ~3 GB/s (benchmarks/dataplane).
+_OFF_LOOP_MIN: Final = 256 * 1024
+_RECV_POLL_MS: Final = 250  # a receiving thread looks at whether its connection closed this often
+
+
+def _recv_payload(sock: socket.socket, view: memoryview, closed: Callable[[], bool]) -> int:
+    """Fill ``view`` from ``sock`` on a worker thread; returns ``len(view)``.
+
+    The socket stays non-blocking (the event loop still writes to it): the thread
+    waits in ``poll`` (woken only once ``_PAYLOAD_LOWAT`` bytes are there) and stops
+    when ``closed()`` says the connection was closed meanwhile. Raises EOFError if
+    the peer closes first, OSError when the socket is closed under it.
+    """
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    got = 0
+    lowat = 0
+    while got < len(view):
+        if closed():
+            raise EOFError("connection closed while a block arrived")
+        want = min(len(view) - got, _PAYLOAD_LOWAT)
+        if want != lowat:
+            lowat = _set_rcvlowat(sock, want)
+        if not poller.poll(_RECV_POLL_MS):
+            continue
+        try:
+            n = sock.recv_into(view[got:])
+        except (BlockingIOError, InterruptedError):
+            continue
+        if n == 0:
+            raise EOFError("connection closed in the middle of a block")
+        got += n
+    return got
 
 
 _S: Final = SessionConfig()  # the session's defaults, stated once there
@@ -397,6 +435,11 @@ class SwarmPeer:
         self._disk = concurrent.futures.ThreadPoolExecutor(
             self.workers, thread_name_prefix="swarm-disk"
         )
+        # Block payloads arrive on these (one at a time per connection, so one
+        # thread per peer at most): see _recv_payload.
+        self._recv = concurrent.futures.ThreadPoolExecutor(
+            max(1, self.config.max_peers), thread_name_prefix="swarm-recv"
+        )
         self.started = time.monotonic()
         self.finished_at: float | None = None
 
@@ -581,8 +624,10 @@ class SwarmPeer:
             self._close_conn(conn)
         if self._server is not None:
             self._server.close()
-        # Let writes already handed to the disk thread finish before the files close.
+        # Let writes already handed to the disk thread finish before the files close;
+        # receiving threads end within _RECV_POLL_MS of their connection's close.
         await asyncio.get_running_loop().run_in_executor(None, self._disk.shutdown)
+        await asyncio.get_running_loop().run_in_executor(None, self._recv.shutdown)
         for buf in self._received.values():
             self._block_pool.release(buf)
         self._received.clear()
@@ -982,6 +1027,8 @@ class SwarmPeer:
         block: BlockRequest | None = None
         filled = 0
         lowat = 1
+        # A payload a thread is receiving into ``block_buf`` (see _recv_payload).
+        receiving: concurrent.futures.Future[int] | None = None
         try:
             while True:
                 event = decoder.next_event()
@@ -1003,6 +1050,16 @@ class SwarmPeer:
                                 conn.sock, block_view[filled : filled + want]
                             )
                             download.give_back(want - n)
+                        elif remaining >= _OFF_LOOP_MIN:
+                            receiving = self._recv.submit(
+                                _recv_payload,
+                                conn.sock,
+                                block_view[filled : filled + remaining],
+                                lambda: conn.closed,
+                            )
+                            n = await asyncio.wrap_future(receiving)
+                            receiving = None
+                            lowat = 0  # the thread moved it: set it again before the next wait
                         else:
                             n = await loop.sock_recv_into(
                                 conn.sock, block_view[filled : filled + remaining]
@@ -1054,7 +1111,19 @@ class SwarmPeer:
                         return
         finally:
             if block_buf is not None:
-                self._block_pool.release(block_buf)
+                if receiving is not None and not receiving.done():
+                    # Cancelled while a thread still fills it (it stops within
+                    # _RECV_POLL_MS of the close): the buffer goes back to the pool
+                    # only once that thread is done with it.
+                    buf, pool = block_buf, self._block_pool
+
+                    def give_back(_: object) -> None:
+                        with contextlib.suppress(RuntimeError):  # the loop has closed
+                            loop.call_soon_threadsafe(pool.release, buf)
+
+                    receiving.add_done_callback(give_back)
+                else:
+                    self._block_pool.release(block_buf)
 
     # --- uploads -------------------------------------------------------------------
 
