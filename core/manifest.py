@@ -48,6 +48,9 @@ DEFAULT_PIECE_SIZE = 256 * 1024 * 1024
 DEFAULT_BLOCK_SIZE: Final = 4 * 1024 * 1024
 """The block a format-2 manifest checks: the peer's request size, so every block
 received is checked on arrival."""
+MAX_BLOCK_SIZE: Final = 16 * 1024 * 1024
+"""The largest block a format-2 manifest may have: the largest block a peer may ask
+for on the wire (``swarm.protocol.MAX_BLOCK``), since peers ask for whole blocks."""
 MIN_PIECE_SIZE = 1024
 MAX_PIECE_SIZE = 4 * 1024**3
 MAX_FILES = 1_000_000
@@ -98,14 +101,25 @@ def max_encoded_size(compressed_size: int) -> int:
 
 
 def block_size_for(sizes: Sequence[int], piece_size: int) -> int:
-    """The block size a format-2 manifest of files of ``sizes`` gets.
+    """The block size a format-2 manifest of files of ``sizes`` gets; 0: format 1.
 
     :data:`DEFAULT_BLOCK_SIZE` (at most the piece size), doubled while the artifact
-    would have more than :data:`MAX_BLOCKS` blocks.
+    would have more than :data:`MAX_BLOCKS` blocks, up to :data:`MAX_BLOCK_SIZE`.
+    An artifact that would still have too many (over 64 TiB) gets format 1.
     """
+
+    def blocks(block: int) -> int:
+        total = 0
+        for size in sizes:
+            full, tail = divmod(size, piece_size)
+            total += full * pieces_in(piece_size, block) + pieces_in(tail, block)
+        return total
+
     block = min(DEFAULT_BLOCK_SIZE, piece_size)
-    while block < piece_size and sum(pieces_in(n, block) for n in sizes) > MAX_BLOCKS:
-        block = min(block * 2, piece_size)
+    while blocks(block) > MAX_BLOCKS:
+        if block >= min(piece_size, MAX_BLOCK_SIZE):
+            return 0
+        block = min(block * 2, piece_size, MAX_BLOCK_SIZE)
     return block
 
 
@@ -304,7 +318,9 @@ class Manifest:
         Only a format-2 manifest's blocks can, and only a byte range that is exactly
         one of its blocks (``block_size`` aligned, the last one of a piece short).
         """
-        if not self.block_size or offset % self.block_size:
+        if not 0 <= index < self.num_pieces:
+            raise IndexError(f"piece {index} out of range 0..{self.num_pieces - 1}")
+        if not self.block_size or offset < 0 or offset % self.block_size:
             return None
         length_of_piece = self.piece_lengths[index]
         if length != min(self.block_size, length_of_piece - offset):
@@ -532,10 +548,12 @@ def _check_piece_size(piece_size: int) -> None:
 
 
 def _check_block_size(block_size: int, piece_size: int) -> None:
-    if type(block_size) is not int or not MIN_PIECE_SIZE <= block_size <= piece_size:
+    if type(block_size) is not int or not MIN_PIECE_SIZE <= block_size <= min(
+        piece_size, MAX_BLOCK_SIZE
+    ):
         raise ManifestError(
             f"block size must be between {MIN_PIECE_SIZE} bytes and the piece size "
-            f"{piece_size}, got {block_size!r}"
+            f"{piece_size} (at most {MAX_BLOCK_SIZE}), got {block_size!r}"
         )
 
 

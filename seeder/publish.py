@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 from core.auth import ClusterKey
 from core.buffers import BufferPool
-from core.digest import block_layer
+from core.digest import block_layer, piece_digest
 from core.errors import ConfigError, SwarmError
 from core.manifest import DEFAULT_PIECE_SIZE, Manifest, block_size_for, validate_path
 from seeder.catalog import Catalog
@@ -69,7 +69,10 @@ async def build_manifest(
             for index, (key, offset, length) in todo:
                 async with pool.lease(length) as buf:
                     await reader.read(key, offset, buf)
-                    layers[index] = await asyncio.to_thread(block_layer, buf, block_size)
+                    # Format 2: the piece's block layer; format 1: its digest.
+                    layers[index] = await asyncio.to_thread(
+                        block_layer if block_size else piece_digest, buf, block_size
+                    )
                 if progress:
                     progress(length, total)
 
@@ -86,7 +89,8 @@ async def build_manifest(
             piece_size=piece_size,
             files=sizes,
             block_size=block_size,
-            layers=layers,
+            layers=layers if block_size else (),
+            digests=() if block_size else layers,
         )
     finally:
         if own:

@@ -108,6 +108,7 @@ from core.auth import MAC_SIZE, NONCE_SIZE, ClusterKey
 from core.bitfield import Bitfield
 from core.digest import PEER_ID_LENGTH
 from core.errors import LocalProtocolError, RemoteProtocolError
+from core.manifest import MAX_BLOCK_SIZE
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
@@ -153,7 +154,7 @@ MAX_PIECES: Final = 1 << 22
 MAX_PIECE_LENGTH: Final = 1 << 32
 """A block's ``offset + length`` never exceeds this (pieces are at most 4 GiB)."""
 
-MAX_BLOCK: Final = 16 << 20
+MAX_BLOCK: Final = MAX_BLOCK_SIZE  # a format-2 manifest's blocks are never larger
 """Largest block payload a request may ask for or a block frame may carry."""
 
 DEFAULT_BLOCK_SIZE: Final = 4 << 20

@@ -917,6 +917,12 @@ class PeerSession:
         if source is None:
             return  # not a block we asked to store
         piece = block.piece
+        if not written and any(key[1] == block for key in self._storing):
+            # Another copy of this block was being written when this one was turned
+            # away (workers run at once): that copy's report decides, and names its
+            # sender among the contributors, whichever report comes first.
+            self.stats.duplicate_causes["written"] += block.length
+            return
         if not written:
             # On disk already (an earlier source's, or a pull's): these bytes are not
             # in the piece, but the block is there, and counts as received all the same.

@@ -162,14 +162,17 @@ class _Assembly:
     were checked before they were written.
     """
 
-    __slots__ = ("checked", "hashed", "hasher", "writing", "written")
+    __slots__ = ("checked", "hashed", "hasher", "verifying", "writing", "written")
 
     def __init__(self, manifest: Manifest) -> None:
         self.hasher = manifest.hasher() if not manifest.block_size else None
         self.hashed = 0  # bytes [0, hashed) of the piece are in ``hasher``
         self.written: dict[int, int] = {}  # block offset -> length, for blocks on disk
         self.checked: set[int] = set()  # format 2: offsets of blocks checked on arrival
-        self.writing: set[int] = set()  # block offsets a thread is checking and writing
+        # What threads are writing: format 2, the manifest's blocks (by index) a
+        # write overlaps; format 1, the offsets of the blocks being written.
+        self.writing: set[int] = set()
+        self.verifying = False  # verify_assembled runs: no more writes to this attempt
 
 
 def _store_error(exc: OSError, what: str) -> StoreError:
@@ -710,8 +713,10 @@ class PieceStore:
 
         Returns False, writing nothing, if the piece is already verified or this
         block of the piece's current attempt is already on disk (an endgame
-        duplicate): a block once hashed is never overwritten, so the hash always
-        describes what is on disk.
+        duplicate), or while the piece is being verified: a block once hashed is
+        never overwritten, so the hash always describes what is on disk. In format
+        2 a write that covers part of one of the manifest's blocks makes that block
+        unchecked again (it is read back at verification).
 
         Unverified bytes on disk are harmless: they are neither served nor recorded,
         and a restart fetches the piece again. Threads may write blocks at once
@@ -724,21 +729,26 @@ class PieceStore:
             raise StoreError(
                 f"block {offset}+{len(data)} lies outside {self.manifest.describe_piece(index)}"
             )
+        size = self.manifest.block_size
+        end = offset + len(data)
+        keys = range(offset // size, (end - 1) // size + 1) if size else range(offset, offset + 1)
         with self._assembly_lock:
-            if self._verified[index]:
-                return False
-            asm = self._assemblies.get(index)
-            if asm is None:
-                asm = self._assemblies[index] = _Assembly(self.manifest)
-            # Another thread writes this block (an endgame duplicate): its outcome
-            # decides. If it failed its check, this copy is written instead.
-            while offset in asm.writing:
+            while True:
+                if self._verified[index]:
+                    return False
+                asm = self._assemblies.get(index)
+                if asm is None:
+                    asm = self._assemblies[index] = _Assembly(self.manifest)
+                if asm.verifying or offset in asm.written:
+                    return False
+                # Another thread writes these bytes (an endgame duplicate): its
+                # outcome decides. If it failed its check, this copy is written.
+                if not any(key in asm.writing for key in keys):
+                    break
                 self._block_written.wait()
-            if offset in asm.written or self._verified[index]:
-                return False
-            asm.writing.add(offset)
+            asm.writing.update(keys)
         try:
-            checked = self._check_blocks(index, offset, data) if self.manifest.block_size else ()
+            checked = self._check_blocks(index, offset, data) if size else ()
             with _translated(f"can't write {self.dest / piece.path}"):
                 self._write_at(piece.file_index, piece.offset + offset, data)
                 # Unverified bytes change no verified piece, so the file's record may
@@ -747,14 +757,19 @@ class PieceStore:
                     self._record(piece.file_index, os.fstat(fd))
         except BaseException:
             with self._assembly_lock:
-                asm.writing.discard(offset)
+                asm.writing.difference_update(keys)
                 self._block_written.notify_all()
             raise
         with self._assembly_lock:
-            asm.writing.discard(offset)
+            asm.writing.difference_update(keys)
             self._block_written.notify_all()
             asm.written[offset] = len(data)
-            asm.checked.update(checked)
+            if size:
+                for key in keys:
+                    if key * size in checked:
+                        asm.checked.add(key * size)
+                    else:  # partly overwritten by bytes nobody checked
+                        asm.checked.discard(key * size)
             if asm.hasher is not None and offset == asm.hashed:
                 asm.hasher.update(data)
                 asm.hashed += len(data)
@@ -836,20 +851,32 @@ class PieceStore:
         """Check a piece assembled by ``write_block``; record it if it matches.
 
         On a mismatch the assembly is discarded, so the next attempt starts clean.
+        Writes under way finish first; writes that come while it runs (late endgame
+        duplicates) are refused, so what is recorded is what was checked.
         """
         piece = self.manifest.piece(index)
         with self._assembly_lock:
-            asm = self._assemblies.pop(index, None) or _Assembly(self.manifest)
-        if asm.hasher is None:
-            if not self._blocks_good(index, asm):
-                return False
-        else:
-            self._hash_from_disk(index, asm, piece.length)
-            if asm.hasher.digest() != self.manifest.digests[index]:
-                return False
-        with _translated(f"can't record {self.dest / piece.path}"):
-            self._commit(index, piece.file_index)
-        return True
+            asm = self._assemblies.get(index)
+            if asm is None:
+                asm = self._assemblies[index] = _Assembly(self.manifest)
+            asm.verifying = True
+            while asm.writing:
+                self._block_written.wait()
+        try:
+            if asm.hasher is None:
+                good = self._blocks_good(index, asm)
+            else:
+                self._hash_from_disk(index, asm, piece.length)
+                good = asm.hasher.digest() == self.manifest.digests[index]
+            if good:
+                with _translated(f"can't record {self.dest / piece.path}"):
+                    self._commit(index, piece.file_index)
+        finally:
+            with self._assembly_lock:
+                if self._assemblies.get(index) is asm:
+                    del self._assemblies[index]
+                self._block_written.notify_all()
+        return good
 
     def read_piece_into(self, index: int, buf: memoryview) -> None:
         """Read a verified piece back (to serve it to a peer)."""
