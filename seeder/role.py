@@ -8,8 +8,15 @@ and if they do not verify, read them once more. A second mismatch means the
 origin's object changed after the manifest was published: reading again cannot
 help, and the error says to republish.
 
-The store is anything with ``write_piece`` (``swarm.store.PieceStore``): the
-seeder package does not import the swarm package.
+A piece of a format-2 manifest may be pulled through a *window* smaller than the
+piece (a whole number of its blocks): each window is read, handed to the store,
+which checks every block in it before writing, and the next window reuses the
+buffer; a window that fails is read once more. Memory per pull is then the
+window, not the piece: 64 MiB, not 256 (see :func:`origin_window`).
+
+The store is anything with ``write_piece``, ``write_block`` and
+``verify_assembled`` (``swarm.store.PieceStore``): the seeder package does not
+import the swarm package.
 """
 
 from __future__ import annotations
@@ -28,6 +35,20 @@ log = logging.getLogger("swarm.seeder")
 # Reads after the first that a piece gets when its bytes fail verification: one
 # more tells a corrupted transfer (passes) from an origin that changed (fails again).
 DEFAULT_VERIFY_RETRIES: Final = 1
+# Ranges of a window read at once: with 4 pulls in flight, the 16 concurrent origin
+# requests a whole 256 MiB piece used to get.
+WINDOW_RANGES: Final = 4
+
+
+def origin_window(manifest: Manifest, range_size: int) -> int:
+    """The buffer one origin pull needs: the largest piece (format 1, or pieces no
+    larger than a window), else ``WINDOW_RANGES`` ranges rounded up to whole blocks."""
+    largest = max(manifest.piece_lengths, default=1)
+    if not manifest.block_size:
+        return largest
+    block = manifest.block_size
+    window = -(-WINDOW_RANGES * range_size // block) * block
+    return min(largest, window)
 
 
 class PieceSink(Protocol):
@@ -35,6 +56,14 @@ class PieceSink(Protocol):
 
     def write_piece(self, index: int, data: memoryview) -> None:
         """Store piece ``index``; raise VerificationError if ``data`` does not match it."""
+        ...
+
+    def write_block(self, index: int, offset: int, data: memoryview) -> bool:
+        """Check the manifest's blocks in ``data`` and write it; VerificationError if not."""
+        ...
+
+    def verify_assembled(self, index: int) -> bool:
+        """Record the piece whose blocks were written; False if they don't verify."""
         ...
 
 
@@ -64,6 +93,10 @@ async def pull_piece(
     if verify_retries < 0:
         raise ValueError(f"verify_retries must be >= 0, got {verify_retries}")
     piece = manifest.piece(index)
+    if len(buf) < piece.length and manifest.block_size and not len(buf) % manifest.block_size:
+        return await _pull_windows(
+            reader, store, manifest, index, buf, progress, on_attempt, verify_retries
+        )
     if len(buf) != piece.length:
         raise ValueError(
             f"buffer of {len(buf)} bytes for {manifest.describe_piece(index)} "
@@ -86,3 +119,46 @@ async def pull_piece(
                 ) from exc
             failures += 1
             log.warning("%s; reading it from the origin again", exc)
+
+
+async def _pull_windows(
+    reader: RangedReader,
+    store: PieceSink,
+    manifest: Manifest,
+    index: int,
+    buf: memoryview,
+    progress: Callable[[int], None] | None,
+    on_attempt: Callable[[int], None] | None,
+    verify_retries: int,
+) -> int:
+    """Pull a format-2 piece a window (``len(buf)``, whole blocks) at a time."""
+    piece = manifest.piece(index)
+    failures = 0
+    if on_attempt is not None:
+        on_attempt(0)
+    for start in range(0, piece.length, len(buf)):
+        view = buf[: min(len(buf), piece.length - start)]
+        while True:
+            await reader.read(piece.path, piece.offset + start, view, progress)
+            try:
+                await asyncio.to_thread(store.write_block, index, start, view)
+                break
+            except VerificationError as exc:
+                if failures == verify_retries:
+                    raise VerificationError(
+                        f"{exc}: the origin's data no longer matches the published manifest "
+                        f"{manifest.ref}; republish the artifact",
+                        piece=index,
+                    ) from exc
+                failures += 1
+                log.warning("%s; reading it from the origin again", exc)
+                if on_attempt is not None:
+                    on_attempt(failures)
+    if not await asyncio.to_thread(store.verify_assembled, index):
+        # Every block was checked as it was written: only a block another writer
+        # put there unchecked can fail here. Its piece is pulled again whole.
+        raise VerificationError(
+            f"{manifest.describe_piece(index)} failed verification after its blocks were written",
+            piece=index,
+        )
+    return failures

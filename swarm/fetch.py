@@ -24,7 +24,7 @@ from core.manifest import Manifest
 from seeder.origin import Origin, open_origin
 from seeder.reader import RangedReader
 from seeder.retry import DEFAULT_RETRY_TIME
-from seeder.role import DEFAULT_VERIFY_RETRIES, pull_piece
+from seeder.role import DEFAULT_VERIFY_RETRIES, origin_window, pull_piece
 from swarm.store import PieceStore
 
 
@@ -142,13 +142,13 @@ async def _pull_pieces(
         retry_time=config.origin_retry_time,
     )
     in_flight = max(1, min(config.pieces_in_flight, len(missing)))
-    pool = BufferPool(min(manifest.piece_size, max(manifest.piece_lengths)), in_flight)
+    pool = BufferPool(origin_window(manifest, config.range_size), in_flight)
     queue = iter(missing)
 
     async def worker() -> None:
         for index in queue:
             length = manifest.piece_lengths[index]
-            async with pool.lease(length) as buf:
+            async with pool.lease(min(length, pool.size)) as buf:
                 result.verify_failures += await pull_piece(
                     reader, store, manifest, index, buf, verify_retries=config.verify_retries
                 )

@@ -64,7 +64,7 @@ from core.manifest import Manifest
 from seeder.origin import Origin, open_origin
 from seeder.reader import RangedReader
 from seeder.retry import Backoff, tracker_retry
-from seeder.role import pull_piece
+from seeder.role import origin_window, pull_piece
 from swarm.announce import Announce, BadAnnounce, Reply, TrackerClient, check_zone
 from swarm.fetch import FetchConfig, FetchResult, fetch_direct, process_age
 from swarm.limiter import RateLimiter, acquire_all
@@ -422,9 +422,9 @@ class SwarmPeer:
         self._refusal_logged = 0.0
         self._refusals_seen = 0
         self._fatal: BaseException | None = None
+        # An origin pull's buffer: a window of a format-2 piece, else the piece.
         self._origin_pool = BufferPool(
-            min(manifest.piece_size, max(manifest.piece_lengths, default=1)),
-            self.config.origin_pieces_in_flight,
+            origin_window(manifest, self.config.range_size), self.config.origin_pieces_in_flight
         )
         # Blocks received from peers wait in these buffers while the disk thread
         # writes (and hashes) them, so the readers keep reading meanwhile.
@@ -790,7 +790,7 @@ class SwarmPeer:
             self._feed(OriginProgress(index, n))
 
         try:
-            async with self._origin_pool.lease(piece.length) as buf:
+            async with self._origin_pool.lease(min(piece.length, self._origin_pool.size)) as buf:
                 await pull_piece(
                     self.reader, self.store, self.m, index, buf, advance, on_attempt=attempt
                 )

@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 from aio_helpers import run_bounded
 
+from core.digest import block_layer
 from core.errors import VerificationError
 from core.manifest import Manifest
 from seeder.origin import open_origin
 from seeder.publish import publish
 from seeder.reader import RangedReader
-from seeder.role import pull_piece
+from seeder.role import origin_window, pull_piece
 from swarm.store import PieceStore
 
 KIB = 1024
@@ -183,3 +184,107 @@ def test_a_buffer_of_the_wrong_length_is_refused_before_any_read(tmp_path: Path)
 
     run_bounded(body, TIMEOUT)
     assert pull.attempts == []
+
+
+# -- windows: a format-2 piece pulled through a buffer smaller than itself ----------
+
+
+WINDOWED = random.Random(8).randbytes(2 * 16 * KIB - 300)  # two 16 KiB pieces, the last short
+
+
+def windowed(tmp_path: Path) -> tuple[Path, Manifest]:
+    """A format-2 manifest of 16 KiB pieces in 1 KiB blocks, over a ``file://`` origin."""
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    (origin / "w.bin").write_bytes(WINDOWED)
+    sizes = [("w.bin", len(WINDOWED))]
+    layers = [block_layer(WINDOWED[o : o + n], KIB) for _, o, n in Manifest.layout(sizes, 16 * KIB)]
+    manifest = Manifest.build(
+        name="m",
+        origin=origin.as_uri(),
+        piece_size=16 * KIB,
+        files=sizes,
+        block_size=KIB,
+        layers=layers,
+    )
+    return origin / "w.bin", manifest
+
+
+def test_origin_window_is_whole_blocks_and_at_most_the_largest_piece() -> None:
+    mib = 1024 * KIB
+    sizes = [("a", 1024 * mib)]
+    v2 = Manifest.build(
+        name="m",
+        origin="file:///x",
+        piece_size=256 * mib,
+        files=sizes,
+        block_size=4 * mib,
+        layers=[bytes(64 * 32)] * 4,
+    )
+    assert origin_window(v2, 16 * mib) == 64 * mib  # 4 ranges, not the 256 MiB piece
+    assert origin_window(v2, 3 * mib) == 12 * mib
+    assert origin_window(v2, 1 * mib) == 4 * mib  # never less than a block
+    v1 = Manifest.build(
+        name="m", origin="file:///x", piece_size=256 * mib, files=sizes, digests=[bytes(32)] * 4
+    )
+    assert origin_window(v1, 16 * mib) == 256 * mib  # format 1: the piece is checked whole
+
+
+@pytest.mark.parametrize("window", [KIB, 3 * KIB, 8 * KIB])
+def test_a_format_2_piece_is_pulled_a_window_at_a_time(tmp_path: Path, window: int) -> None:
+    _, manifest = windowed(tmp_path)
+    pull = Pull()
+
+    async def body() -> None:
+        async with seeder(tmp_path, manifest) as (reader, store):
+            for index in range(manifest.num_pieces):
+                buf = memoryview(bytearray(window))
+                failures = await pull_piece(
+                    reader, store, manifest, index, buf, pull.advance, on_attempt=pull.on_attempt
+                )
+                assert failures == 0 and store.has(index)
+            assert store.read_back_bytes == 0  # every block was checked as it was written
+
+    run_bounded(body, TIMEOUT)
+    assert pull.attempts == [0, 0]
+    assert pull.progress == manifest.piece_lengths
+    assert (tmp_path / "dest" / "w.bin").read_bytes() == WINDOWED
+
+
+def test_a_window_that_fails_once_is_read_again(tmp_path: Path) -> None:
+    path, manifest = windowed(tmp_path)
+    original = corrupt(path, 16 * KIB + 5 * KIB + 7)  # piece 1, its sixth block
+    pull = Pull()
+
+    def on_attempt(attempt: int) -> None:
+        pull.on_attempt(attempt)
+        if attempt == 1:
+            path.write_bytes(original)
+
+    async def body() -> None:
+        async with seeder(tmp_path, manifest) as (reader, store):
+            buf = memoryview(bytearray(4 * KIB))
+            failures = await pull_piece(
+                reader, store, manifest, 1, buf, pull.advance, on_attempt=on_attempt
+            )
+            assert failures == 1 and store.has(1)
+
+    run_bounded(body, TIMEOUT)
+    assert pull.attempts == [0, 1]
+    # The second attempt re-reads from the failed window (bytes 4-8 KiB of the piece) on.
+    assert pull.progress == [8 * KIB, manifest.piece_lengths[1] - 4 * KIB]
+    assert (tmp_path / "dest" / "w.bin").read_bytes()[16 * KIB :] == WINDOWED[16 * KIB :]
+
+
+def test_a_window_that_keeps_failing_is_an_error_naming_the_fix(tmp_path: Path) -> None:
+    path, manifest = windowed(tmp_path)
+    corrupt(path, 100)  # piece 0, for good
+
+    async def body() -> None:
+        async with seeder(tmp_path, manifest) as (reader, store):
+            buf = memoryview(bytearray(4 * KIB))
+            with pytest.raises(VerificationError, match="republish") as caught:
+                await pull_piece(reader, store, manifest, 0, buf, verify_retries=1)
+            assert caught.value.piece == 0 and not store.has(0)
+
+    run_bounded(body, TIMEOUT)
