@@ -43,6 +43,7 @@ import random
 import resource
 import select
 import socket
+import threading
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -182,14 +183,28 @@ _OFF_LOOP_MIN: Final = 256 * 1024
 _RECV_POLL_MS: Final = 250  # a receiving thread looks at whether its connection closed this often
 
 
-def _recv_payload(sock: socket.socket, view: memoryview, closed: Callable[[], bool]) -> int:
+def _recv_payload(
+    sock: socket.socket,
+    view: memoryview,
+    closed: Callable[[], bool],
+    slots: threading.BoundedSemaphore | None = None,
+) -> int:
     """Fill ``view`` from ``sock`` on a worker thread; returns ``len(view)``.
 
     The socket stays non-blocking (the event loop still writes to it): the thread
     waits in ``poll`` (woken only once ``_PAYLOAD_LOWAT`` bytes are there) and stops
     when ``closed()`` says the connection was closed meanwhile. Raises EOFError if
-    the peer closes first, OSError when the socket is closed under it.
+    the peer closes first, OSError when the socket is closed under it. Gives back
+    one of ``slots`` when it ends.
     """
+    try:
+        return _recv_into(sock, view, closed)
+    finally:
+        if slots is not None:
+            slots.release()
+
+
+def _recv_into(sock: socket.socket, view: memoryview, closed: Callable[[], bool]) -> int:
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
     got = 0
@@ -435,11 +450,15 @@ class SwarmPeer:
         self._disk = concurrent.futures.ThreadPoolExecutor(
             self.workers, thread_name_prefix="swarm-disk"
         )
-        # Block payloads arrive on these (one at a time per connection, so one
-        # thread per peer at most): see _recv_payload.
+        # Block payloads arrive on these (see _recv_payload). Anyone may connect in,
+        # so connections can outnumber the threads: a payload that finds no thread
+        # free is received by the event loop as before, never queued behind a peer
+        # that stalls mid-block (whose thread waits until the session closes it).
+        receivers = max(1, self.config.max_peers)
         self._recv = concurrent.futures.ThreadPoolExecutor(
-            max(1, self.config.max_peers), thread_name_prefix="swarm-recv"
+            receivers, thread_name_prefix="swarm-recv"
         )
+        self._recv_slots = threading.BoundedSemaphore(receivers)
         self.started = time.monotonic()
         self.finished_at: float | None = None
 
@@ -1050,12 +1069,15 @@ class SwarmPeer:
                                 conn.sock, block_view[filled : filled + want]
                             )
                             download.give_back(want - n)
-                        elif remaining >= _OFF_LOOP_MIN:
+                        elif remaining >= _OFF_LOOP_MIN and self._recv_slots.acquire(
+                            blocking=False
+                        ):
                             receiving = self._recv.submit(
                                 _recv_payload,
                                 conn.sock,
                                 block_view[filled : filled + remaining],
-                                lambda: conn.closed,
+                                lambda: conn.closed or conn.closing,
+                                self._recv_slots,
                             )
                             n = await asyncio.wrap_future(receiving)
                             receiving = None
