@@ -63,9 +63,9 @@ GIB = 1024**3
 # Measured by ``python -m benchmarks.dataplane`` (dataplane-2026-12-04.json: 256 MiB
 # pieces, 2 workers): CPU-seconds per GiB, the receiving process after start-up, the
 # serving process, and the receiver's event-loop thread alone.
-CPU_RECEIVE_S_PER_GIB = 0.676
-CPU_SERVE_S_PER_GIB = 0.39
-LOOP_S_PER_GIB = 0.355
+CPU_RECEIVE_S_PER_GIB = 0.782
+CPU_SERVE_S_PER_GIB = 0.40
+LOOP_S_PER_GIB = 0.192
 
 
 def gbps(value: float) -> float:

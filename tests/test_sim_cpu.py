@@ -11,7 +11,7 @@ import pytest
 
 from core.errors import ConfigError
 from simulations.runner import run_strategy
-from simulations.scenario import GIB, Scenario, gbps, load_scenario
+from simulations.scenario import GIB, LOOP_S_PER_GIB, Scenario, gbps, load_scenario
 
 MiB = 1024**2
 
@@ -82,5 +82,9 @@ def test_bad_cpu_settings_are_refused(bad: dict[str, float]) -> None:
 def test_the_fireworks_cpu_variants_are_bound_by_the_event_loop() -> None:
     scenario = load_scenario("fireworks-kimi").select_variant("n1000-o100-cpu32")
     assert scenario.cpu_cores == 32 and scenario.cpu_limit() == "event loop"
-    # 1 TiB at 1 / 0.355 GiB/s: 363 s, where the NIC alone allows 88 s.
-    assert scenario.lower_bound() == pytest.approx(1024 * 0.355, rel=1e-6)
+    # 1 TiB at 1 / LOOP_S_PER_GIB GiB/s (197 s), where the NIC alone allows 88 s.
+    assert scenario.lower_bound() == pytest.approx(1024 * LOOP_S_PER_GIB, rel=1e-6)
+    assert (
+        scenario.lower_bound()
+        > 2 * load_scenario("fireworks-kimi").select_variant("n1000-o100").lower_bound()
+    )
