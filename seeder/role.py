@@ -112,11 +112,7 @@ async def pull_piece(
             return failures
         except VerificationError as exc:
             if failures == verify_retries:
-                raise VerificationError(
-                    f"{exc}: the origin's data no longer matches the published manifest "
-                    f"{manifest.ref}; republish the artifact",
-                    piece=index,
-                ) from exc
+                raise _origin_changed(exc, manifest, index) from exc
             failures += 1
             log.warning("%s; reading it from the origin again", exc)
 
@@ -145,11 +141,7 @@ async def _pull_windows(
                 break
             except VerificationError as exc:
                 if failures == verify_retries:
-                    raise VerificationError(
-                        f"{exc}: the origin's data no longer matches the published manifest "
-                        f"{manifest.ref}; republish the artifact",
-                        piece=index,
-                    ) from exc
+                    raise _origin_changed(exc, manifest, index) from exc
                 failures += 1
                 log.warning("%s; reading it from the origin again", exc)
                 if on_attempt is not None:
@@ -162,3 +154,12 @@ async def _pull_windows(
             piece=index,
         )
     return failures
+
+
+def _origin_changed(exc: VerificationError, manifest: Manifest, index: int) -> VerificationError:
+    """The error once every read of a piece failed: the origin changed, republish."""
+    return VerificationError(
+        f"{exc}: the origin's data no longer matches the published manifest "
+        f"{manifest.ref}; republish the artifact",
+        piece=index,
+    )
