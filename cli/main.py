@@ -486,7 +486,11 @@ def fetch(
     ] = peer_default("tracker_timeout"),
     block_size: Annotated[
         int,
-        size_flag("--block-size", help="Block size requested from peers."),
+        size_flag(
+            "--block-size",
+            help="Block size requested from peers, for manifests of format 1; a format-2 "
+            "manifest's own block size is used instead.",
+        ),
     ] = Size(peer_default("block_size")),
     requests_per_peer: Annotated[
         int,

@@ -386,8 +386,10 @@ class SwarmPeer:
             direct_io=self.config.direct_io,
         )
         session_config = self.config.session_config()
-        if manifest.block_size and session_config.block_size % manifest.block_size:
-            # Format 2: ask for whole blocks of the manifest, so each is checked as it lands.
+        if manifest.block_size and session_config.block_size != manifest.block_size:
+            # Format 2: every peer asks for exactly the manifest's blocks, so each is
+            # checked as it lands and peers given different --block-size values still
+            # agree on what a request may be (a decoder refuses larger ones).
             log.info(
                 "requesting blocks of %d bytes, the manifest's block size, not %d",
                 manifest.block_size,

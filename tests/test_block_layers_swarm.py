@@ -23,7 +23,7 @@ KiB = 1024
 PIECE = 16 * KiB
 
 
-def _fetch(tracker: str, dest: Path) -> list[str]:
+def _fetch(tracker: str, dest: Path, block_size: str = "4KiB") -> list[str]:
     return [
         "fetch",
         "m",
@@ -36,20 +36,24 @@ def _fetch(tracker: str, dest: Path) -> list[str]:
         "--linger",
         "20",
         "--block-size",
-        "4KiB",
+        block_size,
         "--no-fsync",
         "--json",
     ]
 
 
-def _swarm_of_two(tmp_path: Path, catalog: str) -> list[dict[str, object]]:
+def _swarm_of_two(
+    tmp_path: Path, catalog: str, block_sizes: tuple[str, str] = ("4KiB", "4KiB")
+) -> list[dict[str, object]]:
     tracker = TrackerProcess(
         catalog, {}, tmp_path / "logs", announce_interval=2.0, peer_ttl=30.0, stall_timeout=20.0
     )
     tracker.start()
     try:
         runs = swarm_concurrently(
-            _fetch(tracker.url, tmp_path / "a"), _fetch(tracker.url, tmp_path / "b"), timeout=60
+            _fetch(tracker.url, tmp_path / "a", block_sizes[0]),
+            _fetch(tracker.url, tmp_path / "b", block_sizes[1]),
+            timeout=60,
         )
     finally:
         tracker.stop()
@@ -87,16 +91,21 @@ def test_a_format_1_manifest_still_fetches_peer_to_peer(tmp_path: Path) -> None:
 
 
 def test_a_format_2_manifest_checks_every_block_as_it_lands(tmp_path: Path) -> None:
-    """4 KiB requests of 16 KiB pieces: blocks of the manifest's size are asked for
-    (the peer follows the manifest), each is checked in memory, none is read back."""
-    files = make_model(12, {"model.bin": 12 * PIECE - 5, "config.json": 40})
+    """8 MiB pieces in the manifest's 4 MiB blocks, two peers told --block-size 1MiB
+    and 8MiB: both ask for exactly the manifest's blocks, each block is checked in
+    memory, none is read back, and the pieces left the origin once."""
+    mib = 1024 * KiB
+    files = make_model(12, {"model.bin": 2 * 8 * mib - 5, "config.json": 40})
     origin = tmp_path / "origin" / "m"
     populate(origin, files)
     catalog = (tmp_path / "catalog").as_uri()
-    published = publish(origin.as_uri(), "m", catalog, piece_size="16KiB", files=sorted(files))
-    results = _swarm_of_two(tmp_path, catalog)
+    published = publish(origin.as_uri(), "m", catalog, piece_size="8MiB", files=sorted(files))
+    results = _swarm_of_two(tmp_path, catalog, ("1MiB", "8MiB"))
     for result, dest in zip(results, ("a", "b"), strict=True):
         assert result["verified"] and result["root"] == published["root"], result
         assert verify_dir(tmp_path / dest).ok
     assert sum(r["peer_bytes"] for r in results) > 0  # type: ignore[misc]
     assert all(r["read_back_bytes"] == 0 and r["corrupt_blocks"] == 0 for r in results)
+    # One origin copy: each piece came from the origin once and went peer to peer.
+    assert sum(r["origin_pieces"] for r in results) == published["pieces"]  # type: ignore[misc]
+    assert all(r["pending_refused"] == 0 for r in results)
