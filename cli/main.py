@@ -405,6 +405,8 @@ def publish(
                     "files": len(manifest.files),
                     "pieces": manifest.num_pieces,
                     "piece_size": manifest.piece_size,
+                    "format": manifest.format,
+                    "block_size": manifest.block_size,
                     "catalog": url,
                 }
             )
@@ -413,6 +415,11 @@ def publish(
                 f"published {manifest.name}: {len(manifest.files)} files, "
                 f"{format_size(manifest.total_size)}, {manifest.num_pieces} pieces of "
                 f"{format_size(manifest.piece_size)}"
+                + (
+                    f" in blocks of {format_size(manifest.block_size)}"
+                    if manifest.block_size
+                    else ""
+                )
             )
             notice(escape(text), text, event="published", root=manifest.root_hex, ref=manifest.ref)
             print(manifest.ref)

@@ -155,6 +155,8 @@ def test_round_trip_every_backend(
     assert published["model_bytes"] == MODEL_BYTES
     assert published["files"] == len(MODEL)
     assert published["piece_size"] == PIECE_SIZE
+    # Format 2: blocks of 4 MiB at most the piece size (a 64 KiB piece is one block).
+    assert published["format"] == 2 and published["block_size"] == PIECE_SIZE
     assert published["pieces"] == len(piece_table(MODEL, PIECE_SIZE))
 
     dest = tmp_path / "dest"
