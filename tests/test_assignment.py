@@ -20,11 +20,13 @@ def make(
     min_in_flight: int = 1,
     origin_budget: int | None = None,
     stall_timeout: float = 30.0,
+    lookahead: int = 0,
 ) -> SeederAssignment[str]:
     policy: SeederAssignment[str] = SeederAssignment(
         [PIECE] * num_pieces,
         per_peer_limit=per_peer_limit,
         min_in_flight=min_in_flight,
+        lookahead=lookahead,
         origin_budget=origin_budget,
         stall_timeout=stall_timeout,
         rng=random.Random(seed),
@@ -195,6 +197,40 @@ def test_stall_is_measured_from_last_progress() -> None:
     assert policy.owner(piece) == second
 
 
+def test_a_piece_waiting_for_its_peers_buffer_stalls_only_when_the_peer_does() -> None:
+    """A lone peer holds more pieces than it pulls at once (4 + 2 held ahead): the
+    two not started report no bytes while the four move. They are not taken back
+    while any pull of that peer moves; once nothing moves, they are."""
+    policy = make(40, 1, per_peer_limit=2, min_in_flight=4, stall_timeout=10.0, lookahead=2)
+    held = policy.assign(0.0)["p0"]
+    assert len(held) == 6  # 4 pulled, 2 held ahead: the pool has 40
+    pulling, waiting = held[:4], held[4:]
+    for t in range(1, 40):
+        for k, piece in enumerate(pulling):
+            policy.progress("p0", piece, t * 10 + k, float(t))
+        assert policy.tick(float(t)) == [], t
+    assert sorted(policy.assignments("p0")) == sorted(held)
+    # Nothing moves from t=39 on: every piece stalls 10 s later, the waiting ones too.
+    assert policy.tick(48.9) == []
+    assert sorted(p for _, p in policy.tick(49.0)) == sorted(pulling + waiting)
+
+
+def test_a_small_swarm_holds_pieces_ahead_only_while_the_pool_has_plenty() -> None:
+    """Defaults: a lone peer holds 4 + 2 while the pool has at least 4 x 6 pieces,
+    and just the 4 it pulls near the end; a newcomer still gets its share; a big
+    swarm (minimum not above the per-peer limit) never holds ahead."""
+    for pieces, held, newcomer in ((40, 6, 3), (20, 4, 2)):
+        policy: SeederAssignment[str] = SeederAssignment([PIECE] * pieces, rng=random.Random(0))
+        policy.peer_joined("p0", 0.0)
+        assert len(policy.assign(0.0)["p0"]) == held
+        policy.peer_joined("p1", 1.0)
+        assert len(policy.assign(1.0).get("p1", [])) == newcomer
+    big: SeederAssignment[str] = SeederAssignment(
+        [PIECE] * 400, min_in_flight=2, rng=random.Random(0)
+    )
+    assert big.lookahead == 0
+
+
 def test_stalled_piece_adopted_back_when_it_moves_again() -> None:
     policy = make(1, 1, stall_timeout=10.0)
     piece = policy.assign(0.0)["p0"][0]
@@ -305,11 +341,12 @@ def test_a_small_swarm_keeps_min_in_flight_pieces_pulling() -> None:
     assert policy.limit == 4 and policy.budget == 4
     assert len(policy.assign(0.0)["p0"]) == 4
     policy.peer_joined("p1", 1.0)
-    assert policy.limit == 2 and policy.budget == 4
-    assert policy.assign(1.0) == {}  # four in flight already, all p0's
+    # p0's four, taken while alone, count against its own share, not p1's.
+    assert policy.limit == 2 and policy.budget == 6
+    assert {peer: len(pieces) for peer, pieces in policy.assign(1.0).items()} == {"p1": 2}
     for piece in policy.assignments("p0")[:2]:
         policy.piece_present(piece)
-    assert {peer: len(pieces) for peer, pieces in policy.assign(2.0).items()} == {"p1": 2}
+    assert policy.assign(2.0) == {}  # both at the per-peer limit now
     for i in range(2, 5):
         policy.peer_joined(f"p{i}", 3.0)
     assert policy.limit == 2 and policy.budget == 10

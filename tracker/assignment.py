@@ -23,12 +23,18 @@ Spreading the burst
     with 64; but 100 nodes, 1 TiB, 100 Gbit/s origin: 1.43 x uncapped and with
     256, 2.0 x with 64 (64 single-stream pulls of ~100 MB/s can't fill it).
     A small swarm is not held to two pulls a peer: the cluster keeps at least
-    ``min_in_flight`` (4, what ``swarm fetch --direct`` keeps) pieces in flight
-    when it has the peers, so a lone peer pulls four at once, two peers two
-    each. A lone peer used to pull two, and learned its next pieces only from
-    the reply to the announce it sent when one finished: with 4 MiB pieces from
-    a ``file://`` origin it reached 0.75 of ``--direct``'s throughput
-    (``benchmarks/origin_path.py``); with four it hides that round trip.
+    ``min_in_flight`` (4, what ``swarm fetch --direct`` keeps and
+    ``PeerConfig.origin_pieces_in_flight`` pulls at once) pieces in flight when
+    it has the peers, plus ``lookahead`` (2) held ahead while the pool holds
+    ``LOOKAHEAD_POOL`` times that many or more: a lone peer holds six, pulls
+    four, and two wait for a buffer, so its next pull starts the moment one
+    ends, not an announce round trip later; two peers hold three each. Pieces a
+    peer took while the swarm was smaller count against its own share of the
+    budget, not a newcomer's, so a peer that joins later still gets its
+    ``limit``. A lone peer used to hold two, and learned its next pieces only
+    from the reply to the announce it sent when one finished: with 4 MiB pieces
+    from a ``file://`` origin it reached 0.75 of ``--direct``'s throughput
+    (``benchmarks/origin_path.py``); holding four, 0.85-0.87.
     A free origin slot goes to the peer with the least load (pieces it has
     pulled plus pieces it is pulling), random among equals. With N peers and P
     pieces each pulls about P/N, but a peer that pulls faster frees its slots
@@ -50,8 +56,11 @@ Stalls
     this from its next announce reply and drops it). Stall detection is by
     progress, not by a deadline scaled to piece size: a slow seeder that keeps
     moving keeps its piece, a stuck one loses it after ``stall_timeout``
-    whatever the piece size. Peers report progress at least once per
-    announce, so ``stall_timeout`` must be longer than the announce interval.
+    whatever the piece size. A piece with no bytes yet may be waiting for one of
+    its peer's buffers (held ahead): it stalls only when none of that peer's
+    pulls has moved for ``stall_timeout`` either. Peers report progress at
+    least once per announce, so ``stall_timeout`` must be longer than the
+    announce interval.
 
 Time (``now``) and randomness (``rng``) are passed in; nothing here reads the
 clock or does I/O.
@@ -64,7 +73,7 @@ import random
 from collections import deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 __all__ = ["DEFAULT_MAX_BUDGET", "MIN_IN_FLIGHT", "AssignmentStats", "SeederAssignment"]
 
@@ -72,6 +81,8 @@ DEFAULT_MAX_BUDGET = 256
 """The cluster's origin pieces in flight when no budget is set, however many peers."""
 
 MIN_IN_FLIGHT = 4
+LOOKAHEAD: Final = 2
+LOOKAHEAD_POOL: Final = 4
 """Origin pieces a small swarm keeps in flight at least (``swarm fetch --direct``'s
 ``pieces_in_flight``), spread over its peers."""
 
@@ -111,10 +122,11 @@ class _Pull:
 
 
 class _Seeder(Generic[PeerT]):
-    __slots__ = ("joined", "pulled", "pulls")
+    __slots__ = ("joined", "moved", "pulled", "pulls")
 
     def __init__(self, joined: float) -> None:
         self.joined = joined
+        self.moved = joined  # when any of its pulls last advanced
         self.pulled = 0
         self.pulls: dict[int, _Pull] = {}
 
@@ -128,6 +140,7 @@ class SeederAssignment(Generic[PeerT]):
         *,
         per_peer_limit: int = 2,
         min_in_flight: int = MIN_IN_FLIGHT,
+        lookahead: int = LOOKAHEAD,
         origin_budget: int | None = None,
         stall_timeout: float = 30.0,
         rng: random.Random,
@@ -141,6 +154,9 @@ class SeederAssignment(Generic[PeerT]):
         self._lengths = list(piece_lengths)
         self.per_peer_limit = per_peer_limit
         self.min_in_flight = min_in_flight
+        # Only a swarm whose minimum is above the per-peer limit (a small one) holds
+        # pieces ahead; see the module docstring.
+        self.lookahead = max(0, lookahead) if min_in_flight > per_peer_limit else 0
         self.stall_timeout = stall_timeout
         self._budget: int | None = None
         self.set_budget(origin_budget)
@@ -180,14 +196,21 @@ class SeederAssignment(Generic[PeerT]):
         """The cluster-wide cap in effect now."""
         if self._budget is not None:
             return self._budget
-        return min(self.limit * len(self._seeders), DEFAULT_MAX_BUDGET)
+        # Pieces a peer took while the swarm was smaller (and its limit higher) count
+        # against its own share, not a newcomer's.
+        limit = self.limit
+        shares = sum(max(limit, len(s.pulls)) for s in self._seeders.values())
+        return min(shares, DEFAULT_MAX_BUDGET)
 
     @property
     def limit(self) -> int:
         """Pieces one peer may pull at once now: ``per_peer_limit``, or more while
         the live peers are too few to keep ``min_in_flight`` in flight."""
         peers = max(1, len(self._seeders))
-        return max(self.per_peer_limit, -(-self.min_in_flight // peers))
+        wanted = self.min_in_flight
+        if self.lookahead and self._pool_count >= LOOKAHEAD_POOL * (wanted + self.lookahead):
+            wanted += self.lookahead
+        return max(self.per_peer_limit, -(-wanted // peers))
 
     # -- read-only state ----------------------------------------------------
 
@@ -317,7 +340,7 @@ class SeederAssignment(Generic[PeerT]):
         if pull is not None:
             if bytes_done > pull.bytes_done:
                 pull.bytes_done = bytes_done
-                pull.since = now
+                pull.since = seeder.moved = now
             return True
         if self._state[piece] != _POOL or bytes_done <= self._stalled_bytes.get(piece, 0):
             return False
@@ -359,7 +382,11 @@ class SeederAssignment(Generic[PeerT]):
         stalled: list[tuple[PeerT, int]] = []
         for peer, seeder in self._seeders.items():
             for piece, pull in seeder.pulls.items():
-                if now - pull.since >= self.stall_timeout:
+                # A piece not started may wait for one of the peer's buffers (pieces
+                # held ahead): it stalls only when nothing the peer pulls moves either.
+                if now - pull.since >= self.stall_timeout and (
+                    pull.bytes_done > 0 or now - seeder.moved >= self.stall_timeout
+                ):
                     stalled.append((peer, piece))
         for peer, piece in reversed(stalled):
             bytes_done = self._seeders[peer].pulls[piece].bytes_done
