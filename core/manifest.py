@@ -41,9 +41,8 @@ import zstandard
 from core.digest import DIGEST_SIZE, PieceHasher, layer_digest, piece_digest
 from core.errors import ManifestError
 
-FORMAT_VERSION = 2
-"""The format ``encode`` writes when a manifest has a block size; 1 without."""
 FORMATS: Final = (1, 2)
+"""The manifest formats this swarm reads; ``Manifest.format`` says which one a manifest is."""
 DEFAULT_PIECE_SIZE = 256 * 1024 * 1024
 DEFAULT_BLOCK_SIZE: Final = 4 * 1024 * 1024
 """The block a format-2 manifest checks: the peer's request size, so every block
@@ -326,14 +325,11 @@ class Manifest:
         if length != min(self.block_size, length_of_piece - offset):
             return None
         start = offset // self.block_size * DIGEST_SIZE
-        layer = self.layers[index]
-        return layer[start : start + DIGEST_SIZE] if start < len(layer) else None
+        return self.layers[index][start : start + DIGEST_SIZE]
 
     def blocks_in(self, index: int) -> int:
         """How many blocks a format-2 piece has (0 in format 1)."""
-        if not self.block_size:
-            return 0
-        return -(-self.piece_lengths[index] // self.block_size)
+        return pieces_in(self.piece_lengths[index], self.block_size) if self.block_size else 0
 
     def describe_piece(self, index: int) -> str:
         """'piece 3 (model-00001.safetensors bytes 3145728-4194303)' for error messages."""
@@ -561,9 +557,9 @@ def _canonical(m: Manifest) -> bytes:
     files = [[f.path, f.size, f.piece_count] for f in m.files]
     obj: list[Any]
     if m.block_size:
-        obj = [2, m.name, m.origin, m.piece_size, files, m.block_size, b"".join(m.layers)]
+        obj = [m.format, m.name, m.origin, m.piece_size, files, m.block_size, b"".join(m.layers)]
     else:
-        obj = [1, m.name, m.origin, m.piece_size, files, b"".join(m.digests)]
+        obj = [m.format, m.name, m.origin, m.piece_size, files, b"".join(m.digests)]
     return msgpack.packb(obj, use_bin_type=True)
 
 
