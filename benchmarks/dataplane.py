@@ -468,7 +468,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) 
     raise BenchmarkError(f"tracker {url} did not answer within {timeout:.0f} s")
 
 
-def _announce_placeholder(tracker_url: str, ref: str, pieces: int, token: str | None) -> None:
+def announce_placeholder(tracker_url: str, ref: str, pieces: int, token: str | None) -> None:
     import asyncio
 
     from core.auth import ClusterKey
@@ -636,7 +636,7 @@ def transfer(
         # A serving peer alone in a swarm sees it complete and leaves at once; an
         # announced, unfinished placeholder (nothing listens on its port) keeps the
         # swarm open until the fetching peer has joined.
-        _announce_placeholder(tracker_url, prepared["ref"], prepared["pieces"], token)
+        announce_placeholder(tracker_url, prepared["ref"], prepared["pieces"], token)
         server = start([*fetch, "--dest", seed_dest, "--linger", "300", *peer_args], "server")
         deadline = time.monotonic() + 60
         while (

@@ -12,9 +12,14 @@ PEER_ID_LENGTH: Final = 20
 """Bytes of a peer id, on the wire and in announces."""
 
 
-def digest(data: memoryview | bytes | bytearray) -> bytes:
-    """blake3 of a piece, using every core for large pieces (the GIL is released)."""
-    return blake3.blake3(data, max_threads=blake3.blake3.AUTO).digest()
+def digest(data: memoryview | bytes | bytearray, max_threads: int = blake3.blake3.AUTO) -> bytes:
+    """blake3 of ``data``, by default on every core for large inputs (the GIL is released).
+
+    ``max_threads=1`` where the caller already spreads work over threads: blake3's own
+    pool then only adds CPU (4 MiB blocks here: 0.17 CPU-s per GiB on one thread,
+    0.22 with the pool) and threads spinning for work on cores the workers need.
+    """
+    return blake3.blake3(data, max_threads=max_threads).digest()
 
 
 def block_layer(piece: memoryview | bytes | bytearray, block_size: int) -> bytes:

@@ -66,6 +66,10 @@ class PieceSink(Protocol):
         """Record the piece whose blocks were written; False if they don't verify."""
         ...
 
+    def holds_checked(self, index: int, start: int, end: int) -> bool:
+        """Whether bytes [start, end) of piece ``index`` are on disk, every block checked."""
+        ...
+
 
 async def pull_piece(
     reader: RangedReader,
@@ -134,6 +138,8 @@ async def _pull_windows(
         on_attempt(0)
     for start in range(0, piece.length, len(buf)):
         view = buf[: min(len(buf), piece.length - start)]
+        if store.holds_checked(index, start, start + len(view)):
+            continue  # kept from a run that stopped part-way through this piece
         while True:
             await reader.read(piece.path, piece.offset + start, view, progress)
             try:

@@ -109,6 +109,8 @@ async def fetch_direct(
         result.reused_bytes = store.reused_bytes
         # Verified pieces of files changed since they were verified, hashed again on open.
         result.extra["rechecked_bytes"] = store.rechecked_bytes
+        # Checked blocks of pieces a stopped run had not finished: not pulled again.
+        result.extra["kept_block_bytes"] = store.kept_block_bytes
         if progress and store.reused_bytes:
             progress(store.reused_bytes)
         missing = store.missing()

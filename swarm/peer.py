@@ -547,7 +547,9 @@ class SwarmPeer:
         try:
             await asyncio.to_thread(self.store.open)
             result.reused_bytes = self.store.reused_bytes
-            self.session.restore(self.store.verified_pieces())
+            # Blocks of unfinished pieces kept from a run that stopped (checked again).
+            result.extra["kept_block_bytes"] = self.store.kept_block_bytes
+            self.session.restore(self.store.verified_pieces(), self.store.kept_blocks)
             if self.progress and self.store.reused_bytes:
                 self.progress(self.store.reused_bytes)
             await self._listen()

@@ -516,6 +516,33 @@ class PiecePicker(Generic[PeerT]):
         self._reserved.discard(piece)
         self._rebucket_if_free(piece)
 
+    def restore_blocks(self, piece: int, offsets: Sequence[int]) -> None:
+        """Blocks of ``piece`` already on disk and checked, kept by a fetch that stopped
+        part-way: the piece is in progress with them received, and they are never asked
+        for. Offsets that are not whole blocks of the piece are ignored; so is a piece
+        that is had or reserved."""
+        self._check_piece(piece)
+        if piece in self._have or piece in self._reserved:
+            return
+        if piece not in self._partials:
+            self._start(piece)
+        partial = self._partials[piece]
+        size = self._block_size
+        for offset in offsets:
+            index = offset // size
+            if (
+                offset != index * size
+                or not 0 <= index < len(partial.state)
+                or partial.state[index] != _OPEN
+            ):
+                continue
+            partial.state[index] = _RECEIVED
+            partial.open -= 1
+            partial.received += 1
+        if not partial.open and piece in self._open_partials:
+            del self._open_partials[piece]
+        self._epoch += 1
+
     def _check_piece(self, piece: int) -> None:
         if not 0 <= piece < len(self._lengths):
             raise ValueError(f"piece {piece} is out of range (0..{len(self._lengths) - 1})")

@@ -573,10 +573,16 @@ class PeerSession:
         record = self.conns.get(conn)
         return record is not None and record.other_zone
 
-    def restore(self, pieces: Iterable[int]) -> None:
-        """Pieces found verified on disk at start-up, before any connection."""
+    def restore(
+        self, pieces: Iterable[int], blocks: Mapping[int, Sequence[int]] | None = None
+    ) -> None:
+        """Pieces found verified on disk at start-up, before any connection, and
+        ``blocks``: for unfinished pieces, the offsets of blocks found checked on disk
+        (a fetch that stopped part-way); those are never asked for again."""
         for piece in pieces:
             self.picker.mark_have(piece)
+        for piece, offsets in (blocks or {}).items():
+            self.picker.restore_blocks(piece, offsets)
         self._completed = self.picker.done
 
     # -- events -------------------------------------------------------------------

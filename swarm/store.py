@@ -5,7 +5,12 @@ pre-allocated to its full size, and pieces land with positional writes, so piece
 can arrive in any order from any source. A piece counts only once its blake3
 digest matches the manifest; it is then written, flushed to disk, and recorded in
 ``DEST/.swarm/<root>.state`` (one byte per piece), so a killed fetch resumes
-without reading verified pieces again.
+without reading verified pieces again. A format-2 manifest's blocks are checked as they land; each one
+written is also recorded in ``DEST/.swarm/<root>.blocks`` (one byte per block), so a
+killed fetch keeps the blocks of the pieces it had not finished: on open each
+recorded block is read and checked against its digest again (the record was not
+flushed with the data, and anyone may have changed the file since), and the ones
+that match count as received.
 
 The state is a claim about files that anyone can change, so it is never taken on
 its word. Beside it, ``DEST/.swarm/<root>.files`` records for each file the
@@ -36,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
 import json
 import mmap
 import os
@@ -43,8 +49,9 @@ import stat
 import struct
 import threading
 import time
+from array import array
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
@@ -149,6 +156,11 @@ def state_path(dest: Path, root_hex: str) -> Path:
 def identities_path(dest: Path, root_hex: str) -> Path:
     """One ``IDENTITY`` record per file of version ``root_hex``."""
     return dest / STATE_DIR / f"{root_hex}.files"
+
+
+def blocks_path(dest: Path, root_hex: str) -> Path:
+    """Format 2: one byte per block of version ``root_hex``: 1 if checked and written."""
+    return dest / STATE_DIR / f"{root_hex}.blocks"
 
 
 def manifest_path(dest: Path, root_hex: str) -> Path:
@@ -403,10 +415,25 @@ class PieceStore:
         self._lock: DestLock | None = None
         self._state_fd = -1
         self._identities_fd = -1
+        self._blocks_fd = -1  # format 2: the block record (``blocks_path``)
+        # Format 2: index of each piece's first block in the block record.
+        self._first_block = (
+            array(
+                "q",
+                itertools.accumulate(
+                    (manifest.blocks_in(i) for i in range(manifest.num_pieces)), initial=0
+                ),
+            )
+            if manifest.block_size
+            else array("q")
+        )
         self._verified = bytearray(manifest.num_pieces)
         self.reused_bytes = 0
         self.rechecked_bytes = 0  # verified pieces hashed again on open (their files changed)
         self.read_back_bytes = 0  # bytes of assembled pieces read back from disk to be hashed
+        # Blocks of unfinished pieces kept from an earlier run, checked again on open.
+        self.kept_blocks: dict[int, list[int]] = {}  # piece -> offsets of its kept blocks
+        self.kept_block_bytes = 0
         self._assemblies: dict[int, _Assembly] = {}
         # write_block may run on several threads at once (``swarm fetch --workers``):
         # the lock guards the assemblies; hashing and writing happen outside it.
@@ -481,7 +508,93 @@ class PieceStore:
         self.reused_bytes = sum(
             length for length, ok in zip(m.piece_lengths, verified, strict=True) if ok
         )
+        if m.block_size:
+            self._keep_blocks(root)
         self._probe_direct_io()
+
+    def _keep_blocks(self, root: str) -> None:
+        """Format 2: take back the checked blocks of unfinished pieces from the block record.
+
+        Each recorded block is read and checked against its digest again: the record
+        is written after the block's bytes but never flushed with them (a crash may
+        have lost either), and the file may have changed since. Blocks that match are
+        this run's, checked, as if just received; the rest are forgotten. A piece all
+        of whose blocks match is verified here. Costs at most the pieces that were in
+        progress when the last run stopped.
+        """
+        m = self.manifest
+        total = self._first_block[-1]
+        path = blocks_path(self.dest, root)
+        record = _read_exact(path, total)
+        with _translated(f"can't write {self.dest / STATE_DIR}"):
+            self._blocks_fd = _open_sized(path, total, reset=record is None)
+        if record is None or not any(record):
+            return
+        size = m.block_size
+        forget: list[int] = []
+        for index in range(m.num_pieces):
+            first, last = self._first_block[index], self._first_block[index + 1]
+            if self._verified[index] or not any(record[first:last]):
+                continue
+            asm = _Assembly(m)
+            length = m.piece_lengths[index]
+            piece = m.piece(index)
+            try:
+                fd = open_regular(self.dest / piece.path, os.O_RDONLY)
+            except (OSError, StoreError):
+                fd = -1
+            try:
+                for block in range(first, last):
+                    if not record[block]:
+                        continue
+                    at = (block - first) * size
+                    stop = min(at + size, length)
+                    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+                    self.rechecked_bytes += stop - at
+                    if fd >= 0 and _hash_range(
+                        fd, piece.offset + at, stop - at, self._scratch(), hasher
+                    ) == m.block_digest(index, at, stop - at):
+                        asm.written[at] = stop - at
+                        asm.checked.add(at)
+                    else:
+                        forget.append(block)
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+            if not asm.checked:
+                continue
+            kept = sum(asm.written.values())
+            if kept == length:
+                # Every block is there and matches: the piece's digest is that of its
+                # layer, so the piece is verified.
+                with _translated(f"can't record {self.dest / piece.path}"):
+                    self._commit(index, piece.file_index)
+                self._verified[index] = 1
+                self.reused_bytes += length
+                continue
+            self._assemblies[index] = asm
+            self.kept_blocks[index] = sorted(asm.checked)
+            self.kept_block_bytes += kept
+        with _translated(f"can't write block state of {self.dest}"):
+            for block in forget:
+                os.pwrite(self._blocks_fd, b"\x00", block)
+
+    def _scratch(self) -> memoryview:
+        """This thread's reusable read buffer."""
+        scratch: bytearray | None = getattr(self._local, "scratch", None)
+        if scratch is None:
+            scratch = self._local.scratch = bytearray(_SCRATCH)
+        return memoryview(scratch)
+
+    def _record_blocks(self, index: int, offsets: Sequence[int], value: bytes) -> None:
+        """Format 2: say in the block record that these blocks of ``index`` are (or are not)
+        checked and on disk."""
+        if self._blocks_fd < 0 or not offsets:
+            return
+        first = self._first_block[index]
+        size = self.manifest.block_size
+        for at in offsets:
+            os.pwrite(self._blocks_fd, value, first + at // size)
 
     def _recheck(self, file_index: int, verified: bytearray, buf: memoryview) -> None:
         """Hash again the pieces of a changed file that the state calls verified."""
@@ -628,10 +741,10 @@ class PieceStore:
         """Release descriptors and the destination's lock. Writes nothing: a crash is a close."""
         self._fds.close_all()
         self._pinned.clear()
-        for fd in (self._state_fd, self._identities_fd):
+        for fd in (self._state_fd, self._identities_fd, self._blocks_fd):
             if fd >= 0:
                 os.close(fd)
-        self._state_fd = self._identities_fd = -1
+        self._state_fd = self._identities_fd = self._blocks_fd = -1
         if self._lock is not None:
             self._lock.release()
             self._lock = None
@@ -739,7 +852,16 @@ class PieceStore:
                 asm = self._assemblies.get(index)
                 if asm is None:
                     asm = self._assemblies[index] = _Assembly(self.manifest)
-                if asm.verifying or offset in asm.written:
+                if asm.verifying:
+                    return False
+                if size:
+                    # Format 2: turned away only if every block it holds is on disk and
+                    # checked (an endgame duplicate); a write that also brings blocks
+                    # still missing goes ahead (an origin window over blocks kept from
+                    # an earlier run rewrites them with the same, checked, bytes).
+                    if all(key * size in asm.checked for key in keys):
+                        return False
+                elif offset in asm.written:
                     return False
                 # Another thread writes these bytes (an endgame duplicate): its
                 # outcome decides. If it failed its check, this copy is written.
@@ -764,16 +886,23 @@ class PieceStore:
             asm.writing.difference_update(keys)
             self._block_written.notify_all()
             asm.written[offset] = len(data)
+            unchecked: list[int] = []
             if size:
                 for key in keys:
                     if key * size in checked:
                         asm.checked.add(key * size)
                     else:  # partly overwritten by bytes nobody checked
                         asm.checked.discard(key * size)
+                        unchecked.append(key * size)
             if asm.hasher is not None and offset == asm.hashed:
                 asm.hasher.update(data)
                 asm.hashed += len(data)
                 self._hash_written(index, asm)
+        # After the bytes: the record may say less than the disk holds, never more
+        # (and what it says is checked again on open all the same).
+        with _translated(f"can't write block state of {self.dest}"):
+            self._record_blocks(index, unchecked, b"\x00")
+            self._record_blocks(index, checked, b"\x01")
         return True
 
     def _check_blocks(self, index: int, offset: int, data: memoryview) -> list[int]:
@@ -792,7 +921,8 @@ class PieceStore:
             if stop > end:
                 break
             expected = m.block_digest(index, at, stop - at)
-            if digest(data[at - offset : stop - offset]) != expected:
+            # One thread: the disk workers are the parallelism (core.digest.digest).
+            if digest(data[at - offset : stop - offset], max_threads=1) != expected:
                 raise VerificationError(
                     f"block {at}+{stop - at} of {m.describe_piece(index)} does not match the "
                     "manifest's block digest",
@@ -815,10 +945,7 @@ class PieceStore:
     ) -> int:
         """Hash bytes [start, end) of piece ``index`` as they are on disk; returns ``end``."""
         piece = self.manifest.piece(index)
-        scratch: bytearray | None = getattr(self._local, "scratch", None)
-        if scratch is None:
-            scratch = self._local.scratch = bytearray(_SCRATCH)
-        view = memoryview(scratch)
+        view = self._scratch()
         with _translated(f"can't read back {self.dest / piece.path}"):
             with self._fds.use(piece.file_index) as fd:
                 while start < end:
@@ -831,6 +958,19 @@ class PieceStore:
                     start += n
                     self.read_back_bytes += n
         return end
+
+    def holds_checked(self, index: int, start: int, end: int) -> bool:
+        """Format 2: whether every block of bytes [start, end) of piece ``index`` is on
+        disk and was checked (blocks kept from an earlier run, say); always False in
+        format 1."""
+        size = self.manifest.block_size
+        if not size:
+            return False
+        with self._assembly_lock:
+            asm = self._assemblies.get(index)
+            return asm is not None and all(
+                at in asm.checked for at in range(start - start % size, end, size)
+            )
 
     def _blocks_good(self, index: int, asm: _Assembly) -> bool:
         """Format 2: every block of the piece matches its digest (unchecked ones read back)."""
@@ -871,6 +1011,9 @@ class PieceStore:
             if good:
                 with _translated(f"can't record {self.dest / piece.path}"):
                     self._commit(index, piece.file_index)
+            else:
+                with _translated(f"can't write block state of {self.dest}"):
+                    self._record_blocks(index, sorted(asm.checked), b"\x00")
         finally:
             with self._assembly_lock:
                 if self._assemblies.get(index) is asm:
@@ -1006,7 +1149,7 @@ def _open_sized(path: Path, size: int, *, reset: bool) -> int:
 
 
 def _hash_range(
-    fd: int, offset: int, length: int, buf: memoryview, hasher: PieceHasher
+    fd: int, offset: int, length: int, buf: memoryview, hasher: PieceHasher | blake3.blake3
 ) -> bytes | None:
     """The digest of ``length`` bytes at ``offset`` read into ``buf`` in turn; None if the file ends first."""
     done = 0
