@@ -389,8 +389,16 @@ def floor_run(
 def _env(token: str | None = None) -> dict[str, str]:
     from core.auth import TOKEN_ENV
 
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO_ROOT),
+        "PYTHONUNBUFFERED": "1",
+    }
     env.pop(TOKEN_ENV, None)
+    # An installed swarm runs from cached bytecode (pip compiles it at install); a
+    # shell that says PYTHONDONTWRITEBYTECODE would have every process compile this
+    # checkout's modules from source again, ~0.07 CPU-s of start-up each here.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     if token:
         env[TOKEN_ENV] = token
     return env

@@ -39,17 +39,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import aiohttp
 import asyncio_dgram
 import msgpack
 import yarl
-from multidict import CIMultiDict
 
 from core.auth import MAC_SIZE, NONCE_SIZE, ClusterKey, new_nonce
 from core.digest import PEER_ID_LENGTH
 from core.errors import TrackerError, UnknownArtifactError
-from core.manifest import Manifest, parse_ref
+from core.manifest import MAX_ENCODED_SIZE, Manifest, parse_ref
 from swarm.hosts import valid_host
+from swarm.http import HTTPClientError
+from swarm.http import request as http_request
 
 log = logging.getLogger("swarm.tracker")
 
@@ -433,7 +433,7 @@ class TrackerClient:
         host, _, port = host_port.rpartition(":")
         self._udp_addr = (host.strip("[]") or host_port, int(port) if port.isdigit() else 80)
         self.key = key or ClusterKey(None)
-        self._ssl: ssl.SSLContext | bool = True
+        self._ssl: ssl.SSLContext | None = None  # None: the system's CA store
         if ca_file is not None:
             if not self.tls:
                 raise TrackerError(
@@ -448,24 +448,14 @@ class TrackerClient:
         self._rng = rng or random.Random()
         self._clock = clock
         self._last_ts = 0
-        self._session: aiohttp.ClientSession | None = None
         self._txn = self._rng.randrange(1 << 30)
         self.udp_failures = 0
         self.bad_replies = 0
         """Replies to our announces whose MAC failed (forged, or the tracker lacks our token)."""
 
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.http_timeout),
-                connector=aiohttp.TCPConnector(ssl=self._ssl),
-            )
-        return self._session
-
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        """Nothing to release: each HTTP request has a connection of its own (a peer
+        makes few: the manifest, and announces UDP can't carry)."""
 
     def _next_ts(self) -> int:
         # Strictly increasing, even if the wall clock steps back or two calls share a
@@ -483,21 +473,26 @@ class TrackerClient:
         """One signed HTTP request: status, body, headers (case-insensitive) and the
         request's nonce.
 
-        The one place where aiohttp's errors become TrackerError.
+        The one place where HTTP errors become TrackerError. The body is bounded by the
+        largest manifest there can be.
         """
         url = f"{self.base}{path}"
         headers, nonce = self._auth(method, url, body)
         if content_type:
             headers["Content-Type"] = content_type
         try:
-            async with self._http().request(
-                method, url, data=body or None, headers=headers
-            ) as resp:
-                return resp.status, await resp.read(), CIMultiDict(resp.headers), nonce
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise TrackerError(
-                f"tracker {self.base} unreachable: {exc or type(exc).__name__}"
-            ) from exc
+            resp = await http_request(
+                method,
+                url,
+                body=body,
+                headers=headers,
+                timeout=self.http_timeout,
+                max_body=MAX_ENCODED_SIZE,
+                tls=self._ssl,
+            )
+        except HTTPClientError as exc:
+            raise TrackerError(f"tracker {self.base} unreachable: {exc}") from exc
+        return resp.status, resp.body, resp.headers, nonce
 
     async def get(self, path: str) -> tuple[int, bytes, dict[str, str]]:
         """An authenticated GET of ``path`` (e.g. ``/v1/swarms``): status, body, headers."""
