@@ -293,7 +293,7 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
-SERVICES: Final = frozenset({"tracker"})
+SERVICES: Final = frozenset({"tracker", "agent"})
 """Commands that log at INFO by default: an operator must see a service start and listen."""
 
 
@@ -457,6 +457,16 @@ def fetch(
             "--direct", help="Read every piece straight from the origin (no tracker, no peers)."
         ),
     ] = False,
+    agent: Annotated[
+        str | None,
+        typer.Option(
+            "--agent",
+            envvar="SWARM_AGENT",
+            metavar="SOCKET",
+            help="The node agent's Unix socket: ask it to make the artifact present in the "
+            "node's cache, then link its files into DEST (no linger: the agent serves it).",
+        ),
+    ] = None,
     linger: Annotated[
         float,
         typer.Option(
@@ -698,9 +708,23 @@ def fetch(
 
     Exit code 0 only when every piece is verified and the completion marker is written.
     """
+    if agent and not direct:
+        ready = run(_fetch_via_agent(ref, dest, agent, progress_interval))
+        if json:
+            emit_json(ready)
+        else:
+            text = (
+                f"{ready['ref']}: {format_size(ready['bytes'])} ready in {dest} in "
+                f"{ready['seconds']:.1f}s ({ready['view']} from the node's cache; this fetch "
+                f"moved origin {format_size(ready['origin_bytes'])}, "
+                f"peers {format_size(ready['peer_bytes'])})"
+            )
+            notice(escape(text), text, event="fetched", **ready)
+        return
     if direct == bool(tracker):
         raise typer.BadParameter(
-            "give exactly one of --tracker URL (swarm) or --direct (origin only)"
+            "give exactly one of --tracker URL (swarm), --direct (origin only) or --agent "
+            "SOCKET (the node agent)"
         )
     if not 1 <= block_size <= MAX_BLOCK:
         raise typer.BadParameter(
@@ -784,6 +808,56 @@ def fetch(
             )
         )
         notice(escape(text), text, event="fetched", **result.to_json())
+
+
+async def _fetch_via_agent(
+    ref: str, dest: Path, socket_path: str, progress_interval: float
+) -> dict[str, Any]:
+    """Ask the node agent for ``ref``, show its progress, then link the files into ``dest``."""
+    from core.manifest import Manifest
+    from swarm.agent import ask, link_view
+    from swarm.store import manifest_path
+
+    started = asyncio.get_running_loop().time()
+    conn = await ask(socket_path, {"op": "fetch", "ref": ref})
+    try:
+        answer = await conn.answer()
+        total = answer.get("total", answer.get("bytes"))
+        with byte_progress(ref, total, interval=progress_interval) as bar:
+            seen = 0
+            while answer.get("event") == "progress":
+                done = int(answer.get("done", 0))
+                if done > seen:
+                    bar.advance(done - seen)
+                    seen = done
+                answer = await conn.answer()
+            if answer.get("event") != "done":
+                raise SwarmError(f"the node agent answered {answer!r:.200}")
+            if int(answer["bytes"]) > seen:
+                bar.advance(int(answer["bytes"]) - seen)
+        source = Path(answer["path"])
+        raw = await asyncio.to_thread(manifest_path(source, answer["root"]).read_bytes)
+        manifest = Manifest.decode(raw)
+        # Linked while the connection is open: the agent evicts nothing we are linking.
+        view = await asyncio.to_thread(link_view, source, dest, manifest)
+    finally:
+        conn.close()
+    if view == "copied":
+        log.warning("%s is not on the cache's file system: the files were copied", dest)
+    return {
+        "artifact": manifest.name,
+        "ref": manifest.ref,
+        "root": manifest.root_hex,
+        "dest": str(dest),
+        "bytes": manifest.total_size,
+        "model_bytes": manifest.total_size,
+        "verified": True,
+        "view": view,
+        "cache_path": str(source),
+        "origin_bytes": answer["origin_bytes"],
+        "peer_bytes": answer["peer_bytes"],
+        "seconds": round(asyncio.get_running_loop().time() - started, 3),
+    }
 
 
 async def _fetch_direct(
@@ -1142,6 +1216,179 @@ def tracker_command(
             await tracker.close()
 
     run(go(), clean_exit_on_signal=True)
+
+
+AgentSocket = Annotated[
+    str,
+    typer.Option(
+        "--socket",
+        envvar="SWARM_AGENT",
+        metavar="PATH",
+        help="The node agent's Unix socket (a hostPath shared with the node's pods).",
+    ),
+]
+
+
+@app.command("agent")
+def agent_command(
+    cache: Annotated[
+        Path,
+        typer.Option(
+            "--cache",
+            envvar="SWARM_CACHE",
+            help="The node's cache directory (a hostPath): every version the agent holds.",
+        ),
+    ],
+    tracker: Annotated[str, typer.Option("--tracker", envvar="SWARM_TRACKER", help="Tracker URL.")],
+    socket_path: AgentSocket,
+    capacity: Annotated[
+        int | None,
+        size_flag(
+            "--capacity",
+            help="Most bytes the cache may hold; least recently used versions that are neither "
+            "pinned nor in use by a pod are removed past it (default: no limit).",
+        ),
+    ] = None,
+    listen: Annotated[
+        str,
+        typer.Option(
+            "--listen", help="HOST to accept peer connections on (each version gets a port)."
+        ),
+    ] = peer_default("listen_host"),
+    advertise: Annotated[
+        str,
+        typer.Option(
+            "--advertise",
+            help="Address other peers should dial (default: the address the tracker sees).",
+        ),
+    ] = peer_default("advertise_host"),
+    workers: Annotated[
+        int,
+        typer.Option("--workers", min=0, max=1024, help="As for swarm fetch (0: every core)."),
+    ] = peer_default("workers"),
+    origin: Annotated[
+        str | None,
+        typer.Option("--origin", help="Read the data from this origin URL (a mirror)."),
+    ] = peer_default("origin_url"),
+    zone: Annotated[
+        str, typer.Option("--zone", envvar="SWARM_ZONE", help="This node's zone or rack.")
+    ] = peer_default("zone"),
+    max_upload_rate: Annotated[
+        int | None, rate_flag("--max-upload-rate", help="Cap on bytes per second sent to peers.")
+    ] = None,
+    max_download_rate: Annotated[
+        int | None,
+        rate_flag("--max-download-rate", help="Cap on bytes per second from peers and origin."),
+    ] = None,
+    no_fsync: Annotated[
+        bool, typer.Option("--no-fsync", help="Don't flush pieces to disk (tests, benchmarks).")
+    ] = False,
+    token_file: TokenFile = None,
+    tracker_ca: TrackerCA = None,
+) -> None:
+    """Run the node agent: keep the node's cache in the swarm and fetch for the node's pods.
+
+    Every verified version in the cache is served for as long as the cache holds it (a
+    late replica reads nothing from the origin), and is served again after a restart.
+    Pods ask it through SOCKET: swarm fetch NAME --dest DIR with SWARM_AGENT=SOCKET.
+    """
+    from swarm.agent import Agent
+    from swarm.announce import TrackerClient
+
+    if advertise:
+        from swarm.hosts import valid_host
+
+        if not valid_host(advertise):
+            raise typer.BadParameter(
+                f"--advertise must be an IP address or DNS name, got {advertise!r}"
+            )
+    key = load_key(token_file)
+    config = PeerConfig(
+        listen_host=listen.strip("[]") or "0.0.0.0",
+        listen_port=0,
+        advertise_host=advertise,
+        workers=workers,
+        origin_url=origin,
+        zone=zone,
+        max_upload_rate=max_upload_rate or None,
+        max_download_rate=max_download_rate or None,
+        durable=not no_fsync,
+        key=key,
+    )
+
+    async def go() -> None:
+        client = TrackerClient(tracker, key=key, ca_file=str(tracker_ca) if tracker_ca else None)
+        agent = Agent(cache, client, config=config, capacity=capacity)
+        try:
+            await agent.restore()
+            server = await agent.serve_socket(Path(socket_path))
+            log.info(
+                "agent serving cache %s (%d versions) on %s",
+                cache,
+                len(agent.versions),
+                socket_path,
+                extra={"cache": str(cache), "socket": socket_path, "tracker": tracker},
+            )
+            try:
+                await asyncio.Event().wait()
+            finally:
+                server.close()
+        finally:
+            await agent.close()
+            await client.close()
+
+    run(go(), clean_exit_on_signal=True)
+
+
+async def _agent_request(socket_path: str, request: dict[str, Any]) -> dict[str, Any]:
+    from swarm.agent import ask
+
+    conn = await ask(socket_path, request)
+    try:
+        return await conn.answer()
+    finally:
+        conn.close()
+
+
+@app.command("ls")
+def ls_command(socket_path: AgentSocket, json: JsonFlag = False) -> None:
+    """List what this node's agent holds: versions, sizes, pinned, in use."""
+    answer = run(_agent_request(socket_path, {"op": "ls"}))
+    if json:
+        emit_json(answer)
+        return
+    for v in answer["versions"]:
+        flags = ", ".join(
+            f
+            for f, on in (
+                ("complete", v["complete"]),
+                ("pinned", v["pinned"]),
+                ("in use", v["in_use"]),
+            )
+            if on
+        )
+        typer.echo(f"{v['ref'][: len(v['name']) + 13]}  {format_size(v['bytes'])}  {flags}")
+    typer.echo(f"cache: {format_size(answer['used'])} used")
+
+
+@app.command("pin")
+def pin_command(
+    ref: Annotated[str, typer.Argument(help="NAME or NAME@ROOT held by this node.")],
+    socket_path: AgentSocket,
+) -> None:
+    """Keep a version in this node's cache whatever its capacity says."""
+    answer = run(_agent_request(socket_path, {"op": "pin", "ref": ref}))
+    typer.echo(f"pinned {answer['ref']}")
+
+
+@app.command("unpin")
+def unpin_command(
+    ref: Annotated[str, typer.Argument(help="NAME or NAME@ROOT held by this node.")],
+    socket_path: AgentSocket,
+) -> None:
+    """Let a version be evicted again once it is unused and the cache is over capacity."""
+    answer = run(_agent_request(socket_path, {"op": "unpin", "ref": ref}))
+    typer.echo(f"unpinned {answer['ref']}")
 
 
 @app.command()

@@ -256,6 +256,8 @@ class PeerConfig:
     zone: str = _S.zone  # this node's zone or rack, sent in announces ("" for none)
     zone_patience: float = _S.zone_patience
     linger: float = 300.0
+    # The node agent's peers: serve after completion until stop(), whatever linger says.
+    stay: bool = False
     tracker_timeout: float = 120.0
     fallback_direct: bool = False
     catalog: str | None = None
@@ -463,6 +465,7 @@ class SwarmPeer:
         self._recv_slots = threading.BoundedSemaphore(receivers)
         self.started = time.monotonic()
         self.finished_at: float | None = None
+        self._stopping = False
 
     # --- what reports and metrics read ----------------------------------------------
 
@@ -609,10 +612,19 @@ class SwarmPeer:
             announcer.result()  # re-raise what ended the announcer
             raise SwarmError("announcing stopped before the artifact was complete")
 
+    def stop(self) -> None:
+        """Leave the swarm: a lingering or staying peer tells the tracker and ``run`` returns."""
+        self._stopping = True
+
     async def _linger(self, announcer: asyncio.Task[None]) -> None:
-        """Keep serving until every peer of the swarm has finished (bounded by ``linger``)."""
+        """Keep serving until every peer of the swarm has finished (bounded by ``linger``),
+        or, with ``stay``, until ``stop()``."""
         deadline = time.monotonic() + self.config.linger
-        while not self.swarm_complete and time.monotonic() < deadline and not announcer.done():
+        while (
+            not self._stopping
+            and (self.config.stay or (not self.swarm_complete and time.monotonic() < deadline))
+            and not announcer.done()
+        ):
             await asyncio.sleep(0.1)
         with contextlib.suppress(TrackerError):
             await asyncio.wait_for(self._announce(leaving=True), 3.0)

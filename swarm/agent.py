@@ -1,0 +1,583 @@
+"""The node agent: one long-lived process per node that owns the node's cache.
+
+``swarm agent --cache DIR --tracker URL --socket PATH`` keeps every artifact version
+it holds in the swarm for as long as it holds it: a finished version is served to
+late replicas (a fourth node an hour after the burst reads nothing from the
+origin), a restarted agent takes its cache back and announces it again, and an
+init container's ``swarm fetch NAME --dest DIR`` (with ``SWARM_AGENT=PATH``) asks
+the agent to make the version present and then links its files into DIR: no
+linger, and a second pod on the node moves no bytes over the network.
+
+Layout of the cache::
+
+    DIR/versions/<root>/        a version's files as ``swarm fetch --dest`` lays them
+                                out, its ``.swarm/`` state included (the piece store)
+    DIR/agent.json              pins and last use of each version
+
+One :class:`SwarmPeer` per version, each on a port of its own, with ``stay``: it
+serves until the agent stops it. A new version of an artifact starts from the
+files it shares with versions already held: a file whose size and piece digests
+match one in the cache is hard-linked in and its pieces claimed, so the store
+hashes it again from local disk instead of fetching it (a new version that
+changes one small file fetches that file only).
+
+Capacity: with ``--capacity``, after each version completes the least recently
+used versions are removed until the cache fits, never one that is pinned
+(``swarm pin``), being fetched, or in use. In use means leased: a pod's view of a
+version is hard links to the cache's files, so a file with more links than the
+cache itself holds is in use, and the lease ends when the kubelet removes the
+pod's directory. No bookkeeping can drift from what the kernel counts.
+
+The agent's socket speaks newline-delimited JSON, one request per connection:
+``{"op": "fetch", "ref": REF}`` answers with ``progress`` lines and one ``done``
+(or ``error``) line; ``{"op": "ls"}``, ``{"op": "pin" | "unpin", "ref": REF}``
+answer with one line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from core.errors import SwarmError, TrackerError, UnknownArtifactError
+from core.manifest import Manifest, parse_ref
+from swarm.announce import TrackerClient
+from swarm.peer import PeerConfig, SwarmPeer
+from swarm.store import (
+    COMPLETE_MARKER,
+    STATE_DIR,
+    manifest_path,
+    read_complete_marker,
+    replace_file,
+    state_path,
+)
+
+log = logging.getLogger(__name__)
+
+VERSIONS: Final = "versions"
+INDEX: Final = "agent.json"
+MAX_REQUEST: Final = 64 * 1024  # one request line
+PROGRESS_EVERY: Final = 0.5  # seconds between progress lines to a waiting fetch
+LINK_TIMEOUT: Final = 3600.0  # seconds a client may take to link (or copy) what it fetched
+
+
+class AgentError(SwarmError):
+    """What the agent answers when it can't make a version present."""
+
+
+@dataclass
+class Version:
+    """One artifact version in the cache and the peer that serves (or fetches) it."""
+
+    manifest: Manifest
+    path: Path
+    peer: SwarmPeer
+    task: asyncio.Task[Any] | None = None
+    done_bytes: int = 0
+    pinned: bool = False
+    last_used: float = field(default_factory=time.time)
+    error: str = ""
+    holds: int = 0  # fetches answered and not yet linked: not evicted meanwhile
+
+    @property
+    def complete(self) -> bool:
+        return self.peer.finished.is_set() and not self.error and self.peer.store.complete
+
+    def summary(self) -> dict[str, Any]:
+        m = self.manifest
+        return {
+            "name": m.name,
+            "root": m.root_hex,
+            "ref": m.ref,
+            "bytes": m.total_size,
+            "path": str(self.path),
+            "complete": self.complete,
+            "done_bytes": self.done_bytes,
+            "pinned": self.pinned,
+            "last_used": round(self.last_used, 3),
+            "in_use": False,
+            "origin_bytes": self.peer.origin.counters.bytes_read,
+            "peer_bytes": self.peer.session.stats.peer_bytes,
+            "uploaded_bytes": self.peer.session.stats.uploaded_bytes,
+            "error": self.error,
+        }
+
+
+class Agent:
+    """The node's cache and the peers that keep it in the swarm."""
+
+    def __init__(
+        self,
+        cache: Path,
+        tracker: TrackerClient,
+        *,
+        config: PeerConfig | None = None,
+        capacity: int | None = None,
+    ) -> None:
+        self.cache = Path(cache)
+        self.tracker = tracker
+        self.config = dataclasses.replace(config or PeerConfig(), stay=True, linger=0.0)
+        self.capacity = capacity
+        self.versions: dict[str, Version] = {}  # by root (hex)
+        self._lock = asyncio.Lock()  # one version started or evicted at a time
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def restore(self) -> None:
+        """Take back what the cache holds (after a restart): every version is served
+        again, and an unfinished one carries on fetching."""
+        (self.cache / VERSIONS).mkdir(parents=True, exist_ok=True)
+        index = self._read_index()
+        for entry in sorted((self.cache / VERSIONS).iterdir()):
+            root = entry.name
+            raw = _read(manifest_path(entry, root))
+            if raw is None:
+                log.warning("%s holds no manifest of its own; left alone", entry)
+                continue
+            try:
+                manifest = Manifest.decode(raw)
+            except SwarmError as exc:
+                log.warning("%s: unreadable manifest (%s); left alone", entry, exc)
+                continue
+            if manifest.root_hex != root:
+                log.warning("%s holds the manifest of %s; left alone", entry, manifest.ref)
+                continue
+            version = self._start(manifest)
+            saved = index.get(root, {})
+            version.pinned = bool(saved.get("pinned", False))
+            version.last_used = float(saved.get("last_used", version.last_used))
+        if self.versions:
+            log.info("cache %s: serving %d versions again", self.cache, len(self.versions))
+
+    async def close(self) -> None:
+        """Stop every peer (each tells the tracker it leaves)."""
+        for version in self.versions.values():
+            version.peer.stop()
+        tasks = [v.task for v in self.versions.values() if v.task is not None]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=10)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        self._write_index()
+
+    # --- versions --------------------------------------------------------------------
+
+    def _start(self, manifest: Manifest) -> Version:
+        path = self.cache / VERSIONS / manifest.root_hex
+        holder: list[Version] = []
+
+        def progress(n: int) -> None:
+            if holder:
+                holder[0].done_bytes += n
+
+        peer = SwarmPeer(manifest, path, self.tracker, config=self.config, progress=progress)
+        version = Version(manifest, path, peer)
+        holder.append(version)
+        self.versions[manifest.root_hex] = version
+        version.task = asyncio.create_task(self._serve(version), name=f"serve-{manifest.ref}")
+        return version
+
+    async def _serve(self, version: Version) -> None:
+        try:
+            await version.peer.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # reported to whoever waits for the version
+            version.error = str(exc) or type(exc).__name__
+            version.peer.finished.set()
+            log.error("%s: %s", version.manifest.ref, version.error)
+
+    async def ensure(self, ref: str) -> Version:
+        """The version ``ref`` names, present or on its way (the manifest from the tracker)."""
+        name, root = parse_ref(ref)
+        if root is not None:
+            for have in self.versions.values():
+                if (
+                    have.manifest.name == name
+                    and have.manifest.root_hex.startswith(root.lower())
+                    and not have.error
+                ):
+                    return have
+        try:
+            manifest = await self.tracker.manifest(ref)
+        except TrackerError as exc:
+            if isinstance(exc, UnknownArtifactError):
+                raise
+            # The tracker is away: a version of that name already held will do.
+            held = [v for v in self.versions.values() if v.manifest.name == name and v.complete]
+            if not held:
+                raise
+            newest = max(held, key=lambda v: v.last_used)
+            log.warning("tracker unreachable (%s); answering with %s", exc, newest.manifest.ref)
+            return newest
+        async with self._lock:
+            known = self.versions.get(manifest.root_hex)
+            if known is not None and not known.error:
+                return known
+            if known is not None:  # failed before: try again
+                self.versions.pop(manifest.root_hex, None)
+            await asyncio.to_thread(self._seed_from_cache, manifest)
+            return self._start(manifest)
+
+    def _seed_from_cache(self, manifest: Manifest) -> None:
+        """Hard-link into a new version the files it shares with versions already held,
+        and claim their pieces: the store hashes them again on open, from local disk."""
+        dest = self.cache / VERSIONS / manifest.root_hex
+        if (dest / STATE_DIR).exists():
+            return  # a version started before: its own state says what it has
+        known: dict[tuple[int, int, int, bytes], Path] = {}
+        for version in self.versions.values():
+            if not version.complete:
+                continue
+            for key, path in _file_keys(version.manifest).items():
+                known.setdefault(key, version.path / path)
+        claimed = bytearray(manifest.num_pieces)
+        linked = 0
+        for key, rel in _file_keys(manifest).items():
+            source = known.get(key)
+            if source is None:
+                continue
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(source, target)
+            except OSError as exc:
+                log.warning("can't link %s into %s: %s", source, target, exc)
+                continue
+            entry = next(f for f in manifest.files if f.path == rel)
+            claimed[entry.first_piece : entry.first_piece + entry.piece_count] = b"\x01" * (
+                entry.piece_count
+            )
+            linked += entry.size
+        if linked:
+            (dest / STATE_DIR).mkdir(parents=True, exist_ok=True)
+            replace_file(state_path(dest, manifest.root_hex), bytes(claimed), durable=False)
+            log.info(
+                "%s: %d bytes shared with versions already held, checked from local disk",
+                manifest.ref,
+                linked,
+            )
+
+    async def wait_ready(
+        self, version: Version, on_progress: Callable[[Version], Any] | None = None
+    ) -> None:
+        """Until ``version`` is complete and verified; raises AgentError if it failed."""
+        while not version.peer.finished.is_set():
+            if on_progress is not None:
+                await on_progress(version)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(version.peer.finished.wait(), PROGRESS_EVERY)
+        if version.error or not version.peer.store.complete:
+            raise AgentError(f"{version.manifest.ref}: {version.error or 'not complete'}")
+        # The store marks the artifact complete right after ``finished`` is set.
+        for _ in range(100):
+            if (version.path / COMPLETE_MARKER).exists():
+                break
+            await asyncio.sleep(0.05)
+        version.last_used = time.time()
+
+    # --- capacity --------------------------------------------------------------------
+
+    def in_use(self, version: Version) -> bool:
+        """Whether a file of ``version`` has links outside the cache (a pod's view of it)."""
+        inside: dict[tuple[int, int], int] = {}
+        for other in self.versions.values():
+            for entry in other.manifest.files:
+                with contextlib.suppress(OSError):
+                    st = os.stat(other.path / entry.path)
+                    inside[(st.st_dev, st.st_ino)] = inside.get((st.st_dev, st.st_ino), 0) + 1
+        for entry in version.manifest.files:
+            try:
+                st = os.stat(version.path / entry.path)
+            except OSError:
+                continue
+            if st.st_nlink > inside.get((st.st_dev, st.st_ino), 1):
+                return True
+        return False
+
+    def used_bytes(self) -> int:
+        """Bytes the cache's files take (a file linked into several versions counts once)."""
+        seen: set[tuple[int, int]] = set()
+        total = 0
+        for version in self.versions.values():
+            for entry in version.manifest.files:
+                with contextlib.suppress(OSError):
+                    st = os.stat(version.path / entry.path)
+                    if (st.st_dev, st.st_ino) not in seen:
+                        seen.add((st.st_dev, st.st_ino))
+                        total += st.st_size
+        return total
+
+    async def evict(self) -> list[str]:
+        """Remove least recently used versions until the cache fits ``capacity``: never a
+        pinned one, one being fetched, or one in use. Returns the refs removed."""
+        removed: list[str] = []
+        if self.capacity is None:
+            self._write_index()
+            return removed
+        async with self._lock:
+            while self.used_bytes() > self.capacity:
+                candidates = sorted(
+                    (
+                        v
+                        for v in self.versions.values()
+                        if v.complete and not v.pinned and not v.holds and not self.in_use(v)
+                    ),
+                    key=lambda v: v.last_used,
+                )
+                if not candidates:
+                    log.warning(
+                        "cache %s holds %d bytes, over its capacity of %d, and every version"
+                        " is pinned, in use or being fetched",
+                        self.cache,
+                        self.used_bytes(),
+                        self.capacity,
+                    )
+                    break
+                victim = candidates[0]
+                await self._remove(victim)
+                removed.append(victim.manifest.ref)
+        self._write_index()
+        return removed
+
+    async def _remove(self, version: Version) -> None:
+        version.peer.stop()
+        if version.task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(version.task), 10)
+            except TimeoutError:
+                version.task.cancel()
+                await asyncio.gather(version.task, return_exceptions=True)
+        self.versions.pop(version.manifest.root_hex, None)
+        await asyncio.to_thread(shutil.rmtree, version.path, True)
+        log.info("evicted %s (%d bytes)", version.manifest.ref, version.manifest.total_size)
+
+    def find(self, ref: str) -> Version:
+        """A held version by ``name``, ``name@root-prefix``; the newest used if several."""
+        name, root = parse_ref(ref)
+        matches = [
+            v
+            for v in self.versions.values()
+            if v.manifest.name == name
+            and (root is None or v.manifest.root_hex.startswith(root.lower()))
+        ]
+        if not matches:
+            raise AgentError(f"this node holds no version of {ref}")
+        return max(matches, key=lambda v: v.last_used)
+
+    def listing(self) -> list[dict[str, Any]]:
+        out = []
+        for version in sorted(self.versions.values(), key=lambda v: v.manifest.ref):
+            item = version.summary()
+            item["in_use"] = self.in_use(version)
+            out.append(item)
+        return out
+
+    # --- index -----------------------------------------------------------------------
+
+    def _read_index(self) -> dict[str, dict[str, Any]]:
+        raw = _read(self.cache / INDEX)
+        try:
+            data = json.loads(raw) if raw else {}
+            versions = data.get("versions", {})
+            return versions if isinstance(versions, dict) else {}
+        except (ValueError, AttributeError):
+            log.warning("%s is unreadable; pins and last use start afresh", self.cache / INDEX)
+            return {}
+
+    def _write_index(self) -> None:
+        data = {
+            "versions": {
+                root: {"name": v.manifest.name, "pinned": v.pinned, "last_used": v.last_used}
+                for root, v in self.versions.items()
+            }
+        }
+        replace_file(self.cache / INDEX, json.dumps(data, indent=1).encode(), durable=True)
+
+    # --- the socket ------------------------------------------------------------------
+
+    async def serve_socket(self, path: Path) -> asyncio.AbstractServer:
+        """Answer requests on the Unix socket ``path`` (replacing a stale one)."""
+        with contextlib.suppress(FileNotFoundError):
+            if path.is_socket():
+                path.unlink()
+        server = await asyncio.start_unix_server(self._client, path=str(path), limit=MAX_REQUEST)
+        os.chmod(path, 0o660)
+        return server
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def send(obj: dict[str, Any]) -> None:
+            writer.write(json.dumps(obj).encode() + b"\n")
+            await writer.drain()
+
+        try:
+            try:
+                line = await asyncio.wait_for(reader.readline(), 10)
+                request = json.loads(line)
+                if not isinstance(request, dict):
+                    raise ValueError("not an object")
+            except (ValueError, TimeoutError, asyncio.LimitOverrunError) as exc:
+                await send({"event": "error", "message": f"bad request: {exc}"})
+                return
+            await self._answer(request, send, reader)
+        except (ConnectionError, OSError):
+            pass  # the client went away; a fetch it asked for carries on
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.wait_closed()
+
+    async def _answer(
+        self,
+        request: dict[str, Any],
+        send: Callable[[dict[str, Any]], Any],
+        reader: asyncio.StreamReader,
+    ) -> None:
+        op = request.get("op")
+        ref = request.get("ref")
+        try:
+            if op == "fetch" and isinstance(ref, str):
+                started = time.monotonic()
+                version = await self.ensure(ref)
+                before = (
+                    version.peer.origin.counters.bytes_read,
+                    version.peer.session.stats.peer_bytes,
+                )
+
+                async def progress(v: Version) -> None:
+                    await send(
+                        {"event": "progress", "done": v.done_bytes, "total": v.manifest.total_size}
+                    )
+
+                version.holds += 1
+                try:
+                    await self.wait_ready(version, progress)
+                    await send(
+                        {
+                            "event": "done",
+                            **version.summary(),
+                            "seconds": round(time.monotonic() - started, 3),
+                            # What this request moved (0 and 0 when the node had it already).
+                            "origin_bytes": version.peer.origin.counters.bytes_read - before[0],
+                            "peer_bytes": version.peer.session.stats.peer_bytes - before[1],
+                        }
+                    )
+                    # The client links the files (its lease) and then hangs up; until
+                    # then the version is not evicted.
+                    with contextlib.suppress(TimeoutError, OSError):
+                        await asyncio.wait_for(reader.read(), LINK_TIMEOUT)
+                finally:
+                    version.holds -= 1
+                await self.evict()
+            elif op == "ls":
+                await send({"event": "ls", "versions": self.listing(), "used": self.used_bytes()})
+            elif op in ("pin", "unpin") and isinstance(ref, str):
+                version = self.find(ref)
+                version.pinned = op == "pin"
+                self._write_index()
+                await send({"event": op, **version.summary()})
+            else:
+                await send({"event": "error", "message": f"unknown request {request!r:.200}"})
+        except SwarmError as exc:
+            await send({"event": "error", "message": str(exc)})
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _file_keys(manifest: Manifest) -> dict[tuple[int, int, int, bytes], str]:
+    """Each file of ``manifest`` by what makes it the same file in another version: its
+    size, the piece and block sizes and its pieces' digests."""
+    keys: dict[tuple[int, int, int, bytes], str] = {}
+    for entry in manifest.files:
+        if entry.size == 0:
+            continue
+        digests = b"".join(
+            manifest.digests[entry.first_piece : entry.first_piece + entry.piece_count]
+        )
+        keys[(entry.size, manifest.piece_size, manifest.block_size, digests)] = entry.path
+    return keys
+
+
+# --- the client (swarm fetch with SWARM_AGENT, swarm ls, swarm pin) -------------------------
+
+
+class AgentConnection:
+    """One request to the agent and the lines of its answer."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer  # kept: a writer that is collected closes the connection
+
+    async def answer(self) -> dict[str, Any]:
+        """The next line of the answer; AgentError for an ``error`` line or none at all."""
+        return await read_answer(self.reader)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def ask(socket_path: str, request: dict[str, Any]) -> AgentConnection:
+    """Send ``request`` to the agent at ``socket_path``."""
+    try:
+        reader, writer = await asyncio.open_unix_connection(socket_path, limit=1 << 24)
+        writer.write(json.dumps(request).encode() + b"\n")
+        await writer.drain()
+    except OSError as exc:
+        raise AgentError(f"can't reach the node agent at {socket_path}: {exc}") from exc
+    return AgentConnection(reader, writer)
+
+
+async def read_answer(reader: asyncio.StreamReader) -> dict[str, Any]:
+    try:
+        line = await reader.readline()
+    except (OSError, ValueError) as exc:
+        raise AgentError(f"the node agent's answer could not be read: {exc}") from exc
+    if not line:
+        raise AgentError("the node agent closed the connection without an answer")
+    answer = json.loads(line)
+    if not isinstance(answer, dict):
+        raise AgentError(f"the node agent answered {line[:200]!r}")
+    if answer.get("event") == "error":
+        raise AgentError(str(answer.get("message")))
+    return answer
+
+
+def link_view(source: Path, dest: Path, manifest: Manifest) -> str:
+    """Make ``dest`` a view of the cached version at ``source``: hard links to its files
+    (a copy where ``dest`` is on another file system), its manifest, and the completion
+    marker last. Returns "linked" or "copied"."""
+    how = "linked"
+    dest.mkdir(parents=True, exist_ok=True)
+    for entry in manifest.files:
+        target = dest / entry.path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            target.unlink()
+        try:
+            os.link(source / entry.path, target)
+        except OSError as exc:
+            if exc.errno != 18:  # EXDEV: another file system
+                raise
+            shutil.copyfile(source / entry.path, target)
+            how = "copied"
+    (dest / STATE_DIR).mkdir(exist_ok=True)
+    replace_file(manifest_path(dest, manifest.root_hex), manifest.encode(), durable=False)
+    marker = read_complete_marker(source) or {"root": manifest.root_hex, "name": manifest.name}
+    replace_file(dest / COMPLETE_MARKER, json.dumps(marker).encode(), durable=True)
+    return how
