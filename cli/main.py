@@ -163,6 +163,16 @@ def notice(markup: str, message: str, level: int = logging.INFO, **fields: Any) 
         stderr.print(markup, highlight=False, soft_wrap=True)
 
 
+NoOrigin = Annotated[
+    bool,
+    typer.Option(
+        "--no-origin",
+        envvar="SWARM_NO_ORIGIN",
+        help="This node has no object-store credentials: the tracker never assigns it "
+        "origin pieces, and the nodes that have them serve it.",
+    ),
+]
+
 TokenFile = Annotated[
     Path | None,
     typer.Option(
@@ -579,6 +589,7 @@ def fetch(
             help="Write and serve pieces through the page cache instead of with O_DIRECT (used automatically where O_DIRECT is unsupported).",
         ),
     ] = False,
+    no_origin: NoOrigin = False,
     token_file: TokenFile = None,
     tracker_ca: TrackerCA = None,
     origin_retry_time: OriginRetryTime = DEFAULT_RETRY_TIME,
@@ -775,6 +786,7 @@ def fetch(
             idle_timeout=idle_timeout,
             endgame_duplicates=endgame_duplicates,
             max_upload_queue=max_upload_queue,
+            seeder=not no_origin,
             key=key,
         )
         result = run(
@@ -1298,6 +1310,7 @@ def agent_command(
     no_fsync: Annotated[
         bool, typer.Option("--no-fsync", help="Don't flush pieces to disk (tests, benchmarks).")
     ] = False,
+    no_origin: NoOrigin = False,
     token_file: TokenFile = None,
     tracker_ca: TrackerCA = None,
 ) -> None:
@@ -1328,6 +1341,7 @@ def agent_command(
         max_upload_rate=max_upload_rate or None,
         max_download_rate=max_download_rate or None,
         durable=not no_fsync,
+        seeder=not no_origin,
         key=key,
     )
 

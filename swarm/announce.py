@@ -123,6 +123,9 @@ class Announce:
     mac: bytes = b""
     zone: str = ""
     """The peer's zone or rack ("" for none); sent only when set (see ``check_zone``)."""
+    seeder: bool = True
+    """Whether the peer may read the origin (has the object store's credentials); a
+    peer that may not is never assigned origin pieces. Sent only when False."""
 
     def encode(self) -> bytes:
         return self._pack(self.mac)
@@ -150,6 +153,8 @@ class Announce:
         }
         if self.zone:
             fields["zone"] = self.zone
+        if not self.seeder:
+            fields["noseed"] = True
         return msgpack.packb(fields, use_bin_type=True)
 
     def sign(self, key: ClusterKey, ts: int, nonce: bytes) -> None:
@@ -219,6 +224,9 @@ class Announce:
             if not isinstance(mac, bytes) or len(mac) > 2 * MAC_SIZE:
                 raise BadAnnounce("announce mac must be a few bytes")
             zone = check_zone(obj.get("zone", ""))
+            noseed = obj.get("noseed", False)
+            if type(noseed) is not bool:
+                raise BadAnnounce("noseed must be true or false")
             return cls(
                 ref=ref,
                 peer_id=peer,
@@ -234,6 +242,7 @@ class Announce:
                 nonce=nonce,
                 mac=mac,
                 zone=zone,
+                seeder=not noseed,
             )
         except KeyError as exc:
             raise BadAnnounce(f"announce lacks field {exc}") from exc

@@ -258,6 +258,9 @@ class PeerConfig:
     linger: float = 300.0
     # The node agent's peers: serve after completion until stop(), whatever linger says.
     stay: bool = False
+    # May read the origin (has the object store's credentials); False: the tracker
+    # never assigns this peer origin pieces, and it is served by the peers that may.
+    seeder: bool = True
     tracker_timeout: float = 120.0
     fallback_direct: bool = False
     catalog: str | None = None
@@ -722,6 +725,7 @@ class SwarmPeer:
             done=self.store.complete,
             leaving=leaving,
             zone=self.config.zone,
+            seeder=self.config.seeder,
         )
         return await self.tracker.announce(msg)
 

@@ -228,3 +228,30 @@ def test_eviction_keeps_pinned_and_leased_versions(
     assert not (agent.cache / "versions" / refs[0].split("@")[1]).exists()
     index = json.loads((agent.cache / "agent.json").read_text())
     assert index["versions"][refs[1].split("@")[1]]["pinned"] is True
+
+
+def test_nodes_without_origin_credentials_are_never_seeders_and_still_finish(
+    tmp_path: Path, cluster: tuple[Path, str, TrackerProcess, Processes]
+) -> None:
+    origin, catalog, tracker, procs = cluster
+    files = _model(origin, FILES, 4)
+    total = sum(len(d) for d in files.values())
+    publish(origin.as_uri(), "m", catalog, piece_size="4MiB")
+    # Two nodes may not read the origin: were either assigned a piece, its pull would
+    # fail (their --origin names nothing) and the burst would not finish.
+    nowhere = (tmp_path / "no-such-origin").as_uri()
+    plain = [
+        procs.add(
+            AgentProcess(f"plain{i}", tmp_path, tracker.url, "--no-origin", "--origin", nowhere)
+        ).start()
+        for i in range(2)
+    ]
+    seeder = procs.add(AgentProcess("seeder", tmp_path, tracker.url)).start()
+    runs = swarm_concurrently(
+        *(a.fetch_args("m", tmp_path / f"pod-{a.name}") for a in [*plain, seeder]), timeout=90
+    )
+    got = {a.name: run.ok() for a, run in zip([*plain, seeder], runs, strict=True)}
+    assert got["plain0"]["origin_bytes"] == got["plain1"]["origin_bytes"] == 0
+    assert got["seeder"]["origin_bytes"] == total
+    for a in [*plain, seeder]:
+        _same(tmp_path / f"pod-{a.name}", files)

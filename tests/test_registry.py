@@ -5,6 +5,7 @@ import random
 from collections.abc import Iterable
 from typing import Any
 
+import msgpack
 import pytest
 
 from core.bitfield import Bitfield
@@ -426,3 +427,28 @@ def test_reporters_on_one_node_count_once_and_bars_are_forgotten_after_silence()
     assert pid(1) in registry.barred
     registry.expire(18.5)
     assert registry.barred == frozenset()
+
+
+def test_a_peer_without_origin_credentials_is_never_assigned_origin_pieces() -> None:
+    registry = make(6, per_peer_limit=2)
+    plain = registry.announce(pid(1), addr(1), Bitfield(6), {}, 0.0, seeder=False)
+    assert plain.assigned == ()
+    # Progress it claims for a piece is not a pull to adopt: it may not pull at all.
+    registry.announce(pid(1), addr(1), None, {0: 100}, 1.0, seeder=False)
+    assert registry.assignment.owner(0) is None
+    seeder = hello(registry, 2, 2.0)
+    assert len(seeder.assigned) >= 2
+    again = registry.announce(pid(1), addr(1), None, {}, 3.0, seeder=False)
+    assert again.assigned == () and again.num_peers == 2
+
+
+def test_the_no_origin_flag_travels_in_the_announce_and_is_checked() -> None:
+    from swarm.announce import Announce, BadAnnounce
+
+    msg = Announce(ref="m", peer_id=pid(1), port=7000, have=b"", seeder=False)
+    assert Announce.decode(msg.encode()).seeder is False
+    assert Announce.decode(Announce(ref="m", peer_id=pid(1), port=7000, have=b"").encode()).seeder
+    raw = msgpack.unpackb(msg.encode())
+    raw["noseed"] = "yes"
+    with pytest.raises(BadAnnounce, match="noseed"):
+        Announce.decode(msgpack.packb(raw, use_bin_type=True))

@@ -93,7 +93,7 @@ class AnnounceReply:
 
 
 class _Peer:
-    __slots__ = ("finished", "have", "host", "last_seen", "port", "suspect", "zone")
+    __slots__ = ("finished", "have", "host", "last_seen", "port", "seeder", "suspect", "zone")
 
     def __init__(self, host: str, port: int, num_pieces: int, now: float, zone: str = "") -> None:
         self.host = host
@@ -103,6 +103,7 @@ class _Peer:
         self.last_seen = now
         self.finished = num_pieces == 0
         self.suspect = False  # reported for corrupt data: its pieces don't count
+        self.seeder = True  # may read the origin (False: never assigned origin pieces)
 
 
 class SwarmRegistry:
@@ -216,11 +217,14 @@ class SwarmRegistry:
         progress: Mapping[int, int],
         now: float,
         zone: str = NO_ZONE,
+        seeder: bool = True,
     ) -> AnnounceReply:
         """Record an announce from ``peer`` and answer it.
 
         ``zone`` is the zone or rack the peer declared (see :mod:`tracker.zones`):
-        its reply's peer sample favours that zone.
+        its reply's peer sample favours that zone. A peer that is not a ``seeder``
+        (no origin credentials) is never assigned origin pieces; it is served by the
+        peers that are.
 
         ``have`` is either a :class:`Bitfield` of every piece the peer has
         verified (it replaces what was known), an iterable of pieces verified
@@ -238,10 +242,12 @@ class SwarmRegistry:
         known = self._peers.get(peer)
         if known is None:
             known = self._peers[peer] = _Peer(host, port, self.num_pieces, now, zone)
+            known.seeder = seeder
             self._zones.add(peer, zone)
             if known.finished:
                 self._finished += 1
-            self.assignment.peer_joined(peer, now)
+            if seeder:
+                self.assignment.peer_joined(peer, now)
         else:
             known.host, known.port, known.last_seen = host, port, now
             if known.zone != zone:
@@ -467,7 +473,8 @@ class SwarmRegistry:
             for piece in known.have:
                 self._count_out(piece)
         else:
-            self.assignment.peer_joined(peer, now)
+            if known.seeder:
+                self.assignment.peer_joined(peer, now)
             for piece in known.have:
                 self._count_in(piece)
 

@@ -430,7 +430,13 @@ class Tracker:
         host = msg.host or source_host
         try:
             answer = registry.announce(
-                msg.peer_id, (host, msg.port), have, msg.progress, now, zone=msg.zone
+                msg.peer_id,
+                (host, msg.port),
+                have,
+                msg.progress,
+                now,
+                zone=msg.zone,
+                seeder=msg.seeder,
             )
         except BadAnnounceError as exc:
             raise BadAnnounce(str(exc)) from exc
