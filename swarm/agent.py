@@ -13,6 +13,7 @@ Layout of the cache::
     DIR/versions/<root>/        a version's files as ``swarm fetch --dest`` lays them
                                 out, its ``.swarm/`` state included (the piece store)
     DIR/agent.json              pins and last use of each version
+    DIR/.swarm/lock             flocked by the agent that owns the cache (one at a time)
 
 One :class:`SwarmPeer` per version, each on a port of its own, with ``stay``: it
 serves until the agent stops it. A new version of an artifact starts from the
@@ -39,8 +40,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -56,8 +59,11 @@ from swarm.peer import PeerConfig, SwarmPeer
 from swarm.store import (
     COMPLETE_MARKER,
     STATE_DIR,
+    DestLock,
+    check_not_link,
     manifest_path,
     read_complete_marker,
+    remove_complete_marker,
     replace_file,
     state_path,
 )
@@ -130,13 +136,19 @@ class Agent:
         self.capacity = capacity
         self.versions: dict[str, Version] = {}  # by root (hex)
         self._lock = asyncio.Lock()  # one version started or evicted at a time
+        self._owner: DestLock | None = None  # the cache's flock: one agent per cache
 
     # --- lifecycle -------------------------------------------------------------------
 
     async def restore(self) -> None:
         """Take back what the cache holds (after a restart): every version is served
-        again, and an unfinished one carries on fetching."""
+        again, and an unfinished one carries on fetching.
+
+        Raises StoreError if another agent owns the cache: two would fight over every
+        version's files (and the second would take the first's socket)."""
         (self.cache / VERSIONS).mkdir(parents=True, exist_ok=True)
+        (self.cache / STATE_DIR).mkdir(exist_ok=True)
+        self._owner = DestLock(self.cache).acquire()
         index = self._read_index()
         for entry in sorted((self.cache / VERSIONS).iterdir()):
             root = entry.name
@@ -153,14 +165,19 @@ class Agent:
                 log.warning("%s holds the manifest of %s; left alone", entry, manifest.ref)
                 continue
             version = self._start(manifest)
-            saved = index.get(root, {})
-            version.pinned = bool(saved.get("pinned", False))
-            version.last_used = float(saved.get("last_used", version.last_used))
+            # The index is a file anyone may have edited: take only what has the right type.
+            saved = index.get(root)
+            if isinstance(saved, dict):
+                version.pinned = saved.get("pinned") is True
+                last_used = saved.get("last_used")
+                if isinstance(last_used, int | float) and math.isfinite(last_used):
+                    version.last_used = float(last_used)
         if self.versions:
             log.info("cache %s: serving %d versions again", self.cache, len(self.versions))
 
     async def close(self) -> None:
-        """Stop every peer (each tells the tracker it leaves)."""
+        """Stop every peer (each tells the tracker it leaves), record the index and let
+        go of the cache."""
         for version in self.versions.values():
             version.peer.stop()
         tasks = [v.task for v in self.versions.values() if v.task is not None]
@@ -169,7 +186,13 @@ class Agent:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        self._write_index()
+        if self._owner is None:
+            return  # the cache was never ours (another agent owns it): nor is its index
+        try:
+            self._write_index()
+        finally:
+            self._owner.release()
+            self._owner = None
 
     # --- versions --------------------------------------------------------------------
 
@@ -215,7 +238,14 @@ class Agent:
             if isinstance(exc, UnknownArtifactError):
                 raise
             # The tracker is away: a version of that name already held will do.
-            held = [v for v in self.versions.values() if v.manifest.name == name and v.complete]
+            # Only one of the version asked for, if the ref names one.
+            held = [
+                v
+                for v in self.versions.values()
+                if v.manifest.name == name
+                and v.complete
+                and (root is None or v.manifest.root_hex.startswith(root.lower()))
+            ]
             if not held:
                 raise
             newest = max(held, key=lambda v: v.last_used)
@@ -332,7 +362,10 @@ class Agent:
                     (
                         v
                         for v in self.versions.values()
-                        if v.complete and not v.pinned and not v.holds and not self.in_use(v)
+                        if (v.complete or v.error)  # a failed fetch's files count too
+                        and not v.pinned
+                        and not v.holds
+                        and not self.in_use(v)
                     ),
                     key=lambda v: v.last_used,
                 )
@@ -352,6 +385,9 @@ class Agent:
         return removed
 
     async def _remove(self, version: Version) -> None:
+        # Out of the index before the first await: a fetch or pin that comes while the
+        # peer stops must not be handed a version whose files are about to go.
+        self.versions.pop(version.manifest.root_hex, None)
         version.peer.stop()
         if version.task is not None:
             try:
@@ -359,7 +395,6 @@ class Agent:
             except TimeoutError:
                 version.task.cancel()
                 await asyncio.gather(version.task, return_exceptions=True)
-        self.versions.pop(version.manifest.root_hex, None)
         await asyncio.to_thread(shutil.rmtree, version.path, True)
         log.info("evicted %s (%d bytes)", version.manifest.ref, version.manifest.total_size)
 
@@ -408,10 +443,17 @@ class Agent:
     # --- the socket ------------------------------------------------------------------
 
     async def serve_socket(self, path: Path) -> asyncio.AbstractServer:
-        """Answer requests on the Unix socket ``path`` (replacing a stale one)."""
+        """Answer requests on the Unix socket ``path`` (replacing a stale one, never one
+        that another agent still answers on: AgentError)."""
         with contextlib.suppress(FileNotFoundError):
             if path.is_socket():
-                path.unlink()
+                try:
+                    _, writer = await asyncio.open_unix_connection(str(path))
+                except OSError:
+                    path.unlink()  # nobody listens: left by an agent that died
+                else:
+                    writer.close()
+                    raise AgentError(f"another agent answers on {path}")
         server = await asyncio.start_unix_server(self._client, path=str(path), limit=MAX_REQUEST)
         os.chmod(path, 0o660)
         return server
@@ -427,7 +469,7 @@ class Agent:
                 request = json.loads(line)
                 if not isinstance(request, dict):
                     raise ValueError("not an object")
-            except (ValueError, TimeoutError, asyncio.LimitOverrunError) as exc:
+            except (ValueError, TimeoutError, RecursionError, asyncio.LimitOverrunError) as exc:
                 await send({"event": "error", "message": f"bad request: {exc}"})
                 return
             await self._answer(request, send, reader)
@@ -476,7 +518,7 @@ class Agent:
                     # The client links the files (its lease) and then hangs up; until
                     # then the version is not evicted.
                     with contextlib.suppress(TimeoutError, OSError):
-                        await asyncio.wait_for(reader.read(), LINK_TIMEOUT)
+                        await asyncio.wait_for(_until_hangup(reader), LINK_TIMEOUT)
                 finally:
                     version.holds -= 1
                 await self.evict()
@@ -484,13 +526,27 @@ class Agent:
                 await send({"event": "ls", "versions": self.listing(), "used": self.used_bytes()})
             elif op in ("pin", "unpin") and isinstance(ref, str):
                 version = self.find(ref)
+                before_pin = version.pinned
                 version.pinned = op == "pin"
-                self._write_index()
+                try:
+                    self._write_index()
+                except OSError as exc:  # not recorded: not done, and the client is told
+                    version.pinned = before_pin
+                    raise AgentError(
+                        f"can't record the {op} in {self.cache / INDEX}: {exc}"
+                    ) from exc
                 await send({"event": op, **version.summary()})
             else:
                 await send({"event": "error", "message": f"unknown request {request!r:.200}"})
         except SwarmError as exc:
             await send({"event": "error", "message": str(exc)})
+
+
+async def _until_hangup(reader: asyncio.StreamReader) -> None:
+    """Until the client hangs up; whatever it sends meanwhile is read and dropped, never
+    kept (a client may send without end)."""
+    while await reader.read(MAX_REQUEST):
+        pass
 
 
 def _read(path: Path) -> bytes | None:
@@ -550,7 +606,10 @@ async def read_answer(reader: asyncio.StreamReader) -> dict[str, Any]:
         raise AgentError(f"the node agent's answer could not be read: {exc}") from exc
     if not line:
         raise AgentError("the node agent closed the connection without an answer")
-    answer = json.loads(line)
+    try:
+        answer = json.loads(line)
+    except (ValueError, RecursionError) as exc:
+        raise AgentError(f"the node agent answered {line[:200]!r}") from exc
     if not isinstance(answer, dict):
         raise AgentError(f"the node agent answered {line[:200]!r}")
     if answer.get("event") == "error":
@@ -560,24 +619,50 @@ async def read_answer(reader: asyncio.StreamReader) -> dict[str, Any]:
 
 def link_view(source: Path, dest: Path, manifest: Manifest) -> str:
     """Make ``dest`` a view of the cached version at ``source``: hard links to its files
-    (a copy where ``dest`` is on another file system), its manifest, and the completion
-    marker last. Returns "linked" or "copied"."""
+    (copies where the kernel won't link them: ``dest`` on another file system, or a
+    caller that doesn't own the cache's files), its manifest, and the completion marker
+    last. Returns "linked" or "copied".
+
+    ``dest`` is the pod's: what stands in it is not trusted. A completion marker there
+    is withdrawn before anything changes (a view that fails half way must not look
+    complete), and no symbolic link inside it is followed (one planted there would
+    have files replaced wherever it points). ``dest`` inside the cache is refused:
+    linking over the cache's own files destroys them."""
+    versions = source.resolve().parent
+    where = dest.resolve()
+    if where == versions or versions in where.parents:
+        raise AgentError(f"{dest} is inside the node's cache {versions.parent}: use another")
     how = "linked"
     dest.mkdir(parents=True, exist_ok=True)
+    _make_dirs_inside(dest, Path(STATE_DIR))
+    remove_complete_marker(dest)
     for entry in manifest.files:
         target = dest / entry.path
-        target.parent.mkdir(parents=True, exist_ok=True)
+        _make_dirs_inside(dest, Path(entry.path).parent)
         with contextlib.suppress(FileNotFoundError):
             target.unlink()
         try:
             os.link(source / entry.path, target)
         except OSError as exc:
-            if exc.errno != 18:  # EXDEV: another file system
+            # Copied instead where the kernel won't link: another file system, a caller
+            # that doesn't own the cache's files (fs.protected_hardlinks), too many links.
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
                 raise
             shutil.copyfile(source / entry.path, target)
             how = "copied"
-    (dest / STATE_DIR).mkdir(exist_ok=True)
     replace_file(manifest_path(dest, manifest.root_hex), manifest.encode(), durable=False)
     marker = read_complete_marker(source) or {"root": manifest.root_hex, "name": manifest.name}
     replace_file(dest / COMPLETE_MARKER, json.dumps(marker).encode(), durable=True)
     return how
+
+
+def _make_dirs_inside(dest: Path, rel: Path) -> None:
+    """Create the directories ``rel`` names inside ``dest``, one component at a time,
+    refusing any that is a symbolic link (StoreError)."""
+    path = dest
+    for part in rel.parts:
+        path = path / part
+        check_not_link(path)
+        with contextlib.suppress(FileExistsError):
+            path.mkdir()
+        check_not_link(path)  # what stood there all along, or was put there meanwhile
