@@ -349,8 +349,10 @@ class SeederAssignment(Generic[PeerT]):
 
     def assign(self, now: float) -> dict[PeerT, list[int]]:
         """Hand out unassigned pieces to free origin slots; returns the new ones per peer."""
+        if self._pool_count == 0 or not self._seeders:
+            return {}  # before the budget, which walks every seeder
         free = self.budget - self._in_flight
-        if free <= 0 or self._pool_count == 0 or not self._seeders:
+        if free <= 0:
             return {}
         rng = self._rng
         limit = self.limit
