@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -826,7 +827,7 @@ async def _fetch_via_agent(
     ref: str, dest: Path, socket_path: str, progress_interval: float
 ) -> dict[str, Any]:
     """Ask the node agent for ``ref``, show its progress, then link the files into ``dest``."""
-    from core.manifest import Manifest
+    from core.manifest import Manifest, parse_ref
     from swarm.agent import ask, link_view
     from swarm.store import manifest_path
 
@@ -847,6 +848,9 @@ async def _fetch_via_agent(
                 raise SwarmError(f"the node agent answered {answer!r:.200}")
             if int(answer["bytes"]) > seen:
                 bar.advance(int(answer["bytes"]) - seen)
+        _, want_root = parse_ref(ref)
+        if want_root is not None and not str(answer["root"]).startswith(want_root.lower()):
+            raise SwarmError(f"the node agent answered {answer['ref']} when asked for {ref}")
         source = Path(answer["path"])
         raw = await asyncio.to_thread(manifest_path(source, answer["root"]).read_bytes)
         manifest = Manifest.decode(raw)
@@ -855,7 +859,11 @@ async def _fetch_via_agent(
     finally:
         conn.close()
     if view == "copied":
-        log.warning("%s is not on the cache's file system: the files were copied", dest)
+        log.warning(
+            "%s could not be hard-linked to the node's cache (another file system, or the "
+            "files belong to another user): the files were copied",
+            dest,
+        )
     return {
         "artifact": manifest.name,
         "ref": manifest.ref,
@@ -1311,6 +1319,14 @@ def agent_command(
         bool, typer.Option("--no-fsync", help="Don't flush pieces to disk (tests, benchmarks).")
     ] = False,
     no_origin: NoOrigin = False,
+    poll_interval: Annotated[
+        float,
+        typer.Option(
+            "--poll-interval",
+            min=0.1,
+            help="Seconds between polls of the tracker for versions to preheat (swarm warm).",
+        ),
+    ] = 5.0,
     token_file: TokenFile = None,
     tracker_ca: TrackerCA = None,
 ) -> None:
@@ -1348,13 +1364,14 @@ def agent_command(
     async def go() -> None:
         client = TrackerClient(tracker, key=key, ca_file=str(tracker_ca) if tracker_ca else None)
         agent = Agent(cache, client, config=config, capacity=capacity)
-        collector: asyncio.Task[None] | None = None
+        background: list[asyncio.Task[None]] = []
         try:
             await agent.restore()
             server = await agent.serve_socket(Path(socket_path))
+            background.append(asyncio.create_task(agent.poll(poll_interval)))
             if views is not None:
                 views.mkdir(parents=True, exist_ok=True)
-                collector = asyncio.create_task(_collect_views(agent, views, kubelet_pods))
+                background.append(asyncio.create_task(_collect_views(agent, views, kubelet_pods)))
             log.info(
                 "agent serving cache %s (%d versions) on %s",
                 cache,
@@ -1366,11 +1383,17 @@ def agent_command(
                 await asyncio.Event().wait()
             finally:
                 server.close()
+                await server.wait_closed()
+                with contextlib.suppress(OSError):
+                    Path(socket_path).unlink()  # clients see "no agent", not "refused"
         finally:
-            if collector is not None:
-                collector.cancel()
-            await agent.close()
-            await client.close()
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            try:
+                await agent.close()
+            finally:
+                await client.close()
 
     run(go(), clean_exit_on_signal=True)
 
@@ -1393,6 +1416,79 @@ async def _agent_request(socket_path: str, request: dict[str, Any]) -> dict[str,
         return await conn.answer()
     finally:
         conn.close()
+
+
+@app.command()
+def warm(
+    ref: Annotated[str, typer.Argument(help="NAME or NAME@ROOT to preheat.")],
+    tracker: Annotated[str, typer.Option("--tracker", envvar="SWARM_TRACKER", help="Tracker URL.")],
+    min_copies: Annotated[
+        int | None,
+        typer.Option(
+            "--min-copies", min=1, help="Verified copies wanted, each on a node agent of its own."
+        ),
+    ] = None,
+    all_nodes: Annotated[
+        bool, typer.Option("--all-nodes", help="A verified copy on every live node agent.")
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=1, help="Seconds to wait before giving up.")
+    ] = 3600.0,
+    token_file: TokenFile = None,
+    tracker_ca: TrackerCA = None,
+    json: JsonFlag = False,
+) -> None:
+    """Preheat node agents before a rollout; returns once enough hold a verified copy.
+
+    The tracker asks agents that lack the version to fetch it (through the swarm: one
+    origin copy) until --min-copies of them, or all of them, hold it verified.
+    """
+    if (min_copies is None) == (not all_nodes):
+        raise typer.BadParameter("give exactly one of --min-copies K or --all-nodes")
+    key = load_key(token_file)
+    copies = -1 if all_nodes else int(min_copies or 0)
+
+    async def go() -> dict[str, Any]:
+        from swarm.announce import TrackerClient
+
+        client = TrackerClient(tracker, key=key, ca_file=str(tracker_ca) if tracker_ca else None)
+        loop = asyncio.get_running_loop()
+        try:
+            status = await client.warm(ref, copies)
+            root = status["root"]
+            deadline = loop.time() + timeout
+            last = None
+            while True:
+                shown = (status.get("verified"), status.get("holding"), status.get("wanted"))
+                if shown != last:
+                    last = shown
+                    log.warning(
+                        "%s: %s of %s copies verified (%s agents holding or fetching it, "
+                        "%s agents live)",
+                        ref,
+                        status.get("verified"),
+                        status.get("wanted"),
+                        status.get("holding"),
+                        status.get("agents"),
+                    )
+                wanted = int(status.get("wanted") or 0)
+                if wanted > 0 and int(status.get("verified") or 0) >= wanted:
+                    return {"ref": ref, **status}
+                if loop.time() > deadline:
+                    raise SwarmError(
+                        f"{ref}: {status.get('verified')} of {wanted} copies verified after "
+                        f"{timeout:g} s ({status.get('agents')} node agents live)"
+                    )
+                await asyncio.sleep(1.0)
+                status = {"root": root, **await client.warm_status(root)}
+        finally:
+            await client.close()
+
+    result = run(go())
+    if json:
+        emit_json(result)
+    else:
+        typer.echo(f"{result['ref']}: {result['verified']} verified copies on node agents")
 
 
 @app.command("ls")

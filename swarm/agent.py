@@ -13,6 +13,7 @@ Layout of the cache::
     DIR/versions/<root>/        a version's files as ``swarm fetch --dest`` lays them
                                 out, its ``.swarm/`` state included (the piece store)
     DIR/agent.json              pins and last use of each version
+    DIR/agent-id                this cache's id with the tracker (``swarm warm``)
     DIR/.swarm/lock             flocked by the agent that owns the cache (one at a time)
 
 One :class:`SwarmPeer` per version, each on a port of its own, with ``stay``: it
@@ -28,6 +29,10 @@ used versions are removed until the cache fits, never one that is pinned
 version is hard links to the cache's files, so a file with more links than the
 cache itself holds is in use, and the lease ends when the kubelet removes the
 pod's directory. No bookkeeping can drift from what the kernel counts.
+
+Preheating: the agent polls the tracker every few seconds with what it holds, and
+fetches what the tracker asks of it (``swarm warm NAME --min-copies K``; see
+``tracker.warm``).
 
 The agent's socket speaks newline-delimited JSON, one request per connection:
 ``{"op": "fetch", "ref": REF}`` answers with ``progress`` lines and one ``done``
@@ -72,6 +77,7 @@ log = logging.getLogger(__name__)
 
 VERSIONS: Final = "versions"
 INDEX: Final = "agent.json"
+AGENT_ID: Final = "agent-id"  # this cache's id with the tracker (for preheating)
 MAX_REQUEST: Final = 64 * 1024  # one request line
 PROGRESS_EVERY: Final = 0.5  # seconds between progress lines to a waiting fetch
 LINK_TIMEOUT: Final = 3600.0  # seconds a client may take to link (or copy) what it fetched
@@ -418,6 +424,54 @@ class Agent:
             item["in_use"] = self.in_use(version)
             out.append(item)
         return out
+
+    # --- preheating ------------------------------------------------------------------
+
+    def agent_id(self) -> str:
+        """This cache's id with the tracker: made once, kept across restarts."""
+        path = self.cache / AGENT_ID
+        raw = _read(path)
+        if raw is not None and len(raw.strip()) == 32:
+            try:
+                return bytes.fromhex(raw.strip().decode()).hex()
+            except ValueError:
+                pass
+        ident = os.urandom(16).hex()
+        replace_file(path, ident.encode() + b"\n", durable=True)
+        return ident
+
+    async def poll(self, interval: float) -> None:
+        """Every ``interval`` seconds, tell the tracker what this node holds and start
+        fetching what it asks for (``swarm warm``). Runs until cancelled."""
+        ident = self.agent_id()
+        fetching: set[asyncio.Task[Version | None]] = set()
+        while True:
+            held = [v for v in self.versions.values() if not v.error]
+            try:
+                wanted = await self.tracker.agent_poll(
+                    ident,
+                    sorted(v.manifest.root_hex for v in held),
+                    sorted(v.manifest.root_hex for v in held if v.complete),
+                )
+            except SwarmError as exc:
+                log.warning("can't poll the tracker for warm requests: %s", exc)
+                wanted = []
+            for ref in wanted:
+                log.info("warming %s, as the tracker asks", ref)
+                task = asyncio.create_task(self._warm(ref), name=f"warm-{ref}")
+                fetching.add(task)
+                task.add_done_callback(fetching.discard)
+            await asyncio.sleep(interval)
+
+    async def _warm(self, ref: str) -> Version | None:
+        try:
+            version = await self.ensure(ref)
+            await self.wait_ready(version)
+        except SwarmError as exc:
+            log.warning("warming %s failed: %s", ref, exc)
+            return None
+        await self.evict()
+        return version
 
     # --- index -----------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import random
 import re
@@ -545,6 +546,54 @@ class TrackerClient:
         if root is not None and not manifest.root_hex.startswith(root.lower()):
             raise TrackerAuthError(f"tracker {self.base} returned {manifest.ref} for {ref}")
         return manifest
+
+    async def _json(self, method: str, path: str, obj: object | None = None) -> Any:
+        """A signed JSON request and its answer, which must prove the cluster token."""
+        body = json.dumps(obj).encode() if obj is not None else b""
+        status, raw, headers, nonce = await self._request(
+            method, path, body, "application/json" if body else ""
+        )
+        text = raw.decode(errors="replace")[:300]
+        if status == 401:
+            raise TrackerAuthError(f"tracker {self.base} refused our request: {text} (HTTP 401)")
+        if status == 404:
+            raise UnknownArtifactError(f"tracker {self.base}: {text} (HTTP 404)")
+        if status != 200:
+            raise TrackerError(f"tracker {self.base}: {text} (HTTP {status})")
+        try:
+            mac = bytes.fromhex(headers.get(MAC_HEADER, ""))
+        except ValueError:
+            mac = b""
+        if not self.key.check(mac, b"json", nonce, raw):
+            raise TrackerAuthError(f"tracker {self.base}'s answer is not signed with our token")
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise TrackerError(f"tracker {self.base} answered {text!r}: not JSON") from exc
+
+    async def warm(self, ref: str, copies: int) -> dict[str, Any]:
+        """Ask for ``copies`` verified copies of ``ref`` on node agents (-1: every one);
+        the request's status (``root``, ``wanted``, ``holding``, ``verified``)."""
+        answer = await self._json("POST", "/v1/warm", {"ref": ref, "copies": copies})
+        if not isinstance(answer, dict):
+            raise TrackerError(f"tracker {self.base} answered a warm request with {answer!r:.200}")
+        return answer
+
+    async def warm_status(self, root: str) -> dict[str, Any]:
+        answer = await self._json("GET", f"/v1/warm/{root}")
+        if not isinstance(answer, dict):
+            raise TrackerError(f"tracker {self.base} answered {answer!r:.200}")
+        return answer
+
+    async def agent_poll(self, agent: str, holds: list[str], complete: list[str]) -> list[str]:
+        """A node agent's report of what it holds; the refs it should fetch now."""
+        answer = await self._json(
+            "POST", "/v1/agents/poll", {"agent": agent, "holds": holds, "complete": complete}
+        )
+        refs = answer.get("fetch") if isinstance(answer, dict) else None
+        if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+            raise TrackerError(f"tracker {self.base} answered a poll with {answer!r:.200}")
+        return refs
 
     async def announce(self, msg: Announce) -> Reply:
         """Send one announce and wait for its reply: UDP with retries, then HTTP

@@ -255,3 +255,35 @@ def test_nodes_without_origin_credentials_are_never_seeders_and_still_finish(
     assert got["seeder"]["origin_bytes"] == total
     for a in [*plain, seeder]:
         _same(tmp_path / f"pod-{a.name}", files)
+
+
+def test_warm_ends_with_k_verified_copies_then_all_nodes(
+    tmp_path: Path, cluster: tuple[Path, str, TrackerProcess, Processes]
+) -> None:
+    origin, catalog, tracker, procs = cluster
+    files = _model(origin, FILES, 5)
+    total = sum(len(d) for d in files.values())
+    published = publish(origin.as_uri(), "m", catalog, piece_size="4MiB")
+    agents = [
+        procs.add(AgentProcess(f"node{i}", tmp_path, tracker.url, "--poll-interval", "0.3")).start()
+        for i in range(3)
+    ]
+    warm = swarm("warm", "m", "--tracker", tracker.url, "--min-copies", "2", "--json", timeout=90)
+    got = warm.ok()
+    assert got["verified"] >= 2 and got["wanted"] == 2 and got["root"] == published["root"]
+
+    def holding() -> list[dict[str, Any]]:
+        return [v for a in agents for v in a.ls()["versions"] if v["root"] == published["root"]]
+
+    verified = [v for v in holding() if v["complete"]]
+    assert len(verified) >= 2
+    # Each copy came through the swarm: one origin copy for all of them.
+    assert sum(v["origin_bytes"] for v in holding()) == total
+
+    got = swarm("warm", "m", "--tracker", tracker.url, "--all-nodes", "--json", timeout=90).ok()
+    assert got["verified"] == got["wanted"] == 3
+    assert all(v["complete"] for v in holding()) and len(holding()) == 3
+    # A pod on any node is now served from its own cache.
+    pod = agents[2].fetch("m", tmp_path / "pod")
+    assert pod["origin_bytes"] == 0 and pod["peer_bytes"] == 0
+    _same(tmp_path / "pod", files)

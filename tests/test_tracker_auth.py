@@ -538,3 +538,25 @@ def test_refusals_are_logged_once_per_source_and_kind_per_interval() -> None:
     for i in range(100):
         log.should_log(f"10.1.0.{i}", "bad_mac", 62.0)
     assert len(log._last) <= 3
+
+
+def test_warm_requests_and_agent_polls_need_the_token_and_prove_it(tmp_path: Path) -> None:
+    async def body(tracker: Tracker, manifest: Manifest, url: str) -> None:
+        client = TrackerClient(url, key=TOKEN)
+        stranger = TrackerClient(url, key=ClusterKey(b"not the cluster's token, 32 bytes"))
+        try:
+            status = await client.warm(manifest.ref, 1)
+            assert status["root"] == manifest.root_hex and status["wanted"] == 1
+            assert await client.agent_poll("a" * 32, [], []) == [manifest.ref]
+            assert await client.agent_poll("b" * 32, [], []) == []  # one copy wanted
+            assert (await client.warm_status(manifest.root_hex))["holding"] == 0
+            with pytest.raises(TrackerAuthError):
+                await stranger.warm(manifest.ref, 5)
+            with pytest.raises(TrackerAuthError):
+                await stranger.agent_poll("c" * 32, [], [])
+            assert tracker.warm.status(manifest.root_hex, time.monotonic())["wanted"] == 1  # type: ignore[index]
+        finally:
+            await client.close()
+            await stranger.close()
+
+    run_tracker(tmp_path, TOKEN, body)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import json
 import logging
 import random
 import ssl
@@ -77,6 +78,7 @@ from tracker.metrics import TrackerMetrics
 from tracker.registry import SwarmRegistry
 from tracker.status_page import OPEN_PATHS as STATUS_PAGE_PATHS
 from tracker.status_page import StatusPage
+from tracker.warm import ALL, WarmBook, WarmError
 
 log = logging.getLogger("swarm.tracker")
 
@@ -91,6 +93,7 @@ HEALTH_PROBE_KEY: Final = ".swarm-healthz"
 # /metrics is open too: Prometheus scrapers can't sign requests. It shows artifact
 # names, short roots and counts, never a manifest; keep the port cluster-internal.
 _OPEN_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics"}) | STATUS_PAGE_PATHS
+_BODY_PATHS: Final = frozenset({"/v1/announce", "/v1/warm", "/v1/agents/poll"})
 _REQUEST_NONCE: Final = web.RequestKey("swarm_request_nonce", bytes)
 
 
@@ -257,6 +260,7 @@ class Tracker:
         self._udp_task: asyncio.Task[None] | None = None
         self._probe_task: asyncio.Task[None] | None = None
         self.announces = 0
+        self.warm = WarmBook(agent_ttl=max(30.0, 3 * config.announce_interval))
         self.metrics = TrackerMetrics(
             self, lambda: [(s.manifest, s.registry) for s in self._swarms.values()]
         )
@@ -530,6 +534,9 @@ class Tracker:
         app.router.add_post("/v1/announce", self._post_announce)
         app.router.add_get("/v1/swarms", self._get_swarms)
         app.router.add_get("/v1/swarms/{root}", self._get_swarm)
+        app.router.add_post("/v1/warm", self._post_warm)
+        app.router.add_get("/v1/warm/{root}", self._get_warm)
+        app.router.add_post("/v1/agents/poll", self._post_agent_poll)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
@@ -554,7 +561,7 @@ class Tracker:
             early = "unauthenticated"
         elif not self._gate.fresh(parsed[0], int(self._wall() * 1000)):
             early = "stale"
-        elif request.path != "/v1/announce" and (request.content_length or request.can_read_body):
+        elif request.path not in _BODY_PATHS and (request.content_length or request.can_read_body):
             early = "unauthenticated"
         if early is not None:
             self._refused(request.remote or "?", early, f"{request.method} {request.path}")
@@ -612,6 +619,75 @@ class Tracker:
         except SwarmError as exc:
             return web.Response(status=404, text=str(exc))
         return web.Response(body=reply.encode(), content_type="application/msgpack")
+
+    def _signed_json(self, request: web.Request, obj: object, status: int = 200) -> web.Response:
+        """A JSON answer that proves the cluster token (the client checks it)."""
+        body = json.dumps(obj).encode()
+        headers = {}
+        if not self.key.open:
+            headers[MAC_HEADER] = self.key.mac(b"json", request[_REQUEST_NONCE], body).hex()
+        return web.Response(
+            body=body, status=status, content_type="application/json", headers=headers
+        )
+
+    async def _json_body(self, request: web.Request) -> dict[str, Any] | None:
+        try:
+            obj = json.loads(await request.read())
+        except ValueError:
+            return None
+        return obj if isinstance(obj, dict) else None
+
+    async def _post_warm(self, request: web.Request) -> web.Response:
+        """File a warm request: ``{"ref": REF, "copies": K}`` (K -1: every node agent)."""
+        body = await self._json_body(request)
+        ref, copies = (body or {}).get("ref"), (body or {}).get("copies")
+        if not isinstance(ref, str) or type(copies) is not int:
+            return web.Response(status=400, text='want {"ref": NAME[@ROOT], "copies": K}')
+        try:
+            manifest = await self.manifest(ref)
+        except (CatalogError, ManifestError) as exc:
+            return web.Response(status=404, text=str(exc))
+        except SwarmError as exc:
+            return web.Response(status=502, text=f"catalog unavailable: {exc}")
+        now = time.monotonic()
+        try:
+            self.warm.request(manifest.root_hex, manifest.ref, copies, now)
+        except WarmError as exc:
+            return web.Response(status=400, text=str(exc))
+        log.info("warm %s: %s copies wanted", manifest.ref, "all" if copies == ALL else copies)
+        return self._signed_json(
+            request, {"root": manifest.root_hex, **self._warm_status(manifest.root_hex)}
+        )
+
+    def _warm_status(self, root: str) -> dict[str, Any]:
+        status = self.warm.status(root, time.monotonic()) or {}
+        return dict(status)
+
+    async def _get_warm(self, request: web.Request) -> web.Response:
+        root = request.match_info["root"].lower()
+        status = self.warm.status(root, time.monotonic())
+        if status is None:
+            return web.json_response({"error": "no warm request for that root"}, status=404)
+        return self._signed_json(request, {"root": root, **status})
+
+    async def _post_agent_poll(self, request: web.Request) -> web.Response:
+        """A node agent reports ``{"agent": ID, "holds": [ROOT...], "complete": [ROOT...]}``
+        and learns what to fetch: ``{"fetch": [REF...]}``."""
+        body = await self._json_body(request) or {}
+        agent, holds, complete = body.get("agent"), body.get("holds"), body.get("complete")
+        if (
+            not isinstance(agent, str)
+            or not 0 < len(agent) <= 64
+            or not isinstance(holds, list)
+            or not isinstance(complete, list)
+            or not all(isinstance(r, str) and len(r) <= 64 for r in [*holds, *complete])
+        ):
+            return web.Response(status=400, text="malformed agent poll")
+        try:
+            fetch = self.warm.poll(agent, set(holds), set(complete), time.monotonic())
+        except WarmError as exc:
+            return web.Response(status=400, text=str(exc))
+        return self._signed_json(request, {"fetch": fetch})
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return metrics_response(self.metrics.registry)
