@@ -19,9 +19,10 @@ Layout of the cache::
 One :class:`SwarmPeer` per version, each on a port of its own, with ``stay``: it
 serves until the agent stops it. A new version of an artifact starts from the
 files it shares with versions already held: a file whose size and piece digests
-match one in the cache is hard-linked in and its pieces claimed, so the store
-hashes it again from local disk instead of fetching it (a new version that
-changes one small file fetches that file only).
+match one in the cache is hard-linked in (stored once), and a piece of another file
+with a digest a held version has is copied from local disk; both are claimed, so
+the store hashes them again from local disk instead of fetching them (a new version
+that changes one small file, or one piece of a large one, fetches only that).
 
 Capacity: with ``--capacity``, after each version completes the least recently
 used versions are removed until the cache fits, never one that is pinned
@@ -296,14 +297,59 @@ class Agent:
                 entry.piece_count
             )
             linked += entry.size
-        if linked:
+        copied = self._copy_shared_pieces(manifest, dest, claimed)
+        if linked or copied:
             (dest / STATE_DIR).mkdir(parents=True, exist_ok=True)
             replace_file(state_path(dest, manifest.root_hex), bytes(claimed), durable=False)
             log.info(
-                "%s: %d bytes shared with versions already held, checked from local disk",
+                "%s: %d bytes of whole files linked and %d bytes of pieces copied from "
+                "versions already held, checked again from local disk",
                 manifest.ref,
                 linked,
+                copied,
             )
+
+    def _copy_shared_pieces(self, manifest: Manifest, dest: Path, claimed: bytearray) -> int:
+        """Copy into a new version's files (not linked whole) the pieces a held version
+        has with the same digest, and claim them; the bytes copied.
+
+        A file that changed in part keeps the pieces that did not change: they are read
+        from local disk, not fetched (they are stored twice, once per version)."""
+        size = manifest.block_size
+        sources: dict[tuple[bytes, int], tuple[Path, int]] = {}
+        for version in self.versions.values():
+            m = version.manifest
+            if not version.complete or m.block_size != size:
+                continue  # a piece's digest depends on the block size too
+            for index in range(m.num_pieces):
+                piece = m.piece(index)
+                key = (m.digests[index], piece.length)
+                sources.setdefault(key, (version.path / piece.path, piece.offset))
+        copied = 0
+        for entry in manifest.files:
+            if entry.piece_count == 0 or claimed[entry.first_piece]:
+                continue  # empty, or linked whole
+            fd = -1
+            try:
+                for index in range(entry.first_piece, entry.first_piece + entry.piece_count):
+                    piece = manifest.piece(index)
+                    source = sources.get((manifest.digests[index], piece.length))
+                    if source is None:
+                        continue
+                    if fd < 0:
+                        target = dest / entry.path
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+                        os.ftruncate(fd, entry.size)
+                    if _copy_range(source[0], source[1], fd, piece.offset, piece.length):
+                        claimed[index] = 1
+                        copied += piece.length
+            except OSError as exc:
+                log.warning("can't copy shared pieces into %s: %s", dest / entry.path, exc)
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+        return copied
 
     async def wait_ready(
         self, version: Version, on_progress: Callable[[Version], Any] | None = None
@@ -601,6 +647,29 @@ async def _until_hangup(reader: asyncio.StreamReader) -> None:
     kept (a client may send without end)."""
     while await reader.read(MAX_REQUEST):
         pass
+
+
+def _copy_range(source: Path, offset: int, fd: int, at: int, length: int) -> bool:
+    """Copy ``length`` bytes at ``offset`` of ``source`` to ``at`` of ``fd`` (in the
+    kernel where it can); False if the source is shorter or unreadable."""
+    try:
+        src = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        done = 0
+        while done < length:
+            try:
+                n = os.copy_file_range(src, fd, length - done, offset + done, at + done)
+            except OSError:
+                data = os.pread(src, min(length - done, 1 << 22), offset + done)
+                n = os.pwrite(fd, data, at + done) if data else 0
+            if n == 0:
+                return False
+            done += n
+        return True
+    finally:
+        os.close(src)
 
 
 def _read(path: Path) -> bytes | None:

@@ -287,3 +287,23 @@ def test_warm_ends_with_k_verified_copies_then_all_nodes(
     pod = agents[2].fetch("m", tmp_path / "pod")
     assert pod["origin_bytes"] == 0 and pod["peer_bytes"] == 0
     _same(tmp_path / "pod", files)
+
+
+def test_a_file_changed_in_one_piece_fetches_only_that_piece(
+    tmp_path: Path, cluster: tuple[Path, str, TrackerProcess, Processes]
+) -> None:
+    origin, catalog, tracker, procs = cluster
+    files = _model(origin, FILES, 6)
+    v1 = publish(origin.as_uri(), "m", catalog, piece_size="8MiB")
+    agent = procs.add(AgentProcess("node0", tmp_path, tracker.url)).start()
+    agent.fetch(v1["ref"], tmp_path / "pod-v1")
+    # One byte of model.bin's second 8 MiB piece changes (a fine-tune of one layer).
+    data = bytearray(files["model.bin"])
+    data[8 * MiB + 5] ^= 0xFF
+    (origin / "model.bin").write_bytes(bytes(data))
+    files["model.bin"] = bytes(data)
+    v2 = publish(origin.as_uri(), "m", catalog, piece_size="8MiB")
+    got = agent.fetch(v2["ref"], tmp_path / "pod-v2")
+    assert got["origin_bytes"] == 8 * MiB and got["peer_bytes"] == 0
+    _same(tmp_path / "pod-v2", files)
+    _same(tmp_path / "pod-v1", {k: v for k, v in files.items() if k != "model.bin"})
