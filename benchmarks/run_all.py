@@ -65,6 +65,48 @@ def newest_result(results_dir: Path, name: str) -> dict[str, Any] | None:
     return None if best is None else dict(json.loads(best[1].read_text()))
 
 
+def render_cluster(tracker: dict[str, Any] | None, rollout: dict[str, Any] | None) -> str:
+    """Markdown for the tracker's announce rate and the staged rollout (not run by
+    ``make bench``)."""
+    out = ""
+    if tracker is not None:
+        out += (
+            f"\nTracker at cluster scale ({tracker['date']}, `python -m benchmarks.tracker_load`): "
+            f"a `swarm tracker` process, UDP announces of a {tracker['pieces']}-piece artifact "
+            f"({tracker['window']} in flight, the generator on the same cores):\n\n"
+            "| peers | announces/s | p50 | p99 | tracker CPU per announce | tracker RSS |\n"
+            "| ---: | ---: | ---: | ---: | ---: | ---: |\n"
+        )
+        for run in tracker["runs"]:
+            out += (
+                f"| {run['peers']} | {run['announces_per_s']:,.0f} | {run['p50_ms']:.1f} ms "
+                f"| {run['p99_ms']:.1f} ms | {run['tracker_cpu_us_per_announce']:.0f} µs "
+                f"| {run['tracker_rss_mib']:.0f} MiB |\n"
+            )
+        before = {r["peers"]: r for r in tracker.get("before", [])}
+        if before:
+            out += (
+                "\nBefore the announce path was made flat (same machine, minutes earlier): "
+                + "; ".join(
+                    f"{p} peers {r['announces_per_s']:,.0f}/s, p99 {r['p99_ms']:.0f} ms"
+                    for p, r in sorted(before.items())
+                )
+                + ".\n"
+            )
+    if rollout is not None:
+        modes = {r["mode"]: r for r in rollout["runs"]}
+        out += (
+            f"\nStaged rollout ({rollout['date']}, `python -m benchmarks.staged_rollout`): "
+            f"{format_size(rollout['model_bytes'])}, a burst of {rollout['burst']} replicas, "
+            f"then {rollout['late']} more one at a time {rollout['gap_seconds']:g} s apart; "
+            "origin bytes ÷ F, in all and for the late replicas: plain `swarm fetch` "
+            f"{modes['plain']['origin_over_model']:.2f} ({modes['plain']['late_origin_over_model']:.2f}), "
+            f"node agents {modes['agents']['origin_over_model']:.2f} "
+            f"({modes['agents']['late_origin_over_model']:.2f}).\n"
+        )
+    return out
+
+
 def render_other(
     origin_read: dict[str, Any] | None,
     loopback: dict[str, Any] | None,
@@ -324,10 +366,17 @@ def main(argv: list[str] | None = None) -> int:
             failures += 1
             print(f"data-plane benchmark failed: {exc}", file=sys.stderr)
 
-    table = render_table(*latest_results(args.results_dir)) + render_other(
-        newest_result(args.results_dir, "origin-read"),
-        newest_result(args.results_dir, "swarm-loopback"),
-        newest_result(args.results_dir, "sim-speed"),
+    table = (
+        render_table(*latest_results(args.results_dir))
+        + render_other(
+            newest_result(args.results_dir, "origin-read"),
+            newest_result(args.results_dir, "swarm-loopback"),
+            newest_result(args.results_dir, "sim-speed"),
+        )
+        + render_cluster(
+            newest_result(args.results_dir, "tracker-load"),
+            newest_result(args.results_dir, "staged-rollout"),
+        )
     )
     if not args.print_only and update_readme(args.readme, table):
         print(f"updated the benchmark table in {args.readme}", file=sys.stderr)
