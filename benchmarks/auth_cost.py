@@ -108,6 +108,23 @@ class _Load(asyncio.DatagramProtocol):
         self.fill()
 
 
+async def send_datagrams(port: int, datagrams: list[tuple[int, bytes]], window: int) -> _Load:
+    """Send ``datagrams`` to a tracker on 127.0.0.1:``port``, ``window`` in flight; the
+    load, with each reply's latency (a datagram unanswered for REPLY_TIMEOUT is lost)."""
+    protocol = _Load(datagrams, window)
+    transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+        lambda: protocol, remote_addr=("127.0.0.1", port)
+    )
+    try:
+        protocol.fill()
+        while not protocol.done.done():
+            await asyncio.wait({protocol.done}, timeout=0.5)
+            protocol.expire()
+    finally:
+        transport.close()
+    return protocol
+
+
 def _datagrams(
     ref: str, key: ClusterKey, peers: list[bytes], haves: list[bytes], count: int, txn0: int
 ) -> list[tuple[int, bytes]]:
@@ -136,7 +153,6 @@ async def _round(
     )
     tracker = Tracker(config, rng=random.Random(rng.random()))
     await tracker.start()
-    loop = asyncio.get_running_loop()
     try:
         peers = [rng.randbytes(20) for _ in range(args.peers)]
         haves = [
@@ -148,19 +164,8 @@ async def _round(
         joins = _datagrams(ref, key, peers, haves, args.peers, 0)
         timed = _datagrams(ref, key, peers, haves, args.announces, args.peers)
         for datagrams in (joins, timed):
-            protocol = _Load(datagrams, args.window)
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda p=protocol: p,  # type: ignore[misc]
-                remote_addr=("127.0.0.1", config.port),
-            )
             started, cpu_started = time.perf_counter(), time.process_time()
-            try:
-                protocol.fill()
-                while not protocol.done.done():
-                    await asyncio.wait({protocol.done}, timeout=0.5)
-                    protocol.expire()
-            finally:
-                transport.close()
+            protocol = await send_datagrams(config.port, datagrams, args.window)
             elapsed = time.perf_counter() - started
             cpu = time.process_time() - cpu_started
         status = tracker.status()

@@ -37,7 +37,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from benchmarks.auth_cost import PIECE, _datagrams, _Load, _percentile
+from benchmarks.auth_cost import PIECE, _datagrams, _percentile, send_datagrams
 from core.auth import ClusterKey
 from core.bitfield import Bitfield
 from seeder.local_s3 import free_port
@@ -60,22 +60,6 @@ def _rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return round(int(line.split()[1]) / 1024, 1)
     return 0.0
-
-
-async def _send(port: int, datagrams: list[tuple[int, bytes]], window: int) -> _Load:
-    loop = asyncio.get_running_loop()
-    protocol = _Load(datagrams, window)
-    transport, _ = await loop.create_datagram_endpoint(
-        lambda: protocol, remote_addr=("127.0.0.1", port)
-    )
-    try:
-        protocol.fill()
-        while not protocol.done.done():
-            await asyncio.wait({protocol.done}, timeout=0.5)
-            protocol.expire()
-    finally:
-        transport.close()
-    return protocol
 
 
 def _measure(
@@ -144,10 +128,10 @@ def _run(
     # datagrams take their stamps from the clock, one millisecond apart.
     time.sleep((peers + 2) / 1000)
     timed = _datagrams(ref, key, ids, haves, args.announces, peers)
-    joined = asyncio.run(_send(port, joins, args.window))
+    joined = asyncio.run(send_datagrams(port, joins, args.window))
     cpu0 = _proc_cpu(proc.pid)
     started = time.perf_counter()
-    load = asyncio.run(_send(port, timed, args.window))
+    load = asyncio.run(send_datagrams(port, timed, args.window))
     elapsed = time.perf_counter() - started
     cpu = _proc_cpu(proc.pid) - cpu0
     answered = len(load.latencies)

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fetch_helpers import cli_env, fetch_args, publish, swarm, swarm_argv
@@ -188,15 +189,21 @@ def test_an_origin_pull_skips_the_windows_kept_blocks_fill(tmp_path: Path) -> No
 # -- real processes ----------------------------------------------------------------------
 
 
-def test_a_killed_direct_fetch_resumes_without_pulling_its_kept_windows_again(
-    tmp_path: Path,
-) -> None:
+def _one_piece_model(tmp_path: Path) -> tuple[bytes, str, dict[str, Any]]:
+    """32 MiB of random bytes published as one piece of 8 blocks: its data, catalog and
+    the publish summary."""
     origin = tmp_path / "origin"
     origin.mkdir()
     data = os.urandom(32 * MiB)
     (origin / "w.bin").write_bytes(data)
     catalog = (tmp_path / "catalog").as_uri()
-    published = publish(origin.as_uri(), "w", catalog, piece_size="32MiB")
+    return data, catalog, publish(origin.as_uri(), "w", catalog, piece_size="32MiB")
+
+
+def test_a_killed_direct_fetch_resumes_without_pulling_its_kept_windows_again(
+    tmp_path: Path,
+) -> None:
+    data, catalog, published = _one_piece_model(tmp_path)
     dest = tmp_path / "dest"
     # 4 MiB ranges, one at a time at 8 MB/s: a 16 MiB window every two seconds.
     args = fetch_args(
@@ -235,12 +242,7 @@ def test_a_killed_direct_fetch_resumes_without_pulling_its_kept_windows_again(
 def test_a_killed_peer_fetch_resumes_asking_peers_only_for_the_blocks_it_lacks(
     tmp_path: Path,
 ) -> None:
-    origin = tmp_path / "origin"
-    origin.mkdir()
-    data = os.urandom(32 * MiB)
-    (origin / "w.bin").write_bytes(data)
-    catalog = (tmp_path / "catalog").as_uri()
-    published = publish(origin.as_uri(), "w", catalog, piece_size="32MiB")
+    data, catalog, published = _one_piece_model(tmp_path)
     root, ref = published["root"], published["ref"]
     seed = tmp_path / "seed"
     swarm(*fetch_args("w", catalog, seed, "--no-fsync")).ok()
