@@ -371,35 +371,41 @@ class Agent:
 
     # --- capacity --------------------------------------------------------------------
 
+    def usage(self, versions: list[Version] | None = None) -> tuple[int, set[str]]:
+        """Bytes the cache's files take (a file linked into several versions counts once)
+        and the roots of the versions in use: a file with more links than the cache
+        itself holds is in a pod's view. One ``stat`` per file, so callers on the event
+        loop run it in a thread."""
+        held = list(self.versions.values()) if versions is None else versions
+        inside: dict[tuple[int, int], int] = {}
+        sizes: dict[tuple[int, int], int] = {}
+        seen: list[tuple[str, list[os.stat_result]]] = []
+        for version in held:
+            stats = []
+            for entry in version.manifest.files:
+                try:
+                    st = os.stat(version.path / entry.path)
+                except OSError:
+                    continue
+                key = (st.st_dev, st.st_ino)
+                inside[key] = inside.get(key, 0) + 1
+                sizes[key] = st.st_size
+                stats.append(st)
+            seen.append((version.manifest.root_hex, stats))
+        in_use = {
+            root
+            for root, stats in seen
+            if any(st.st_nlink > inside[(st.st_dev, st.st_ino)] for st in stats)
+        }
+        return sum(sizes.values()), in_use
+
     def in_use(self, version: Version) -> bool:
         """Whether a file of ``version`` has links outside the cache (a pod's view of it)."""
-        inside: dict[tuple[int, int], int] = {}
-        for other in self.versions.values():
-            for entry in other.manifest.files:
-                with contextlib.suppress(OSError):
-                    st = os.stat(other.path / entry.path)
-                    inside[(st.st_dev, st.st_ino)] = inside.get((st.st_dev, st.st_ino), 0) + 1
-        for entry in version.manifest.files:
-            try:
-                st = os.stat(version.path / entry.path)
-            except OSError:
-                continue
-            if st.st_nlink > inside.get((st.st_dev, st.st_ino), 1):
-                return True
-        return False
+        return version.manifest.root_hex in self.usage()[1]
 
     def used_bytes(self) -> int:
         """Bytes the cache's files take (a file linked into several versions counts once)."""
-        seen: set[tuple[int, int]] = set()
-        total = 0
-        for version in self.versions.values():
-            for entry in version.manifest.files:
-                with contextlib.suppress(OSError):
-                    st = os.stat(version.path / entry.path)
-                    if (st.st_dev, st.st_ino) not in seen:
-                        seen.add((st.st_dev, st.st_ino))
-                        total += st.st_size
-        return total
+        return self.usage()[0]
 
     async def evict(self) -> list[str]:
         """Remove least recently used versions until the cache fits ``capacity``: never a
@@ -409,7 +415,10 @@ class Agent:
             self._write_index()
             return removed
         async with self._lock:
-            while self.used_bytes() > self.capacity:
+            while True:
+                used, in_use = await asyncio.to_thread(self.usage, list(self.versions.values()))
+                if used <= self.capacity:
+                    break
                 candidates = sorted(
                     (
                         v
@@ -417,7 +426,7 @@ class Agent:
                         if (v.complete or v.error)  # a failed fetch's files count too
                         and not v.pinned
                         and not v.holds
-                        and not self.in_use(v)
+                        and v.manifest.root_hex not in in_use
                     ),
                     key=lambda v: v.last_used,
                 )
@@ -426,7 +435,7 @@ class Agent:
                         "cache %s holds %d bytes, over its capacity of %d, and every version"
                         " is pinned, in use or being fetched",
                         self.cache,
-                        self.used_bytes(),
+                        used,
                         self.capacity,
                     )
                     break
@@ -463,11 +472,14 @@ class Agent:
             raise AgentError(f"this node holds no version of {ref}")
         return max(matches, key=lambda v: v.last_used)
 
-    def listing(self) -> list[dict[str, Any]]:
+    def listing(self, in_use: set[str] | None = None) -> list[dict[str, Any]]:
+        """Every version held, with whether it is in use (``usage()``'s roots)."""
+        if in_use is None:
+            in_use = self.usage()[1]
         out = []
         for version in sorted(self.versions.values(), key=lambda v: v.manifest.ref):
             item = version.summary()
-            item["in_use"] = self.in_use(version)
+            item["in_use"] = version.manifest.root_hex in in_use
             out.append(item)
         return out
 
@@ -623,7 +635,8 @@ class Agent:
                     version.holds -= 1
                 await self.evict()
             elif op == "ls":
-                await send({"event": "ls", "versions": self.listing(), "used": self.used_bytes()})
+                used, in_use = await asyncio.to_thread(self.usage, list(self.versions.values()))
+                await send({"event": "ls", "versions": self.listing(in_use), "used": used})
             elif op in ("pin", "unpin") and isinstance(ref, str):
                 version = self.find(ref)
                 before_pin = version.pinned
