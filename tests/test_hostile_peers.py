@@ -252,7 +252,11 @@ def test_an_origin_pull_taken_back_is_asked_of_the_peer_that_holds_the_piece(
     assert_clean(outcome)
     result = assert_finished(swarm, outcome, lone)
 
-    assert result["origin_bytes"] == swarm.origin_body_bytes("lone"), result
+    # The peer counts what it read; a pull taken back is dropped with what was still in
+    # flight to it (the socket's buffers, a read's chunk: 256 KiB in 1 of 7 full runs today),
+    # which left the origin all the same. At most two pulls run at once.
+    unread = swarm.origin_body_bytes("lone") - result["origin_bytes"]
+    assert 0 <= unread <= 2 * MiB, (unread, result)
     assert swarm.origin_body_bytes("seed") == 0
     # The seed served what the lone peer lacked, the pulls it lost included.
     assert result["peer_bytes"] > 0, result
