@@ -96,28 +96,32 @@ class AnnounceReply:
 
 
 class _Peer:
-    __slots__ = (
-        "address",
-        "finished",
-        "have",
-        "host",
-        "last_seen",
-        "port",
-        "seeder",
-        "suspect",
-        "zone",
-    )
+    __slots__ = ("address", "finished", "have", "last_seen", "seeder", "suspect")
 
-    def __init__(self, host: str, port: int, num_pieces: int, now: float, zone: str = "") -> None:
-        self.host = host
-        self.port = port
-        self.zone = zone
+    def __init__(
+        self, address: PeerAddress, num_pieces: int, now: float, *, seeder: bool = True
+    ) -> None:
+        # Where to reach it, as its replies list it: built when it changes, not for
+        # every reply it is in (50 frozen dataclasses per announce were half the cost
+        # of one at 5000 peers).
+        self.address = address
         self.have = Bitfield(num_pieces)
         self.last_seen = now
         self.finished = num_pieces == 0
         self.suspect = False  # reported for corrupt data: its pieces don't count
-        self.seeder = True  # may read the origin (False: never assigned origin pieces)
-        self.address = PeerAddress(b"", host, port, zone)  # set by the registry with its id
+        self.seeder = seeder  # may read the origin (False: never assigned origin pieces)
+
+    @property
+    def host(self) -> str:
+        return self.address.host
+
+    @property
+    def port(self) -> int:
+        return self.address.port
+
+    @property
+    def zone(self) -> str:
+        return self.address.zone
 
 
 class SwarmRegistry:
@@ -256,21 +260,20 @@ class SwarmRegistry:
             return AnnounceReply((), (), self.swarm_complete, len(self._peers))
         known = self._peers.get(peer)
         if known is None:
-            known = self._peers[peer] = _Peer(host, port, self.num_pieces, now, zone)
-            known.address = PeerAddress(peer, host, port, zone)
-            known.seeder = seeder
+            known = self._peers[peer] = _Peer(
+                PeerAddress(peer, host, port, zone), self.num_pieces, now, seeder=seeder
+            )
             self._zones.add(peer, zone)
             if known.finished:
                 self._finished += 1
             if seeder:
                 self.assignment.peer_joined(peer, now)
         else:
+            known.last_seen = now
             if known.host != host or known.port != port or known.zone != zone:
+                if known.zone != zone:
+                    self._zones.add(peer, zone)
                 known.address = PeerAddress(peer, host, port, zone)
-            known.host, known.port, known.last_seen = host, port, now
-            if known.zone != zone:
-                known.zone = zone
-                self._zones.add(peer, zone)
             self._peers.move_to_end(peer)
         self.expire(now)  # others only: this peer was just seen
 
@@ -366,7 +369,8 @@ class SwarmRegistry:
 
     def _count_in(self, piece: int) -> None:
         self._avail[piece] += 1
-        self.assignment.piece_present(piece)
+        if self._avail[piece] == 1:  # held by one at least: present from now on
+            self.assignment.piece_present(piece)
 
     def _count_out(self, piece: int) -> None:
         self._avail[piece] -= 1
@@ -409,24 +413,16 @@ class SwarmRegistry:
             known.finished = finished
         if known.suspect:
             return  # its pieces don't count
-        avail = self._avail
-        assignment = self.assignment
         for piece in gained:
-            avail[piece] += 1
-            if avail[piece] == 1:
-                assignment.piece_present(piece)
+            self._count_in(piece)
         for piece in lost:
-            avail[piece] -= 1
-            if not avail[piece]:
-                assignment.piece_lost(piece)
+            self._count_out(piece)
 
     def _sample_peers(self, peer: bytes) -> tuple[PeerAddress, ...]:
         picks = self._zones.sample(
             self._peers[peer].zone, self.max_peers_in_reply, self._rng, exclude=peer
         )
         peers = self._peers
-        # Each peer's address is built when it changes, not for every reply it is in:
-        # 50 frozen dataclasses per announce were half the cost of one at 5000 peers.
         return tuple([peers[p].address for p in picks])
 
     def report(self, reporter: bytes, accused: bytes, now: float) -> bool:
