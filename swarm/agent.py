@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from core.errors import SwarmError, TrackerError, UnknownArtifactError
-from core.manifest import Manifest, parse_ref
+from core.manifest import FileEntry, Manifest, parse_ref
 from swarm.announce import TrackerClient
 from swarm.peer import PeerConfig, SwarmPeer
 from swarm.store import (
@@ -118,7 +118,6 @@ class Version:
             "done_bytes": self.done_bytes,
             "pinned": self.pinned,
             "last_used": round(self.last_used, 3),
-            "in_use": False,
             "origin_bytes": self.peer.origin.counters.bytes_read,
             "peer_bytes": self.peer.session.stats.peer_bytes,
             "uploaded_bytes": self.peer.session.stats.uploaded_bytes,
@@ -228,16 +227,21 @@ class Agent:
             version.peer.finished.set()
             log.error("%s: %s", version.manifest.ref, version.error)
 
+    def _held(self, name: str, root: str | None) -> list[Version]:
+        """The versions held of ``name`` (whose root starts with ``root``, if given)."""
+        return [
+            v
+            for v in self.versions.values()
+            if v.manifest.name == name
+            and (root is None or v.manifest.root_hex.startswith(root.lower()))
+        ]
+
     async def ensure(self, ref: str) -> Version:
         """The version ``ref`` names, present or on its way (the manifest from the tracker)."""
         name, root = parse_ref(ref)
         if root is not None:
-            for have in self.versions.values():
-                if (
-                    have.manifest.name == name
-                    and have.manifest.root_hex.startswith(root.lower())
-                    and not have.error
-                ):
+            for have in self._held(name, root):
+                if not have.error:
                     return have
         try:
             manifest = await self.tracker.manifest(ref)
@@ -246,13 +250,7 @@ class Agent:
                 raise
             # The tracker is away: a version of that name already held will do.
             # Only one of the version asked for, if the ref names one.
-            held = [
-                v
-                for v in self.versions.values()
-                if v.manifest.name == name
-                and v.complete
-                and (root is None or v.manifest.root_hex.startswith(root.lower()))
-            ]
+            held = [v for v in self._held(name, root) if v.complete]
             if not held:
                 raise
             newest = max(held, key=lambda v: v.last_used)
@@ -277,22 +275,21 @@ class Agent:
         for version in self.versions.values():
             if not version.complete:
                 continue
-            for key, path in _file_keys(version.manifest).items():
-                known.setdefault(key, version.path / path)
+            for key, held in _file_keys(version.manifest).items():
+                known.setdefault(key, version.path / held.path)
         claimed = bytearray(manifest.num_pieces)
         linked = 0
-        for key, rel in _file_keys(manifest).items():
+        for key, entry in _file_keys(manifest).items():
             source = known.get(key)
             if source is None:
                 continue
-            target = dest / rel
+            target = dest / entry.path
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.link(source, target)
             except OSError as exc:
                 log.warning("can't link %s into %s: %s", source, target, exc)
                 continue
-            entry = next(f for f in manifest.files if f.path == rel)
             claimed[entry.first_piece : entry.first_piece + entry.piece_count] = b"\x01" * (
                 entry.piece_count
             )
@@ -399,10 +396,6 @@ class Agent:
         }
         return sum(sizes.values()), in_use
 
-    def in_use(self, version: Version) -> bool:
-        """Whether a file of ``version`` has links outside the cache (a pod's view of it)."""
-        return version.manifest.root_hex in self.usage()[1]
-
     def used_bytes(self) -> int:
         """Bytes the cache's files take (a file linked into several versions counts once)."""
         return self.usage()[0]
@@ -461,13 +454,7 @@ class Agent:
 
     def find(self, ref: str) -> Version:
         """A held version by ``name``, ``name@root-prefix``; the newest used if several."""
-        name, root = parse_ref(ref)
-        matches = [
-            v
-            for v in self.versions.values()
-            if v.manifest.name == name
-            and (root is None or v.manifest.root_hex.startswith(root.lower()))
-        ]
+        matches = self._held(*parse_ref(ref))
         if not matches:
             raise AgentError(f"this node holds no version of {ref}")
         return max(matches, key=lambda v: v.last_used)
@@ -692,17 +679,17 @@ def _read(path: Path) -> bytes | None:
         return None
 
 
-def _file_keys(manifest: Manifest) -> dict[tuple[int, int, int, bytes], str]:
+def _file_keys(manifest: Manifest) -> dict[tuple[int, int, int, bytes], FileEntry]:
     """Each file of ``manifest`` by what makes it the same file in another version: its
     size, the piece and block sizes and its pieces' digests."""
-    keys: dict[tuple[int, int, int, bytes], str] = {}
+    keys: dict[tuple[int, int, int, bytes], FileEntry] = {}
     for entry in manifest.files:
         if entry.size == 0:
             continue
         digests = b"".join(
             manifest.digests[entry.first_piece : entry.first_piece + entry.piece_count]
         )
-        keys[(entry.size, manifest.piece_size, manifest.block_size, digests)] = entry.path
+        keys[(entry.size, manifest.piece_size, manifest.block_size, digests)] = entry
     return keys
 
 
