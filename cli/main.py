@@ -285,6 +285,17 @@ def parse_listen(flag: str, value: str, *, default_port: int | None = None) -> t
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def check_advertise(advertise: str) -> None:
+    """A usage error unless ``--advertise`` is empty, an IP address or a DNS name."""
+    if advertise:
+        from swarm.hosts import valid_host
+
+        if not valid_host(advertise):
+            raise typer.BadParameter(
+                f"--advertise must be an IP address or DNS name, got {advertise!r}"
+            )
+
+
 def emit_json(obj: dict[str, Any]) -> None:
     """The one JSON object a ``--json`` command prints on stdout."""
     sys.stdout.write(json.dumps(obj, sort_keys=True) + "\n")
@@ -745,13 +756,7 @@ def fetch(
         )
     key = load_key(token_file)
     metrics_at = parse_listen("--metrics-listen", metrics_listen) if metrics_listen else None
-    if advertise:
-        from swarm.hosts import valid_host
-
-        if not valid_host(advertise):
-            raise typer.BadParameter(
-                f"--advertise must be an IP address or DNS name, got {advertise!r}"
-            )
+    check_advertise(advertise)
     if tracker:
         host, port = parse_listen("--listen", listen)
         config = PeerConfig(
@@ -1238,6 +1243,8 @@ def tracker_command(
     run(go(), clean_exit_on_signal=True)
 
 
+HeldRef = Annotated[str, typer.Argument(help="NAME or NAME@ROOT held by this node.")]
+
 AgentSocket = Annotated[
     str,
     typer.Option(
@@ -1339,13 +1346,7 @@ def agent_command(
     from swarm.agent import Agent
     from swarm.announce import TrackerClient
 
-    if advertise:
-        from swarm.hosts import valid_host
-
-        if not valid_host(advertise):
-            raise typer.BadParameter(
-                f"--advertise must be an IP address or DNS name, got {advertise!r}"
-            )
+    check_advertise(advertise)
     key = load_key(token_file)
     config = PeerConfig(
         listen_host=listen.strip("[]") or "0.0.0.0",
@@ -1513,23 +1514,20 @@ def ls_command(socket_path: AgentSocket, json: JsonFlag = False) -> None:
 
 
 @app.command("pin")
-def pin_command(
-    ref: Annotated[str, typer.Argument(help="NAME or NAME@ROOT held by this node.")],
-    socket_path: AgentSocket,
-) -> None:
+def pin_command(ref: HeldRef, socket_path: AgentSocket) -> None:
     """Keep a version in this node's cache whatever its capacity says."""
-    answer = run(_agent_request(socket_path, {"op": "pin", "ref": ref}))
-    typer.echo(f"pinned {answer['ref']}")
+    _pin(socket_path, "pin", ref)
 
 
 @app.command("unpin")
-def unpin_command(
-    ref: Annotated[str, typer.Argument(help="NAME or NAME@ROOT held by this node.")],
-    socket_path: AgentSocket,
-) -> None:
+def unpin_command(ref: HeldRef, socket_path: AgentSocket) -> None:
     """Let a version be evicted again once it is unused and the cache is over capacity."""
-    answer = run(_agent_request(socket_path, {"op": "unpin", "ref": ref}))
-    typer.echo(f"unpinned {answer['ref']}")
+    _pin(socket_path, "unpin", ref)
+
+
+def _pin(socket_path: str, op: str, ref: str) -> None:
+    answer = run(_agent_request(socket_path, {"op": op, "ref": ref}))
+    typer.echo(f"{op}ned {answer['ref']}")
 
 
 @app.command()

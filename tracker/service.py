@@ -581,10 +581,12 @@ class Tracker:
         request[_REQUEST_NONCE] = nonce
         return await handler(request)
 
-    async def _get_manifest(self, request: web.Request) -> web.Response:
-        ref = request.match_info["ref"]
+    async def _resolve(self, ref: str) -> Manifest | web.Response:
+        """The manifest ``ref`` names, or the HTTP answer saying why not: 404 for a name
+        or root the catalog lacks (with the published names close to it), 502 while the
+        catalog is unreachable."""
         try:
-            manifest = await self.manifest(ref)
+            return await self.manifest(ref)
         except (CatalogError, ManifestError) as exc:
             text = str(exc)
             try:
@@ -597,6 +599,11 @@ class Tracker:
             return web.Response(status=404, text=text)
         except SwarmError as exc:
             return web.Response(status=502, text=f"catalog unavailable: {exc}")
+
+    async def _get_manifest(self, request: web.Request) -> web.Response:
+        manifest = await self._resolve(request.match_info["ref"])
+        if isinstance(manifest, web.Response):
+            return manifest
         body = manifest.encode()
         headers = {"X-Swarm-Root": manifest.root_hex}
         if not self.key.open:
@@ -643,28 +650,21 @@ class Tracker:
         ref, copies = (body or {}).get("ref"), (body or {}).get("copies")
         if not isinstance(ref, str) or type(copies) is not int:
             return web.Response(status=400, text='want {"ref": NAME[@ROOT], "copies": K}')
+        manifest = await self._resolve(ref)
+        if isinstance(manifest, web.Response):
+            return manifest
         try:
-            manifest = await self.manifest(ref)
-        except (CatalogError, ManifestError) as exc:
-            return web.Response(status=404, text=str(exc))
-        except SwarmError as exc:
-            return web.Response(status=502, text=f"catalog unavailable: {exc}")
-        now = time.monotonic()
-        try:
-            self.warm.request(manifest.root_hex, manifest.ref, copies, now)
+            self.warm.request(manifest.root_hex, manifest.ref, copies, time.monotonic())
         except WarmError as exc:
             return web.Response(status=400, text=str(exc))
         log.info("warm %s: %s copies wanted", manifest.ref, "all" if copies == ALL else copies)
-        return self._signed_json(
-            request, {"root": manifest.root_hex, **self._warm_status(manifest.root_hex)}
-        )
-
-    def _warm_status(self, root: str) -> dict[str, Any]:
-        status = self.warm.status(root, time.monotonic()) or {}
-        return dict(status)
+        return self._warm_answer(request, manifest.root_hex)
 
     async def _get_warm(self, request: web.Request) -> web.Response:
-        root = request.match_info["root"].lower()
+        return self._warm_answer(request, request.match_info["root"].lower())
+
+    def _warm_answer(self, request: web.Request, root: str) -> web.Response:
+        """The status of the warm request for ``root``, signed; 404 if there is none."""
         status = self.warm.status(root, time.monotonic())
         if status is None:
             return web.json_response({"error": "no warm request for that root"}, status=404)
