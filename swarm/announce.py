@@ -516,27 +516,9 @@ class TrackerClient:
         will not help), TrackerAuthError if it refuses our token or its answer does
         not prove the token, and TrackerError if it is unreachable or failing.
         """
-        status, body, headers, nonce = await self._request("GET", f"/v1/manifest/{ref}")
-        mac_hex = headers.get(MAC_HEADER, "")
-        text = body.decode(errors="replace")[:500]
-        if status == 404:
-            raise UnknownArtifactError(f"tracker {self.base}: {text} (HTTP 404)")
-        if status == 401:
-            raise TrackerAuthError(
-                f"tracker {self.base} refused our request: {text} (HTTP 401; "
-                "does this node have the cluster's token?)"
-            )
-        if status != 200:
-            raise TrackerError(f"tracker {self.base}: {text} (HTTP {status})")
-        try:
-            mac = bytes.fromhex(mac_hex)
-        except ValueError:
-            mac = b""
-        if not self.key.check(mac, b"manifest", nonce, body):
-            raise TrackerAuthError(
-                f"tracker {self.base} does not know our cluster token "
-                f"(its answer for {ref} is not signed with it)"
-            )
+        body = self._proven(
+            *await self._request("GET", f"/v1/manifest/{ref}"), b"manifest", f"for {ref}"
+        )
         manifest = Manifest.decode(body)
         name, root = parse_ref(ref)
         if manifest.name != name:
@@ -550,26 +532,51 @@ class TrackerClient:
     async def _json(self, method: str, path: str, obj: object | None = None) -> Any:
         """A signed JSON request and its answer, which must prove the cluster token."""
         body = json.dumps(obj).encode() if obj is not None else b""
-        status, raw, headers, nonce = await self._request(
-            method, path, body, "application/json" if body else ""
+        raw = self._proven(
+            *await self._request(method, path, body, "application/json" if body else ""),
+            b"json",
+            f"to {method} {path}",
         )
-        text = raw.decode(errors="replace")[:300]
-        if status == 401:
-            raise TrackerAuthError(f"tracker {self.base} refused our request: {text} (HTTP 401)")
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise TrackerError(f"tracker {self.base} answered {raw[:300]!r}: not JSON") from exc
+
+    def _proven(
+        self,
+        status: int,
+        body: bytes,
+        headers: Mapping[str, str],
+        nonce: bytes,
+        label: bytes,
+        what: str,
+    ) -> bytes:
+        """The body of a 200 answer whose MAC (``label``) proves the cluster token.
+
+        Raises UnknownArtifactError on 404 (asking again will not help),
+        TrackerAuthError on 401 or an answer not signed with our token, TrackerError
+        for any other status.
+        """
+        text = body.decode(errors="replace")[:500]
         if status == 404:
             raise UnknownArtifactError(f"tracker {self.base}: {text} (HTTP 404)")
+        if status == 401:
+            raise TrackerAuthError(
+                f"tracker {self.base} refused our request: {text} (HTTP 401; "
+                "does this node have the cluster's token?)"
+            )
         if status != 200:
             raise TrackerError(f"tracker {self.base}: {text} (HTTP {status})")
         try:
             mac = bytes.fromhex(headers.get(MAC_HEADER, ""))
         except ValueError:
             mac = b""
-        if not self.key.check(mac, b"json", nonce, raw):
-            raise TrackerAuthError(f"tracker {self.base}'s answer is not signed with our token")
-        try:
-            return json.loads(raw)
-        except ValueError as exc:
-            raise TrackerError(f"tracker {self.base} answered {text!r}: not JSON") from exc
+        if not self.key.check(mac, label, nonce, body):
+            raise TrackerAuthError(
+                f"tracker {self.base} does not know our cluster token "
+                f"(its answer {what} is not signed with it)"
+            )
+        return body
 
     async def warm(self, ref: str, copies: int) -> dict[str, Any]:
         """Ask for ``copies`` verified copies of ``ref`` on node agents (-1: every one);
