@@ -1148,9 +1148,24 @@ def tracker_command(
         typer.Option(
             "--origin-budget",
             min=1,
-            help="Origin pieces the whole cluster pulls at once (default: per-peer limit x peers, at most 256: pieces in flight share the origin and help nobody until whole).",
+            help="A fixed count of origin pieces the whole cluster pulls at once (default: per-peer limit x peers, at most --origin-max-pulls, halved on throttling (429/503/SlowDown, Retry-After) and grown back while the origin's throughput grows).",
         ),
     ] = tracker_default("origin_budget"),
+    origin_max_pulls: Annotated[
+        int,
+        typer.Option(
+            "--origin-max-pulls",
+            min=1,
+            help="Most origin pieces the cluster pulls at once when the budget adapts (pieces in flight share the origin's egress and help nobody until whole).",
+        ),
+    ] = tracker_default("origin_max_pulls"),
+    adaptive_origin: Annotated[
+        bool,
+        typer.Option(
+            "--adaptive-origin/--fixed-origin",
+            help="Adapt the origin budget to throttling and throughput (see tracker/origin_budget.py), or keep it at the default.",
+        ),
+    ] = tracker_default("adaptive_origin"),
     manifest_ttl: Annotated[
         float,
         typer.Option(
@@ -1205,6 +1220,8 @@ def tracker_command(
             stall_timeout=stall_timeout,
             per_peer_limit=per_peer_origin_pieces,
             origin_budget=origin_budget,
+            origin_max_pulls=origin_max_pulls,
+            adaptive_origin=adaptive_origin,
             manifest_ttl=manifest_ttl,
             bar_reporters=bar_reporters,
             origin_rate=origin_rate_limit or None,

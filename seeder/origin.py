@@ -38,6 +38,9 @@ class OriginCounters:
     requests: int = 0
     retries: int = 0
     throttled: int = 0
+    retry_after: float = 0.0
+    """The longest Retry-After a throttled answer carried (the peer's announce reads
+    and clears it: the tracker's origin budget waits at least that long to grow)."""
 
 
 class Origin(abc.ABC):

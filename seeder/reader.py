@@ -165,7 +165,10 @@ class RangedReader:
                 elapsed = now - first_failure
                 throttled = isinstance(exc, OriginThrottledError)
                 if throttled:
-                    self.origin.counters.throttled += 1
+                    counters = self.origin.counters
+                    counters.throttled += 1
+                    if exc.retry_after is not None and exc.retry_after > counters.retry_after:
+                        counters.retry_after = exc.retry_after
                 trouble = "throttling" if throttled else "errors"
                 wait = self.retry.delay(failures, exc.retry_after, self.rng)
                 if not self.retry.allows(failures, elapsed, wait):

@@ -216,7 +216,17 @@ class _PeerFlow(Flow):
 class OriginRequest:
     """One ranged GET of ``size`` bytes by ``node``, retried until it succeeds or is cancelled."""
 
-    __slots__ = ("attempt", "cancelled", "data", "flow", "node", "on_done", "size", "slept")
+    __slots__ = (
+        "active",
+        "attempt",
+        "cancelled",
+        "data",
+        "flow",
+        "node",
+        "on_done",
+        "size",
+        "slept",
+    )
 
     def __init__(self, node: int, size: int, on_done: FlowDone, data: Any) -> None:
         self.node = node
@@ -226,6 +236,7 @@ class OriginRequest:
         self.attempt = 0
         self.slept = 0.0
         self.cancelled = False
+        self.active = False  # counted in Simulation.origin_active
         self.flow: Flow | None = None
 
 
@@ -279,6 +290,9 @@ class Simulation:
         self._burst = scenario.origin_request_burst or scenario.origin_request_rate
         self._tokens = self._burst
         self._tokens_at = 0.0
+        # Concurrent GETs the origin serves (0: no limit), and those it is serving.
+        self._max_requests = scenario.origin_max_requests
+        self.origin_active = 0
 
         # Node state.
         self.alive = [True] * n
@@ -298,6 +312,10 @@ class Simulation:
         self.cross_rack_bytes = 0.0
         self.origin_requests = 0
         self.throttled = 0
+        # Throttled answers per node, and the longest Retry-After among them, since
+        # the strategy last read them (a peer's announce reports these).
+        self.node_throttles = [0] * n
+        self.node_retry_after = [0.0] * n
         self.crashed = 0
         width = max(scenario.lower_bound() / 100, 1e-3)
         self.total_series = Series(width)
@@ -382,13 +400,22 @@ class Simulation:
             return
         self.origin_requests += 1
         latency = self.scenario.first_byte_latency
-        if self._take_token():
+        limit = self._max_requests
+        if (not limit or self.origin_active < limit) and self._take_token():
+            # Counted from the request, not its first byte: the origin is serving it.
+            request.active = True
+            self.origin_active += 1
             if latency:
                 self.at(self.now + latency, self._origin_start, request)
             else:
                 self._origin_start(request)
         else:
             self.throttled += 1
+            node = request.node
+            self.node_throttles[node] += 1
+            retry_after = self.scenario.retry_after or 0.0
+            if retry_after > self.node_retry_after[node]:
+                self.node_retry_after[node] = retry_after
             self.at(self.now + latency, self._origin_throttled, request)
 
     def _origin_throttled(self, request: OriginRequest) -> None:
@@ -403,8 +430,15 @@ class Simulation:
         request.slept += delay
         self.at(self.now + delay, self._origin_attempt, request)
 
+    def _release(self, request: OriginRequest) -> None:
+        """The origin stopped serving ``request`` (done, abandoned, or its node died)."""
+        if request.active:
+            request.active = False
+            self.origin_active -= 1
+
     def _origin_start(self, request: OriginRequest) -> None:
         if request.cancelled or not self.alive[request.node]:
+            self._release(request)
             return
         node = request.node
         flow = Flow(
@@ -425,6 +459,7 @@ class Simulation:
     def _origin_done(self, flow: Flow, now: float) -> None:
         request: OriginRequest = flow.data
         del self.node_flows[request.node][flow]
+        self._release(request)
         self._account_origin(flow, now)
         flow.data = request.data
         request.on_done(flow, now)
@@ -439,6 +474,7 @@ class Simulation:
         """Abandon a transfer; the bytes it already moved still count."""
         if isinstance(target, OriginRequest):
             target.cancelled = True
+            self._release(target)
             flow = target.flow
             if flow is None:
                 return
@@ -457,6 +493,7 @@ class Simulation:
         data = flow.data
         if isinstance(data, OriginRequest):
             data.cancelled = True
+            self._release(data)
             if flow in self.node_flows[data.node]:
                 del self.node_flows[data.node][flow]
                 self._account_origin(flow, self.now)
@@ -523,6 +560,9 @@ class Simulation:
                 flow.started = started
         for request in self._stalled_requests.pop(node, []):
             self._origin_attempt(request)
+
+    def _set_max_requests(self, limit: int) -> None:
+        self._max_requests = limit
 
     def _set_request_rate(self, rate: float) -> None:
         self._take_token()  # bank tokens earned at the old rate
@@ -591,8 +631,12 @@ class Simulation:
             self.at(stall.at, self._stall, (stall.node, stall.at + stall.duration))
         base_rate = scenario.origin_request_rate
         for throttle in scenario.throttles:
-            self.at(throttle.start, self._set_request_rate, throttle.request_rate)
-            self.at(throttle.end, self._set_request_rate, base_rate if base_rate else 1e18)
+            if throttle.request_rate is not None:
+                self.at(throttle.start, self._set_request_rate, throttle.request_rate)
+                self.at(throttle.end, self._set_request_rate, base_rate if base_rate else 1e18)
+            if throttle.max_requests is not None:
+                self.at(throttle.start, self._set_max_requests, throttle.max_requests)
+                self.at(throttle.end, self._set_max_requests, scenario.origin_max_requests)
         if scenario.throttles and not base_rate:
             self._request_rate = 1e18
             self._burst = 1e18

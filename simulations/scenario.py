@@ -22,8 +22,9 @@ the node has). The defaults are the data-plane benchmark's measured costs
 after start-up, on this project's 2-core test VM).
 
 Faults are ``[[crash]]`` (``node``, ``at``), ``[[throttle]]`` (``start``,
-``end``, ``request_rate``: the origin's request budget in that window, 0 =
-every request is throttled), ``[[stall]]`` (``node``, ``at``, ``duration``: the
+``end``, and ``request_rate``: the origin's request budget in that window, 0 =
+every request is throttled, and/or ``max_requests``: the concurrent GETs it serves
+then, more are answered 503 SlowDown), ``[[stall]]`` (``node``, ``at``, ``duration``: the
 node's origin reads stop moving) and one ``[join]`` table (``count``,
 ``start``, ``interval``: the last ``count`` nodes join one by one, a rolling
 scale-up).
@@ -101,7 +102,10 @@ class Crash:
 class Throttle:
     start: float
     end: float
-    request_rate: float
+    request_rate: float | None = None
+    """Requests per second the origin accepts in the window (None: unchanged)."""
+    max_requests: int | None = None
+    """Concurrent GETs the origin serves in the window (None: unchanged)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +170,8 @@ class Scenario:
     """Requests per second the origin accepts (token bucket); 0 means unlimited."""
     origin_request_burst: float = 0.0
     """Token bucket depth; 0 means one second's worth."""
+    origin_max_requests: int = 0
+    """Concurrent GETs the origin serves; more are throttled (503 SlowDown). 0: no limit."""
     first_byte_latency: float = 0.0
     retry_after: float | None = None
     """What a throttled response asks the client to wait, if anything."""
@@ -178,6 +184,9 @@ class Scenario:
     upload_slots: int = 4
     per_peer_limit: int = 2
     origin_budget: int | None = None
+    adaptive_budget: bool = True
+    """The tracker's origin budget adapts to throttling (``tracker.origin_budget``);
+    off (or ``origin_budget`` set), it stays at the default or that fixed value."""
     stall_timeout: float = 30.0
     announce_interval: float = 5.0
     endgame_duplicates: int = 2
@@ -237,9 +246,19 @@ class Scenario:
             self._check_node(stall.node, "stall")
             if stall.duration <= 0:
                 raise ConfigError(f"{where}: stall of node {stall.node} needs a duration > 0")
+        if self.origin_max_requests < 0:
+            raise ConfigError(f"{where}: origin_max_requests must be >= 0")
         for throttle in self.throttles:
-            if not 0 <= throttle.start < throttle.end or throttle.request_rate < 0:
-                raise ConfigError(f"{where}: throttle needs 0 <= start < end and request_rate >= 0")
+            if (
+                not 0 <= throttle.start < throttle.end
+                or (throttle.request_rate is not None and throttle.request_rate < 0)
+                or (throttle.max_requests is not None and throttle.max_requests < 1)
+                or (throttle.request_rate is None and throttle.max_requests is None)
+            ):
+                raise ConfigError(
+                    f"{where}: throttle needs 0 <= start < end and request_rate >= 0 "
+                    "or max_requests >= 1"
+                )
         if self.join is not None and not 0 <= self.join.count < self.nodes:
             raise ConfigError(f"{where}: join.count must be in 0..nodes-1, got {self.join.count}")
 

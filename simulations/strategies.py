@@ -55,7 +55,8 @@ from simulations.network import Flow
 from simulations.scenario import Scenario
 from swarm.choker import UploadScheduler
 from swarm.picker import BlockRequest, PiecePicker
-from tracker.assignment import SeederAssignment
+from tracker.assignment import DEFAULT_MAX_BUDGET, SeederAssignment
+from tracker.origin_budget import START_BUDGET, OriginBudget
 from tracker.zones import ZoneIndex
 
 if TYPE_CHECKING:
@@ -427,6 +428,13 @@ class Swarm:
             stall_timeout=scenario.stall_timeout,
             rng=random.Random(f"{seed}:tracker"),
         )
+        # The tracker's adaptive origin budget, as `swarm tracker` builds it.
+        self.adaptive: OriginBudget | None = None
+        if scenario.adaptive_budget and scenario.origin_budget is None:
+            self.adaptive = OriginBudget(
+                DEFAULT_MAX_BUDGET, start=START_BUDGET, round_seconds=scenario.announce_interval
+            )
+            self.assignment.set_cap(self.adaptive.budget)
         self.nodes = [_Node(node, self.num_pieces, scenario.upload_slots) for node in range(n)]
         # Which pieces each node holds (each node's ``pieces`` again, laid out
         # for the HAVE fan-out), one bit each, piece-major: node x holds
@@ -443,12 +451,20 @@ class Swarm:
 
     def extra(self) -> dict[str, Any]:
         stats = self.assignment.stats
-        return {
+        extra: dict[str, Any] = {
             "origin_assignments": stats.assigned,
             "reassigned": stats.reassigned,
             "stall_reclaims": stats.stalled,
             "pieces_lost": stats.lost,
         }
+        if self.adaptive is not None:
+            rounds = self.adaptive.rounds
+            extra["origin_budget"] = {
+                "final": self.adaptive.budget,
+                "min": min((r.budget for r in rounds), default=self.adaptive.budget),
+                "throttled_rounds": sum(1 for r in rounds if r.throttles),
+            }
+        return extra
 
     # -- set-up -------------------------------------------------------------
 
@@ -521,6 +537,8 @@ class Swarm:
                     if other != node:
                         self._connect(nodes[node], nodes[other])
                         dialled += 1
+        if self.adaptive is not None:
+            self.adaptive.update(sim.now, 0, False)  # the first round starts now
         self._assign()
         for node in initial:
             self._fill(nodes[node])
@@ -578,12 +596,27 @@ class Swarm:
         sim = self.sim
         now = sim.now
         assignment = self.assignment
+        throttles = sim.node_throttles
+        retry_after = sim.node_retry_after
+        adaptive = self.adaptive
         for me in self.nodes:
             for piece, request in me.pulls.items():
                 flow = request.flow
                 done = 0 if flow is None else int(flow.transferred(now))
                 assignment.progress(me.id, piece, done, now)
-        for peer, piece in assignment.tick(now):
+            node = me.id
+            if throttles[node]:
+                if adaptive is not None and sim.alive[node]:
+                    adaptive.throttled(throttles[node], retry_after[node] or None)
+                throttles[node] = 0
+                retry_after[node] = 0.0
+        taken = assignment.tick(now)
+        if adaptive is not None:
+            assignment.set_cap(
+                adaptive.update(now, assignment.origin_bytes, assignment.budget_bound)
+            )
+            taken.extend(assignment.shed())
+        for peer, piece in taken:
             me = self.nodes[peer]
             reclaimed = me.pulls.get(piece)
             if reclaimed is not None:

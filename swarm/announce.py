@@ -64,6 +64,10 @@ MAX_PROGRESS_ENTRIES = 4096
 MAX_PEERS_IN_REPLY = 1000
 MAX_BARRED = 256
 MAX_ZONE_LENGTH: Final = 64
+MAX_THROTTLES: Final = 1 << 32
+"""Throttled origin answers one announce may report: far above any real count."""
+MAX_RETRY_AFTER: Final = 86_400.0
+"""The longest Retry-After an announce may report, in seconds."""
 MAX_ORIGIN_RATE: Final = 1 << 50
 """Bytes per second, far above any link: a larger origin rate in a reply is malformed."""
 _ZONE_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")
@@ -127,6 +131,11 @@ class Announce:
     seeder: bool = True
     """Whether the peer may read the origin (has the object store's credentials); a
     peer that may not is never assigned origin pieces. Sent only when False."""
+    throttles: int = 0
+    """Origin answers that asked to slow down (429, 503, SlowDown) since the last
+    announce: the tracker's origin budget backs off on them. Sent only when non-zero."""
+    retry_after: float = 0.0
+    """The longest Retry-After among those answers, in seconds (0: none)."""
 
     def encode(self) -> bytes:
         return self._pack(self.mac)
@@ -156,6 +165,10 @@ class Announce:
             fields["zone"] = self.zone
         if not self.seeder:
             fields["noseed"] = True
+        if self.throttles:
+            fields["othr"] = int(self.throttles)
+            if self.retry_after:
+                fields["ora"] = float(self.retry_after)
         return msgpack.packb(fields, use_bin_type=True)
 
     def sign(self, key: ClusterKey, ts: int, nonce: bytes) -> None:
@@ -228,6 +241,11 @@ class Announce:
             noseed = obj.get("noseed", False)
             if type(noseed) is not bool:
                 raise BadAnnounce("noseed must be true or false")
+            throttles, retry_after = obj.get("othr", 0), obj.get("ora", 0.0)
+            if type(throttles) is not int or not 0 <= throttles <= MAX_THROTTLES:
+                raise BadAnnounce(f"othr must be a count of throttled answers, got {throttles!r}")
+            if type(retry_after) not in (int, float) or not 0 <= retry_after <= MAX_RETRY_AFTER:
+                raise BadAnnounce(f"ora must be a Retry-After in seconds, got {retry_after!r}")
             return cls(
                 ref=ref,
                 peer_id=peer,
@@ -244,6 +262,8 @@ class Announce:
                 mac=mac,
                 zone=zone,
                 seeder=not noseed,
+                throttles=throttles,
+                retry_after=float(retry_after),
             )
         except KeyError as exc:
             raise BadAnnounce(f"announce lacks field {exc}") from exc

@@ -416,6 +416,7 @@ class SwarmPeer:
         self.download_limit = RateLimiter(self.config.max_download_rate)
         self.origin_limit = RateLimiter(None)
         self.origin: Origin = open_origin(self.config.origin_url or manifest.origin)
+        self._throttles_told = 0  # of origin.counters.throttled, reported to the tracker
         self.reader = RangedReader(
             self.origin,
             range_size=self.config.range_size,
@@ -714,6 +715,11 @@ class SwarmPeer:
     # --- tracker -------------------------------------------------------------------
 
     async def _announce(self, *, leaving: bool = False) -> Reply:
+        # The origin's throttled answers since the last announce, for the tracker's
+        # adaptive origin budget; counted again if this announce is lost.
+        counters = self.origin.counters
+        throttles = counters.throttled - self._throttles_told
+        retry_after = counters.retry_after
         msg = Announce(
             ref=self.m.ref,
             peer_id=self.peer_id,
@@ -726,8 +732,14 @@ class SwarmPeer:
             leaving=leaving,
             zone=self.config.zone,
             seeder=self.config.seeder,
+            throttles=throttles,
+            retry_after=retry_after,
         )
-        return await self.tracker.announce(msg)
+        reply = await self.tracker.announce(msg)
+        self._throttles_told += throttles
+        if counters.retry_after == retry_after:
+            counters.retry_after = 0.0
+        return reply
 
     async def _announce_loop(self) -> None:
         backoff = Backoff(tracker_retry(self.config.tracker_timeout))

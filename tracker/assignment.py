@@ -109,6 +109,9 @@ class AssignmentStats(Generic[PeerT]):
     """Pieces that were present, then lost with every peer holding them."""
     pulled_bytes: int = 0
     """Bytes of the pieces in ``pulled``: what the origin sent that the swarm kept."""
+    origin_bytes: int = 0
+    """Bytes the seeders reported reading from the origin (progress, and the rest of a
+    piece when it became present): the origin throughput the budget adapts to."""
 
 
 class _Pull:
@@ -142,6 +145,7 @@ class SeederAssignment(Generic[PeerT]):
         min_in_flight: int = MIN_IN_FLIGHT,
         lookahead: int = LOOKAHEAD,
         origin_budget: int | None = None,
+        max_budget: int = DEFAULT_MAX_BUDGET,
         stall_timeout: float = 30.0,
         rng: random.Random,
     ) -> None:
@@ -158,7 +162,11 @@ class SeederAssignment(Generic[PeerT]):
         # pieces ahead; see the module docstring.
         self.lookahead = max(0, lookahead) if min_in_flight > per_peer_limit else 0
         self.stall_timeout = stall_timeout
+        if max_budget < 1:
+            raise ValueError(f"max_budget must be >= 1, got {max_budget}")
+        self.max_budget = max_budget
         self._budget: int | None = None
+        self._cap: int | None = None
         self.set_budget(origin_budget)
         self._rng = rng
 
@@ -183,7 +191,7 @@ class SeederAssignment(Generic[PeerT]):
     def set_budget(self, budget: int | None) -> None:
         """Cap on pieces pulled from the origin at once by the whole cluster.
 
-        None means :attr:`limit` * live peers, at most ``DEFAULT_MAX_BUDGET``
+        None means :attr:`limit` * live peers, at most ``max_budget``
         (see the module docstring). Lowering it below what is in
         flight takes nothing away; it only holds back new assignments.
         """
@@ -191,16 +199,37 @@ class SeederAssignment(Generic[PeerT]):
             raise ValueError(f"origin budget must be >= 1 or None, got {budget}")
         self._budget = budget
 
+    def set_cap(self, cap: int | None) -> None:
+        """A cap under :attr:`budget`, set by what the origin gives
+        (:class:`tracker.origin_budget.OriginBudget`); None for none."""
+        if cap is not None and cap < 1:
+            raise ValueError(f"origin cap must be >= 1 or None, got {cap}")
+        self._cap = cap
+
     @property
     def budget(self) -> int:
         """The cluster-wide cap in effect now."""
+        base = self._base_budget()
+        return base if self._cap is None else min(base, self._cap)
+
+    @property
+    def origin_bytes(self) -> int:
+        """:attr:`AssignmentStats.origin_bytes`, without copying the stats."""
+        return self._stats.origin_bytes
+
+    @property
+    def budget_bound(self) -> bool:
+        """Whether pieces wait for the budget: some unassigned, every slot in use."""
+        return self._pool_count > 0 and self._in_flight >= self.budget
+
+    def _base_budget(self) -> int:
         if self._budget is not None:
             return self._budget
         # Pieces a peer took while the swarm was smaller (and its limit higher) count
         # against its own share, not a newcomer's.
         limit = self.limit
         shares = sum(max(limit, len(s.pulls)) for s in self._seeders.values())
-        return min(shares, DEFAULT_MAX_BUDGET)
+        return min(shares, self.max_budget)
 
     @property
     def limit(self) -> int:
@@ -259,7 +288,13 @@ class SeederAssignment(Generic[PeerT]):
         """A snapshot of the counters."""
         s = self._stats
         return AssignmentStats(
-            dict(s.pulled), s.assigned, s.reassigned, s.stalled, s.lost, s.pulled_bytes
+            dict(s.pulled),
+            s.assigned,
+            s.reassigned,
+            s.stalled,
+            s.lost,
+            s.pulled_bytes,
+            s.origin_bytes,
         )
 
     # -- events -------------------------------------------------------------
@@ -300,7 +335,8 @@ class SeederAssignment(Generic[PeerT]):
             self._pool_count -= 1  # its pool entry is skipped when reached
             return None
         owner = self._owner.pop(piece)
-        del self._seeders[owner].pulls[piece]
+        pull = self._seeders[owner].pulls.pop(piece)
+        self._stats.origin_bytes += max(0, self._lengths[piece] - pull.bytes_done)
         self._in_flight -= 1
         self._seeders[owner].pulled += 1
         self._stats.pulled[owner] = self._stats.pulled.get(owner, 0) + 1
@@ -339,6 +375,9 @@ class SeederAssignment(Generic[PeerT]):
         pull = seeder.pulls.get(piece)
         if pull is not None:
             if bytes_done > pull.bytes_done:
+                self._stats.origin_bytes += min(bytes_done, self._lengths[piece]) - min(
+                    pull.bytes_done, self._lengths[piece]
+                )
                 pull.bytes_done = bytes_done
                 pull.since = seeder.moved = now
             return True
@@ -398,6 +437,27 @@ class SeederAssignment(Generic[PeerT]):
         self._stats.reassigned += len(stalled)
         self._stats.stalled += len(stalled)
         return stalled
+
+    def shed(self) -> list[tuple[PeerT, int]]:
+        """Take back pulls that have not moved a byte while more are in flight than
+        the budget allows (it was lowered: the origin throttles). Lowering the budget
+        alone takes nothing away, and pulls waiting in a seeder's retry loop would
+        keep asking a throttling origin. The newest go first, back to the pool's
+        front; returns the (peer, piece) pairs taken back."""
+        excess = self._in_flight - self.budget
+        if excess <= 0:
+            return []
+        idle: list[tuple[float, int, PeerT]] = []
+        for peer, seeder in self._seeders.items():
+            for piece, pull in seeder.pulls.items():
+                if pull.bytes_done == 0:
+                    idle.append((pull.since, piece, peer))
+        idle.sort(reverse=True)
+        taken = [(peer, piece) for _, piece, peer in idle[:excess]]
+        for peer, piece in reversed(taken):
+            self._unassign(peer, piece)
+        self._stats.reassigned += len(taken)
+        return taken
 
     # -- internals ----------------------------------------------------------
 

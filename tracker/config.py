@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from core.auth import ClusterKey
 from core.errors import ConfigError, SwarmError
-from tracker.assignment import MIN_IN_FLIGHT
+from tracker.assignment import DEFAULT_MAX_BUDGET, MIN_IN_FLIGHT
 
 __all__ = ["TrackerConfig"]
 
@@ -26,6 +26,11 @@ class TrackerConfig:
     min_origin_pieces: int = MIN_IN_FLIGHT
     """Origin pieces a small swarm keeps in flight at least: a lone peer pulls this many."""
     origin_budget: int | None = None
+    """A fixed cap on origin pieces in flight (None: the default, adapted to throttling)."""
+    origin_max_pulls: int = DEFAULT_MAX_BUDGET
+    """The most origin pieces in flight the adaptive budget may reach."""
+    adaptive_origin: bool = True
+    """Adapt the origin budget to throttling and throughput (``tracker.origin_budget``)."""
     origin_rate: int | None = None
     """Cluster-wide cap on origin reads in bytes/s, shared by the peers pulling (None: uncapped)."""
     stall_timeout: float = 30.0
@@ -58,5 +63,7 @@ class TrackerConfig:
             )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
+        if self.origin_max_pulls < 1:
+            raise ConfigError(f"--origin-max-pulls must be >= 1, got {self.origin_max_pulls}")
         if self.health_interval <= 0:
             raise ConfigError(f"--health-interval must be > 0, got {self.health_interval}")

@@ -57,8 +57,9 @@ from typing import Any
 from core.bitfield import Bitfield
 from core.digest import PEER_ID_LENGTH
 from swarm.hosts import valid_host
-from tracker.assignment import MIN_IN_FLIGHT, SeederAssignment
+from tracker.assignment import DEFAULT_MAX_BUDGET, MIN_IN_FLIGHT, SeederAssignment
 from tracker.errors import BadAnnounceError
+from tracker.origin_budget import OriginBudget
 from tracker.zones import NO_ZONE, ZoneIndex
 
 __all__ = ["AnnounceReply", "PeerAddress", "SwarmRegistry"]
@@ -145,6 +146,7 @@ class SwarmRegistry:
         assign_after: float = float("-inf"),
         bar_reporters: int = 2,
         origin_rate: int | None = None,
+        adaptive_budget: OriginBudget | None = None,
     ) -> None:
         if bar_reporters < 2:
             raise ValueError(
@@ -168,9 +170,14 @@ class SwarmRegistry:
             per_peer_limit=per_peer_limit,
             min_in_flight=min_in_flight,
             origin_budget=origin_budget,
+            max_budget=DEFAULT_MAX_BUDGET if adaptive_budget is None else adaptive_budget.ceiling,
             stall_timeout=stall_timeout,
             rng=rng,
         )
+        # Adapts the origin budget to what the origin gives (None: fixed budget).
+        self.adaptive = adaptive_budget
+        if adaptive_budget is not None:
+            self.assignment.set_cap(adaptive_budget.budget)
         # Least recently seen first, so expiry pops from the front.
         self._peers: OrderedDict[bytes, _Peer] = OrderedDict()
         # The same peers in a list with O(1) removal, to sample replies in O(k).
@@ -237,6 +244,8 @@ class SwarmRegistry:
         now: float,
         zone: str = NO_ZONE,
         seeder: bool = True,
+        throttles: int = 0,
+        retry_after: float | None = None,
     ) -> AnnounceReply:
         """Record an announce from ``peer`` and answer it.
 
@@ -249,7 +258,10 @@ class SwarmRegistry:
         verified (it replaces what was known), an iterable of pieces verified
         since the last announce (added to what was known), or None (no change).
         ``progress`` maps each piece the peer is pulling from the origin to the
-        bytes it has so far. Raises BadAnnounceError for invalid input, before
+        bytes it has so far; ``throttles`` counts the origin's throttled answers
+        (429, 503, SlowDown) the peer saw since its last announce and
+        ``retry_after`` is the longest Retry-After among them: the adaptive origin
+        budget (:mod:`tracker.origin_budget`) backs off on them. Raises BadAnnounceError for invalid input, before
         changing anything. A barred peer is not registered and gets an empty reply.
         """
         host, port, have = self._check(peer, addr, have, progress)
@@ -292,6 +304,8 @@ class SwarmRegistry:
                 # adopting it would let any peer take pieces from their seeders.
                 continue
             self.assignment.progress(peer, piece, bytes_done, now)
+        if throttles and self.adaptive is not None and known.seeder:
+            self.adaptive.throttled(throttles, retry_after)
 
         self.tick(now)
         assigned = tuple(self.assignment.assignments(peer))
@@ -536,6 +550,14 @@ class SwarmRegistry:
         if self.assignment.in_flight and now - self._ticked >= TICK_EVERY:
             self._ticked = now
             stalled = self.assignment.tick(now)
+        adaptive = self.adaptive
+        if adaptive is not None:
+            assignment = self.assignment
+            cap = adaptive.update(now, assignment.origin_bytes, assignment.budget_bound)
+            assignment.set_cap(cap)
+            # Over a lowered budget: pulls not started go back (their peers drop them
+            # on their next reply, which lists every piece they hold).
+            stalled.extend(assignment.shed())
         if now >= self.assign_after:
             self.assignment.assign(now)
         return stalled
@@ -566,6 +588,24 @@ class SwarmRegistry:
             },
             "origin": {
                 "budget": self.assignment.budget,
+                "adaptive": None
+                if self.adaptive is None
+                else {
+                    "budget": self.adaptive.budget,
+                    "good": self.adaptive.good,
+                    "limit": self.adaptive.limit,
+                    "ceiling": self.adaptive.ceiling,
+                    "last_rounds": [
+                        {
+                            "at": r.at,
+                            "rate": r.rate,
+                            "throttles": r.throttles,
+                            "budget": r.budget,
+                            "why": r.why,
+                        }
+                        for r in self.adaptive.rounds[-8:]
+                    ],
+                },
                 "in_flight": self.assignment.in_flight,
                 "unassigned": self.assignment.unassigned,
                 "assigned_total": stats.assigned,

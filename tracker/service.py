@@ -75,6 +75,7 @@ from swarm.metrics import metrics_response
 from tracker.config import TrackerConfig
 from tracker.errors import BadAnnounceError, UnauthenticatedError
 from tracker.metrics import TrackerMetrics
+from tracker.origin_budget import OriginBudget
 from tracker.registry import SwarmRegistry
 from tracker.status_page import OPEN_PATHS as STATUS_PAGE_PATHS
 from tracker.status_page import StatusPage
@@ -367,10 +368,19 @@ class Tracker:
                 assign_after=self._started + grace,
                 bar_reporters=self.config.bar_reporters,
                 origin_rate=self.config.origin_rate,
+                adaptive_budget=self._adaptive_budget(),
             )
             swarm = self._swarms.setdefault(root, _Swarm(manifest, registry))
             log.info("new swarm %s (%d pieces)", manifest.ref, manifest.num_pieces)
         return swarm
+
+    def _adaptive_budget(self) -> OriginBudget | None:
+        """A new swarm's origin budget controller (None: a fixed ``--origin-budget``)."""
+        config = self.config
+        if config.origin_budget is not None or not config.adaptive_origin:
+            return None
+        # A round is an announce interval: every seeder reports its progress in it.
+        return OriginBudget(config.origin_max_pulls, round_seconds=config.announce_interval)
 
     def _refused(self, source: str, kind: str, detail: str = "") -> None:
         self.auth_failures[kind] += 1
@@ -441,6 +451,8 @@ class Tracker:
                 now,
                 zone=msg.zone,
                 seeder=msg.seeder,
+                throttles=msg.throttles,
+                retry_after=msg.retry_after or None,
             )
         except BadAnnounceError as exc:
             raise BadAnnounce(str(exc)) from exc
