@@ -32,7 +32,10 @@ throughput than the one below it):
   ``probe_rounds`` quiet rounds, then forgets ``limit`` and tries a quarter
   more (doubling again if that is served): an origin that recovers from a
   throttling window (or was throttled by another tenant) is found again, at
-  the cost of a few throttled requests per probe.
+  the cost of a few throttled requests per probe. A probe that fails puts the
+  budget and ``limit`` back where they were and doubles the wait before the
+  next (at most ``MAX_PROBE_WAIT`` times ``probe_rounds``); one that is served
+  resets it.
 * Otherwise (pulls held back by something else, or nothing left to pull, or
   the round after a decrease, while pulls over the new budget drain) it holds:
   throughput says nothing about the budget then.
@@ -46,6 +49,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = ["START_BUDGET", "BudgetRound", "OriginBudget"]
+
+MAX_PROBE_WAIT = 4
+"""Failed probes at most stretch the wait between probes to this many times
+``probe_rounds``."""
 
 START_BUDGET = 64
 """Origin pulls a swarm starts with: 64 single-stream GETs of ~100 MB/s fill a
@@ -77,7 +84,7 @@ class OriginBudget:
         round_seconds: float = 2.0,
         decrease: float = 0.5,
         gain: float = 0.5,
-        probe_rounds: int = 3,
+        probe_rounds: int = 2,
         history: int = 256,
     ) -> None:
         if floor < 1:
@@ -117,6 +124,11 @@ class OriginBudget:
         # The round now running follows a decrease: pulls over the new budget are
         # still draining, so its rate measures no budget.
         self._draining = False
+        # The limit a probe forgot (restored if the probe fails), and the quiet
+        # rounds before the next probe: doubled by each failed probe, at most
+        # MAX_PROBE_WAIT times probe_rounds, back to probe_rounds when one succeeds.
+        self._probing: int | None = None
+        self._probe_wait = probe_rounds
 
     def throttled(self, count: int, retry_after: float | None = None) -> None:
         """The seeders saw ``count`` throttled answers; ``retry_after`` is the longest
@@ -162,6 +174,8 @@ class OriginBudget:
         self._quiet = 0
         self._trial = None
         self.limit = budget if self.limit is None else min(self.limit, budget)
+        if self._probe_failed():
+            return "throttled"
         if self.good is not None and self.good < budget:
             self.budget = self.good
         else:
@@ -171,6 +185,17 @@ class OriginBudget:
         # already under way drain in the first, and its rate is no measure.
         self._hold_until = now + max(retry_after, self.round_seconds)
         return "throttled"
+
+    def _probe_failed(self) -> bool:
+        """If a probe was under way, go back to where it started and wait longer
+        before the next one; returns whether one was."""
+        probed, self._probing = self._probing, None
+        if probed is None or self.good is None:
+            return False
+        self.limit = min(probed, self.limit if self.limit is not None else probed)
+        self.budget = self.good
+        self._probe_wait = min(self._probe_wait * 2, MAX_PROBE_WAIT * self.probe_rounds)
+        return True
 
     def _grow(self, now: float, rate: float, bound: bool, draining: bool) -> str:
         self._quiet += 1
@@ -182,8 +207,12 @@ class OriginBudget:
             if rate < before_rate * (1.0 + self.gain * (self.budget - before) / before):
                 # The growth bought nothing: undo it; it is the limit now.
                 self.limit = self.budget if self.limit is None else min(self.limit, self.budget)
-                self.budget = before
+                if not self._probe_failed():
+                    self.budget = before
                 return "plateau"
+            if self._probing is not None:
+                self._probing = None  # the probe was served: the origin gives more
+                self._probe_wait = self.probe_rounds
         if not bound:
             return "steady"
         self.good = self.budget if self.good is None else max(self.good, self.budget)
@@ -193,10 +222,11 @@ class OriginBudget:
             return "hold"
         limit = self.limit
         if limit is not None and self.good + 1 >= limit:
-            if self._quiet < self.probe_rounds:
+            if self._quiet < self._probe_wait:
                 return "hold"
             # Probe: the origin may give more now. A quarter more, not double: at
             # an origin that still has its limit, few requests are throttled.
+            self._probing = limit
             self.limit = None
             self._quiet = 0
             grown = self.budget + max(1, self.budget // 4)
