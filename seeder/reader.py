@@ -37,6 +37,9 @@ from seeder.retry import RetryPolicy
 
 log = logging.getLogger("swarm.origin")
 
+Activity = Callable[[int, int], None]
+"""``activity(reading, waiting)``: see :meth:`RangedReader.read`."""
+
 DEFAULT_RANGE_SIZE = 16 * 1024 * 1024
 DEFAULT_MAX_CONCURRENCY = 16
 LIMITED_SLICE = 256 * 1024
@@ -82,12 +85,21 @@ class RangedReader:
         self._slots = asyncio.Semaphore(max_concurrency)
 
     async def read(
-        self, key: str, offset: int, buf: memoryview, progress: Callable[[int], None] | None = None
+        self,
+        key: str,
+        offset: int,
+        buf: memoryview,
+        progress: Callable[[int], None] | None = None,
+        activity: Activity | None = None,
     ) -> None:
         """Fill ``buf`` with ``len(buf)`` bytes of ``key`` from ``offset``.
 
         ``progress`` is called with each range's length as that range completes, so a
         seeder can report progress (the tracker's stall detection) within a piece.
+        ``activity(reading, waiting)`` is called with +1 or -1 as a range starts or
+        stops reading from the origin (``reading``) or waiting out a throttled answer
+        (``waiting``): a pull none of whose ranges is reading, and one or more is
+        waiting, has nothing on the wire (the tracker may take it back then).
         """
         if offset < 0:
             raise ValueError(f"negative offset {offset} reading {key!r}")
@@ -99,12 +111,12 @@ class RangedReader:
             return
         starts = range(0, length, self.range_size)
         if len(starts) == 1:
-            await self._read_range(key, offset, view, progress)
+            await self._read_range(key, offset, view, progress, activity)
             return
         tasks = [
             asyncio.create_task(
                 self._read_range(
-                    key, offset + start, view[start : start + self.range_size], progress
+                    key, offset + start, view[start : start + self.range_size], progress, activity
                 ),
                 name=f"origin-read {key} @{offset + start}",
             )
@@ -131,6 +143,7 @@ class RangedReader:
         offset: int,
         view: memoryview,
         progress: Callable[[int], None] | None = None,
+        activity: Activity | None = None,
     ) -> None:
         if (
             self.rate_limit is not None
@@ -142,7 +155,7 @@ class RangedReader:
             # request: read it in slices, so progress moves while the cap holds it back.
             for start in range(0, len(view), LIMITED_SLICE):
                 await self._read_range(
-                    key, offset + start, view[start : start + LIMITED_SLICE], progress
+                    key, offset + start, view[start : start + LIMITED_SLICE], progress, activity
                 )
             return
         end = offset + len(view) - 1
@@ -153,7 +166,14 @@ class RangedReader:
                 if self.rate_limit is not None:
                     await self.rate_limit(len(view))
                 async with self._slots:
-                    await self.origin.read_into(key, offset, view)
+                    if activity is None:
+                        await self.origin.read_into(key, offset, view)
+                    else:
+                        activity(1, 0)
+                        try:
+                            await self.origin.read_into(key, offset, view)
+                        finally:
+                            activity(-1, 0)
                 if progress is not None:
                     progress(len(view))
                 return
@@ -200,4 +220,11 @@ class RangedReader:
                         "failing_for": elapsed,
                     },
                 )
-                await asyncio.sleep(wait)
+                if activity is None or not throttled:
+                    await asyncio.sleep(wait)
+                else:
+                    activity(0, 1)
+                    try:
+                        await asyncio.sleep(wait)
+                    finally:
+                        activity(0, -1)

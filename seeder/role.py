@@ -28,7 +28,7 @@ from typing import Final, Protocol
 
 from core.errors import VerificationError
 from core.manifest import Manifest
-from seeder.reader import RangedReader
+from seeder.reader import Activity, RangedReader
 
 log = logging.getLogger("swarm.seeder")
 
@@ -81,6 +81,7 @@ async def pull_piece(
     *,
     on_attempt: Callable[[int], None] | None = None,
     verify_retries: int = DEFAULT_VERIFY_RETRIES,
+    activity: Activity | None = None,
 ) -> int:
     """Read piece ``index`` from the origin into ``buf``, verify and store it.
 
@@ -88,7 +89,8 @@ async def pull_piece(
     of ``n`` bytes arrives from the origin, and ``on_attempt(attempt)`` (0 first, then
     1, ...) before each read, so a caller reporting progress can start over when a
     piece is read again. ``store.write_piece`` runs in a worker thread (it hashes
-    and writes).
+    and writes). ``activity`` is passed to :meth:`RangedReader.read` (what the
+    pull's ranges are doing: reading, or waiting out a throttled answer).
 
     Returns how many reads failed verification before one passed. Raises
     VerificationError once ``verify_retries`` further reads have failed too: the
@@ -99,7 +101,7 @@ async def pull_piece(
     piece = manifest.piece(index)
     if len(buf) < piece.length and manifest.block_size and not len(buf) % manifest.block_size:
         return await _pull_windows(
-            reader, store, manifest, index, buf, progress, on_attempt, verify_retries
+            reader, store, manifest, index, buf, progress, on_attempt, verify_retries, activity
         )
     if len(buf) != piece.length:
         raise ValueError(
@@ -110,7 +112,7 @@ async def pull_piece(
     while True:
         if on_attempt is not None:
             on_attempt(failures)
-        await reader.read(piece.path, piece.offset, buf, progress)
+        await reader.read(piece.path, piece.offset, buf, progress, activity)
         try:
             await asyncio.to_thread(store.write_piece, index, buf)
             return failures
@@ -130,6 +132,7 @@ async def _pull_windows(
     progress: Callable[[int], None] | None,
     on_attempt: Callable[[int], None] | None,
     verify_retries: int,
+    activity: Activity | None = None,
 ) -> int:
     """Pull a format-2 piece a window (``len(buf)``, whole blocks) at a time."""
     piece = manifest.piece(index)
@@ -141,7 +144,7 @@ async def _pull_windows(
         if store.holds_checked(index, start, start + len(view)):
             continue  # kept from a run that stopped part-way through this piece
         while True:
-            await reader.read(piece.path, piece.offset + start, view, progress)
+            await reader.read(piece.path, piece.offset + start, view, progress, activity)
             try:
                 await asyncio.to_thread(store.write_block, index, start, view)
                 break

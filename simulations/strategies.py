@@ -615,7 +615,17 @@ class Swarm:
             assignment.set_cap(
                 adaptive.update(now, assignment.origin_bytes, assignment.budget_bound)
             )
-            taken.extend(assignment.shed())
+            if adaptive.shedding:
+                # Every node announces at this tick, with its pulls that only wait
+                # out a throttled answer: the tracker takes those back as it answers.
+                for me in self.nodes:
+                    waiting = [
+                        piece
+                        for piece, request in me.pulls.items()
+                        if request.flow is None and request.attempt
+                    ]
+                    if waiting:
+                        taken.extend((me.id, p) for p in assignment.shed(me.id, waiting))
         for peer, piece in taken:
             me = self.nodes[peer]
             reclaimed = me.pulls.get(piece)

@@ -136,6 +136,10 @@ class Announce:
     announce: the tracker's origin budget backs off on them. Sent only when non-zero."""
     retry_after: float = 0.0
     """The longest Retry-After among those answers, in seconds (0: none)."""
+    waiting: list[int] = field(default_factory=list)
+    """Origin pulls with nothing on the wire, only waiting out a throttled answer:
+    the tracker may take them back when it lowers its origin budget. Sent only
+    when there are any."""
 
     def encode(self) -> bytes:
         return self._pack(self.mac)
@@ -165,6 +169,8 @@ class Announce:
             fields["zone"] = self.zone
         if not self.seeder:
             fields["noseed"] = True
+        if self.waiting:
+            fields["owait"] = [int(p) for p in self.waiting]
         if self.throttles:
             fields["othr"] = int(self.throttles)
             if self.retry_after:
@@ -246,6 +252,13 @@ class Announce:
                 raise BadAnnounce(f"othr must be a count of throttled answers, got {throttles!r}")
             if type(retry_after) not in (int, float) or not 0 <= retry_after <= MAX_RETRY_AFTER:
                 raise BadAnnounce(f"ora must be a Retry-After in seconds, got {retry_after!r}")
+            waiting = obj.get("owait", [])
+            if (
+                not isinstance(waiting, list)
+                or len(waiting) > MAX_PROGRESS_ENTRIES
+                or not all(type(p) is int and p >= 0 for p in waiting)
+            ):
+                raise BadAnnounce(f"owait must be a list of at most {MAX_PROGRESS_ENTRIES} pieces")
             return cls(
                 ref=ref,
                 peer_id=peer,
@@ -264,6 +277,7 @@ class Announce:
                 seeder=not noseed,
                 throttles=throttles,
                 retry_after=float(retry_after),
+                waiting=waiting,
             )
         except KeyError as exc:
             raise BadAnnounce(f"announce lacks field {exc}") from exc

@@ -66,7 +66,14 @@ from seeder.origin import Origin, open_origin
 from seeder.reader import RangedReader
 from seeder.retry import Backoff, tracker_retry
 from seeder.role import origin_window, pull_piece
-from swarm.announce import Announce, BadAnnounce, Reply, TrackerClient, check_zone
+from swarm.announce import (
+    MAX_PROGRESS_ENTRIES,
+    Announce,
+    BadAnnounce,
+    Reply,
+    TrackerClient,
+    check_zone,
+)
 from swarm.fetch import FetchConfig, FetchResult, fetch_direct, process_age
 from swarm.limiter import RateLimiter, acquire_all
 from swarm.picker import BlockRequest
@@ -417,6 +424,7 @@ class SwarmPeer:
         self.origin_limit = RateLimiter(None)
         self.origin: Origin = open_origin(self.config.origin_url or manifest.origin)
         self._throttles_told = 0  # of origin.counters.throttled, reported to the tracker
+        self._pull_activity: dict[int, list[int]] = {}  # see _pull_from_origin
         self.reader = RangedReader(
             self.origin,
             range_size=self.config.range_size,
@@ -720,13 +728,21 @@ class SwarmPeer:
         counters = self.origin.counters
         throttles = counters.throttled - self._throttles_told
         retry_after = counters.retry_after
+        progress = dict(self.session.origin_progress)
+        # Pulls with nothing on the wire, only waiting out a throttled answer: the
+        # tracker may take these back when the origin throttles (none of it read).
+        waiting = [
+            piece
+            for piece, (reading, held) in self._pull_activity.items()
+            if not reading and held and not progress.get(piece)
+        ]
         msg = Announce(
             ref=self.m.ref,
             peer_id=self.peer_id,
             port=self.listen_port,
             have=self.session.have.to_bytes(),
             host=self.config.advertise_host,
-            progress=dict(self.session.origin_progress),
+            progress=progress,
             barred=sorted(self.session.barred),
             done=self.store.complete,
             leaving=leaving,
@@ -734,6 +750,7 @@ class SwarmPeer:
             seeder=self.config.seeder,
             throttles=throttles,
             retry_after=retry_after,
+            waiting=waiting[:MAX_PROGRESS_ENTRIES],
         )
         reply = await self.tracker.announce(msg)
         self._throttles_told += throttles
@@ -840,17 +857,33 @@ class SwarmPeer:
         def advance(n: int) -> None:
             self._feed(OriginProgress(index, n))
 
+        # [ranges reading, ranges waiting out a throttled answer] of this pull.
+        counts = self._pull_activity[index] = [0, 0]
+
+        def activity(reading: int, waiting: int) -> None:
+            counts[0] += reading
+            counts[1] += waiting
+
         try:
             async with self._origin_pool.lease(min(piece.length, self._origin_pool.size)) as buf:
                 await pull_piece(
-                    self.reader, self.store, self.m, index, buf, advance, on_attempt=attempt
+                    self.reader,
+                    self.store,
+                    self.m,
+                    index,
+                    buf,
+                    advance,
+                    on_attempt=attempt,
+                    activity=activity,
                 )
         except BaseException:
+            self._pull_activity.pop(index, None)
             self.origin_tasks.pop(index, None)
             # Cancelled (the tracker took it back) or failed: peers may hold it now,
             # and the session asks them at once.
             self._feed(PullFailed(index))
             raise
+        self._pull_activity.pop(index, None)
         self.origin_tasks.pop(index, None)
         self._feed(PullDone(index))
 

@@ -289,6 +289,12 @@ def test_origin_answering_503_and_429_with_retry_after_to_a_third_of_requests(
     assert sum(r["origin_retries"] for r in results.values()) >= faults, [
         r["origin_retries"] for r in results.values()
     ]
+    # The seeders told the tracker of the throttled answers (each at most once), and
+    # its origin budget backed off on them.
+    status = swarm.status()
+    assert status is not None
+    adaptive = status["origin"]["adaptive"]
+    assert 1 <= adaptive["throttles_seen"] <= faults, adaptive
 
 
 # --------------------------------------------------------------------------------------

@@ -161,7 +161,14 @@ class _Origin:
         self.data = data
         self.reads: list[tuple[int, int]] = []
 
-    async def read(self, path: str, offset: int, buf: memoryview, progress: object = None) -> None:
+    async def read(
+        self,
+        path: str,
+        offset: int,
+        buf: memoryview,
+        progress: object = None,
+        activity: object = None,
+    ) -> None:
         self.reads.append((offset, len(buf)))
         buf[:] = self.data[offset : offset + len(buf)]
 

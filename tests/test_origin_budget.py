@@ -124,7 +124,7 @@ def test_bad_settings_are_refused() -> None:
 # -- the assignment and the registry -------------------------------------------
 
 
-def test_shed_takes_back_only_unstarted_pulls_over_a_lowered_budget() -> None:
+def test_shed_takes_back_only_waiting_pulls_over_a_lowered_budget() -> None:
     assignment: SeederAssignment[str] = SeederAssignment(
         [MiB] * 40, per_peer_limit=4, origin_budget=None, rng=random.Random(1)
     )
@@ -132,19 +132,19 @@ def test_shed_takes_back_only_unstarted_pulls_over_a_lowered_budget() -> None:
         assignment.peer_joined(peer, 0.0)
     assignment.assign(0.0)
     assert assignment.in_flight == 16
-    started = {p: assignment.assignments(p)[0] for p in "abcd"}
-    for peer, piece in started.items():
-        assignment.progress(peer, piece, 1000, 1.0)
-    assert assignment.origin_bytes == 4000
+    pulls = {p: assignment.assignments(p) for p in "abcd"}
+    assignment.progress("a", pulls["a"][0], 1000, 1.0)
+    assert assignment.origin_bytes == 1000
+    assert assignment.shed("a", pulls["a"]) == []  # within the budget: nothing
     assignment.set_cap(6)
-    taken = assignment.shed()
-    assert len(taken) == 10
-    assert all(piece != started[peer] for peer, piece in taken)
+    # Only what the peer says is waiting, and only its own pulls.
+    assert assignment.shed("a", pulls["a"][1:3] + pulls["b"]) == pulls["a"][1:3]
+    assert assignment.in_flight == 14
+    assert assignment.shed("b", pulls["b"]) == pulls["b"]
+    assert assignment.shed("c", pulls["c"]) == pulls["c"]
     assert assignment.in_flight == 6
-    assert assignment.shed() == []  # at the budget now
-    assignment.set_cap(2)
-    assert len(assignment.shed()) == 2  # never a pull that moved bytes
-    assert assignment.in_flight == 4
+    assert assignment.shed("d", pulls["d"]) == []  # at the budget now
+    assert assignment.shed("nobody", [1, 2]) == []
     # the shed pieces are pulled again later, by whoever has a free slot
     assignment.set_cap(None)
     assert sum(len(v) for v in assignment.assign(2.0).values()) > 0
@@ -160,26 +160,33 @@ def test_registry_backs_off_on_throttles_its_seeders_report() -> None:
     )
     peers = [bytes([i]) * 20 for i in range(10)]
     empty = Bitfield(400)
+    held: dict[bytes, tuple[int, ...]] = {}
     for i, peer in enumerate(peers):
-        registry.announce(peer, ("10.0.0.1", 6000 + i), empty, {}, 0.0)
+        held[peer] = registry.announce(peer, ("10.0.0.1", 6000 + i), empty, {}, 0.0).assigned
     assert registry.assignment.in_flight == 64
     # One seeder reports throttled answers with a Retry-After of 5 s.
     registry.announce(peers[0], ("10.0.0.1", 6000), None, {}, 0.5, throttles=7, retry_after=5.0)
     registry.tick(1.1)
     assert registry.assignment.budget == 32
-    assert registry.assignment.in_flight == 32  # unstarted pulls taken back
-    held = sum(
-        len(registry.announce(p, ("10.0.0.1", 6000 + i), None, {}, 1.2).assigned)
-        for i, p in enumerate(peers)
+    assert registry.assignment.in_flight == 64  # nothing taken back yet
+    # Each peer's pulls that only wait on a throttle go back as it announces;
+    # the others stay where they are.
+    first = registry.announce(
+        peers[1], ("10.0.0.1", 6001), None, {}, 1.2, waiting=list(held[peers[1]][:3])
     )
-    assert held == 32
+    assert first.assigned == held[peers[1]][3:]
+    for i, peer in enumerate(peers[2:], start=2):
+        registry.announce(peer, ("10.0.0.1", 6000 + i), None, {}, 1.3, waiting=list(held[peer]))
+    assert registry.assignment.in_flight == 32
     status = registry.status()["origin"]
     assert status["adaptive"]["budget"] == 32
+    assert status["adaptive"]["throttles_seen"] == 7
     assert status["adaptive"]["last_rounds"][-1]["why"] == "throttled"
     # A peer without origin credentials can't make the tracker back off.
     registry.announce(b"\xee" * 20, ("10.0.0.2", 7000), empty, {}, 1.3, seeder=False, throttles=99)
     registry.tick(2.2)
     assert registry.assignment.budget == 32
+    assert registry.status()["origin"]["adaptive"]["throttles_seen"] == 7
 
 
 def test_announce_carries_throttles_and_refuses_nonsense() -> None:
@@ -188,6 +195,12 @@ def test_announce_carries_throttles_and_refuses_nonsense() -> None:
     )
     back = Announce.decode(msg.encode())
     assert (back.throttles, back.retry_after) == (3, 2.5)
+    waiting = Announce.decode(
+        Announce(
+            ref="m@" + "a" * 64, peer_id=b"p" * 20, port=7000, have=b"", waiting=[4, 9]
+        ).encode()
+    )
+    assert waiting.waiting == [4, 9]
     quiet = Announce.decode(
         Announce(ref="m@" + "a" * 64, peer_id=b"p" * 20, port=7000, have=b"").encode()
     )
@@ -197,6 +210,9 @@ def test_announce_carries_throttles_and_refuses_nonsense() -> None:
 
     raw = msgpack.unpackb(msg.encode(), raw=False)
     for field, value in (
+        ("owait", [-1]),
+        ("owait", "x"),
+        ("owait", list(range(5000))),
         ("othr", -1),
         ("othr", "3"),
         ("othr", 1 << 40),

@@ -71,7 +71,7 @@ from __future__ import annotations
 import heapq
 import random
 from collections import deque
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Generic, TypeVar
 
@@ -438,23 +438,21 @@ class SeederAssignment(Generic[PeerT]):
         self._stats.stalled += len(stalled)
         return stalled
 
-    def shed(self) -> list[tuple[PeerT, int]]:
-        """Take back pulls that have not moved a byte while more are in flight than
-        the budget allows (it was lowered: the origin throttles). Lowering the budget
-        alone takes nothing away, and pulls waiting in a seeder's retry loop would
-        keep asking a throttling origin. The newest go first, back to the pool's
-        front; returns the (peer, piece) pairs taken back."""
+    def shed(self, peer: PeerT, waiting: Iterable[int]) -> list[int]:
+        """Take back ``peer``'s pulls of the pieces in ``waiting`` (pulls with nothing
+        on the wire, only waiting out a throttled answer, as its announce says) while
+        more are in flight than the budget allows: it was lowered because the origin
+        throttles, and lowering it takes nothing away; those pulls would keep asking a
+        throttling origin. Only waiting pulls: one that is reading would be read
+        twice once given to another peer. The pieces go back to the pool's front;
+        returns them.
+        """
         excess = self._in_flight - self.budget
-        if excess <= 0:
+        seeder = self._seeders.get(peer)
+        if excess <= 0 or seeder is None:
             return []
-        idle: list[tuple[float, int, PeerT]] = []
-        for peer, seeder in self._seeders.items():
-            for piece, pull in seeder.pulls.items():
-                if pull.bytes_done == 0:
-                    idle.append((pull.since, piece, peer))
-        idle.sort(reverse=True)
-        taken = [(peer, piece) for _, piece, peer in idle[:excess]]
-        for peer, piece in reversed(taken):
+        taken = [piece for piece in waiting if piece in seeder.pulls][:excess]
+        for piece in reversed(taken):
             self._unassign(peer, piece)
         self._stats.reassigned += len(taken)
         return taken

@@ -106,10 +106,18 @@ class OriginBudget:
         self.gain = gain
         self.probe_rounds = probe_rounds
         self.budget = max(floor, min(ceiling, ceiling if start is None else start))
+        self.shedding = False
+        """True from a throttled round to the next quiet one: pulls over the budget
+        that have not started should be taken back (never after a plateau: those
+        pulls are served, and taking them back could read a piece twice)."""
         self.good: int | None = None
         """The largest budget served without a throttle while pulls waited for it."""
         self.limit: int | None = None
         """The smallest budget throttled, or that bought nothing over the one below."""
+        self.throttles_seen = 0
+        """Throttled answers reported since the start."""
+        self.backoffs = 0
+        """Rounds that ended in a back-off."""
         self.rounds: list[BudgetRound] = []
         """The last ``history`` rounds, oldest first."""
         self._history = history
@@ -136,6 +144,7 @@ class OriginBudget:
         if count < 0:
             raise ValueError(f"throttle count must be >= 0, got {count}")
         self._throttles += count
+        self.throttles_seen += count
         if retry_after is not None and retry_after > self._retry_after:
             self._retry_after = retry_after
 
@@ -156,6 +165,7 @@ class OriginBudget:
         self._round_start, self._round_bytes = now, origin_bytes
         throttles, retry_after = self._throttles, self._retry_after
         self._throttles, self._retry_after = 0, 0.0
+        self.shedding = bool(throttles)
         before = self.budget
         draining, self._draining = self._draining, False
         why = (
@@ -171,6 +181,7 @@ class OriginBudget:
 
     def _back_off(self, now: float, retry_after: float) -> str:
         budget = self.budget
+        self.backoffs += 1
         self._quiet = 0
         self._trial = None
         self.limit = budget if self.limit is None else min(self.limit, budget)

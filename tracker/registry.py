@@ -246,6 +246,7 @@ class SwarmRegistry:
         seeder: bool = True,
         throttles: int = 0,
         retry_after: float | None = None,
+        waiting: Iterable[int] = (),
     ) -> AnnounceReply:
         """Record an announce from ``peer`` and answer it.
 
@@ -261,7 +262,9 @@ class SwarmRegistry:
         bytes it has so far; ``throttles`` counts the origin's throttled answers
         (429, 503, SlowDown) the peer saw since its last announce and
         ``retry_after`` is the longest Retry-After among them: the adaptive origin
-        budget (:mod:`tracker.origin_budget`) backs off on them. Raises BadAnnounceError for invalid input, before
+        budget (:mod:`tracker.origin_budget`) backs off on them; ``waiting`` lists
+        the peer's pulls that only wait out a throttled answer, which the tracker
+        takes back while it is over a lowered budget. Raises BadAnnounceError for invalid input, before
         changing anything. A barred peer is not registered and gets an empty reply.
         """
         host, port, have = self._check(peer, addr, have, progress)
@@ -308,6 +311,11 @@ class SwarmRegistry:
             self.adaptive.throttled(throttles, retry_after)
 
         self.tick(now)
+        if self.adaptive is not None and self.adaptive.shedding:
+            # The origin throttles and the budget went down: this peer's pulls that
+            # only wait out a throttled answer go back (its reply lists every piece
+            # it keeps, and it cancels the rest).
+            self.assignment.shed(peer, waiting)
         assigned = tuple(self.assignment.assignments(peer))
         if assigned:
             self._holding.add(peer)
@@ -555,9 +563,6 @@ class SwarmRegistry:
             assignment = self.assignment
             cap = adaptive.update(now, assignment.origin_bytes, assignment.budget_bound)
             assignment.set_cap(cap)
-            # Over a lowered budget: pulls not started go back (their peers drop them
-            # on their next reply, which lists every piece they hold).
-            stalled.extend(assignment.shed())
         if now >= self.assign_after:
             self.assignment.assign(now)
         return stalled
@@ -595,6 +600,8 @@ class SwarmRegistry:
                     "good": self.adaptive.good,
                     "limit": self.adaptive.limit,
                     "ceiling": self.adaptive.ceiling,
+                    "throttles_seen": self.adaptive.throttles_seen,
+                    "backoffs": self.adaptive.backoffs,
                     "last_rounds": [
                         {
                             "at": r.at,

@@ -453,6 +453,7 @@ class Tracker:
                 seeder=msg.seeder,
                 throttles=msg.throttles,
                 retry_after=msg.retry_after or None,
+                waiting=msg.waiting,
             )
         except BadAnnounceError as exc:
             raise BadAnnounce(str(exc)) from exc
