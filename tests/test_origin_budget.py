@@ -15,7 +15,7 @@ from simulations.scenario import Scenario, Throttle
 from simulations.strategies import Swarm, make_strategy
 from swarm.announce import Announce, BadAnnounce
 from tracker.assignment import SeederAssignment
-from tracker.origin_budget import OriginBudget
+from tracker.origin_budget import MAX_HOLD, OriginBudget
 from tracker.registry import SwarmRegistry
 
 GiB = 1024**3
@@ -182,11 +182,28 @@ def test_registry_backs_off_on_throttles_its_seeders_report() -> None:
     assert status["adaptive"]["budget"] == 32
     assert status["adaptive"]["throttles_seen"] == 7
     assert status["adaptive"]["last_rounds"][-1]["why"] == "throttled"
-    # A peer without origin credentials can't make the tracker back off.
+    # A peer without origin credentials, or holding no pull, can't make the tracker
+    # back off, and no Retry-After holds the budget longer than MAX_HOLD.
     registry.announce(b"\xee" * 20, ("10.0.0.2", 7000), empty, {}, 1.3, seeder=False, throttles=99)
+    registry.announce(peers[9], ("10.0.0.1", 6009), None, {}, 1.4, throttles=50)
     registry.tick(2.2)
     assert registry.assignment.budget == 32
     assert registry.status()["origin"]["adaptive"]["throttles_seen"] == 7
+
+
+def test_a_huge_retry_after_holds_the_budget_for_max_hold_at_most() -> None:
+    budget = OriginBudget(256, start=16, round_seconds=1.0)
+    budget.update(0.0, 0, True)
+    budget.throttled(1, retry_after=86_400.0)
+    assert budget.update(1.0, 0, True) == 8
+    total = 0
+    for t in range(2, int(MAX_HOLD)):
+        total += budget.budget * 10**6  # every pull moves: growth would pay
+        assert budget.update(float(t), total, True) == 8
+    for t in range(int(MAX_HOLD), int(MAX_HOLD) + 4):
+        total += budget.budget * 10**6
+        budget.update(float(t), total, True)
+    assert budget.budget > 8
 
 
 def test_announce_carries_throttles_and_refuses_nonsense() -> None:

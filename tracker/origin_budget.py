@@ -50,6 +50,10 @@ from dataclasses import dataclass
 
 __all__ = ["START_BUDGET", "BudgetRound", "OriginBudget"]
 
+MAX_HOLD = 120.0
+"""The longest Retry-After the budget waits out, in seconds (the seeders' readers
+honour no longer one either): a confused or hostile report can't freeze it for a day."""
+
 MAX_PROBE_WAIT = 4
 """Failed probes at most stretch the wait between probes to this many times
 ``probe_rounds``."""
@@ -146,7 +150,7 @@ class OriginBudget:
         self._throttles += count
         self.throttles_seen += count
         if retry_after is not None and retry_after > self._retry_after:
-            self._retry_after = retry_after
+            self._retry_after = min(retry_after, MAX_HOLD)
 
     def update(self, now: float, origin_bytes: int, budget_bound: bool) -> int:
         """Close the round if it is over; returns the budget in effect.

@@ -307,7 +307,9 @@ class SwarmRegistry:
                 # adopting it would let any peer take pieces from their seeders.
                 continue
             self.assignment.progress(peer, piece, bytes_done, now)
-        if throttles and self.adaptive is not None and known.seeder:
+        if throttles and self.adaptive is not None and self.assignment.assignments(peer):
+            # Only a peer pulling for the swarm speaks for the origin: one that holds no
+            # pull (or may not read the origin) can't make the cluster back off.
             self.adaptive.throttled(throttles, retry_after)
 
         self.tick(now)
