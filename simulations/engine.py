@@ -129,6 +129,8 @@ class Result:
     extra: dict[str, Any] = field(default_factory=dict)
     cross_rack_bytes: float = 0.0
     """Peer bytes between nodes of different racks: what crossed the ToR uplinks."""
+    node_bounds: list[float] = field(default_factory=list, repr=False)
+    """Per node: its own bound (:meth:`Scenario.node_bounds`)."""
 
     def completed(self) -> list[float]:
         return sorted(c for c in self.completion if c is not None)
@@ -140,6 +142,19 @@ class Result:
             return None
         rank = max(1, math.ceil(q / 100 * len(done)))
         return done[min(rank, len(done)) - 1]
+
+    def own_bound_ratio(self) -> dict[str, float | None]:
+        """Each finished node's completion over its own bound: the median and the worst.
+
+        On a scenario whose nodes differ, T_min is the slowest node's bound and says
+        nothing of the fast ones; this does.
+        """
+        ratios = sorted(
+            c / b for c, b in zip(self.completion, self.node_bounds, strict=False) if c is not None
+        )
+        if not ratios:
+            return {"p50": None, "max": None}
+        return {"p50": ratios[max(0, math.ceil(len(ratios) / 2) - 1)], "max": ratios[-1]}
 
     def summary(self, *, per_node: bool = False) -> dict[str, Any]:
         """The JSON object of ``swarm simulate --json``.
@@ -180,6 +195,7 @@ class Result:
             "peer_bytes": self.peer_bytes,
             "cross_rack_bytes": self.cross_rack_bytes,
             "cross_rack_ratio": self.cross_rack_bytes / self.model_bytes,
+            "own_bound_ratio": self.own_bound_ratio(),
             "origin_requests": self.origin_requests,
             "throttled_requests": self.throttled_requests,
             "sim_seconds": self.sim_seconds,
@@ -668,6 +684,7 @@ class Simulation:
             model_bytes=scenario.model_size,
             piece_bytes=scenario.piece_size,
             lower_bound_seconds=scenario.lower_bound(),
+            node_bounds=scenario.node_bounds(),
             completion=completion,
             finish_time=list(self.finish_time),
             crashed=self.crashed,

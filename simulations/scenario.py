@@ -337,6 +337,15 @@ class Scenario:
         total_up = math.fsum(rate.up for rate in rates)
         return max(size / u_s, size / d_min, self.nodes * size / (u_s + total_up))
 
+    def node_bounds(self) -> list[float]:
+        """Each node's own bound, max(F/u_s, F/d_i, N·F/(u_s + Σu)) in seconds: no
+        schedule delivers the artifact to node i sooner (T_min is the slowest of them)."""
+        rates = self.node_rates()
+        size = float(self.model_size)
+        u_s = self.origin_rate
+        shared = max(size / u_s, self.nodes * size / (u_s + math.fsum(r.up for r in rates)))
+        return [max(shared, size / rate.down) for rate in rates]
+
     def with_overrides(self, **overrides: Any) -> Scenario:
         """A copy with the given fields replaced (None values are ignored)."""
         changes = {key: value for key, value in overrides.items() if value is not None}

@@ -220,3 +220,28 @@ def test_measured_link_rates_give_per_node_completion_times() -> None:
         completion = result.completion[node]
         assert completion == pytest.approx(64 * MiB / gbps(down), rel=0.01)
     assert result.lower_bound_seconds == pytest.approx(64 * MiB / gbps(1.0))
+
+
+def test_each_node_is_held_to_its_own_bound_on_a_mixed_fleet() -> None:
+    scenario = Scenario(
+        nodes=8,
+        model_size=64 * MiB,
+        piece_size=4 * MiB,
+        nic_gbps=4,
+        origin_gbps=2,
+        node_groups=(NodeGroup(count=2, up_gbps=1, down_gbps=1),),
+    )
+    bounds = scenario.node_bounds()
+    size = 64 * MiB
+    shared = max(size / gbps(2), 8 * size / (gbps(2) + 2 * gbps(1) + 6 * gbps(4)))
+    assert bounds[:2] == [pytest.approx(max(shared, size / gbps(1)))] * 2
+    assert bounds[2:] == [pytest.approx(max(shared, size / gbps(4)))] * 6
+    assert max(bounds) == pytest.approx(scenario.lower_bound())
+    result = run_strategy(scenario, "swarm")
+    own = result.summary()["own_bound_ratio"]
+    ratios = sorted(c / b for c, b in zip(result.completion, bounds, strict=True) if c is not None)
+    assert len(ratios) == 8 and own["max"] == pytest.approx(ratios[-1])
+    assert own["p50"] == pytest.approx(ratios[3])
+    assert all(r >= 1 - 1e-9 for r in ratios)  # no node beats its own bound
+    # T_min, the slow nodes' bound, hides the fast ones: their ratio to it is lower.
+    assert result.summary()["completion_ratio"]["p50"] < own["p50"]
