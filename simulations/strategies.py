@@ -67,6 +67,7 @@ __all__ = [
     "Direct",
     "RandomOrderPicker",
     "Swarm",
+    "budget_summary",
     "cache_bound",
     "cache_owners",
     "make_strategy",
@@ -350,7 +351,9 @@ class _Node:
         self.pieces = Bitfield(num_pieces)
         self.picker: PiecePicker[_Node] | None = None  # None until it joins, and after a crash
         # Requests to serve, by the requester's end of the connection.
-        self.uploads: UploadScheduler[_Conn, BlockRequest] = UploadScheduler(upload_slots)
+        self.uploads: UploadScheduler[_Conn, BlockRequest] = UploadScheduler(
+            upload_slots, progress=_requester_progress
+        )
         # Connections in the order they were made, and by peer.
         self.conns: list[_Conn] = []
         self.conn_to: dict[int, _Conn] = {}
@@ -359,6 +362,20 @@ class _Node:
         self.inflight: i64 = 0  # our requests in flight, over all connections
         self.starved = False  # the last fill found nothing to request
         self.cursor: i64 = 0  # where the next fill starts in ``conns``
+
+
+def _requester_progress(conn: _Conn) -> int:
+    return conn.back.node.pieces.count()
+
+
+def budget_summary(adaptive: OriginBudget) -> dict[str, int]:
+    """Where the adaptive origin budget ended, its low point, and its throttled rounds."""
+    rounds = adaptive.rounds
+    return {
+        "final": adaptive.budget,
+        "min": min((r.budget for r in rounds), default=adaptive.budget),
+        "throttled_rounds": sum(1 for r in rounds if r.throttles),
+    }
 
 
 class _Conn:
@@ -458,12 +475,7 @@ class Swarm:
             "pieces_lost": stats.lost,
         }
         if self.adaptive is not None:
-            rounds = self.adaptive.rounds
-            extra["origin_budget"] = {
-                "final": self.adaptive.budget,
-                "min": min((r.budget for r in rounds), default=self.adaptive.budget),
-                "throttled_rounds": sum(1 for r in rounds if r.throttles),
-            }
+            extra["origin_budget"] = budget_summary(self.adaptive)
         return extra
 
     # -- set-up -------------------------------------------------------------

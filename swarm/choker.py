@@ -10,14 +10,31 @@ and need data most).
 
 So nobody is choked: every peer that sends a request is served. What remains to
 decide is order. A node has a fixed number of upload slots (``max_active``
-concurrent block sends, enough to fill its link without thrashing the disk). The
-slots are granted round-robin across peers, one block per turn, from a FIFO
-queue of pending requests per peer: a peer that pipelines 64 requests cannot
-starve one that sent 2, and every requester gets an equal share of our upload
-rate however deep its pipeline is. A peer holds at most ``max_per_peer`` slots at
-a time: a connection's sends go out one after another anyway, and a peer that asks
-for much and then stops reading would otherwise hold every slot while the peers it
-should serve wait.
+concurrent block sends, enough to fill its link without thrashing the disk),
+granted one block per turn from a FIFO queue of pending requests per peer: a
+peer that pipelines 64 requests cannot starve one that sent 2. A peer holds at
+most ``max_per_peer`` slots at a time: a connection's sends go out one after
+another anyway, and a peer that asks for much and then stops reading would
+otherwise hold every slot while the peers it should serve wait.
+
+Which waiting peer gets a free slot: with ``progress`` (how many pieces a peer
+holds; the session reads it from the peer's Requests), the one **furthest
+behind**; ties, and every grant without ``progress``, go round-robin. A burst
+ends when its last node finishes, and a node that is behind has the most to
+fetch and, holding little, the least to trade; serving it first evens the
+nodes out so that they finish together instead of a tail finishing alone on a
+few uplinks. Measured with the simulator (``swarm simulate fireworks-kimi
+--variant n100-o100``, 100 nodes, the origin at the fabric's speed), round-robin
+finished at p50/max 1.20/1.41 x T_min, least-progress-first at 1.20/1.20.
+Rarest-first picking (the requester's side) still decides *what* moves; this
+decides *to whom* first, and the two don't fight: a piece that is rare is
+requested by the nodes that lack it, which are the ones behind.
+
+The cost is trust in a number the requester sends: a peer that claims to hold
+nothing is served first, up to ``max_per_peer`` slots of every node it asks.
+Inside one cluster of peers that share a key (the README's security model) that
+is a fairness bug in a misbehaving peer, not a way in; it can't take more than
+its ``max_per_peer`` share of any node.
 
 The scheduler is pure bookkeeping: the engine calls :meth:`UploadScheduler.enqueue`
 for each Request, :meth:`~UploadScheduler.next` whenever a slot may be free, and
@@ -26,7 +43,7 @@ for each Request, :meth:`~UploadScheduler.next` whenever a slot may be free, and
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 __all__ = ["UploadScheduler"]
@@ -55,14 +72,22 @@ class _Queue(Generic[PeerT, RequestT]):
 
 
 class UploadScheduler(Generic[PeerT, RequestT]):
-    """Fair round-robin queue of upload requests with ``max_active`` send slots.
+    """Queue of upload requests with ``max_active`` send slots: the waiting peer
+    with the least ``progress`` first, round-robin among equals.
 
     ``max_queue`` bounds the pending requests kept per peer; beyond it
     :meth:`enqueue` refuses (the engine answers with a Reject), so a misbehaving
     peer cannot grow our memory without bound.
     """
 
-    def __init__(self, max_active: int, *, max_queue: int = 256, max_per_peer: int = 0) -> None:
+    def __init__(
+        self,
+        max_active: int,
+        *,
+        max_queue: int = 256,
+        max_per_peer: int = 0,
+        progress: Callable[[PeerT], int] | None = None,
+    ) -> None:
         if max_active < 1:
             raise ValueError(f"max_active must be >= 1, got {max_active}")
         if max_per_peer < 0:
@@ -72,6 +97,7 @@ class UploadScheduler(Generic[PeerT, RequestT]):
         self.max_active = max_active
         self.max_queue = max_queue
         self.max_per_peer = max_per_peer or max_active  # 0: no limit of its own
+        self.progress = progress
         # Peer -> its queue of pending requests.
         self._queues: dict[PeerT, _Queue[PeerT, RequestT]] = {}
         # The queues that are not empty, in round-robin order (at most one per
@@ -152,7 +178,19 @@ class UploadScheduler(Generic[PeerT, RequestT]):
         """
         if len(self._active_peers) >= self.max_active or not self._ring:
             return None
-        queue = self._ring.pop(0)
+        ring = self._ring
+        progress = self.progress
+        if progress is None or len(ring) == 1:
+            queue = ring.pop(0)
+        else:
+            best = 0
+            least = progress(ring[0].peer)
+            for i in range(1, len(ring)):
+                held = progress(ring[i].peer)
+                if held < least:
+                    best = i
+                    least = held
+            queue = ring.pop(best)
         requests = queue.requests
         request = requests.pop(0)
         self._pending_count -= 1

@@ -75,7 +75,8 @@ the handshake: those carry no MAC (see the README's security model).
 
 Versioning
 ----------
-:data:`PROTOCOL_VERSION` is 2. It changes whenever a frame's layout or meaning
+:data:`PROTOCOL_VERSION` is 3 (3 added the requester's piece count to Request,
+which the server's upload order reads). It changes whenever a frame's layout or meaning
 changes; peers with different versions refuse each other at the Hello (there is
 one version per cluster roll-out, so no negotiation). The magic and version come
 first in the first frame of every version (version 1's first frame was its
@@ -101,7 +102,7 @@ import enum
 import struct
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, Literal, TypeAlias
 
 from core.auth import MAC_SIZE, NONCE_SIZE, ClusterKey
@@ -141,7 +142,7 @@ __all__ = [
     "encode",
 ]
 
-PROTOCOL_VERSION: Final = 2
+PROTOCOL_VERSION: Final = 3
 """Wire version spoken by this code; peers with another version are refused."""
 
 HANDSHAKE_MAGIC: Final = b"SWRM"
@@ -166,6 +167,7 @@ _HELLO_PREFIX = struct.Struct("!4sH")
 _HANDSHAKE = struct.Struct(f"!32s20sH{MAC_SIZE}s")
 _PIECE = struct.Struct("!I")
 _RANGE = struct.Struct("!III")
+_REQUEST = struct.Struct("!IIII")  # a range and the pieces the requester holds
 
 HEADER_SIZE: Final = _HEADER.size
 
@@ -295,14 +297,24 @@ def _check_range(owner: str, piece: int, offset: int, length: int) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """Please send ``length`` bytes of ``piece`` starting at ``offset``."""
+    """Please send ``length`` bytes of ``piece`` starting at ``offset``.
+
+    ``held`` is how many verified pieces the requester holds as it asks: the
+    server serves the requester furthest behind first (see :mod:`swarm.choker`).
+    HAVEs can't tell it that, because a peer announces a piece only to those
+    that lack it. It is advice, not part of the request's identity: a Cancel
+    matches a Request whatever its ``held``.
+    """
 
     piece: int
     offset: int
     length: int
+    held: int = field(default=0, compare=False)
 
     def __post_init__(self) -> None:
         _check_range("Request", self.piece, self.offset, self.length)
+        if not 0 <= self.held <= MAX_PIECES:
+            raise LocalProtocolError(f"Request held {self.held} is not in 0..{MAX_PIECES}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -524,14 +536,13 @@ _TYPE_NAMES: Final = {
 _FIXED_BODY: Final = {
     _T_KEEPALIVE: 0,
     _T_HAVE: _PIECE.size,
-    _T_REQUEST: _RANGE.size,
+    _T_REQUEST: _REQUEST.size,
     _T_CANCEL: _RANGE.size,
     _T_REJECT: _RANGE.size,
     _T_BLOCK: _RANGE.size,
 }
 
 _RANGE_TYPES: Final[dict[type, int]] = {
-    Request: _T_REQUEST,
     Cancel: _T_CANCEL,
     Reject: _T_REJECT,
     BlockHeader: _T_BLOCK,
@@ -542,6 +553,14 @@ def _frame(frame_type: int, body: bytes) -> bytes:
     return _HEADER.pack(1 + len(body), frame_type) + body
 
 
+def _check_wire_length(msg: Request | Cancel | Reject | BlockHeader) -> None:
+    if msg.length > MAX_BLOCK:
+        raise LocalProtocolError(
+            f"{type(msg).__name__} length {msg.length} is over the wire's largest block"
+            f" ({MAX_BLOCK} bytes)"
+        )
+
+
 def encode(msg: Message) -> bytes:
     """The bytes of one frame.
 
@@ -549,12 +568,11 @@ def encode(msg: Message) -> bytes:
     ``length`` payload bytes right after it. Raises LocalProtocolError for
     something that is not a message, or a block longer than :data:`MAX_BLOCK`.
     """
-    if isinstance(msg, Request | Cancel | Reject | BlockHeader):
-        if msg.length > MAX_BLOCK:
-            raise LocalProtocolError(
-                f"{type(msg).__name__} length {msg.length} is over the wire's largest block"
-                f" ({MAX_BLOCK} bytes)"
-            )
+    if isinstance(msg, Request):
+        _check_wire_length(msg)
+        return _frame(_T_REQUEST, _REQUEST.pack(msg.piece, msg.offset, msg.length, msg.held))
+    if isinstance(msg, Cancel | Reject | BlockHeader):
+        _check_wire_length(msg)
         return _frame(_RANGE_TYPES[type(msg)], _RANGE.pack(msg.piece, msg.offset, msg.length))
     if isinstance(msg, Have):
         return _frame(_T_HAVE, _PIECE.pack(msg.piece))
@@ -828,7 +846,11 @@ class FrameDecoder:
             (piece,) = _PIECE.unpack(body)
             self._check_piece("have", piece)
             return Have(piece)
-        piece, offset, length = _RANGE.unpack(body)
+        held = 0
+        if frame_type == _T_REQUEST:
+            piece, offset, length, held = _REQUEST.unpack(body)
+        else:
+            piece, offset, length = _RANGE.unpack(body)
         name = _TYPE_NAMES[frame_type]
         self._check_piece(name, piece)
         if not 1 <= length <= self.max_block:
@@ -845,7 +867,10 @@ class FrameDecoder:
                 f"past the piece's {limit} bytes"
             )
         if frame_type == _T_REQUEST:
-            return Request(piece, offset, length)
+            pieces = self._num_pieces if self._num_pieces is not None else MAX_PIECES
+            if held > pieces:
+                raise self._fail(f"request says it holds {held} pieces, but there are {pieces}")
+            return Request(piece, offset, length, held)
         if frame_type == _T_CANCEL:
             return Cancel(piece, offset, length)
         if frame_type == _T_REJECT:

@@ -33,10 +33,12 @@ The rules, each tested in ``tests/test_session.py``:
   delivers again. A block whose payload takes longer than ``request_timeout`` plus
   its length at :data:`MIN_BLOCK_RATE` closes its connection (a trickle would
   otherwise pin a receive buffer).
-- **Uploads.** Requests for pieces we hold are served round-robin over
-  ``upload_slots`` slots, at most ``uploads_per_conn`` per connection (a
-  connection that asks for much and never reads can't hold every slot); an upload
-  that does not finish within ``request_timeout`` closes its connection.
+- **Uploads.** Requests for pieces we hold are served over ``upload_slots``
+  slots, the requester that holds the fewest pieces first (each Request says how
+  many its sender holds; see :mod:`swarm.choker`), at most ``uploads_per_conn``
+  per connection (a connection that asks for much and never reads can't hold
+  every slot); an upload that does not finish within ``request_timeout`` closes
+  its connection.
 - **Trust.** A piece counts, is announced (HAVE, only to connections that lack it)
   and is served only once verified. A piece that fails verification is blamed on
   its one source, or on the one source two failed pieces share; that peer is
@@ -430,6 +432,7 @@ class _Conn:
         "discarding",
         "established",
         "handshake",
+        "held",
         "id",
         "last_block",
         "last_recv",
@@ -482,9 +485,14 @@ class _Conn:
         # Asked only for what no same-zone peer has: another zone's, or a snubbed one of ours.
         self.remote = False
         self.uploads: dict[Request, float] = {}  # blocks being sent to it, since when
+        self.held = 0  # verified pieces it holds, as its latest Request said
 
     def __repr__(self) -> str:
         return f"<peer {self.peer_id.hex()[:8] or '?'} {self.addr or self.id}>"
+
+
+def _held(conn: _Conn) -> int:
+    return conn.held
 
 
 class PeerSession:
@@ -526,6 +534,7 @@ class PeerSession:
             self.config.upload_slots,
             max_queue=self.config.max_upload_queue,
             max_per_peer=self.config.uploads_per_conn,
+            progress=_held,
         )
         self.stats = SessionStats()
         self.conns: dict[int, _Conn] = {}  # every open connection, proven or not
@@ -863,6 +872,7 @@ class PeerSession:
             self._fill(conn, now, out)
 
     def _request(self, conn: _Conn, msg: Request, now: float, out: list[Action]) -> None:
+        conn.held = msg.held
         if not self.picker.has(msg.piece) or not self.uploads.enqueue(conn, msg):
             self._send(conn, Reject(msg.piece, msg.offset, msg.length), now, out)
             return
@@ -1122,9 +1132,10 @@ class PeerSession:
             return
         if not conn.requested:
             conn.waiting_since = now
+        held = self.num_pieces - self.picker.missing_count
         for block in picked:
             conn.requested[block] = None
-            self._send(conn, Request(block.piece, block.offset, block.length), now, out)
+            self._send(conn, Request(block.piece, block.offset, block.length, held), now, out)
 
     def _fill_all(self, now: float, out: list[Action]) -> None:
         # The snubbed last, so that what they sat on goes to the others.

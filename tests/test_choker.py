@@ -133,3 +133,43 @@ def test_a_peer_holds_at_most_max_per_peer_slots_however_its_requests_arrive() -
     assert sched.next() == ("modest", 100)  # another peer is served meanwhile
     sched.done("greedy", 0)
     assert sched.next() == ("greedy", 2) and sched.next() is None
+
+
+def test_the_requester_furthest_behind_is_served_first() -> None:
+    held = {"ahead": 90, "behind": 3, "middle": 40}
+    sched: UploadScheduler[str, int] = UploadScheduler(1, progress=held.__getitem__)
+    for peer in ("ahead", "middle", "behind"):
+        sched.enqueue(peer, 0)
+        sched.enqueue(peer, 1)
+    order = [peer for peer, _ in drain(sched)]
+    assert order == ["behind", "behind", "middle", "middle", "ahead", "ahead"]
+
+
+def test_progress_is_read_at_each_grant_and_ties_go_round_robin() -> None:
+    held = {"a": 5, "b": 5, "c": 9}
+    sched: UploadScheduler[str, int] = UploadScheduler(1, progress=held.__getitem__)
+    for peer in ("a", "b", "c"):
+        for request in range(3):
+            sched.enqueue(peer, request)
+    served = []
+    for _ in range(4):
+        grant = sched.next()
+        assert grant is not None
+        served.append(grant[0])
+        sched.done(*grant)
+    assert served == ["a", "b", "a", "b"]  # equals alternate; c, ahead, waits
+    held["c"] = 0  # c's next Request says it fell behind (say its disk was wiped)
+    grant = sched.next()
+    assert grant is not None and grant[0] == "c"
+
+
+def test_a_peer_behind_still_holds_at_most_max_per_peer_slots() -> None:
+    held = {"liar": 0, "honest": 50}
+    sched: UploadScheduler[str, int] = UploadScheduler(4, max_per_peer=2, progress=held.__getitem__)
+    for request in range(10):
+        sched.enqueue("liar", request)
+        sched.enqueue("honest", request)
+    grants = [sched.next() for _ in range(4)]
+    peers = Counter(grant[0] for grant in grants if grant is not None)
+    assert peers == {"liar": 2, "honest": 2}
+    assert sched.next() is None

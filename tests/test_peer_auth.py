@@ -48,6 +48,7 @@ from swarm.fetch import FetchResult
 from swarm.peer import PeerConfig, SwarmPeer, _OpenFiles
 from swarm.protocol import (
     NEED_DATA,
+    PROTOCOL_VERSION,
     BitfieldMsg,
     FrameDecoder,
     Handshake,
@@ -283,7 +284,7 @@ def test_a_stranger_is_sent_only_a_hello_and_dropped_for_a_wrong_proof(
 
             # Our Hello: the answer is a Hello with a proof, and nothing more.
             stranger = await Stranger.connect(port)
-            await stranger.send(encode(Hello(2, new_nonce())))
+            await stranger.send(encode(Hello(PROTOCOL_VERSION, new_nonce())))
             hello = await stranger.next_message()
             assert isinstance(hello, Hello) and hello.proof != bytes(32)
             assert await stranger.quiet_for(0.3) == b""
@@ -318,11 +319,13 @@ def test_a_stranger_is_sent_only_a_hello_and_dropped_for_a_wrong_proof(
                 lambda: peer.session.stats.auth_failures == 3, "the old version to be counted"
             )
             [line] = auth_warnings(caplog, old)
-            assert "protocol version 1, we speak 2" in line
+            assert f"protocol version 1, we speak {PROTOCOL_VERSION}" in line
 
             # A frame other than the handshake after the hello.
             eager = await Stranger.connect(port)
-            await eager.send(encode(Hello(2, new_nonce())) + encode(BitfieldMsg(b"\xff")))
+            await eager.send(
+                encode(Hello(PROTOCOL_VERSION, new_nonce())) + encode(BitfieldMsg(b"\xff"))
+            )
             assert isinstance(await eager.next_message(), Hello)
             assert await eager.closed_by_peer() == b""
             await wait_for(
@@ -350,7 +353,7 @@ def test_silent_and_stalled_connections_are_closed_at_the_handshake_deadline(
             port = await listening(peer)
             silent = await Stranger.connect(port)
             stalled = await Stranger.connect(port)
-            await stalled.send(encode(Hello(2, new_nonce())))
+            await stalled.send(encode(Hello(PROTOCOL_VERSION, new_nonce())))
             assert isinstance(await stalled.next_message(), Hello)
             # Both are closed by the peer (each read is bounded by WAIT).
             assert await silent.closed_by_peer() == b""
@@ -384,7 +387,7 @@ def test_pending_connections_are_bounded(tmp_path: Path) -> None:
             assert peer.session.stats.pending_refused == 2
             # The first three are still open and are answered once they speak.
             for s in waiting:
-                await s.send(encode(Hello(2, new_nonce())))
+                await s.send(encode(Hello(PROTOCOL_VERSION, new_nonce())))
                 assert isinstance(await s.next_message(), Hello)
             relay.open_gate()
             result = await asyncio.wait_for(run, WAIT)
@@ -611,7 +614,7 @@ def test_running_out_of_descriptors_pauses_accepting(
             # Accepting resumed: both waiting connections are answered.
             for client in clients:
                 stranger = await Stranger.connect(port, client)
-                await stranger.send(encode(Hello(2, new_nonce())))
+                await stranger.send(encode(Hello(PROTOCOL_VERSION, new_nonce())))
                 assert isinstance(await stranger.next_message(), Hello)
             relay.open_gate()
             assert (await asyncio.wait_for(run, WAIT)).verified

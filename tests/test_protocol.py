@@ -12,6 +12,7 @@ from core.errors import LocalProtocolError, RemoteProtocolError
 from swarm.protocol import (
     HEADER_SIZE,
     MAX_BLOCK,
+    MAX_PIECES,
     NEED_DATA,
     PROTOCOL_VERSION,
     BitfieldMsg,
@@ -83,7 +84,7 @@ def stream() -> tuple[bytes, Drained]:
         (HANDSHAKE, b""),
         (BitfieldMsg(b"\xa0\x80"), b""),
         (Have(3), b""),
-        (Request(1, 0, 4096), b""),
+        (Request(1, 0, 4096, held=2), b""),
         (BlockHeader(1, 0, len(payload_a)), payload_a),
         (KeepAlive(), b""),
         (BlockHeader(2, 10, len(payload_b)), payload_b),
@@ -150,7 +151,8 @@ def test_frame_layout_is_length_type_body() -> None:
     assert encode(KeepAlive()) == b"\x00\x00\x00\x01\x01"
     header = encode(BlockHeader(1, 2, 3))
     assert header == struct.pack("!IBIII", 13, 7, 1, 2, 3)
-    assert encode(HELLO) == struct.pack("!IB4sH", 55, 0, b"SWRM", 2) + HELLO.nonce + HELLO.proof
+    assert encode(Request(1, 2, 3, held=4)) == struct.pack("!IBIIII", 17, 4, 1, 2, 3, 4)
+    assert encode(HELLO) == struct.pack("!IB4sH", 55, 0, b"SWRM", 3) + HELLO.nonce + HELLO.proof
     assert (
         encode(HANDSHAKE) == struct.pack("!IB", 87, 8) + ROOT + PEER + b"\x1b\x58" + HANDSHAKE.proof
     )
@@ -178,6 +180,8 @@ def test_dialer_hello_reveals_nothing_but_the_version() -> None:
         (lambda: Request(0, 0, 0), "length=0"),
         (lambda: Request(0, 0, (1 << 32) + 1), "length"),
         (lambda: encode(Request(0, 0, MAX_BLOCK + 1)), "largest block"),
+        (lambda: Request(0, 0, 1, held=-1), "held -1"),
+        (lambda: Request(0, 0, 1, held=MAX_PIECES + 1), "held"),
         (lambda: encode(BlockHeader(3, 0, MAX_BLOCK + 1)), "largest block"),
         (lambda: Cancel(0, -1, 1), "offset"),
         (lambda: Reject(0, 0xFFFF_FFFF, 2), "runs past"),
@@ -397,7 +401,7 @@ def test_version_1_handshake_is_refused_as_wrong_version() -> None:
     body = struct.pack("!4sH32s20sH", b"SWRM", 1, ROOT, PEER, 1)
     decoder = FrameDecoder()
     decoder.feed(struct.pack("!IB", 1 + len(body), 0) + body)
-    with pytest.raises(RemoteProtocolError, match="protocol version 1, we speak 2"):
+    with pytest.raises(RemoteProtocolError, match="protocol version 1, we speak 3"):
         decoder.next_event()
 
 
@@ -405,7 +409,7 @@ def test_newer_version_hello_is_refused() -> None:
     body = struct.pack("!4sH16s32s", b"SWRM", PROTOCOL_VERSION + 1, bytes(16), bytes(32))
     decoder = FrameDecoder()
     decoder.feed(struct.pack("!IB", 1 + len(body), 0) + body)
-    with pytest.raises(RemoteProtocolError, match="protocol version 3, we speak 2"):
+    with pytest.raises(RemoteProtocolError, match="protocol version 4, we speak 3"):
         decoder.next_event()
 
 
@@ -496,7 +500,7 @@ def test_zero_length_frame() -> None:
 def test_fixed_size_body_checked_from_header() -> None:
     decoder = after_handshake()
     decoder.feed(struct.pack("!IB", 1 + 13, 4))
-    with pytest.raises(RemoteProtocolError, match="request frame body is 13 bytes, expected 12"):
+    with pytest.raises(RemoteProtocolError, match="request frame body is 13 bytes, expected 16"):
         decoder.next_event()
 
 
@@ -516,6 +520,19 @@ def test_layout_set_after_handshake() -> None:
     assert decoder.next_event() == Request(1, 40, 10)
     with pytest.raises(RemoteProtocolError, match=r"bytes 40\.\.51, past the piece's 50 bytes"):
         decoder.next_event()
+
+
+def test_request_carries_the_requesters_piece_count() -> None:
+    decoder = after_handshake(num_pieces=10)
+    decoder.feed(encode(Request(3, 0, 8, held=7)) + encode(Request(3, 8, 8, held=11)))
+    event = decoder.next_event()
+    assert isinstance(event, Request) and event.held == 7
+    # A count past the artifact's pieces is a lie the decoder refuses.
+    with pytest.raises(RemoteProtocolError, match="holds 11 pieces, but there are 10"):
+        decoder.next_event()
+    # The count is advice, not identity: a Cancel still finds the Request.
+    assert Request(3, 0, 8, held=7) == Request(3, 0, 8)
+    assert hash(Request(3, 0, 8, held=7)) == hash(Request(3, 0, 8))
 
 
 def test_block_longer_than_max_block() -> None:

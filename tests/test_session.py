@@ -31,6 +31,7 @@ from core.auth import ClusterKey
 from core.bitfield import Bitfield
 from swarm.picker import BlockRequest
 from swarm.protocol import (
+    PROTOCOL_VERSION,
     BitfieldMsg,
     Cancel,
     Handshake,
@@ -170,7 +171,7 @@ def test_message_before_handshake_is_refused(msg: Message, outbound: bool) -> No
     assert 1 not in h.session.conns
     assert not of_kind(actions, SendBlock)
     # Anything more on it is ignored: the session has forgotten it.
-    assert h.feed(Received(1, Hello(2, bytes(16)))) == []
+    assert h.feed(Received(1, Hello(PROTOCOL_VERSION, bytes(16)))) == []
 
 
 def test_handshake_before_hello_and_block_before_handshake_are_refused() -> None:
@@ -188,7 +189,7 @@ def test_unproven_connection_closed_after_handshake_timeout() -> None:
     h = harness(handshake_timeout=10.0)
     h.feed(Opened(1, False))  # says nothing
     h.feed(Opened(2, True, pid(2)))  # we sent our Hello; no answer
-    h.feed(Received(1, Hello(2, bytes(16))))  # a Hello, then nothing
+    h.feed(Received(1, Hello(PROTOCOL_VERSION, bytes(16))))  # a Hello, then nothing
     proven = h.connect(pid(3), bitfield=range(8))
     assert h.admitted(proven)
 
@@ -479,6 +480,27 @@ def test_upload_slots_per_connection_and_fairness() -> None:
         assert len(greedy.uploads) == 2
     sent = [a.request for a in h.actions if isinstance(a, SendBlock) and a.conn == greedy.conn]
     assert sent == asks[:7]  # in the order asked, none twice
+
+
+def test_the_requester_holding_least_is_served_first() -> None:
+    h = harness(num_pieces=8, have=range(8), upload_slots=1)
+    first = h.connect(pid(1), bitfield=[])
+    ahead = h.connect(pid(2), bitfield=range(6))
+    behind = h.connect(pid(3), bitfield=[1])
+    h.feed(Received(first.conn, Request(0, 0, BLOCK, held=0)))  # takes the one slot
+    h.feed(Received(ahead.conn, Request(7, 0, BLOCK, held=6)))
+    h.feed(Received(behind.conn, Request(7, 0, BLOCK, held=1)))
+    h.upload_done(first, first.uploads[0])
+    assert behind.uploads == [Request(7, 0, BLOCK)] and not ahead.uploads
+    h.upload_done(behind, behind.uploads[0])
+    assert ahead.uploads == [Request(7, 0, BLOCK)]
+
+
+def test_requests_say_how_many_pieces_we_hold() -> None:
+    h = harness(num_pieces=8, have=range(3))
+    source = h.connect(pid(1), bitfield=range(8))
+    asked = [msg for msg in source.sent if isinstance(msg, Request)]
+    assert asked and {msg.held for msg in asked} == {3}
 
 
 def test_upload_not_taken_in_time_closes_its_connection() -> None:
