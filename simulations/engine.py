@@ -242,11 +242,13 @@ class OriginRequest:
         "on_done",
         "size",
         "slept",
+        "streams",
     )
 
-    def __init__(self, node: int, size: int, on_done: FlowDone, data: Any) -> None:
+    def __init__(self, node: int, size: int, on_done: FlowDone, data: Any, streams: int) -> None:
         self.node = node
         self.size = size
+        self.streams = streams  # ranged GETs it keeps open at once
         self.on_done = on_done
         self.data = data
         self.attempt = 0
@@ -392,7 +394,7 @@ class Simulation:
 
         ``on_done(flow, now)`` runs when the last byte arrived (``flow.data`` is ``data``).
         """
-        request = OriginRequest(node, size, on_done, data)
+        request = OriginRequest(node, size, on_done, data, self.scenario.pull_streams(size))
         self._origin_attempt(request)
         return request
 
@@ -417,10 +419,14 @@ class Simulation:
         self.origin_requests += 1
         latency = self.scenario.first_byte_latency
         limit = self._max_requests
-        if (not limit or self.origin_active < limit) and self._take_token():
+        streams = request.streams
+        # A pull's ranged GETs are admitted or throttled together; one wider than
+        # the origin's whole limit is admitted alone rather than never.
+        room = not limit or self.origin_active + streams <= max(limit, streams)
+        if room and self._take_token():
             # Counted from the request, not its first byte: the origin is serving it.
             request.active = True
-            self.origin_active += 1
+            self.origin_active += streams
             if latency:
                 self.at(self.now + latency, self._origin_start, request)
             else:
@@ -450,7 +456,7 @@ class Simulation:
         """The origin stopped serving ``request`` (done, abandoned, or its node died)."""
         if request.active:
             request.active = False
-            self.origin_active -= 1
+            self.origin_active -= request.streams
 
     def _origin_start(self, request: OriginRequest) -> None:
         if request.cancelled or not self.alive[request.node]:
@@ -461,7 +467,7 @@ class Simulation:
             self.origin_links(node),
             request.size,
             self._origin_done,
-            cap=self.connection_cap,
+            cap=self.connection_cap * request.streams,
             data=request,
         )
         request.flow = flow

@@ -41,6 +41,8 @@ from typing import Any
 
 from core.errors import ConfigError
 from core.units import parse_size
+from seeder.reader import DEFAULT_RANGE_SIZE
+from seeder.role import WINDOW_RANGES
 
 __all__ = [
     "SCENARIO_DIR",
@@ -172,6 +174,11 @@ class Scenario:
     """Token bucket depth; 0 means one second's worth."""
     origin_max_requests: int = 0
     """Concurrent GETs the origin serves; more are throttled (503 SlowDown). 0: no limit."""
+    origin_streams: int = 0
+    """Ranged GETs one origin pull keeps open at once, each capped at
+    ``origin_connection_gbps``. 0: as the peer reads a piece, ``WINDOW_RANGES``
+    ranges of ``DEFAULT_RANGE_SIZE`` at a time (4 for a 256 MiB piece, 1 for a
+    4 MiB one); 1: one GET per piece, the model before 2026-12-05."""
     first_byte_latency: float = 0.0
     retry_after: float | None = None
     """What a throttled response asks the client to wait, if anything."""
@@ -246,6 +253,8 @@ class Scenario:
             self._check_node(stall.node, "stall")
             if stall.duration <= 0:
                 raise ConfigError(f"{where}: stall of node {stall.node} needs a duration > 0")
+        if self.origin_streams < 0:
+            raise ConfigError(f"{where}: origin_streams must be >= 0")
         if self.origin_max_requests < 0:
             raise ConfigError(f"{where}: origin_max_requests must be >= 0")
         for throttle in self.throttles:
@@ -345,6 +354,12 @@ class Scenario:
         u_s = self.origin_rate
         shared = max(size / u_s, self.nodes * size / (u_s + math.fsum(r.up for r in rates)))
         return [max(shared, size / rate.down) for rate in rates]
+
+    def pull_streams(self, size: int) -> int:
+        """Ranged GETs an origin pull of ``size`` bytes keeps open at once."""
+        if self.origin_streams:
+            return self.origin_streams
+        return max(1, min(WINDOW_RANGES, -(-size // DEFAULT_RANGE_SIZE)))
 
     def with_overrides(self, **overrides: Any) -> Scenario:
         """A copy with the given fields replaced (None values are ignored)."""

@@ -63,7 +63,7 @@ from core.auth import ClusterKey
 from core.digest import PEER_ID_LENGTH
 from simulations.engine import FlowDone, OriginRequest, Simulation
 from simulations.network import Flow
-from simulations.strategies import RandomOrderPicker
+from simulations.strategies import RandomOrderPicker, budget_summary
 from swarm.picker import BlockRequest, PiecePicker
 from swarm.protocol import Request
 from swarm.session import (
@@ -96,6 +96,8 @@ from swarm.session import (
     UploadDone,
     Verify,
 )
+from tracker.assignment import DEFAULT_MAX_BUDGET
+from tracker.origin_budget import OriginBudget
 from tracker.registry import SwarmRegistry
 
 __all__ = ["SessionSwarm", "host_of", "peer_id_of"]
@@ -188,6 +190,12 @@ class SessionSwarm:
             per_peer_limit=scenario.per_peer_limit,
             origin_budget=scenario.origin_budget,
             stall_timeout=scenario.stall_timeout,
+            # The tracker's adaptive origin budget, as `swarm tracker` builds it.
+            adaptive_budget=OriginBudget(
+                DEFAULT_MAX_BUDGET, round_seconds=scenario.announce_interval
+            )
+            if scenario.adaptive_budget and scenario.origin_budget is None
+            else None,
         )
         # The peer's defaults; a scenario's block_size (0: one block per piece
         # for the glue) replaces the peer's only when it is set.
@@ -218,7 +226,7 @@ class SessionSwarm:
                 duplicate += sum(session.stats.duplicate_causes.values())
                 if node.alive:
                     peers.append(len(session.peers))
-        return {
+        extra: dict[str, Any] = {
             "origin_assignments": stats.assigned,
             "reassigned": stats.reassigned,
             "stall_reclaims": stats.stalled,
@@ -227,6 +235,10 @@ class SessionSwarm:
             "duplicate_bytes": duplicate,
             "mean_peers": sum(peers) / len(peers) if peers else 0.0,
         }
+        adaptive = self.registry.adaptive
+        if adaptive is not None:
+            extra["origin_budget"] = budget_summary(adaptive)
+        return extra
 
     # -- nodes ----------------------------------------------------------------
 
@@ -290,8 +302,23 @@ class SessionSwarm:
                 self._push(me, OriginProgress(piece, done - told))
         self._drain()
         registry = self.registry
+        sim = self.sim
+        node = me.id
+        throttles = sim.node_throttles[node]
+        retry_after = sim.node_retry_after[node] or None
+        sim.node_throttles[node] = 0
+        sim.node_retry_after[node] = 0.0
         answer = registry.announce(
-            me.peer_id, (me.host, _PORT), session.have, session.origin_progress, now, me.zone
+            me.peer_id,
+            (me.host, _PORT),
+            session.have,
+            session.origin_progress,
+            now,
+            me.zone,
+            throttles=throttles,
+            retry_after=retry_after,
+            # Pulls that only wait out a throttled answer, as the peer reports them.
+            waiting=[p for p, r in me.pulls.items() if r.flow is None and r.attempt],
         )
         for culprit in session.barred:
             registry.report(me.peer_id, culprit, now)

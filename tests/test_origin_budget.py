@@ -247,7 +247,8 @@ def test_announce_carries_throttles_and_refuses_nonsense() -> None:
 
 def _limited_origin(**overrides: object) -> Scenario:
     """100 nodes, 128 GiB; the origin serves 24 GETs at once (25 Gbit/s would take
-    31 of ~100 MB/s), and only 8 between 20 s and 40 s."""
+    31 of ~100 MB/s), and only 8 between 20 s and 40 s. Each pull is one GET, so
+    the origin's limit is a number of pulls, the budget's unit."""
     scenario = Scenario(
         name="origin-limit",
         nodes=100,
@@ -258,6 +259,7 @@ def _limited_origin(**overrides: object) -> Scenario:
         origin_gbps=25,
         origin_connection_gbps=0.8,
         origin_max_requests=24,
+        origin_streams=1,
         first_byte_latency=0.03,
         retry_after=1.0,
         announce_interval=2.0,

@@ -105,8 +105,21 @@ def test_origin_progress_and_stall_through_announces() -> None:
         assert hello(registry, 1, t, progress={piece: 500}).assigned == (piece,)
     stalled = hello(registry, 1, 45.0, progress={piece: 500})
     assert piece not in stalled.assigned
-    assert registry.assignment.owner(piece) is not None
-    assert registry.assignment.owner(piece) != pid(1)
+    # It waits for another seeder's announce: assigned, it starts with the reply.
+    assert registry.assignment.owner(piece) is None
+    assert piece in hello(registry, 2, 46.0).assigned
+    assert registry.assignment.owner(piece) == pid(2)
+
+
+def test_a_seeder_that_finishes_a_pull_takes_the_next_piece_itself() -> None:
+    registry = make(8, per_peer_limit=1)
+    (first,) = hello(registry, 1, 0.0).assigned
+    (second,) = hello(registry, 2, 0.0).assigned
+    # Peer 1 finishes and announces at once: the next piece is its own, not one
+    # parked on peer 2 (busy) or on a peer that would hear of it an interval later.
+    reply = hello(registry, 1, 0.5, have=[first])
+    assert len(reply.assigned) == 1 and reply.assigned[0] not in (first, second)
+    assert registry.assignment.in_flight == 2
 
 
 def test_slow_but_moving_seeder_keeps_its_piece() -> None:

@@ -36,6 +36,29 @@ def test_direct_is_n_copies_over_the_origin() -> None:
     assert result.origin_bytes == pytest.approx(10 * 64 * MiB)
 
 
+def test_an_origin_pull_reads_ranges_in_parallel_as_the_peer_does() -> None:
+    # One node, one 256 MiB piece, each GET capped at 1 Gbit/s: the peer reads a
+    # piece four 16 MiB ranges at a time, so a pull is four GETs wide.
+    scenario = Scenario(
+        nodes=1,
+        model_size=256 * MiB,
+        piece_size=256 * MiB,
+        nic_gbps=100,
+        origin_gbps=100,
+        origin_connection_gbps=1,
+    )
+    assert scenario.pull_streams(256 * MiB) == 4
+    assert scenario.pull_streams(20 * MiB) == 2
+    assert scenario.pull_streams(4 * MiB) == 1
+    wide = _max(run_strategy(scenario, "direct").completion)
+    assert wide == pytest.approx(256 * MiB / gbps(4), rel=0.01)
+    single = scenario.with_overrides(origin_streams=1)
+    assert single.pull_streams(256 * MiB) == 1
+    assert _max(run_strategy(single, "direct").completion) == pytest.approx(4 * wide, rel=0.01)
+    with pytest.raises(ConfigError, match="origin_streams"):
+        Scenario(origin_streams=-1)
+
+
 def test_swarm_reaches_the_lower_bound_in_an_ideal_network() -> None:
     # Many small pieces, a full mesh, uplinks to spare: the downlink is the limit.
     scenario = Scenario(

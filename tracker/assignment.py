@@ -386,13 +386,19 @@ class SeederAssignment(Generic[PeerT]):
         self._assign(peer, piece, now, bytes_done)
         return True
 
-    def assign(self, now: float) -> dict[PeerT, list[int]]:
-        """Hand out unassigned pieces to free origin slots; returns the new ones per peer."""
+    def assign(self, now: float, only: PeerT | None = None) -> dict[PeerT, list[int]]:
+        """Hand out unassigned pieces to free origin slots; returns the new ones per peer.
+
+        ``only``: to that seeder alone, up to its limit (the tracker assigns to the
+        peer whose announce it is answering; see :meth:`_assign_to`).
+        """
         if self._pool_count == 0 or not self._seeders:
             return {}  # before the budget, which walks every seeder
         free = self.budget - self._in_flight
         if free <= 0:
             return {}
+        if only is not None:
+            return self._assign_to(only, free, now)
         rng = self._rng
         limit = self.limit
         heap: list[tuple[int, float, int, PeerT]] = []
@@ -413,6 +419,40 @@ class SeederAssignment(Generic[PeerT]):
             if len(self._seeders[peer].pulls) < limit:
                 heapq.heappush(heap, (load + 1, rng.random(), order, peer))
         return new
+
+    def _assign_to(self, peer: PeerT, free: int, now: float) -> dict[PeerT, list[int]]:
+        """Up to ``free`` pieces for ``peer``, within its limit.
+
+        A piece assigned to another seeder reaches it only with the reply to its
+        next announce, up to an announce interval later; given to the peer being
+        answered, it starts now. So a seeder that finishes a pull (and announces
+        at once) takes the next piece itself, and the origin is not left idle
+        for an interval with pieces waiting (measured with the session-driven
+        simulator, 100 nodes, 16 GiB, origin at 100 Gbit/s: half the pulls had
+        finished at 0.9 s and the rest were started only at 5.0 s). Each seeder
+        still holds at most ``limit`` pulls, which spreads them over the swarm.
+        A piece ``peer`` stalled on is left for another seeder, if there is one.
+        """
+        seeder = self._seeders.get(peer)
+        if seeder is None:
+            return {}
+        room = min(free, self.limit - len(seeder.pulls))
+        new: list[int] = []
+        passed: list[int] = []
+        while room > 0:
+            piece = self._pop_pool()
+            if piece is None:
+                break
+            avoid = self._stalled_on.get(piece)
+            if avoid and peer in avoid and len(avoid) < len(self._seeders):
+                passed.append(piece)
+                continue
+            self._assign(peer, piece, now, 0)
+            new.append(piece)
+            room -= 1
+        for piece in reversed(passed):
+            self._pool.appendleft(piece)  # still in the pool: its count never moved
+        return {peer: new} if new else {}
 
     def tick(self, now: float) -> list[tuple[PeerT, int]]:
         """Take back pieces whose progress stopped for ``stall_timeout`` seconds.

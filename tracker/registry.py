@@ -312,7 +312,7 @@ class SwarmRegistry:
             # pull (or may not read the origin) can't make the cluster back off.
             self.adaptive.throttled(throttles, retry_after)
 
-        self.tick(now)
+        self.tick(now, announcer=peer)
         if self.adaptive is not None and self.adaptive.shedding:
             # The origin throttles and the budget went down: this peer's pulls that
             # only wait out a throttled answer go back (its reply lists every piece
@@ -548,8 +548,9 @@ class SwarmRegistry:
             expired.append(peer)
         return expired
 
-    def tick(self, now: float) -> list[tuple[bytes, int]]:
-        """Take back stalled origin pieces and fill free origin slots.
+    def tick(self, now: float, announcer: bytes | None = None) -> list[tuple[bytes, int]]:
+        """Take back stalled origin pieces and fill free origin slots (``announcer``:
+        only its slots, as its announce is answered; see ``SeederAssignment.assign``).
 
         Returns the (peer, piece) pairs taken back for stalling.
         """
@@ -566,7 +567,7 @@ class SwarmRegistry:
             cap = adaptive.update(now, assignment.origin_bytes, assignment.budget_bound)
             assignment.set_cap(cap)
         if now >= self.assign_after:
-            self.assignment.assign(now)
+            self.assignment.assign(now, only=announcer)
         return stalled
 
     # -- status -------------------------------------------------------------
