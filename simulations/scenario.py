@@ -194,6 +194,10 @@ class Scenario:
     adaptive_budget: bool = True
     """The tracker's origin budget adapts to throttling (``tracker.origin_budget``);
     off (or ``origin_budget`` set), it stays at the default or that fixed value."""
+    cut_through: bool = True
+    """``swarm-session``: blocks checked on arrival are served before their piece is
+    whole (``SessionConfig.cut_through``), and origin pulls are read and served a
+    window at a time. The glue ``swarm`` moves whole pieces and ignores it."""
     stall_timeout: float = 30.0
     announce_interval: float = 5.0
     endgame_duplicates: int = 2

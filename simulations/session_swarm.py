@@ -61,6 +61,8 @@ from typing import Any, Final
 
 from core.auth import ClusterKey
 from core.digest import PEER_ID_LENGTH
+from seeder.reader import DEFAULT_RANGE_SIZE
+from seeder.role import WINDOW_RANGES
 from simulations.engine import FlowDone, OriginRequest, Simulation
 from simulations.network import Flow
 from simulations.strategies import RandomOrderPicker, budget_summary
@@ -80,6 +82,7 @@ from swarm.session import (
     DialFailed,
     Event,
     Opened,
+    OriginChecked,
     OriginProgress,
     PeerSession,
     PieceVerified,
@@ -108,6 +111,9 @@ __all__ = ["SessionSwarm", "host_of", "peer_id_of"]
 _PORT: Final = 7000
 _TICK: Final = 1.0  # seconds between a session's Ticks: the peer's timer
 _TICK_EVENT: Final = Tick()
+CUT_THROUGH_BLOCKS: Final = 2
+"""With cut-through, a Partial for every 2 blocks more held (``SessionConfig.cut_through``)."""
+
 _PEER: Final = SessionConfig()  # the peer's defaults, read off an instance (see scenario.py)
 
 
@@ -132,6 +138,7 @@ class _Node:
         "host",
         "id",
         "peer_id",
+        "pull_base",
         "pulls",
         "reported",
         "session",
@@ -146,7 +153,8 @@ class _Node:
         self.session: PeerSession | None = None  # None until it joins
         self.alive = False  # joined and not crashed
         self.ends: dict[int, _End] = {}  # its open connections, by its conn id
-        self.pulls: dict[int, OriginRequest] = {}  # piece -> origin pull
+        self.pulls: dict[int, OriginRequest] = {}  # piece -> origin pull (its current window)
+        self.pull_base: dict[int, int] = {}  # piece -> where its current window starts
         self.reported: dict[int, int] = {}  # piece -> origin bytes told to the session
         self.announce_at = 0.0  # when its next announce is due
         self.announce_turn = 0  # which scheduled announce is the live one
@@ -199,7 +207,14 @@ class SessionSwarm:
         )
         # The peer's defaults; a scenario's block_size (0: one block per piece
         # for the glue) replaces the peer's only when it is set.
-        self.config = dataclasses.replace(_PEER, block_size=scenario.block_size or _PEER.block_size)
+        self.config = dataclasses.replace(
+            _PEER,
+            block_size=scenario.block_size or _PEER.block_size,
+            cut_through=CUT_THROUGH_BLOCKS if scenario.cut_through else 0,
+        )
+        # With cut-through a pull is read a window at a time, as seeder.role reads
+        # a format-2 piece, and each window is served once it is in.
+        self.window = WINDOW_RANGES * DEFAULT_RANGE_SIZE if scenario.cut_through else 0
         zoned = scenario.zone_preference
         self.nodes = [
             _Node(node, str(sim.rack[node]) if zoned else "") for node in range(scenario.nodes)
@@ -295,7 +310,9 @@ class SessionSwarm:
         now = self.sim.now
         for piece, request in me.pulls.items():
             flow = request.flow
-            done = 0 if flow is None else min(int(flow.transferred(now)), self.lengths[piece])
+            done = me.pull_base.get(piece, 0)
+            if flow is not None:
+                done = min(done + int(flow.transferred(now)), self.lengths[piece])
             told = me.reported.get(piece, 0)
             if done > told:
                 me.reported[piece] = done
@@ -412,13 +429,12 @@ class SessionSwarm:
                     self._push(other.node, Closed(other.id, "closed by the remote"))
             elif isinstance(action, StartPull):
                 piece = action.piece
-                me.pulls[piece] = self.sim.origin_get(
-                    me.id, self.lengths[piece], self.pull_done, (me, piece)
-                )
+                self._pull_window(me, piece, 0)
                 me.reported[piece] = 0
             elif isinstance(action, CancelPull):
                 request = me.pulls.pop(action.piece, None)
                 me.reported.pop(action.piece, None)
+                me.pull_base.pop(action.piece, None)
                 if request is not None:
                     self.sim.cancel(request)
                 self._push(me, PullFailed(action.piece))
@@ -479,11 +495,27 @@ class SessionSwarm:
             self._send_next(end)
         self._drain()
 
+    def _pull_window(self, me: _Node, piece: int, start: int) -> None:
+        """Read ``piece`` from ``start``: to its end, or one window with cut-through."""
+        length = self.lengths[piece]
+        size = length - start if not self.window else min(self.window, length - start)
+        me.pull_base[piece] = start
+        me.pulls[piece] = self.sim.origin_get(me.id, size, self.pull_done, (me, piece))
+
     def _pull_done(self, flow: Flow, now: float) -> None:
         data: tuple[_Node, int] = flow.data
         me, piece = data
-        if me.pulls.pop(piece, None) is None:
+        request = me.pulls.get(piece)
+        if request is None or request.flow is not flow:
             return
+        end = me.pull_base[piece] + request.size
+        if end < self.lengths[piece]:
+            self._push(me, OriginChecked(piece, end))
+            self._pull_window(me, piece, end)
+            self._drain()
+            return
+        del me.pulls[piece]
+        me.pull_base.pop(piece, None)
         me.reported.pop(piece, None)
         self._push(me, PullDone(piece))
         self._drain()

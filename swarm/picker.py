@@ -130,6 +130,7 @@ class PiecePicker(Generic[PeerT]):
         block_size: int,
         rng: random.Random,
         endgame_duplicates: int = 2,
+        spread: bool = False,
     ) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -144,6 +145,9 @@ class PiecePicker(Generic[PeerT]):
         # Bound once: compiled, rng.random() looks the method up on every call.
         self._random: Callable[[], float] = rng.random
         self._endgame_duplicates = endgame_duplicates
+        # Blocks of a piece are asked from a random one on (see _take_spread), not
+        # lowest first: for cut-through, where blocks move before their piece is whole.
+        self._spread = spread
         num_pieces = len(self._lengths)
 
         self._have = Bitfield(num_pieces)
@@ -186,6 +190,12 @@ class PiecePicker(Generic[PeerT]):
         # 71 picks per node and piece, nearly all of them empty scans.
         self._epoch = 0
         self._idle: dict[PeerT, int] = {}
+
+        # Cut-through offers: peer -> {piece: the blocks of it the peer serves},
+        # for pieces it holds part of (see offer_blocks). A piece is dropped from
+        # a peer's offers when the peer announces it whole, when we have it, and
+        # with the peer.
+        self._offers: dict[PeerT, dict[int, Bitfield]] = {}
 
     # -- read-only state ------------------------------------------------------
 
@@ -410,6 +420,10 @@ class PiecePicker(Generic[PeerT]):
         verifies a piece).
         """
         self._set_avail(piece, 1)
+        if self._offers:
+            offers = self._offers.get(peer)
+            if offers is not None and piece in offers:
+                del offers[piece]
         if self._remote and peer in self._remote:
             self._remote_avail[piece] += 1
             self._epoch += 1
@@ -424,6 +438,7 @@ class PiecePicker(Generic[PeerT]):
         known = self._peers.pop(peer, None)
         if peer in self._idle:
             del self._idle[peer]
+        self._offers.pop(peer, None)
         if known is not None:
             have = self._have
             remote = peer in self._remote
@@ -449,6 +464,41 @@ class PiecePicker(Generic[PeerT]):
         # A method, not ``peer_gone = remove_peer``: mypyc (swarm simulate
         # --native) cannot compile a class attribute aliasing a method.
         return self.remove_peer(peer)
+
+    def offer_blocks(self, peer: PeerT, piece: int, blocks: Bitfield) -> None:
+        """``peer`` (connected) serves ``blocks`` of ``piece`` (a bitfield over the
+        piece's blocks, in our block size), a piece it does not hold whole yet:
+        they may be asked of it (cut-through). The picker keeps ``blocks``.
+
+        Offered blocks are asked after the open blocks of pieces in progress and
+        before any new piece: a piece that only partial holders have is the
+        rarest there is (usually on its way from the origin). An offer replaces
+        the peer's last one of the piece; one of a piece we have, or one the
+        peer holds whole, changes nothing.
+        """
+        self._check_piece(piece)
+        if len(blocks) != -(-self._lengths[piece] // self._block_size):
+            raise ValueError(f"offer of {len(blocks)} blocks for piece {piece}")
+        bits = self._peers.get(peer)
+        if bits is None or piece in bits or piece in self._have:
+            return
+        offers = self._offers.get(peer)
+        if offers is None:
+            offers = self._offers[peer] = {}
+        offers[piece] = blocks
+        if peer in self._idle:
+            del self._idle[peer]
+
+    def withdraw_offer(self, peer: PeerT, piece: int) -> None:
+        """``peer`` no longer serves the prefix of ``piece`` it offered (it rejected a
+        request there); a later :meth:`offer_prefix` may offer it again."""
+        offers = self._offers.get(peer)
+        if offers is not None:
+            offers.pop(piece, None)
+
+    def offered(self, peer: PeerT) -> dict[int, Bitfield]:
+        """``peer``'s cut-through offers: piece -> the blocks of it it serves."""
+        return {piece: bits.copy() for piece, bits in self._offers.get(peer, {}).items()}
 
     def set_remote(self, peer: PeerT) -> None:
         """A connected peer turned out to be in another zone (the engine learned its zone
@@ -597,6 +647,12 @@ class PiecePicker(Generic[PeerT]):
                     self._take_open(peer, piece, max_blocks - len(picked), picked)
                     if len(picked) >= max_blocks:
                         return picked
+        if self._offers:
+            offers = self._offers.get(peer)
+            if offers:
+                self._take_offered(peer, offers, max_blocks, picked)
+                if len(picked) >= max_blocks:
+                    return picked
         while len(picked) < max_blocks:
             new_piece = self._pick_new_remote_piece(bits) if remote else self._pick_new_piece(bits)
             if new_piece is None:
@@ -611,6 +667,28 @@ class PiecePicker(Generic[PeerT]):
         ):
             self._take_endgame(peer, bits, max_blocks - len(picked), picked)
         return picked
+
+    def _take_offered(
+        self, peer: PeerT, offers: dict[int, Bitfield], max_blocks: int, out: list[BlockRequest]
+    ) -> None:
+        """Open blocks within ``peer``'s cut-through offers, oldest offer first."""
+        for piece in list(offers):
+            if piece in self._have:
+                del offers[piece]
+                continue
+            if piece in self._reserved:
+                continue  # we pull it from the origin ourselves
+            partial = self._partials.get(piece)
+            if partial is None:
+                if not self._bucketed(piece):
+                    continue
+                self._start(piece)
+                partial = self._partials[piece]
+            elif not partial.open:
+                continue
+            self._take_spread(peer, piece, max_blocks - len(out), out, offers[piece])
+            if len(out) >= max_blocks:
+                return
 
     def _pick_new_piece(self, bits: Bitfield) -> int | None:
         """The rarest unstarted piece ``bits`` has, random among equals; None if none."""
@@ -699,7 +777,45 @@ class PiecePicker(Generic[PeerT]):
         # Python code, a frame per call, and this runs for every request.
         return tuple.__new__(BlockRequest, (piece, offset, length))
 
+    def _take_spread(
+        self, peer: PeerT, piece: int, limit: int, out: list[BlockRequest], only: Bitfield | None
+    ) -> None:
+        """Request up to ``limit`` open blocks of ``piece`` from ``peer`` (of ``only``,
+        if given), in order from a random block on, wrapping around.
+
+        With cut-through, the nodes that fetch a piece from its one holder (its
+        seeder, as it arrives from the origin) ask for different blocks, and
+        then trade them with each other; lowest-first would have every one of
+        them ask for the same few blocks, and the holder send those again and
+        again.
+        """
+        partial = self._partials[piece]
+        state = partial.state
+        count = len(state)
+        start = i64(int(self._random() * float(count)))
+        taken = 0
+        for step in range(count):
+            if taken >= limit or not partial.open:
+                break
+            index = start + step
+            if index >= count:
+                index -= count
+            if state[index] != _OPEN or (only is not None and index not in only):
+                continue
+            state[index] = _REQUESTED
+            partial.requesters[index] = [peer]
+            partial.open -= 1
+            out.append(self._block(piece, index))
+            taken += 1
+        while partial.next_open < count and state[partial.next_open] != _OPEN:
+            partial.next_open += 1
+        if not partial.open and piece in self._open_partials:
+            del self._open_partials[piece]
+
     def _take_open(self, peer: PeerT, piece: int, limit: int, out: list[BlockRequest]) -> None:
+        if self._spread:
+            self._take_spread(peer, piece, limit, out, None)
+            return
         partial = self._partials[piece]
         state = partial.state
         index = partial.next_open

@@ -33,11 +33,12 @@ type   message      body
 1      KeepAlive    empty
 2      BitfieldMsg  ``ceil(num_pieces / 8)`` bytes, BitTorrent bit order
 3      Have         piece u32
-4      Request      piece u32, offset u32, length u32
+4      Request      piece u32, offset u32, length u32, held u32 (pieces the sender holds)
 5      Cancel       piece u32, offset u32, length u32
 6      Reject       piece u32, offset u32, length u32
 7      BlockHeader  piece u32, offset u32, length u32; then ``length`` payload bytes
 8      Handshake    root 32 B, peer id 20 B, listen port u16, proof 32 B (86 bytes)
+9      Partial      piece u32, block size u32, bits (blocks of the piece it serves)
 =====  ===========  ==========================================================
 
 Each side sends exactly one Hello, then exactly one Handshake, then anything
@@ -76,7 +77,8 @@ the handshake: those carry no MAC (see the README's security model).
 Versioning
 ----------
 :data:`PROTOCOL_VERSION` is 3 (3 added the requester's piece count to Request,
-which the server's upload order reads). It changes whenever a frame's layout or meaning
+which the server's upload order reads, and Partial, a checked prefix of a piece
+not yet whole that the sender serves: cut-through relay). It changes whenever a frame's layout or meaning
 changes; peers with different versions refuse each other at the Hello (there is
 one version per cluster roll-out, so no negotiation). The magic and version come
 first in the first frame of every version (version 1's first frame was its
@@ -118,6 +120,7 @@ __all__ = [
     "MAX_BLOCK",
     "MAX_PIECES",
     "MAX_PIECE_LENGTH",
+    "MIN_PARTIAL_BLOCK",
     "NEED_DATA",
     "PEER_ID_LENGTH",
     "PROTOCOL_VERSION",
@@ -136,6 +139,7 @@ __all__ = [
     "KeepAlive",
     "Message",
     "NeedData",
+    "Partial",
     "PeerHandshake",
     "Reject",
     "Request",
@@ -158,6 +162,11 @@ MAX_PIECE_LENGTH: Final = 1 << 32
 MAX_BLOCK: Final = MAX_BLOCK_SIZE  # a format-2 manifest's blocks are never larger
 """Largest block payload a request may ask for or a block frame may carry."""
 
+MIN_PARTIAL_BLOCK: Final = 16 << 10
+"""Smallest block a Partial may count in (its bits for a 4 GiB piece fit in 32 KiB)."""
+
+_MAX_PARTIAL_BITS: Final = (MAX_PIECE_LENGTH // MIN_PARTIAL_BLOCK + 7) // 8
+
 DEFAULT_BLOCK_SIZE: Final = 4 << 20
 """Block size requesters use unless configured otherwise."""
 
@@ -167,6 +176,7 @@ _HELLO_PREFIX = struct.Struct("!4sH")
 _HANDSHAKE = struct.Struct(f"!32s20sH{MAC_SIZE}s")
 _PIECE = struct.Struct("!I")
 _RANGE = struct.Struct("!III")
+_PARTIAL = struct.Struct("!II")  # piece, block size; then the block bits
 _REQUEST = struct.Struct("!IIII")  # a range and the pieces the requester holds
 
 HEADER_SIZE: Final = _HEADER.size
@@ -284,6 +294,42 @@ class Have:
         _check_int("Have", "piece", self.piece, 0, MAX_PIECES - 1)
 
 
+@dataclass(frozen=True, slots=True)
+class Partial:
+    """Blocks of ``piece`` the sender holds, each checked against the manifest, and
+    serves before the piece is whole (cut-through relay; see :mod:`swarm.session`).
+
+    Bit ``i`` of ``bits`` (BitTorrent bit order, as a bitfield) is bytes
+    ``[i * block_size, (i + 1) * block_size)`` of the piece. A later Partial of
+    the piece replaces it; a Have of the piece ends it.
+    """
+
+    piece: int
+    block_size: int
+    bits: bytes
+
+    def __post_init__(self) -> None:
+        _check_int("Partial", "piece", self.piece, 0, MAX_PIECES - 1)
+        _check_int("Partial", "block_size", self.block_size, MIN_PARTIAL_BLOCK, MAX_BLOCK)
+        if not isinstance(self.bits, bytes):
+            raise LocalProtocolError(f"Partial.bits must be bytes, got {type(self.bits).__name__}")
+        if not 1 <= len(self.bits) <= _MAX_PARTIAL_BITS:
+            raise LocalProtocolError(
+                f"Partial.bits is {len(self.bits)} bytes, not in 1..{_MAX_PARTIAL_BITS}"
+            )
+
+    @classmethod
+    def of(cls, piece: int, block_size: int, blocks: Bitfield) -> Partial:
+        return cls(piece, block_size, blocks.to_bytes())
+
+    def blocks(self, num_blocks: int) -> Bitfield:
+        """The bits as a bitfield of ``num_blocks``; RemoteProtocolError if they don't fit."""
+        try:
+            return Bitfield.from_bytes(self.bits, num_blocks)
+        except ValueError as exc:
+            raise RemoteProtocolError(f"bad partial of piece {self.piece}: {exc}") from exc
+
+
 def _check_range(owner: str, piece: int, offset: int, length: int) -> None:
     _check_int(owner, "piece", piece, 0, MAX_PIECES - 1)
     _check_int(owner, "offset", offset, 0, _U32_MAX)
@@ -354,7 +400,16 @@ class BlockHeader:
 
 
 Message: TypeAlias = (
-    Hello | Handshake | KeepAlive | BitfieldMsg | Have | Request | Cancel | Reject | BlockHeader
+    Hello
+    | Handshake
+    | KeepAlive
+    | BitfieldMsg
+    | Have
+    | Partial
+    | Request
+    | Cancel
+    | Reject
+    | BlockHeader
 )
 
 # -- the connect flow -------------------------------------------------------
@@ -519,6 +574,7 @@ _T_CANCEL: Final = 5
 _T_REJECT: Final = 6
 _T_BLOCK: Final = 7
 _T_HANDSHAKE: Final = 8
+_T_PARTIAL: Final = 9
 
 _TYPE_NAMES: Final = {
     _T_HELLO: "hello",
@@ -530,6 +586,7 @@ _TYPE_NAMES: Final = {
     _T_CANCEL: "cancel",
     _T_REJECT: "reject",
     _T_BLOCK: "block",
+    _T_PARTIAL: "partial",
 }
 
 # Body size of each fixed-size frame type.
@@ -576,6 +633,8 @@ def encode(msg: Message) -> bytes:
         return _frame(_RANGE_TYPES[type(msg)], _RANGE.pack(msg.piece, msg.offset, msg.length))
     if isinstance(msg, Have):
         return _frame(_T_HAVE, _PIECE.pack(msg.piece))
+    if isinstance(msg, Partial):
+        return _frame(_T_PARTIAL, _PARTIAL.pack(msg.piece, msg.block_size) + msg.bits)
     if isinstance(msg, KeepAlive):
         return _frame(_T_KEEPALIVE, b"")
     if isinstance(msg, BitfieldMsg):
@@ -817,6 +876,12 @@ class FrameDecoder:
                     )
             elif body_size > MAX_PIECES // 8:
                 raise self._fail(f"bitfield is {body_size} bytes, more than {MAX_PIECES // 8}")
+        elif frame_type == _T_PARTIAL:
+            if not _PARTIAL.size < body_size <= _PARTIAL.size + _MAX_PARTIAL_BITS:
+                raise self._fail(
+                    f"partial frame body is {body_size} bytes, not in "
+                    f"{_PARTIAL.size + 1}..{_PARTIAL.size + _MAX_PARTIAL_BITS}"
+                )
         elif body_size != _FIXED_BODY[frame_type]:
             raise self._fail(
                 f"{name} frame body is {body_size} bytes, expected {_FIXED_BODY[frame_type]}"
@@ -846,6 +911,22 @@ class FrameDecoder:
             (piece,) = _PIECE.unpack(body)
             self._check_piece("have", piece)
             return Have(piece)
+        if frame_type == _T_PARTIAL:
+            piece, block_size = _PARTIAL.unpack_from(body)
+            self._check_piece("partial", piece)
+            if not MIN_PARTIAL_BLOCK <= block_size <= MAX_BLOCK:
+                raise self._fail(
+                    f"partial of piece {piece} counts in blocks of {block_size} bytes, "
+                    f"not in {MIN_PARTIAL_BLOCK}..{MAX_BLOCK}"
+                )
+            bits = bytes(body[_PARTIAL.size :])
+            if self._piece_lengths is not None:
+                num_blocks = -(-self._piece_lengths[piece] // block_size)
+                try:
+                    Bitfield.from_bytes(bits, num_blocks)
+                except ValueError as exc:
+                    raise self._fail(f"bad partial of piece {piece}: {exc}") from exc
+            return Partial(piece, block_size, bits)
         held = 0
         if frame_type == _T_REQUEST:
             piece, offset, length, held = _REQUEST.unpack(body)

@@ -726,3 +726,31 @@ def test_an_idle_peer_gets_a_block_that_another_peer_gave_back() -> None:
     picker.peer_has("a", 1)
     assert pieces(picker.pick("a", 1)) == [1]  # its own new piece
     assert pieces(picker.pick("c", 3)) == [1, 1]  # the open rest of a started piece
+
+
+def test_offered_blocks_of_a_partial_holder_are_asked_before_new_pieces() -> None:
+    picker: PiecePicker[str] = PiecePicker([BLOCK * 8] * 3, BLOCK, random.Random(1), spread=True)
+    picker.add_peer("full", Bitfield.from_indices([1], 3))
+    picker.add_peer("relay", Bitfield(3))
+    picker.offer_blocks("relay", 0, Bitfield.from_indices([2, 5, 6], 8))
+    assert picker.offered("relay")[0] == Bitfield.from_indices([2, 5, 6], 8)
+    got = picker.pick("relay", 8)
+    assert sorted(b.offset // BLOCK for b in got) == [2, 5, 6]  # only what it offered
+    assert pieces(got) == [0, 0, 0]
+    # The rest of piece 0 is open for anyone who has it; the full holder gets piece 1.
+    assert pieces(picker.pick("full", 2)) == [1, 1]
+    # A Have of the piece ends the offer.
+    picker.add_peer("relay", Bitfield.from_indices([0], 3))
+    picker.peer_has("relay", 0)
+    assert 0 not in picker.offered("relay")
+
+
+def test_spread_asks_different_blocks_of_one_piece_from_random_starts() -> None:
+    starts = set()
+    for seed in range(8):
+        picker: PiecePicker[str] = PiecePicker(
+            [BLOCK * 64], BLOCK, random.Random(seed), spread=True
+        )
+        picker.add_peer("seed", Bitfield.full(1))
+        starts.add(picker.pick("seed", 1)[0].offset)
+    assert len(starts) > 4  # lowest-first would start every node at block 0

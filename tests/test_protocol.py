@@ -13,6 +13,7 @@ from swarm.protocol import (
     HEADER_SIZE,
     MAX_BLOCK,
     MAX_PIECES,
+    MIN_PARTIAL_BLOCK,
     NEED_DATA,
     PROTOCOL_VERSION,
     BitfieldMsg,
@@ -28,6 +29,7 @@ from swarm.protocol import (
     Hello,
     KeepAlive,
     Message,
+    Partial,
     PeerHandshake,
     Reject,
     Request,
@@ -799,3 +801,19 @@ def test_handshake_checks_its_own_fields() -> None:
         PeerHandshake(OPEN, dialer=True, root=ROOT, peer_id=PEER, listen_port=1, nonce=b"x")
     with pytest.raises(LocalProtocolError, match="listen_port"):
         PeerHandshake(OPEN, dialer=True, root=ROOT, peer_id=PEER, listen_port=-1, nonce=bytes(16))
+
+
+def test_partial_round_trips_and_is_checked_against_the_piece() -> None:
+    decoder = after_handshake()
+    decoder.set_layout(piece_lengths=[10 * MIN_PARTIAL_BLOCK, MIN_PARTIAL_BLOCK])
+    good = Partial(0, MIN_PARTIAL_BLOCK, b"\xa0\x40")  # blocks 0, 2 and 9 of 10
+    decoder.feed(encode(good))
+    event = decoder.next_event()
+    assert event == good and isinstance(event, Partial)
+    assert list(event.blocks(10)) == [0, 2, 9]
+    # Bits past the piece's last block are a lie the decoder refuses.
+    decoder.feed(encode(Partial(1, MIN_PARTIAL_BLOCK, b"\xc0")))
+    with pytest.raises(RemoteProtocolError, match="bad partial of piece 1"):
+        decoder.next_event()
+    with pytest.raises(LocalProtocolError, match="block_size"):
+        Partial(0, 1024, b"\x80")

@@ -23,6 +23,7 @@ from session_helpers import (
     Harness,
     Remote,
     Wire,
+    block_of,
     make_session,
     pid,
 )
@@ -31,6 +32,7 @@ from core.auth import ClusterKey
 from core.bitfield import Bitfield
 from swarm.picker import BlockRequest
 from swarm.protocol import (
+    MIN_PARTIAL_BLOCK,
     PROTOCOL_VERSION,
     BitfieldMsg,
     Cancel,
@@ -39,6 +41,7 @@ from swarm.protocol import (
     Hello,
     KeepAlive,
     Message,
+    Partial,
     Reject,
     Request,
 )
@@ -818,3 +821,25 @@ def test_a_have_or_request_outside_the_artifact_closes_the_connection() -> None:
     actions = h.feed(Received(bad_request.conn, Request(0, 4096, 16)))
     assert any(isinstance(a, Close) and a.conn == bad_request.conn for a in actions)
     assert not any(isinstance(a, SendBlock) for a in actions)
+
+
+def test_cut_through_serves_checked_blocks_before_the_piece_is_whole() -> None:
+    size = MIN_PARTIAL_BLOCK
+    h = Harness(make_session([4 * size] * 2, peer_id=ME, block_size=size, cut_through=1))
+    source = h.connect(pid(1), bitfield=[0, 1])
+    lacking = h.connect(pid(2), bitfield=[])
+    first = next(m for m in source.sent if isinstance(m, Request) and m.piece == 0)
+    block = block_of(first)
+    h.feed(BlockStarted(source.conn, block))
+    h.feed(BlockReceived(source.conn, block))
+    actions = h.feed(BlockStored(source.conn, block))
+    told = [a for a in of_kind(actions, Send) if isinstance(a.msg, Partial)]
+    assert [a.conn for a in told] == [lacking.conn]  # not the source: it has the piece
+    partial = told[0].msg
+    assert isinstance(partial, Partial) and list(partial.blocks(4)) == [first.offset // size]
+    # The block we hold is served; one we don't is rejected.
+    h.feed(Received(lacking.conn, Request(0, first.offset, first.length)))
+    assert lacking.uploads == [Request(0, first.offset, first.length)]
+    other = (first.offset + size) % (4 * size)
+    rejected = h.feed(Received(lacking.conn, Request(0, other, size)))
+    assert [a.msg for a in of_kind(rejected, Send)] == [Reject(0, other, size)]

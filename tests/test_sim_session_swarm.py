@@ -7,7 +7,7 @@ import dataclasses
 from simulations.engine import Simulation
 from simulations.runner import run_strategy
 from simulations.scenario import Crash, Scenario
-from simulations.session_swarm import SessionSwarm
+from simulations.session_swarm import CUT_THROUGH_BLOCKS, SessionSwarm
 from simulations.strategies import RandomOrderPicker
 from swarm.picker import PiecePicker
 from swarm.session import PeerSession, SessionConfig
@@ -34,7 +34,10 @@ def test_every_node_is_a_peer_session_and_the_tracker_is_the_registry() -> None:
         assert isinstance(session, PeerSession)
         assert type(session.picker) is PiecePicker
         assert session.block_size == 1 * MiB
-        assert dataclasses.replace(session.config, block_size=peer.block_size) == peer
+        assert session.config.cut_through == CUT_THROUGH_BLOCKS  # the scenario's default: on
+        assert (
+            dataclasses.replace(session.config, block_size=peer.block_size, cut_through=0) == peer
+        )
         assert session.complete
         assert session.peers  # it found others through the tracker's replies
     # Only the origin pieces' bytes came from the origin: four blocks per piece
@@ -88,3 +91,29 @@ def test_a_crashed_seeder_is_forgotten_and_the_others_finish() -> None:
         assert node.session is not None
         assert crashed not in node.session.peers
     assert crashed not in swarm.registry
+
+
+def test_cut_through_moves_256_mib_pieces_at_block_granularity() -> None:
+    # 12 nodes, 2 GiB in the default 256 MiB pieces, the origin as fast as a NIC:
+    # without cut-through a piece helps nobody until its seeder holds it whole,
+    # and the 8 pieces' seeders pull them at once while the fabric idles.
+    scenario = Scenario(
+        nodes=12,
+        model_size=2048 * MiB,
+        piece_size=256 * MiB,
+        nic_gbps=10,
+        origin_gbps=10,
+        peer_connections=11,
+    )
+    results = {}
+    for on in (True, False):
+        sim = Simulation(scenario.with_overrides(cut_through=on), "swarm-session")
+        strategy = SessionSwarm(sim)
+        result = sim.run(strategy)
+        assert len(result.completed()) == 12
+        assert result.origin_bytes == scenario.model_size  # still one origin copy
+        relayed = sum(n.session.stats.cut_through_bytes for n in strategy.nodes if n.session)
+        results[on] = (max(result.completed()), relayed)
+    (on_time, on_relayed), (off_time, off_relayed) = results[True], results[False]
+    assert off_relayed == 0 and on_relayed > 0
+    assert on_time < off_time * 0.9, results
