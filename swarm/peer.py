@@ -258,6 +258,9 @@ class PeerConfig:
     max_peers: int = _S.max_peers
     endgame_duplicates: int = _S.endgame_duplicates
     max_upload_queue: int = _S.max_upload_queue
+    # Cut-through relay stays off in the peer: its store serves verified pieces
+    # only (read_direct, piece_fd), not checked blocks of pieces still arriving.
+    cut_through: int = _S.cut_through
     keepalive: float = _S.keepalive
     idle_timeout: float = _S.idle_timeout
     zone: str = _S.zone  # this node's zone or rack, sent in announces ("" for none)
@@ -289,6 +292,13 @@ class PeerConfig:
     open_files: int = 32  # artifact files kept open for uploads when idle
     max_upload_rate: int | None = None  # bytes/s of block payload sent to peers; None: uncapped
     max_download_rate: int | None = None  # bytes/s from peers and the origin; None: uncapped
+
+    def __post_init__(self) -> None:
+        if self.cut_through:
+            raise ConfigError(
+                "cut-through relay is not available in the peer yet: its store serves "
+                "only verified pieces (the simulator's swarm-session models it)"
+            )
 
     def session_config(self) -> SessionConfig:
         """The session's settings: every field of SessionConfig, from ours of that name."""
