@@ -458,6 +458,15 @@ class Simulation:
             request.active = False
             self.origin_active -= request.streams
 
+    def take_throttles(self, node: int) -> tuple[int, float | None]:
+        """Throttled answers ``node``'s pulls got since last asked, and the longest
+        Retry-After among them (None: none said); both start over."""
+        count = self.node_throttles[node]
+        retry_after = self.node_retry_after[node] or None
+        self.node_throttles[node] = 0
+        self.node_retry_after[node] = 0.0
+        return count, retry_after
+
     def _origin_start(self, request: OriginRequest) -> None:
         if request.cancelled or not self.alive[request.node]:
             self._release(request)

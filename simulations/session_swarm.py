@@ -319,12 +319,7 @@ class SessionSwarm:
                 self._push(me, OriginProgress(piece, done - told))
         self._drain()
         registry = self.registry
-        sim = self.sim
-        node = me.id
-        throttles = sim.node_throttles[node]
-        retry_after = sim.node_retry_after[node] or None
-        sim.node_throttles[node] = 0
-        sim.node_retry_after[node] = 0.0
+        throttles, retry_after = self.sim.take_throttles(me.id)
         answer = registry.announce(
             me.peer_id,
             (me.host, _PORT),

@@ -608,8 +608,6 @@ class Swarm:
         sim = self.sim
         now = sim.now
         assignment = self.assignment
-        throttles = sim.node_throttles
-        retry_after = sim.node_retry_after
         adaptive = self.adaptive
         for me in self.nodes:
             for piece, request in me.pulls.items():
@@ -617,11 +615,9 @@ class Swarm:
                 done = 0 if flow is None else int(flow.transferred(now))
                 assignment.progress(me.id, piece, done, now)
             node = me.id
-            if throttles[node]:
-                if adaptive is not None and sim.alive[node]:
-                    adaptive.throttled(throttles[node], retry_after[node] or None)
-                throttles[node] = 0
-                retry_after[node] = 0.0
+            count, wait = sim.take_throttles(node)
+            if count and adaptive is not None and sim.alive[node]:
+                adaptive.throttled(count, wait)
         taken = assignment.tick(now)
         if adaptive is not None:
             assignment.set_cap(

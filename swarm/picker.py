@@ -490,8 +490,8 @@ class PiecePicker(Generic[PeerT]):
             del self._idle[peer]
 
     def withdraw_offer(self, peer: PeerT, piece: int) -> None:
-        """``peer`` no longer serves the prefix of ``piece`` it offered (it rejected a
-        request there); a later :meth:`offer_prefix` may offer it again."""
+        """``peer`` no longer serves the blocks of ``piece`` it offered (it rejected a
+        request there); a later :meth:`offer_blocks` may offer them again."""
         offers = self._offers.get(peer)
         if offers is not None:
             offers.pop(piece, None)

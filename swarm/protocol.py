@@ -77,9 +77,9 @@ the handshake: those carry no MAC (see the README's security model).
 Versioning
 ----------
 :data:`PROTOCOL_VERSION` is 3 (3 added the requester's piece count to Request,
-which the server's upload order reads, and Partial, a checked prefix of a piece
-not yet whole that the sender serves: cut-through relay). It changes whenever a frame's layout or meaning
-changes; peers with different versions refuse each other at the Hello (there is
+which the server's upload order reads, and Partial, the checked blocks of a piece
+not yet whole that the sender serves: cut-through relay). It changes whenever a
+frame's layout or meaning changes; peers with different versions refuse each other at the Hello (there is
 one version per cluster roll-out, so no negotiation). The magic and version come
 first in the first frame of every version (version 1's first frame was its
 Handshake, type 0, with the same prefix), so a peer of another version, older or

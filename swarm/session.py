@@ -170,8 +170,8 @@ class SessionConfig:
     max_upload_queue: int = 256
     # Cut-through relay: blocks checked on arrival are served before their piece is
     # whole, and a Partial goes out each time we hold this many more blocks of a
-    # piece that few neighbours hold whole (see PeerSession._checked). 0: off (a format-1 manifest: blocks are
-    # checked only with their piece).
+    # piece that few neighbours hold whole (see PeerSession._checked). 0: off (a
+    # format-1 manifest's blocks are checked only with their piece).
     cut_through: int = 0
 
 
@@ -1055,8 +1055,7 @@ class PeerSession:
             self.contributors.setdefault(piece, set()).add(source.peer_id)
         for other, dup in self.picker.block_received(source, block):
             self._cancel(other, dup, now, out)
-        if self.cut_through:
-            self._checked(piece, block.offset, block.offset + block.length, now, out)
+        self._checked(piece, block.offset, block.offset + block.length, now, out)
         if self.picker.piece_complete(piece):
             self.verifying.add(piece)
             out.append(Verify(piece))
@@ -1098,8 +1097,7 @@ class PeerSession:
         for conn, block in self.picker.mark_have(piece):
             self._cancel(conn, block, now, out)
         self.contributors.pop(piece, None)
-        self.partial.pop(piece, None)
-        self._told.pop(piece, None)
+        self._forget_partial(piece)
         have = Have(piece)
         for conn in self.peers.values():
             # HAVE suppression: a peer that has the piece has no use for the news.
@@ -1148,11 +1146,15 @@ class PeerSession:
         for conn in lacking:
             self._send(conn, partial, now, out)
 
+    def _forget_partial(self, piece: int) -> None:
+        """Nothing of ``piece`` is served cut-through any more (whole, failed, or dropped)."""
+        self.partial.pop(piece, None)
+        self._told.pop(piece, None)
+
     def _piece_failed(self, piece: int, now: float, out: list[Action]) -> None:
         self.verifying.discard(piece)
         self.stats.corrupt_pieces += 1
-        self.partial.pop(piece, None)  # its blocks are thrown away
-        self._told.pop(piece, None)
+        self._forget_partial(piece)  # its blocks are thrown away
         sources = self.contributors.pop(piece, set())
         sources.discard(b"")
         log.warning(
@@ -1261,8 +1263,7 @@ class PeerSession:
             return
         self.pulls.discard(piece)
         self.origin_progress.pop(piece, None)
-        self.partial.pop(piece, None)
-        self._told.pop(piece, None)
+        self._forget_partial(piece)
         self.picker.release(piece)
         self._fill_all(now, out)
 
@@ -1310,7 +1311,7 @@ class PeerSession:
             piece = request.piece
             if not self.picker.has(piece):
                 if not self._servable(piece, request.offset, request.length):
-                    # Queued on a prefix that is gone (the piece failed, or its pull
+                    # Queued on blocks that are gone (the piece failed, or its pull
                     # was taken back): nothing checked to send.
                     self.uploads.done(conn, request)
                     self._send(conn, Reject(piece, request.offset, request.length), now, out)
