@@ -87,6 +87,11 @@ MIB = 1024 * 1024
 GIB = 1024 * MIB
 MBIT = 1_000_000
 GBIT = 1_000_000_000
+JUMBO_MTU = 9000
+"""The testbed's MTU. A cluster fabric runs jumbo frames (AWS VPCs default to 9001
+bytes; RDMA/GPU fabrics to 4096 or more), and at 1500 the headers alone keep a full
+mesh of TCP flows on these shaped links at 0.93 of the link rate (0.98 at 9000):
+measured all-to-all between the 8 fabric-bound nodes, the floor no system can pass."""
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -103,7 +108,11 @@ PRODUCT_DIRS = ("swarm", "tracker", "seeder", "cli")
 
 @dataclass(frozen=True)
 class Scenario:
-    """One benchmark scenario: a burst of ``nodes`` fetches of one artifact."""
+    """One benchmark scenario: a burst of ``nodes`` fetches of one artifact.
+
+    With ``slow_nodes``, the last that many nodes have ``slow_bps`` links (up and
+    down) instead of ``node_bps``: a fleet whose nodes differ.
+    """
 
     name: str
     nodes: int
@@ -112,30 +121,59 @@ class Scenario:
     model_bytes: int
     piece_size: int
     files: int = 4
+    mtu: int = JUMBO_MTU
+    slow_nodes: int = 0
+    slow_bps: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.slow_nodes < self.nodes or (self.slow_nodes and self.slow_bps <= 0):
+            raise ValueError("slow_nodes must be in [0, nodes) and slow_bps positive")
+
+    @property
+    def node_links_bps(self) -> list[int]:
+        """Each node's link rate (up and down alike), in node order."""
+        fast = self.nodes - self.slow_nodes
+        return [self.node_bps] * fast + [self.slow_bps] * self.slow_nodes
 
     @property
     def shape(self) -> Shape:
+        links = tuple((b, b) for b in self.node_links_bps) if self.slow_nodes else ()
         return Shape(
             nodes=self.nodes,
             node_up_bps=self.node_bps,
             node_down_bps=self.node_bps,
             origin_up_bps=self.origin_bps,
+            mtu=self.mtu,
+            node_links=links,
         )
 
     @property
+    def node_bounds_seconds(self) -> list[float]:
+        """Each node's own bound, max(F/u_s, F/d_i, N·F/(u_s + Σu)), in node order."""
+        links = self.node_links_bps
+        bits = 8 * self.model_bytes
+        shared = max(bits / self.origin_bps, len(links) * bits / (self.origin_bps + sum(links)))
+        return [max(shared, bits / d) for d in links]
+
+    @property
     def lower_bound_seconds(self) -> float:
-        return lower_bound_seconds(
-            self.model_bytes,
-            nodes=self.nodes,
-            origin_up_bps=self.origin_bps,
-            node_down_bps=self.node_bps,
-            node_up_bps=self.node_bps,
-        )
+        """T_min: the slowest node's own bound (:func:`lower_bound_seconds` for equal links)."""
+        return max(self.node_bounds_seconds)
 
 
 SCENARIOS: dict[str, Scenario] = {
     "origin-bound": Scenario("origin-bound", 8, 1 * GBIT, 200 * MBIT, 512 * MIB, 4 * MIB),
     "fabric-bound": Scenario("fabric-bound", 8, 400 * MBIT, 1 * GBIT, 1 * GIB, 4 * MIB),
+    "mixed-links": Scenario(
+        "mixed-links",
+        8,
+        400 * MBIT,
+        1 * GBIT,
+        512 * MIB,
+        4 * MIB,
+        slow_nodes=2,
+        slow_bps=100 * MBIT,
+    ),
 }
 
 
@@ -164,9 +202,14 @@ def summarize_system(
     origin_bytes: int,
     model_bytes: int,
     bound_seconds: float,
+    node_bounds: Sequence[float] = (),
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One system's entry of a scenario result; times are per-node completion times."""
+    """One system's entry of a scenario result; times are per-node completion times.
+
+    With ``node_bounds`` (each node's own bound, in node order) the entry also
+    gives each node's completion over its own bound.
+    """
     if not node_seconds:
         raise ValueError("no node completion times")
     p50 = float(statistics.median(node_seconds))
@@ -179,6 +222,11 @@ def summarize_system(
         "origin_ratio": round(origin_bytes / model_bytes, 4) if model_bytes else None,
         "node_seconds": [round(s, 3) for s in node_seconds],
     }
+    if node_bounds:
+        own = [s / b for s, b in zip(node_seconds, node_bounds, strict=True)]
+        out["own_bound_ratios"] = [round(r, 3) for r in own]
+        out["own_bound_ratio_p50"] = round(float(statistics.median(own)), 3)
+        out["own_bound_ratio_max"] = round(max(own), 3)
     if extra:
         out.update(extra)
     return out
@@ -201,6 +249,15 @@ def scenario_result(
         "piece_size": scenario.piece_size,
         "node_link_bps": scenario.node_bps,
         "origin_link_bps": scenario.origin_bps,
+        "mtu": scenario.mtu,
+        **(
+            {
+                "node_links_bps": scenario.node_links_bps,
+                "node_bounds_seconds": [round(b, 3) for b in scenario.node_bounds_seconds],
+            }
+            if scenario.slow_nodes
+            else {}
+        ),
         "lower_bound_seconds": round(scenario.lower_bound_seconds, 3),
         "systems": systems,
     }
@@ -369,8 +426,11 @@ class ScenarioRunner:
         artifact = self._make_artifact(s3.bucket(BUCKET) / self.name)
         s3.bucket("catalog")
         (self.work / "logs").mkdir()
+        slow = (
+            f" ({sc.slow_nodes} of them {sc.slow_bps / MBIT:.0f} Mbit/s)" if sc.slow_nodes else ""
+        )
         self.say(
-            f"{sc.nodes} nodes, node links {sc.node_bps / MBIT:.0f} Mbit/s, origin "
+            f"{sc.nodes} nodes, node links {sc.node_bps / MBIT:.0f} Mbit/s{slow}, origin "
             f"{sc.origin_bps / MBIT:.0f} Mbit/s, {format_size(sc.model_bytes)} in "
             f"{format_size(sc.piece_size)} pieces; T_min {sc.lower_bound_seconds:.1f} s"
         )
@@ -400,6 +460,12 @@ class ScenarioRunner:
                     f"{system}: p50 {entry['p50_seconds']:.1f} s, max {entry['max_seconds']:.1f} s "
                     f"({entry['ratio_to_bound']:.2f} x T_min), origin "
                     f"{entry['origin_ratio']:.3f} x F, host CPU busy {entry['host_cpu_busy']:.0%}"
+                    + (
+                        f"; each node over its own bound: p50 {entry['own_bound_ratio_p50']:.2f}, "
+                        f"max {entry['own_bound_ratio_max']:.2f}"
+                        if "own_bound_ratio_max" in entry
+                        else ""
+                    )
                 )
         result = scenario_result(
             sc,
@@ -800,6 +866,7 @@ class ScenarioRunner:
             origin_bytes=origin_bytes,
             model_bytes=self.scenario.model_bytes,
             bound_seconds=self.scenario.lower_bound_seconds,
+            node_bounds=self.scenario.node_bounds_seconds if self.scenario.slow_nodes else (),
             extra={
                 **extra,
                 "self_p50_seconds": round(statistics.median(self_seconds), 3),
@@ -1033,6 +1100,7 @@ def run_scenario(
     scenario = replace(
         scenario,
         nodes=nodes or scenario.nodes,
+        slow_nodes=min(scenario.slow_nodes, (nodes or scenario.nodes) // 4),
         model_bytes=size or scenario.model_bytes,
         piece_size=piece_size or scenario.piece_size,
     )

@@ -176,15 +176,18 @@ def record_from_result(result: Mapping[str, Any], system: str = STRATEGY) -> Run
     """The record of ``system`` in a result object of :func:`benchmarks.shaped.scenario_result`."""
     entry = result["systems"][system]
     nodes = int(result["nodes"])
-    link = int(result["node_link_bps"])
+    links = (
+        tuple(int(b) for b in result.get("node_links_bps", ()))
+        or (int(result["node_link_bps"]),) * nodes
+    )
     reported = entry.get("origin_bytes_reported")
     return RunRecord(
         name=str(result["scenario"]),
         model_bytes=int(result["model_bytes"]),
         files=int(result["files"]),
         piece_size=int(result["piece_size"]),
-        node_up_bps=(link,) * nodes,
-        node_down_bps=(link,) * nodes,
+        node_up_bps=links,
+        node_down_bps=links,
         origin_up_bps=int(result["origin_link_bps"]),
         p50_seconds=float(entry["p50_seconds"]),
         max_seconds=float(entry["max_seconds"]),

@@ -82,6 +82,9 @@ class Shape:
     # With zones: the most a node receives from other zones (its share of an
     # oversubscribed uplink); None: as fast as its link.
     cross_zone_down_bps: int | None = None
+    # Per node, in node order, (up, down) rates that replace node_up_bps and
+    # node_down_bps for that node; () for a fleet whose links are all alike.
+    node_links: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if not 1 <= self.nodes <= MAX_NODES:
@@ -97,6 +100,18 @@ class Shape:
                 raise ValueError(f"{name} must be positive")
         if self.origin_down_bps is not None and self.origin_down_bps <= 0:
             raise ValueError("origin_down_bps must be positive or None")
+        if self.node_links and len(self.node_links) != self.nodes:
+            raise ValueError(f"node_links names {len(self.node_links)} nodes, not {self.nodes}")
+        if any(min(link) <= 0 for link in self.node_links):
+            raise ValueError("node_links rates must be positive")
+
+    def up_bps(self, index: int) -> int:
+        """Node ``index``'s (1-based) upload rate."""
+        return self.node_links[index - 1][0] if self.node_links else self.node_up_bps
+
+    def down_bps(self, index: int) -> int:
+        """Node ``index``'s (1-based) download rate."""
+        return self.node_links[index - 1][1] if self.node_links else self.node_down_bps
 
 
 @dataclass(frozen=True)
@@ -208,7 +223,7 @@ class Testbed:
         _cmd(["ip", "-n", br, "link", "set", "br0", "up"])
         self._add_host(self.origin_ns, "po", ORIGIN_ADDR, s.origin_up_bps, s.origin_down_bps)
         for i, ns in enumerate(self.node_ns, start=1):
-            self._add_host(ns, f"p{i}", node_addr(i), s.node_up_bps, s.node_down_bps)
+            self._add_host(ns, f"p{i}", node_addr(i), s.up_bps(i), s.down_bps(i))
             if s.zones:
                 self._split_cross_zone(i)
 
@@ -297,7 +312,7 @@ class Testbed:
         """Give node ``index``'s port a class of its own for frames from other zones."""
         s = self.shape
         port = f"p{index}"
-        down = s.node_down_bps
+        down = s.down_bps(index)
         cross = s.cross_zone_down_bps
 
         def tc(args: str) -> None:

@@ -206,3 +206,18 @@ def test_result_of_the_shaped_bench_gains_a_simulated_object() -> None:
     )
     assert add_prediction(result, "direct") is None
     assert "simulated" not in result["systems"]["direct"]
+
+
+def test_a_run_with_unequal_links_is_simulated_with_each_nodes_link() -> None:
+    scenario = Scenario("mixed", 4, GBIT, GBIT, 16 * MIB, MIB, slow_nodes=1, slow_bps=250 * MBIT)
+    swarm = summarize_system(
+        [0.5, 0.5, 0.5, 0.9],
+        origin_bytes=16 * MIB,
+        model_bytes=scenario.model_bytes,
+        bound_seconds=scenario.lower_bound_seconds,
+        node_bounds=scenario.node_bounds_seconds,
+    )
+    result = scenario_result(scenario, {"swarm": swarm}, date=dt.date(2026, 12, 5))
+    assert result["node_links_bps"] == [GBIT] * 3 + [250 * MBIT]
+    record = record_from_result(result)
+    assert record.node_down_bps == (GBIT, GBIT, GBIT, 250 * MBIT) == record.node_up_bps

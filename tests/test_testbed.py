@@ -22,6 +22,7 @@ from benchmarks.run_all import (
     update_readme,
 )
 from benchmarks.shaped import (
+    GBIT,
     GIB,
     MBIT,
     MIB,
@@ -97,6 +98,50 @@ def test_shape_and_addresses_stay_inside_the_testbed_subnet() -> None:
         400 * MBIT,
         400 * MBIT,
         1000 * MBIT,
+    )
+
+
+def test_mixed_links_scenario_holds_each_node_to_its_own_bound() -> None:
+    sc = SCENARIOS["mixed-links"]
+    assert sc.node_links_bps == [400 * MBIT] * 6 + [100 * MBIT] * 2
+    bits = 8 * sc.model_bytes
+    shared = max(bits / 1e9, 8 * bits / (1e9 + 6 * 400e6 + 2 * 100e6))
+    fast, slow = max(shared, bits / 400e6), max(shared, bits / 100e6)
+    assert sc.node_bounds_seconds == pytest.approx([fast] * 6 + [slow] * 2)
+    assert sc.lower_bound_seconds == pytest.approx(slow)  # T_min is the slow nodes' bound
+    shape = sc.shape
+    assert [shape.up_bps(i) for i in (1, 6, 7, 8)] == [400 * MBIT] * 2 + [100 * MBIT] * 2
+    assert shape.down_bps(8) == 100 * MBIT and shape.mtu == 9000
+    # Equal links: the node bounds are the Kumar-Ross bound for every node.
+    fabric = SCENARIOS["fabric-bound"]
+    assert fabric.node_bounds_seconds == pytest.approx([fabric.lower_bound_seconds] * 8)
+    assert fabric.shape.node_links == () and fabric.shape.up_bps(3) == 400 * MBIT
+
+
+def test_unequal_links_are_refused_when_they_do_not_fit() -> None:
+    with pytest.raises(ValueError, match="node_links"):
+        Shape(nodes=2, node_up_bps=1, node_down_bps=1, origin_up_bps=1, node_links=((1, 1),))
+    with pytest.raises(ValueError, match="positive"):
+        Shape(nodes=1, node_up_bps=1, node_down_bps=1, origin_up_bps=1, node_links=((1, 0),))
+    with pytest.raises(ValueError, match="slow_nodes"):
+        Scenario("bad", 4, GBIT, GBIT, MIB, MIB, slow_nodes=4, slow_bps=MBIT)
+    with pytest.raises(ValueError, match="slow_nodes"):
+        Scenario("bad", 4, GBIT, GBIT, MIB, MIB, slow_nodes=1)
+
+
+def test_summary_gives_each_node_over_its_own_bound() -> None:
+    entry = summarize_system(
+        [12.0, 11.0, 40.0],
+        origin_bytes=1,
+        model_bytes=1,
+        bound_seconds=40.0,
+        node_bounds=[10.0, 10.0, 40.0],
+    )
+    assert entry["own_bound_ratios"] == [1.2, 1.1, 1.0]
+    assert (entry["own_bound_ratio_p50"], entry["own_bound_ratio_max"]) == (1.1, 1.2)
+    assert entry["ratio_to_bound"] == 1.0  # T_min (the slowest bound) hides the fast nodes
+    assert "own_bound_ratios" not in summarize_system(
+        [1.0], origin_bytes=1, model_bytes=1, bound_seconds=1.0
     )
 
 
