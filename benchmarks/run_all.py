@@ -199,6 +199,9 @@ def render_table(scenarios: Sequence[dict[str, Any]], plane: dict[str, Any] | No
                     if "node_link_bps" in result and "origin_link_bps" in result
                     else ""
                 )
+                slow = [b for b in result.get("node_links_bps", ()) if b != result["node_link_bps"]]
+                if slow:
+                    links = links.replace(" / ", f" ({len(slow)} at {_mbit(min(slow))}) / ", 1)
                 head = (
                     f"| {result['scenario']} ({result.get('date', '?')}) | {result['nodes']} "
                     f"| {format_size(result['model_bytes'])}{piece} | {links} "
@@ -211,9 +214,16 @@ def render_table(scenarios: Sequence[dict[str, Any]], plane: dict[str, Any] | No
                 lines.append(f"{head}| {system} | failed: {entry['error'][:80]} | | | |")
                 continue
             origin_ratio = entry["origin_bytes"] / result["model_bytes"]
+            # Unequal links: T_min is the slow nodes' bound; each node's own bound
+            # is what tells whether the fast ones were held back.
+            own = (
+                f" (each node ÷ own bound: max {entry['own_bound_ratio_max']:.2f})"
+                if "own_bound_ratio_max" in entry
+                else ""
+            )
             lines.append(
                 f"{head}| {system} | {entry['p50_seconds']:.1f} s | {entry['max_seconds']:.1f} s "
-                f"| {entry['ratio_to_bound']:.2f} | {origin_ratio:.2f} |"
+                f"| {entry['ratio_to_bound']:.2f}{own} | {origin_ratio:.2f} |"
             )
     out = "\n".join(lines) + "\n"
     if len(lines) == 2:

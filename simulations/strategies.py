@@ -599,7 +599,7 @@ class Swarm:
         assert picker is not None
         self._cancel_all(me, picker.mark_have(piece))
         self._got_piece(me, piece)
-        self.assignment.piece_present(piece)
+        self.assignment.piece_present(piece, self.sim.now)
         self._assign()
         self._fill(me)
 

@@ -353,3 +353,41 @@ def test_a_small_swarm_keeps_min_in_flight_pieces_pulling() -> None:
     check_invariants(policy)
     with pytest.raises(ValueError, match="min_in_flight"):
         make(4, min_in_flight=0)
+
+
+def test_a_seeder_pulling_at_under_half_the_median_rate_gets_no_new_pieces() -> None:
+    policy = make(100, peers=5, per_peer_limit=1)
+    first = policy.assign(0.0)
+    assert sorted(first) == ["p0", "p1", "p2", "p3", "p4"]
+    # p0..p3 finish their first pull in 1 s (1000 B/s), p4 in 4 s (250 B/s).
+    for peer in ("p0", "p1", "p2", "p3"):
+        policy.piece_present(first[peer][0], 1.0)
+    assert not policy.slow("p4")  # not rated yet: judged only by a pull it finished
+    policy.piece_present(first["p4"][0], 4.0)
+    assert policy.median_rate() == pytest.approx(1000.0)
+    assert policy.slow("p4") and not policy.slow("p0")
+    assert policy.assign(4.0, only="p4") == {}  # the piece waits for a faster seeder
+    assert len(policy.assign(4.0, only="p0")["p0"]) == 1
+    # The general round passes it over too while others have room...
+    others = policy.assign(4.0)
+    assert "p4" not in others and sorted(others) == ["p1", "p2", "p3"]
+    # ...but takes it when no one else can pull.
+    assert policy.assign(4.0) == {"p4": [policy.assignments("p4")[0]]}
+    check_invariants(policy)
+    # A faster pull brings it back (the rate is smoothed over its pulls).
+    policy.piece_present(policy.assignments("p4")[0], 4.5)
+    assert not policy.slow("p4")
+    # Without a time (older callers), a finished pull says nothing of the rate.
+    before = policy.median_rate()
+    policy.piece_present(policy.assignments("p0")[0])
+    assert policy.median_rate() == before
+
+
+def test_rates_of_a_seeder_that_left_no_longer_count() -> None:
+    policy = make(20, peers=4, per_peer_limit=1)
+    first = policy.assign(0.0)
+    for peer, done in (("p0", 1.0), ("p1", 1.0), ("p2", 1.0), ("p3", 8.0)):
+        policy.piece_present(first[peer][0], done)
+    assert policy.slow("p3")
+    policy.peer_left("p0", 9.0)
+    assert policy.median_rate() == 0 and not policy.slow("p3")  # three rated: no judgement

@@ -305,6 +305,22 @@ def test_table_has_one_row_per_system_with_ratios() -> None:
     assert table.index("| swarm |") < table.index("| direct |")
 
 
+def test_table_shows_unequal_links_and_each_nodes_own_bound() -> None:
+    sc = SCENARIOS["mixed-links"]
+    swarm = summarize_system(
+        [12.0] * 6 + [44.0, 45.0],
+        origin_bytes=sc.model_bytes,
+        model_bytes=sc.model_bytes,
+        bound_seconds=sc.lower_bound_seconds,
+        node_bounds=sc.node_bounds_seconds,
+    )
+    table = render_table([scenario_result(sc, {"swarm": swarm}, date=DAY)], None)
+    row = next(r for r in table.splitlines() if "| swarm |" in r)
+    assert "400 Mbit/s (2 at 100 Mbit/s) / 1 Gbit/s" in row
+    own = 12.0 / sc.node_bounds_seconds[0]
+    assert f"(each node ÷ own bound: max {own:.2f})" in row
+
+
 def test_table_shows_a_failed_system_and_the_data_plane() -> None:
     result = _scenario_json()
     systems = result["systems"]

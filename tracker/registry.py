@@ -293,10 +293,10 @@ class SwarmRegistry:
         self.expire(now)  # others only: this peer was just seen
 
         if isinstance(have, Bitfield):
-            self._replace_have(known, have)
+            self._replace_have(known, have, now)
         elif have is not None:
             for piece in have:
-                self._add_piece(known, piece)
+                self._add_piece(known, piece, now)
         adopting = now < self.assign_after
         for piece, bytes_done in progress.items():
             if piece in known.have:
@@ -391,20 +391,20 @@ class SwarmRegistry:
                 f"{field} names piece {piece}, the artifact has {self.num_pieces} pieces"
             )
 
-    def _count_in(self, piece: int) -> None:
+    def _count_in(self, piece: int, now: float) -> None:
         self._avail[piece] += 1
         if self._avail[piece] == 1:  # held by one at least: present from now on
-            self.assignment.piece_present(piece)
+            self.assignment.piece_present(piece, now)
 
     def _count_out(self, piece: int) -> None:
         self._avail[piece] -= 1
         if self._avail[piece] == 0:
             self.assignment.piece_lost(piece)
 
-    def _add_piece(self, known: _Peer, piece: int) -> None:
+    def _add_piece(self, known: _Peer, piece: int, now: float) -> None:
         if known.have.add(piece):
             if not known.suspect:
-                self._count_in(piece)
+                self._count_in(piece, now)
             if known.have.complete:
                 known.finished = True
                 self._finished += 1
@@ -417,7 +417,7 @@ class SwarmRegistry:
             if not known.suspect:
                 self._count_out(piece)
 
-    def _replace_have(self, known: _Peer, have: Bitfield) -> None:
+    def _replace_have(self, known: _Peer, have: Bitfield, now: float) -> None:
         """The peer's whole have-set, replacing what was known: the counts of the pieces
         gained and lost move in one pass (a peer joining with 2000 of 4000 pieces cost
         2000 bitfield updates one at a time: 4 ms, most of a 5000-peer join storm)."""
@@ -438,7 +438,7 @@ class SwarmRegistry:
         if known.suspect:
             return  # its pieces don't count
         for piece in gained:
-            self._count_in(piece)
+            self._count_in(piece, now)
         for piece in lost:
             self._count_out(piece)
 
@@ -533,7 +533,7 @@ class SwarmRegistry:
             if known.seeder:
                 self.assignment.peer_joined(peer, now)
             for piece in known.have:
-                self._count_in(piece)
+                self._count_in(piece, now)
 
     def expire(self, now: float) -> list[bytes]:
         """Peers not heard from for ``peer_ttl`` seconds leave. Returns their ids."""
