@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from simulations.engine import Simulation
 from simulations.runner import run_strategy
-from simulations.scenario import Crash, Scenario
+from simulations.scenario import Crash, NodeGroup, Scenario
 from simulations.session_swarm import CUT_THROUGH_BLOCKS, SessionSwarm
 from simulations.strategies import RandomOrderPicker
 from swarm.picker import PiecePicker
 from swarm.session import PeerSession, SessionConfig
+from tracker import assignment
 from tracker.registry import SwarmRegistry
 
 MiB = 1024**2
@@ -117,3 +120,41 @@ def test_cut_through_moves_256_mib_pieces_at_block_granularity() -> None:
     (on_time, on_relayed), (off_time, off_relayed) = results[True], results[False]
     assert off_relayed == 0 and on_relayed > 0
     assert on_time < off_time * 0.9, results
+
+
+def test_slow_nodes_pull_no_origin_pieces_the_fast_ones_would_wait_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The shaped mixed-links run, as the simulator takes it: 8 nodes at 400 Mbit/s,
+    # two of them at 100, origin 1 Gbit/s, 4 MiB pieces. A slow node's pulls share
+    # its downlink with everything it fetches from peers; pieces it pulled reach the
+    # fast nodes late and through its slow uplink.
+    scenario = Scenario(
+        nodes=8,
+        model_size=512 * MiB,
+        piece_size=4 * MiB,
+        block_size=4 * MiB,
+        nic_gbps=0.4,
+        origin_gbps=1,
+        peer_connections=7,
+        announce_interval=2.0,
+        upload_slots=16,
+        max_downloads=42,
+        node_groups=(NodeGroup(6), NodeGroup(2, up_gbps=0.1, down_gbps=0.1)),
+    )
+    bounds = scenario.node_bounds()
+    fast: dict[float, float] = {}
+    for slow_seeder in (0.0, assignment.SLOW_SEEDER):  # 0: nobody is ever slow
+        monkeypatch.setattr(assignment, "SLOW_SEEDER", slow_seeder)
+        sim = Simulation(scenario, "swarm-session")
+        strategy = SessionSwarm(sim)
+        result = sim.run(strategy)
+        assert len(result.completed()) == 8 and result.origin_bytes == scenario.model_size
+        pulled = strategy.registry.assignment.stats.pulled
+        slow_pulls = sum(pulled.get(n.peer_id, 0) for n in strategy.nodes[6:])
+        fast[slow_seeder] = max(
+            c / b for c, b in zip(result.completion[:6], bounds[:6], strict=True)
+        )
+        assert all(c / b < 1.1 for c, b in zip(result.completion[6:], bounds[6:], strict=True))
+    assert fast[assignment.SLOW_SEEDER] < 0.9 * fast[0.0], fast
+    assert slow_pulls < 2 * 6  # a start-up round, no more
