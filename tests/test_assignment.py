@@ -362,10 +362,10 @@ def test_a_seeder_pulling_at_under_half_the_median_rate_gets_no_new_pieces() -> 
     # p0..p3 finish their first pull in 1 s (1000 B/s), p4 in 4 s (250 B/s).
     for peer in ("p0", "p1", "p2", "p3"):
         policy.piece_present(first[peer][0], 1.0)
-    assert not policy.slow("p4")  # not rated yet: judged only by a pull it finished
+    assert not policy.slow("p4", 1.0)  # not rated yet: judged only by a pull it finished
     policy.piece_present(first["p4"][0], 4.0)
     assert policy.median_rate() == pytest.approx(1000.0)
-    assert policy.slow("p4") and not policy.slow("p0")
+    assert policy.slow("p4", 4.0) and not policy.slow("p0", 4.0)
     assert policy.assign(4.0, only="p4") == {}  # the piece waits for a faster seeder
     assert len(policy.assign(4.0, only="p0")["p0"]) == 1
     # The general round passes it over too while others have room...
@@ -376,7 +376,7 @@ def test_a_seeder_pulling_at_under_half_the_median_rate_gets_no_new_pieces() -> 
     check_invariants(policy)
     # A faster pull brings it back (the rate is smoothed over its pulls).
     policy.piece_present(policy.assignments("p4")[0], 4.5)
-    assert not policy.slow("p4")
+    assert not policy.slow("p4", 4.5)
     # Without a time (older callers), a finished pull says nothing of the rate.
     before = policy.median_rate()
     policy.piece_present(policy.assignments("p0")[0])
@@ -388,6 +388,17 @@ def test_rates_of_a_seeder_that_left_no_longer_count() -> None:
     first = policy.assign(0.0)
     for peer, done in (("p0", 1.0), ("p1", 1.0), ("p2", 1.0), ("p3", 8.0)):
         policy.piece_present(first[peer][0], done)
-    assert policy.slow("p3")
+    assert policy.slow("p3", 8.0)
     policy.peer_left("p0", 9.0)
-    assert policy.median_rate() == 0 and not policy.slow("p3")  # three rated: no judgement
+    assert policy.median_rate() == 0 and not policy.slow("p3", 9.0)  # three rated: no judgement
+
+
+def test_a_slow_judgement_lapses_so_the_seeder_is_measured_again() -> None:
+    policy = make(50, peers=5, per_peer_limit=1)
+    first = policy.assign(0.0)
+    for peer in ("p0", "p1", "p2", "p3"):
+        policy.piece_present(first[peer][0], 1.0)
+    policy.piece_present(first["p4"][0], 5.0)  # a 5 s pull: judged for 15 s
+    assert policy.slow("p4", 19.9) and policy.assign(19.9, only="p4") == {}
+    assert not policy.slow("p4", 20.0)
+    assert len(policy.assign(20.0, only="p4")["p4"]) == 1  # one piece, measured anew

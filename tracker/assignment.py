@@ -97,6 +97,10 @@ SLOW_SEEDER: Final = 0.5
 while others can take them (:meth:`SeederAssignment.slow`)."""
 MIN_RATED: Final = 4
 """Seeders with a finished pull needed before any is judged slow."""
+RATE_LIFE: Final = 3.0
+MIN_RATE_LIFE: Final = 10.0
+"""How long a seeder's judged rate holds: ``RATE_LIFE`` times the pull it came from,
+at least ``MIN_RATE_LIFE`` seconds."""
 
 PeerT = TypeVar("PeerT", bound=Hashable)
 
@@ -138,7 +142,7 @@ class _Pull:
 
 
 class _Seeder(Generic[PeerT]):
-    __slots__ = ("joined", "moved", "pulled", "pulls", "rate")
+    __slots__ = ("joined", "moved", "pulled", "pulls", "rate", "rated_until")
 
     def __init__(self, joined: float) -> None:
         self.joined = joined
@@ -146,6 +150,7 @@ class _Seeder(Generic[PeerT]):
         self.pulled = 0
         self.pulls: dict[int, _Pull] = {}
         self.rate = 0.0  # bytes/s of its finished pulls, smoothed; 0: none finished yet
+        self.rated_until = 0.0  # the rate is stale after this (see SeederAssignment.slow)
 
 
 class SeederAssignment(Generic[PeerT]):
@@ -358,6 +363,7 @@ class SeederAssignment(Generic[PeerT]):
         if now is not None and now > pull.started:
             sample = self._lengths[piece] / (now - pull.started)
             seeder.rate = sample if seeder.rate == 0 else (seeder.rate + sample) / 2
+            seeder.rated_until = now + max(MIN_RATE_LIFE, RATE_LIFE * (now - pull.started))
             self._median_rate = None
         self._stats.origin_bytes += max(0, self._lengths[piece] - pull.bytes_done)
         self._in_flight -= 1
@@ -429,7 +435,7 @@ class SeederAssignment(Generic[PeerT]):
         for order, (peer, seeder) in enumerate(self._seeders.items()):
             if len(seeder.pulls) < limit:
                 entry = (seeder.pulled + len(seeder.pulls), rng.random(), order, peer)
-                (held_back if self.slow(peer) else heap).append(entry)
+                (held_back if self.slow(peer, now) else heap).append(entry)
         if not heap:
             heap = held_back
         heapq.heapify(heap)
@@ -455,7 +461,7 @@ class SeederAssignment(Generic[PeerT]):
             self._median_rate = rates[len(rates) // 2] if len(rates) >= MIN_RATED else 0.0
         return self._median_rate
 
-    def slow(self, peer: PeerT) -> bool:
+    def slow(self, peer: PeerT, now: float) -> bool:
         """Whether ``peer`` pulls at less than ``SLOW_SEEDER`` of the median rate.
 
         A slow seeder gets no new origin pieces while faster ones are there to
@@ -467,11 +473,15 @@ class SeederAssignment(Generic[PeerT]):
         had the fast nodes at 1.62 x their own bound; the session-driven
         simulator of that run gives 1.36, and 1.06-1.10 with no origin pieces
         for the two slow nodes. A seeder's rate is measured from its finished
-        pulls (assignment to present), so a node is judged by what it did, and
-        one that speeds up is trusted again after its next pull.
+        pulls (assignment to present), so a node is judged by what it did. A
+        judgement lasts ``RATE_LIFE`` times the pull it came from (at least
+        ``MIN_RATE_LIFE`` seconds): then the seeder may take one piece again and
+        be measured anew, so a node that was slow only for a while (a burst of
+        other traffic, a pull that waited for a buffer) is not passed over for
+        the rest of the burst.
         """
         seeder = self._seeders.get(peer)
-        if seeder is None or seeder.rate == 0:
+        if seeder is None or seeder.rate == 0 or now >= seeder.rated_until:
             return False
         return seeder.rate < SLOW_SEEDER * self.median_rate()
 
@@ -489,7 +499,7 @@ class SeederAssignment(Generic[PeerT]):
         A piece ``peer`` stalled on is left for another seeder, if there is one.
         """
         seeder = self._seeders.get(peer)
-        if seeder is None or self.slow(peer):
+        if seeder is None or self.slow(peer, now):
             return {}
         room = min(free, self.limit - len(seeder.pulls))
         new: list[int] = []
