@@ -364,7 +364,7 @@ def test_a_seeder_pulling_at_under_half_the_median_rate_gets_no_new_pieces() -> 
         policy.piece_present(first[peer][0], 1.0)
     assert not policy.slow("p4", 1.0)  # not rated yet: judged only by a pull it finished
     policy.piece_present(first["p4"][0], 4.0)
-    assert policy.median_rate() == pytest.approx(1000.0)
+    assert policy.median_rate(4.0) == pytest.approx(1000.0)
     assert policy.slow("p4", 4.0) and not policy.slow("p0", 4.0)
     assert policy.assign(4.0, only="p4") == {}  # the piece waits for a faster seeder
     assert len(policy.assign(4.0, only="p0")["p0"]) == 1
@@ -378,9 +378,9 @@ def test_a_seeder_pulling_at_under_half_the_median_rate_gets_no_new_pieces() -> 
     policy.piece_present(policy.assignments("p4")[0], 4.5)
     assert not policy.slow("p4", 4.5)
     # Without a time (older callers), a finished pull says nothing of the rate.
-    before = policy.median_rate()
+    before = policy.median_rate(10.0)
     policy.piece_present(policy.assignments("p0")[0])
-    assert policy.median_rate() == before
+    assert policy.median_rate(20.0) == before
 
 
 def test_rates_of_a_seeder_that_left_no_longer_count() -> None:
@@ -390,7 +390,7 @@ def test_rates_of_a_seeder_that_left_no_longer_count() -> None:
         policy.piece_present(first[peer][0], done)
     assert policy.slow("p3", 8.0)
     policy.peer_left("p0", 9.0)
-    assert policy.median_rate() == 0 and not policy.slow("p3", 9.0)  # three rated: no judgement
+    assert policy.median_rate(9.0) == 0 and not policy.slow("p3", 9.0)  # three rated: no judgement
 
 
 def test_a_slow_judgement_lapses_so_the_seeder_is_measured_again() -> None:
