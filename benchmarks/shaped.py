@@ -114,6 +114,30 @@ COMPLETE_MARKER = ".swarm-complete"
 PRODUCT_DIRS = ("swarm", "tracker", "seeder", "cli")
 
 
+INSTALLED_PACKAGES: tuple[str, ...] = ("core", "swarm", "tracker", "seeder", "cli", "simulations")
+"""The packages ``pip install`` puts on a node (pyproject's ``packages.find``)."""
+
+
+def compile_packages() -> None:
+    """Write the bytecode of swarm's packages, as ``pip install`` does on a real node.
+
+    Without it a fresh checkout's first burst has all eight fetches compile the same
+    modules from source at once: start-up measured 2.0-2.3 s on this 2-core host
+    instead of 1.1-1.3 s, a cost no installed node pays.
+    """
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "compileall",
+            "-q",
+            *(str(REPO_ROOT / p) for p in INSTALLED_PACKAGES),
+        ],
+        check=True,
+        cwd=REPO_ROOT,
+    )
+
+
 @dataclass(frozen=True)
 class Scenario:
     """One benchmark scenario: a burst of ``nodes`` fetches of one artifact.
@@ -431,6 +455,7 @@ class ScenarioRunner:
         sc = self.scenario
         s3 = LocalS3Server(self.work / "s3", host=ORIGIN_ADDR, port=S3_PORT)
         self.env = {**s3.env(), "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+        compile_packages()
         artifact = self._make_artifact(s3.bucket(BUCKET) / self.name)
         s3.bucket("catalog")
         (self.work / "logs").mkdir()

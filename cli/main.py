@@ -12,8 +12,6 @@ import signal
 import sys
 import threading
 from collections.abc import Coroutine
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Final, TypeVar
 
@@ -303,6 +301,10 @@ def emit_json(obj: dict[str, Any]) -> None:
 
 
 def _version() -> str:
+    # Here, not at the top: importlib.metadata is ~10 ms of every command's start-up.
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
     try:
         return package_version("swarm")
     except PackageNotFoundError:  # pragma: no cover - running from a source tree
