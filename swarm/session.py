@@ -175,6 +175,10 @@ class SessionConfig:
     cut_through: int = 0
 
 
+SENT_TRACKED: Final = 65536
+"""Blocks whose send counts a session keeps (see ``PeerSession._sent``)."""
+
+
 @dataclass
 class SessionStats:
     """Counters of one session, reported in ``swarm fetch --json`` and metrics."""
@@ -577,7 +581,12 @@ class PeerSession:
             max_queue=self.config.max_upload_queue,
             max_per_peer=self.config.uploads_per_conn,
             progress=_held,
+            copies=self._copies,
         )
+        # Times we sent each block, for the upload order (swarm.choker): counts of
+        # at most SENT_TRACKED blocks, forgotten all at once past that (they only
+        # order a peer's next few requests; a fresh count costs a little order).
+        self._sent: dict[Request, int] = {}
         self.stats = SessionStats()
         self.conns: dict[int, _Conn] = {}  # every open connection, proven or not
         self.peers: dict[bytes, _Conn] = {}  # proven connections, by peer id
@@ -1318,7 +1327,16 @@ class PeerSession:
                     continue
                 self.stats.cut_through_bytes += request.length
             conn.uploads[request] = now
+            sent = self._sent
+            if len(sent) >= SENT_TRACKED:
+                sent.clear()
+            sent[request] = sent.get(request, 0) + 1
             out.append(SendBlock(conn.id, request))
+
+    def _copies(self, request: Request) -> int:
+        """Copies of ``request``'s block we know of: the connected peers holding its
+        piece, and the times we sent it (the upload order; see swarm.choker)."""
+        return self.picker.availability(request.piece) + self._sent.get(request, 0)
 
     def _upload_done(self, conn_id: int, request: Request, now: float, out: list[Action]) -> None:
         conn = self.conns.get(conn_id)

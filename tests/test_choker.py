@@ -173,3 +173,39 @@ def test_a_peer_behind_still_holds_at_most_max_per_peer_slots() -> None:
     peers = Counter(grant[0] for grant in grants if grant is not None)
     assert peers == {"liar": 2, "honest": 2}
     assert sched.next() is None
+
+
+def test_of_a_peers_first_requests_the_block_with_fewest_copies_goes_first() -> None:
+    # Block -> copies known (holders of its piece + times sent); a send adds one.
+    copies = {10: 3, 11: 1, 12: 0, 13: 1, 14: 0}
+    scheduler: UploadScheduler[str, int] = UploadScheduler(1, copies=copies.__getitem__)
+    for block in copies:
+        scheduler.enqueue("a", block)
+    served = []
+    for _ in range(len(copies)):
+        grant = scheduler.next()
+        assert grant is not None
+        served.append(grant[1])
+        copies[grant[1]] += 1
+        scheduler.done(*grant)
+    # 14 (no copies) is beyond the first LOOKAHEAD (4) until 12 has gone; then
+    # it goes before 11 and 13, which go in arrival order (equal copies).
+    assert served == [12, 14, 11, 13, 10]
+
+
+def test_a_request_passed_over_max_skips_times_goes_next() -> None:
+    from swarm.choker import MAX_SKIPS
+
+    scheduler: UploadScheduler[str, int] = UploadScheduler(1, copies=lambda r: 1 if r == 0 else 0)
+    scheduler.enqueue("a", 0)  # the oldest: every fresh block passes it
+    fresh = iter(range(1, 1000))
+    for _ in range(3):
+        scheduler.enqueue("a", next(fresh))
+    served = []
+    for _ in range(MAX_SKIPS + 1):
+        grant = scheduler.next()
+        assert grant is not None
+        served.append(grant[1])
+        scheduler.done(*grant)
+        scheduler.enqueue("a", next(fresh))  # a stream of fresher requests
+    assert 0 not in served[:MAX_SKIPS] and served[MAX_SKIPS] == 0
