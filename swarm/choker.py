@@ -237,10 +237,8 @@ class UploadScheduler(Generic[PeerT, RequestT]):
         """Which of ``queue``'s requests to send: its index (see the module docstring)."""
         copies = self.copies
         requests = queue.requests
-        if copies is None or len(requests) == 1:
-            return 0
-        if queue.skips >= MAX_SKIPS:
-            queue.skips = 0
+        if copies is None or len(requests) == 1 or queue.skips >= MAX_SKIPS:
+            queue.skips = 0  # its oldest goes: nothing passed over it
             return 0
         best = 0
         fewest = copies(requests[0])

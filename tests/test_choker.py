@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from swarm.choker import UploadScheduler
+from swarm.choker import MAX_SKIPS, UploadScheduler
 
 
 def drain(scheduler: UploadScheduler[str, int]) -> list[tuple[str, int]]:
@@ -194,8 +194,6 @@ def test_of_a_peers_first_requests_the_block_with_fewest_copies_goes_first() -> 
 
 
 def test_a_request_passed_over_max_skips_times_goes_next() -> None:
-    from swarm.choker import MAX_SKIPS
-
     scheduler: UploadScheduler[str, int] = UploadScheduler(1, copies=lambda r: 1 if r == 0 else 0)
     scheduler.enqueue("a", 0)  # the oldest: every fresh block passes it
     fresh = iter(range(1, 1000))
