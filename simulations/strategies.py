@@ -24,7 +24,14 @@
     keeps ``max_downloads`` requests in flight, announces each verified piece
     to the neighbours that lack it (HAVE suppression, as libtorrent does),
     reports origin progress every ``announce_interval`` and obeys the
-    assignment's stall reclaims. ``swarm-random`` differs only in the picker:
+    assignment's stall reclaims. With a ``block_size`` below the piece size it
+    relays cut-through, as ``PeerSession`` does with ``cut_through`` set (the
+    ``swarm-session`` model; the peer's store does not serve partial pieces
+    yet, so ``swarm fetch`` refuses it): each block
+    that arrives (from a neighbour, or a window of an origin pull) is offered
+    to a few neighbours that lack the piece (``PiecePicker.offer_blocks``,
+    the peer's Partial message and its ``CUT_THROUGH_*`` limits) before the
+    piece is whole. ``swarm-random`` differs only in the picker:
     new pieces are picked uniformly at random among those the neighbour has,
     instead of rarest first -- the ablation that shows what rarest first buys.
 
@@ -50,11 +57,14 @@ from librt.vecs import vec
 from mypy_extensions import i64, u8
 
 from core.bitfield import Bitfield
+from seeder.reader import DEFAULT_RANGE_SIZE
+from seeder.role import WINDOW_RANGES
 from simulations.engine import FlowDone, OriginRequest, Simulation
 from simulations.network import Flow
 from simulations.scenario import Scenario
 from swarm.choker import UploadScheduler
 from swarm.picker import BlockRequest, PiecePicker
+from swarm.session import CUT_THROUGH_FANOUT, CUT_THROUGH_HOLDERS
 from tracker.assignment import DEFAULT_MAX_BUDGET, SeederAssignment
 from tracker.origin_budget import START_BUDGET, OriginBudget
 from tracker.zones import ZoneIndex
@@ -336,10 +346,13 @@ class _Node:
         "done",
         "id",
         "inflight",
+        "partial",
         "picker",
         "pieces",
+        "pull_base",
         "pulls",
         "starved",
+        "told",
         "uploads",
     )
 
@@ -357,7 +370,12 @@ class _Node:
         # Connections in the order they were made, and by peer.
         self.conns: list[_Conn] = []
         self.conn_to: dict[int, _Conn] = {}
-        self.pulls: dict[int, OriginRequest] = {}  # piece -> our origin pull of it
+        self.pulls: dict[int, OriginRequest] = {}  # piece -> our origin pull (its window)
+        self.pull_base: dict[int, int] = {}  # piece -> where the pull's current window starts
+        # Cut-through: the blocks held of pieces not yet whole, and how many of
+        # them the last offer to the neighbours said (PeerSession.partial, _told).
+        self.partial: dict[int, Bitfield] = {}
+        self.told: dict[int, i64] = {}
         self.done = False
         self.inflight: i64 = 0  # our requests in flight, over all connections
         self.starved = False  # the last fill found nothing to request
@@ -381,11 +399,14 @@ def budget_summary(adaptive: OriginBudget) -> dict[str, int]:
 class _Conn:
     """One end of a connection: what ``node`` offers the node whose list holds this."""
 
-    __slots__ = ("asked", "back", "interest", "node")
+    __slots__ = ("asked", "back", "interest", "node", "offers")
 
     def __init__(self, node: _Node, interest: int) -> None:
         self.node = node  # the peer's own record
         self.interest: i64 = interest  # pieces ``node`` has that we lack
+        # ``node`` offered blocks of pieces it holds part of (cut-through), and
+        # our picker has not yet found them all taken or stale.
+        self.offers = False
         self.asked: i64 = 0  # our requests in flight to ``node``
         self.back = self  # the other end (``node``'s record of us), set on connecting
 
@@ -433,6 +454,17 @@ class Swarm:
         self.lengths = sim.piece_lengths
         self.num_pieces = len(self.lengths)
         self.block_size = scenario.block_size or max(self.lengths)
+        # Cut-through (as the peer with SessionConfig.cut_through): a block that
+        # arrives is offered to neighbours that lack its piece before the piece
+        # is whole, and an origin pull is read a window at a time, each window
+        # offered as it lands (seeder.role's window). Needs blocks smaller than
+        # pieces; with one block per piece there is nothing to relay early.
+        self.cut_through = scenario.cut_through and self.block_size < max(self.lengths)
+        window = WINDOW_RANGES * DEFAULT_RANGE_SIZE
+        self.relay_rng = random.Random(f"{seed}:relay")
+        self.window: i64 = (
+            -(-window // self.block_size) * self.block_size if self.cut_through else 0
+        )
         self.random_order = random_order
         self.max_downloads = scenario.max_downloads
         # Bound once: compiled, naming a method makes a new bound method each time.
@@ -541,14 +573,27 @@ class Swarm:
                 for other in self._neighbours(node, dial):
                     self._connect(nodes[node], nodes[other])
         else:
+            # Each node dials random others until it has ``peer_connections``,
+            # and a node that has them takes no more (the peer's max_peers):
+            # every node ends with about the same degree.
+            # Draws are among the nodes that still have room, so the last to dial
+            # find some; a draw of itself or of a neighbour is wasted, a bounded
+            # number of times.
+            target = sim.scenario.peer_connections
+            room = [nodes[node] for node in initial]
             for node in initial:
-                dialled = 0
-                for other in rng.sample(initial, min(dial + 1, len(initial))):
-                    if dialled == dial:
+                me = nodes[node]
+                for _ in range(4 * target):
+                    if len(me.conns) >= target or len(room) < 2:
                         break
-                    if other != node:
-                        self._connect(nodes[node], nodes[other])
-                        dialled += 1
+                    at = int(rng.random() * len(room))
+                    peer = room[at]
+                    self._connect(me, peer)
+                    if len(peer.conns) >= target:
+                        room[at] = room[-1]
+                        room.pop()
+                if len(me.conns) >= target and me in room:
+                    room.remove(me)
         if self.adaptive is not None:
             self.adaptive.update(sim.now, 0, False)  # the first round starts now
         self._assign()
@@ -584,17 +629,31 @@ class Swarm:
             for piece in pieces:
                 if picker is None or not picker.reserve(piece):
                     continue  # the tracker reclaims it when no progress comes
-                me.pulls[piece] = sim.origin_get(
-                    peer, self.lengths[piece], self._pulled, (me, piece)
-                )
+                self._pull_window(me, piece, 0)
         if not self.ticking and self.assignment.in_flight:
             self.ticking = True
             sim.at(sim.now + sim.scenario.announce_interval, self._tick)
 
+    def _pull_window(self, me: _Node, piece: int, start: int) -> None:
+        """Read ``piece`` from the origin from ``start``: to its end, or one window."""
+        length = self.lengths[piece]
+        size = length - start if not self.window else min(self.window, length - start)
+        me.pull_base[piece] = start
+        me.pulls[piece] = self.sim.origin_get(me.id, size, self._pulled, (me, piece))
+
     def _pulled(self, flow: Flow, now: float) -> None:
         data: tuple[_Node, int] = flow.data
         me, piece = data
+        request = me.pulls.get(piece)
+        if request is None or request.flow is not flow:
+            return  # taken back by the tracker
+        end = me.pull_base[piece] + request.size
+        if end < self.lengths[piece]:
+            self._held(me, piece, me.pull_base[piece], end)
+            self._pull_window(me, piece, end)
+            return
         del me.pulls[piece]
+        del me.pull_base[piece]
         picker = me.picker
         assert picker is not None
         self._cancel_all(me, picker.mark_have(piece))
@@ -612,7 +671,7 @@ class Swarm:
         for me in self.nodes:
             for piece, request in me.pulls.items():
                 flow = request.flow
-                done = 0 if flow is None else int(flow.transferred(now))
+                done = me.pull_base[piece] + (0 if flow is None else int(flow.transferred(now)))
                 assignment.progress(me.id, piece, done, now)
             node = me.id
             count, wait = sim.take_throttles(node)
@@ -639,7 +698,9 @@ class Swarm:
             reclaimed = me.pulls.get(piece)
             if reclaimed is not None:
                 del me.pulls[piece]
+                del me.pull_base[piece]
                 sim.cancel(reclaimed)
+            self._forget_partial(me, piece)
             picker = me.picker
             if picker is not None:
                 picker.release(piece)
@@ -660,6 +721,7 @@ class Swarm:
         have[bit >> 3] |= u8(1 << (bit & 7))
         me.pieces.add(piece)
         self.holders[piece] += 1
+        self._forget_partial(me, piece)
         for conn in me.conns:
             other = conn.node
             bit = row + other.id
@@ -678,6 +740,52 @@ class Swarm:
             me.done = True
             self.sim.node_finished(node)
 
+    def _held(self, me: _Node, piece: int, start: int, end: int) -> None:
+        """Cut-through: ``me`` holds bytes ``start..end`` of ``piece``, which is not
+        whole yet. Offer its blocks held so far to a few neighbours that lack the
+        piece, while fewer than ``CUT_THROUGH_HOLDERS`` neighbours hold it whole
+        (the peer's rule, ``PeerSession._checked``: past that, whole pieces
+        spread it as fast and offers would only cost messages)."""
+        if not self.cut_through:
+            return
+        size = self.block_size
+        blocks = me.partial.get(piece)
+        if blocks is None:
+            blocks = me.partial[piece] = Bitfield(-(-self.lengths[piece] // size))
+        stop = len(blocks) if end >= self.lengths[piece] else end // size
+        for index in range(-(-start // size), stop):
+            blocks.add(index)
+        held = blocks.count()
+        if held == len(blocks) or held <= me.told.get(piece, 0):
+            return
+        picker = me.picker
+        if picker is None or picker.availability(piece) >= CUT_THROUGH_HOLDERS:
+            return
+        me.told[piece] = held
+        row = piece * self.node_count
+        have = self.have
+        lacking: list[_Conn] = []
+        for conn in me.conns:
+            other = conn.node
+            bit = row + other.id
+            if not other.done and not have[bit >> 3] & u8(1 << (bit & 7)):
+                lacking.append(conn)
+        if len(lacking) > CUT_THROUGH_FANOUT:
+            lacking = self.relay_rng.sample(lacking, CUT_THROUGH_FANOUT)
+        offer = blocks.copy()  # what the message says: later blocks need another
+        for conn in lacking:
+            other = conn.node
+            other_picker = other.picker
+            if other_picker is not None:
+                other_picker.offer_blocks(me, piece, offer)
+                conn.back.offers = True
+                if other.starved:
+                    self._fill(other)
+
+    def _forget_partial(self, me: _Node, piece: int) -> None:
+        me.partial.pop(piece, None)
+        me.told.pop(piece, None)
+
     def _fill(self, me: _Node) -> None:
         """Keep ``max_downloads`` requests in flight from neighbours that have what we lack."""
         picker = me.picker
@@ -694,13 +802,15 @@ class Swarm:
                 start = me.cursor
                 for i in range(count):
                     conn = conns[(start + i) % count]
-                    if conn.interest <= 0 or (not busy_ok and conn.asked):
+                    if (conn.interest <= 0 and not conn.offers) or (not busy_ok and conn.asked):
                         continue
                     picked = picker.pick(conn.node, 1)
                     if picked:
                         request = (conn, picked[0])
                         me.cursor = (start + i + 1) % count
                         break
+                    if conn.interest <= 0:
+                        conn.offers = False  # its offers are taken or stale
                 if request is not None:
                     break
             if request is None:
@@ -747,6 +857,8 @@ class Swarm:
             if picker.piece_complete(piece):
                 self._cancel_all(dst, picker.mark_have(piece))
                 self._got_piece(dst, piece)
+            elif self.cut_through:
+                self._held(dst, piece, block.offset, block.offset + block.length)
             self._fill(dst)
         self._serve(src)
 
