@@ -47,6 +47,7 @@ RUNS: list[tuple[str, str]] = [
     ("fireworks-kimi", "n1000-o25-cpu32"),
     ("fireworks-kimi", "n1000-o100-cpu32"),
     ("faults", ""),
+    ("faults", "no-faults"),
 ]
 # Runs of fewer strategies: the CPU variants (a node's CPU caps it alike whatever
 # fetches; the swarm is the one whose node also serves).

@@ -30,6 +30,17 @@ Rarest-first picking (the requester's side) still decides *what* moves; this
 decides *to whom* first, and the two don't fight: a piece that is rare is
 requested by the nodes that lack it, which are the ones behind.
 
+Least progress first is not strict: the peer at the head of the line is
+granted after it lost ``MAX_PASSED`` grants in a row to peers further behind.
+A seeder that pulled two pieces from the origin is "ahead" of every node that
+has none yet, and strict order left it unserved by every neighbour until they
+all caught up: it took its first block from a peer at 1.6 s where the others
+did at 0.7 s, and finished last. Measured with the glue simulator
+(``swarm simulate dragonfly-1200 --nodes 300``, cut-through, 16 slots; and
+``fireworks-kimi --variant n100-o100``), max / T_min: strict 1.25 and 1.034,
+MAX_PASSED 4: 1.16 and 1.039, 2: 1.16 and 1.044; round-robin (progress
+bucketed to nothing) 1.17 and 1.07.
+
 The cost is trust in a number the requester sends: a peer that claims to hold
 nothing is served first, up to ``max_per_peer`` slots of every node it asks.
 Inside one cluster of peers that share a key (the README's security model) that
@@ -65,7 +76,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
-__all__ = ["UploadScheduler"]
+__all__ = ["LOOKAHEAD", "MAX_PASSED", "MAX_SKIPS", "UploadScheduler"]
 
 PeerT = TypeVar("PeerT", bound=Hashable)
 RequestT = TypeVar("RequestT", bound=Hashable)
@@ -73,6 +84,9 @@ RequestT = TypeVar("RequestT", bound=Hashable)
 LOOKAHEAD = 4
 """With ``copies``: how many of a peer's pending requests (from its oldest) are weighed."""
 MAX_SKIPS = 16
+MAX_PASSED = 4
+"""With ``progress``: grants in a row the peer at the head of the line may lose to
+peers further behind before it is served (see the module docstring)."""
 """With ``copies``: grants in a row a peer's oldest request may be passed over."""
 
 
@@ -86,7 +100,7 @@ class _Queue(Generic[PeerT, RequestT]):
     list operations compile to native calls; deque methods stay generic.)
     """
 
-    __slots__ = ("active", "parked", "peer", "requests", "skips")
+    __slots__ = ("active", "parked", "passed", "peer", "requests", "skips")
 
     def __init__(self, peer: PeerT) -> None:
         self.peer = peer
@@ -94,6 +108,7 @@ class _Queue(Generic[PeerT, RequestT]):
         self.active = 0  # slots it holds
         self.parked = False  # has requests, out of the ring while it holds max_per_peer
         self.skips = 0  # grants in a row that passed over its oldest request
+        self.passed = 0  # grants in a row to a peer further behind, while it led the line
 
 
 class UploadScheduler(Generic[PeerT, RequestT]):
@@ -208,7 +223,7 @@ class UploadScheduler(Generic[PeerT, RequestT]):
             return None
         ring = self._ring
         progress = self.progress
-        if progress is None or len(ring) == 1:
+        if progress is None or len(ring) == 1 or ring[0].passed >= MAX_PASSED:
             queue = ring.pop(0)
         else:
             best = 0
@@ -218,7 +233,10 @@ class UploadScheduler(Generic[PeerT, RequestT]):
                 if held < least:
                     best = i
                     least = held
+            if best:
+                ring[0].passed += 1
             queue = ring.pop(best)
+        queue.passed = 0
         requests = queue.requests
         request = requests.pop(self._choose(queue))
         self._pending_count -= 1

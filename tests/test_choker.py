@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from swarm.choker import MAX_SKIPS, UploadScheduler
+from swarm.choker import MAX_PASSED, MAX_SKIPS, UploadScheduler
 
 
 def drain(scheduler: UploadScheduler[str, int]) -> list[tuple[str, int]]:
@@ -207,3 +207,42 @@ def test_a_request_passed_over_max_skips_times_goes_next() -> None:
         scheduler.done(*grant)
         scheduler.enqueue("a", next(fresh))  # a stream of fresher requests
     assert 0 not in served[:MAX_SKIPS] and served[MAX_SKIPS] == 0
+
+
+def test_a_peer_ahead_waits_at_most_max_passed_grants_for_peers_behind() -> None:
+    progress = {"ahead": 2}
+    sched: UploadScheduler[str, int] = UploadScheduler(1, progress=lambda p: progress.get(p, 0))
+    assert sched.enqueue("ahead", 0)
+    for i in range(3 * MAX_PASSED):
+        assert sched.enqueue(f"behind-{i}", i)
+    granted = []
+    for _ in range(3 * MAX_PASSED + 1):
+        grant = sched.next()
+        assert grant is not None
+        granted.append(grant[0])
+        sched.done(*grant)
+    # Peers further behind go first, but not forever: the one that led the
+    # line is served once it has lost MAX_PASSED grants in a row.
+    assert granted.index("ahead") == MAX_PASSED
+    assert granted[:MAX_PASSED] == [f"behind-{i}" for i in range(MAX_PASSED)]
+
+
+def test_the_passed_count_starts_over_when_the_head_of_the_line_is_served() -> None:
+    progress = {"a": 5, "b": 5}
+    sched: UploadScheduler[str, int] = UploadScheduler(1, progress=lambda p: progress.get(p, 0))
+    for request in range(2):
+        assert sched.enqueue("a", request)
+        assert sched.enqueue("b", request)
+    for i in range(MAX_PASSED):
+        assert sched.enqueue(f"behind-{i}", i)
+    order = []
+    for _ in range(4 + MAX_PASSED + 1):
+        grant = sched.next()
+        if grant is None:
+            break
+        order.append(grant[0])
+        sched.done(*grant)
+    assert order[MAX_PASSED] == "a"  # passed MAX_PASSED times at the head
+    assert sorted(order) == sorted(
+        ["a", "a", "b", "b"] + [f"behind-{i}" for i in range(MAX_PASSED)]
+    )
