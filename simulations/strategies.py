@@ -890,6 +890,9 @@ class Swarm:
         now = sim.now
         me = self.nodes[node]
         me.pulls.clear()
+        me.pull_base.clear()
+        me.partial.clear()
+        me.told.clear()
         affected: list[_Node] = []
         for conn in me.conns:
             other = conn.node
