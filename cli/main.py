@@ -27,7 +27,7 @@ from cli.progress import (
     stderr,
 )
 from core.errors import ConfigError, SwarmError
-from core.manifest import DEFAULT_PIECE_SIZE
+from core.manifest import DEFAULT_BLOCK_SIZE, DEFAULT_PIECE_SIZE
 from core.units import format_size, parse_size
 from seeder.retry import DEFAULT_RETRY_TIME
 from swarm.demo_config import DemoConfig
@@ -377,6 +377,15 @@ def publish(
     piece_size: Annotated[int, size_flag("--piece-size", help="Piece size.")] = Size(
         DEFAULT_PIECE_SIZE
     ),
+    block_size: Annotated[
+        int,
+        size_flag(
+            "--block-size",
+            help="Block size: the unit peers check on arrival (and, with cut-through, "
+            "relay before the piece is whole); at most the piece size, doubled if the "
+            "artifact would have too many blocks.",
+        ),
+    ] = Size(DEFAULT_BLOCK_SIZE),
     file: Annotated[
         list[str] | None,
         typer.Option(
@@ -414,6 +423,7 @@ def publish(
                 name,
                 url,
                 piece_size=piece_size,
+                block_size=block_size,
                 files=file,
                 progress=on_progress,
                 key=key,

@@ -99,13 +99,18 @@ def max_encoded_size(compressed_size: int) -> int:
     return min(MAX_ENCODED_SIZE, MAX_EXPANSION * compressed_size + EXPANSION_ALLOWANCE)
 
 
-def block_size_for(sizes: Sequence[int], piece_size: int) -> int:
+def block_size_for(
+    sizes: Sequence[int], piece_size: int, preferred: int = DEFAULT_BLOCK_SIZE
+) -> int:
     """The block size a format-2 manifest of files of ``sizes`` gets; 0: format 1.
 
-    :data:`DEFAULT_BLOCK_SIZE` (at most the piece size), doubled while the artifact
-    would have more than :data:`MAX_BLOCKS` blocks, up to :data:`MAX_BLOCK_SIZE`.
-    An artifact that would still have too many (over 64 TiB) gets format 1.
+    ``preferred`` (:data:`DEFAULT_BLOCK_SIZE` unless the publisher chose one; at
+    most the piece size), doubled while the artifact would have more than
+    :data:`MAX_BLOCKS` blocks, up to :data:`MAX_BLOCK_SIZE`. An artifact that
+    would still have too many (over 64 TiB) gets format 1. A ``preferred`` size
+    that no manifest may carry raises :class:`ManifestError`.
     """
+    _check_block_size(min(preferred, piece_size), piece_size)
 
     def blocks(block: int) -> int:
         total = 0
@@ -114,7 +119,7 @@ def block_size_for(sizes: Sequence[int], piece_size: int) -> int:
             total += full * pieces_in(piece_size, block) + pieces_in(tail, block)
         return total
 
-    block = min(DEFAULT_BLOCK_SIZE, piece_size)
+    block = min(preferred, piece_size)
     while blocks(block) > MAX_BLOCKS:
         if block >= min(piece_size, MAX_BLOCK_SIZE):
             return 0

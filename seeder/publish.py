@@ -9,7 +9,13 @@ from core.auth import ClusterKey
 from core.buffers import BufferPool
 from core.digest import block_layer, piece_digest
 from core.errors import ConfigError, SwarmError
-from core.manifest import DEFAULT_PIECE_SIZE, Manifest, block_size_for, validate_path
+from core.manifest import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_PIECE_SIZE,
+    Manifest,
+    block_size_for,
+    validate_path,
+)
 from seeder.catalog import Catalog
 from seeder.origin import ObjectInfo, Origin, open_origin
 from seeder.reader import RangedReader
@@ -34,6 +40,7 @@ async def build_manifest(
     name: str,
     *,
     piece_size: int = DEFAULT_PIECE_SIZE,
+    block_size: int = DEFAULT_BLOCK_SIZE,
     files: Sequence[str] | None = None,
     pieces_in_flight: int = 4,
     range_size: int = 16 * 1024 * 1024,
@@ -44,11 +51,13 @@ async def build_manifest(
     """Hash every block of the artifact at ``origin_url`` (parallel ranged reads).
 
     The manifest is of format 2: every piece's block layer, so peers check each
-    block as it lands (see :mod:`core.manifest`).
+    block as it lands (see :mod:`core.manifest`), of ``block_size`` (see
+    :func:`core.manifest.block_size_for`).
 
     ``retry_time`` is how long a failing origin read keeps being retried (default:
     ``seeder.retry.DEFAULT_RETRY_TIME``).
     """
+    block_size_for([], piece_size, block_size)  # a bad size fails before any read
     own = origin is None
     origin = origin or open_origin(origin_url)
     try:
@@ -58,7 +67,7 @@ async def build_manifest(
         total = sum(size for _, size in sizes)
         if progress:
             progress(0, total)
-        block_size = block_size_for([size for _, size in sizes], piece_size)
+        block_size = block_size_for([size for _, size in sizes], piece_size, block_size)
         layers: list[bytes] = [b""] * len(layout)
         reader = RangedReader(origin, range_size=range_size, retry_time=retry_time)
         in_flight = max(1, min(pieces_in_flight, len(layout)))
@@ -103,6 +112,7 @@ async def publish(
     catalog_url: str,
     *,
     piece_size: int = DEFAULT_PIECE_SIZE,
+    block_size: int = DEFAULT_BLOCK_SIZE,
     files: Sequence[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
     key: ClusterKey | None = None,
@@ -117,6 +127,7 @@ async def publish(
         origin_url,
         name,
         piece_size=piece_size,
+        block_size=block_size,
         files=files,
         progress=progress,
         retry_time=retry_time,

@@ -150,6 +150,17 @@ def test_block_size_is_the_default_unless_there_would_be_too_many_blocks() -> No
     assert block_size_for(huge, 256 * mib) == 16 * mib
 
 
+def test_a_publisher_may_choose_the_block_size_within_the_manifests_limits() -> None:
+    mib = 1024 * KIB
+    assert block_size_for([10 * mib], 4 * mib, 256 * KIB) == 256 * KIB
+    assert block_size_for([10 * KIB], 2 * KIB, 4 * KIB) == 2 * KIB  # never above a piece
+    # Too many blocks: doubled from the chosen size, as from the default.
+    assert block_size_for([MAX_BLOCKS * 2 * KIB], 256 * mib, KIB) == 2 * KIB
+    for bad in (512, 32 * mib):
+        with pytest.raises(ManifestError, match="block size"):
+            block_size_for([10 * mib], 256 * mib, bad)
+
+
 @settings(max_examples=50, deadline=None)
 @given(
     data=st.binary(min_size=1, max_size=9000),

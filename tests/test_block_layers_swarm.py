@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from fetch_helpers import make_model, publish, swarm_concurrently
+from fetch_helpers import make_model, publish, swarm, swarm_concurrently
 from servers import LOOPBACK, populate
 from swarm_helpers import TrackerProcess
 
@@ -109,3 +109,24 @@ def test_a_format_2_manifest_checks_every_block_as_it_lands(tmp_path: Path) -> N
     # One origin copy: each piece came from the origin once and went peer to peer.
     assert sum(r["origin_pieces"] for r in results) == published["pieces"]  # type: ignore[misc]
     assert all(r["pending_refused"] == 0 for r in results)
+
+
+def test_publish_writes_the_block_size_it_is_told(tmp_path: Path) -> None:
+    files = make_model(13, {"model.bin": 3 * PIECE - 7})
+    origin = tmp_path / "origin" / "m"
+    populate(origin, files)
+    catalog = (tmp_path / "catalog").as_uri()
+    base = ["publish", origin.as_uri(), "--name", "m", "--catalog", catalog]
+    result = swarm(*base, "--piece-size", "16KiB", "--block-size", "2KiB", "--json").ok()
+    assert result["block_size"] == 2 * KiB
+
+    async def get() -> Manifest:
+        async with Catalog(catalog) as c:
+            return await c.get("m")
+
+    manifest = asyncio.run(get())
+    assert manifest.block_size == 2 * KiB and manifest.root_hex == result["root"]
+    assert manifest.blocks_in(0) == PIECE // (2 * KiB)
+    # A size no manifest may carry is refused before anything is read.
+    bad = swarm(*base, "--piece-size", "16KiB", "--block-size", "512", "--json")
+    assert "block size must be between" in bad.error_line()
