@@ -163,6 +163,7 @@ RACKS = Scenario(
     origin_gbps=20.0,
     rack_size=10,
     oversubscription=4.0,
+    max_downloads=4,  # as zones.toml: see there why
 )
 
 
