@@ -84,10 +84,10 @@ RequestT = TypeVar("RequestT", bound=Hashable)
 LOOKAHEAD = 4
 """With ``copies``: how many of a peer's pending requests (from its oldest) are weighed."""
 MAX_SKIPS = 16
+"""With ``copies``: grants in a row a peer's oldest request may be passed over."""
 MAX_PASSED = 4
 """With ``progress``: grants in a row the peer at the head of the line may lose to
 peers further behind before it is served (see the module docstring)."""
-"""With ``copies``: grants in a row a peer's oldest request may be passed over."""
 
 
 class _Queue(Generic[PeerT, RequestT]):
