@@ -187,7 +187,8 @@ class Scenario:
 
     # swarm
     peer_connections: int = 10
-    """``swarm``: each node dials random others until it has this many, and one
+    """``swarm`` without ``zone_preference`` (which samples by rack): each node
+    dials random others until it has this many, and one
     that has them takes no more (the peer's ``max_peers``): every degree about
     equal. Dialing half and taking every caller left degrees from 4 to 18 at 10,
     and the nodes with the fewest were the tail (dragonfly-1200 with

@@ -27,11 +27,11 @@
     assignment's stall reclaims. With a ``block_size`` below the piece size it
     relays cut-through, as ``PeerSession`` does with ``cut_through`` set (the
     ``swarm-session`` model; the peer's store does not serve partial pieces
-    yet, so ``swarm fetch`` refuses it): each block
-    that arrives (from a neighbour, or a window of an origin pull) is offered
-    to a few neighbours that lack the piece (``PiecePicker.offer_blocks``,
-    the peer's Partial message and its ``CUT_THROUGH_*`` limits) before the
-    piece is whole. ``swarm-random`` differs only in the picker:
+    yet, so ``swarm fetch`` refuses it): each block that arrives (from a
+    neighbour, or a window of an origin pull) is offered to a few neighbours
+    that lack the piece (``PiecePicker.offer_blocks``, the peer's Partial
+    message and its ``CUT_THROUGH_*`` limits) before the piece is whole.
+    ``swarm-random`` differs only in the picker:
     new pieces are picked uniformly at random among those the neighbour has,
     instead of rarest first -- the ablation that shows what rarest first buys.
 
@@ -575,10 +575,9 @@ class Swarm:
         else:
             # Each node dials random others until it has ``peer_connections``,
             # and a node that has them takes no more (the peer's max_peers):
-            # every node ends with about the same degree.
-            # Draws are among the nodes that still have room, so the last to dial
-            # find some; a draw of itself or of a neighbour is wasted, a bounded
-            # number of times.
+            # every node ends with about the same degree. Draws are among the
+            # nodes that still have room, so the last to dial find some; a draw
+            # of itself or of a neighbour is wasted, a bounded number of times.
             target = sim.scenario.peer_connections
             room = [nodes[node] for node in initial]
             for node in initial:
@@ -745,9 +744,8 @@ class Swarm:
         whole yet. Offer its blocks held so far to a few neighbours that lack the
         piece, while fewer than ``CUT_THROUGH_HOLDERS`` neighbours hold it whole
         (the peer's rule, ``PeerSession._checked``: past that, whole pieces
-        spread it as fast and offers would only cost messages)."""
-        if not self.cut_through:
-            return
+        spread it as fast and offers would only cost messages). Called only with
+        cut-through on."""
         size = self.block_size
         blocks = me.partial.get(piece)
         if blocks is None:
