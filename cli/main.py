@@ -716,6 +716,18 @@ def fetch(
             help="In endgame, how many peers one missing block may be asked of at once.",
         ),
     ] = peer_default("endgame_duplicates"),
+    cut_through: Annotated[
+        int,
+        typer.Option(
+            "--cut-through",
+            min=0,
+            help=(
+                "Relay blocks before their piece is whole (format-2 manifests: each block is "
+                "checked on arrival): tell a few neighbours each time this many more blocks "
+                "of a piece are held. 0: serve whole verified pieces only."
+            ),
+        ),
+    ] = peer_default("cut_through"),
     max_upload_queue: Annotated[
         int,
         typer.Option(
@@ -803,6 +815,7 @@ def fetch(
             keepalive=keepalive,
             idle_timeout=idle_timeout,
             endgame_duplicates=endgame_duplicates,
+            cut_through=cut_through,
             max_upload_queue=max_upload_queue,
             seeder=not no_origin,
             key=key,

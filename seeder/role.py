@@ -82,6 +82,7 @@ async def pull_piece(
     on_attempt: Callable[[int], None] | None = None,
     verify_retries: int = DEFAULT_VERIFY_RETRIES,
     activity: Activity | None = None,
+    checked: Callable[[int], None] | None = None,
 ) -> int:
     """Read piece ``index`` from the origin into ``buf``, verify and store it.
 
@@ -91,6 +92,8 @@ async def pull_piece(
     piece is read again. ``store.write_piece`` runs in a worker thread (it hashes
     and writes). ``activity`` is passed to :meth:`RangedReader.read` (what the
     pull's ranges are doing: reading, or waiting out a throttled answer).
+    ``checked(end)`` is called when a window pull has bytes ``[0, end)`` of the
+    piece on disk, every block checked: a cut-through peer serves them at once.
 
     Returns how many reads failed verification before one passed. Raises
     VerificationError once ``verify_retries`` further reads have failed too: the
@@ -101,7 +104,16 @@ async def pull_piece(
     piece = manifest.piece(index)
     if len(buf) < piece.length and manifest.block_size and not len(buf) % manifest.block_size:
         return await _pull_windows(
-            reader, store, manifest, index, buf, progress, on_attempt, verify_retries, activity
+            reader,
+            store,
+            manifest,
+            index,
+            buf,
+            progress,
+            on_attempt,
+            verify_retries,
+            activity,
+            checked,
         )
     if len(buf) != piece.length:
         raise ValueError(
@@ -133,6 +145,7 @@ async def _pull_windows(
     on_attempt: Callable[[int], None] | None,
     verify_retries: int,
     activity: Activity | None = None,
+    checked: Callable[[int], None] | None = None,
 ) -> int:
     """Pull a format-2 piece a window (``len(buf)``, whole blocks) at a time."""
     piece = manifest.piece(index)
@@ -142,7 +155,10 @@ async def _pull_windows(
     for start in range(0, piece.length, len(buf)):
         view = buf[: min(len(buf), piece.length - start)]
         if store.holds_checked(index, start, start + len(view)):
-            continue  # kept from a run that stopped part-way through this piece
+            # Kept from a run that stopped part-way through this piece.
+            if checked is not None:
+                checked(start + len(view))
+            continue
         while True:
             await reader.read(piece.path, piece.offset + start, view, progress, activity)
             try:
@@ -155,6 +171,8 @@ async def _pull_windows(
                 log.warning("%s; reading it from the origin again", exc)
                 if on_attempt is not None:
                     on_attempt(failures)
+        if checked is not None:
+            checked(start + len(view))
     if not await asyncio.to_thread(store.verify_assembled, index):
         # Every block was checked as it was written: only a block another writer
         # put there unchecked can fail here. Its piece is pulled again whole.

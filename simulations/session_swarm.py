@@ -69,6 +69,7 @@ from simulations.strategies import RandomOrderPicker, budget_summary
 from swarm.picker import BlockRequest, PiecePicker
 from swarm.protocol import Request
 from swarm.session import (
+    CUT_THROUGH_BLOCKS,
     Action,
     AnnounceSoon,
     BlockReceived,
@@ -111,8 +112,6 @@ __all__ = ["SessionSwarm", "host_of", "peer_id_of"]
 _PORT: Final = 7000
 _TICK: Final = 1.0  # seconds between a session's Ticks: the peer's timer
 _TICK_EVENT: Final = Tick()
-CUT_THROUGH_BLOCKS: Final = 2
-"""With cut-through, a Partial for every 2 blocks more held (``SessionConfig.cut_through``)."""
 
 _PEER: Final = SessionConfig()  # the peer's defaults, read off an instance (see scenario.py)
 

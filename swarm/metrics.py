@@ -162,6 +162,12 @@ class PeerCollector(Collector):
             peer.store.reused_bytes,
         )
         yield counter(
+            "swarm_peer_cut_through_bytes",
+            "Block bytes uploaded from pieces not yet whole here: relayed cut-through "
+            "(fetch JSON: cut_through_bytes).",
+            stats.cut_through_bytes,
+        )
+        yield counter(
             "swarm_peer_corrupt_pieces",
             "Pieces from peers that failed verification (fetch JSON: corrupt_pieces).",
             stats.corrupt_pieces,

@@ -16,6 +16,11 @@ needs no locks. One disk thread owns the assembly of pieces from blocks: writes,
 hashing and verification of a piece happen in order without locks (see
 PieceStore).
 
+Cut-through relay (format-2 manifests, on by default): a block checked against
+its digest as it lands, and each window of an origin pull, is served before its
+piece is whole; the store refuses to send any bytes that are neither verified nor
+checked (``PieceStore.servable``).
+
 Byte-rate caps (``swarm.limiter``), each per process and shared by every
 connection: ``max_upload_rate`` paces block payloads sent, a slice at a time;
 ``max_download_rate`` paces payload reads from peers (a read waits before its
@@ -89,6 +94,7 @@ from swarm.protocol import (
     encode,
 )
 from swarm.session import (
+    CUT_THROUGH_BLOCKS,
     Action,
     AnnounceSoon,
     BlockReceived,
@@ -102,6 +108,7 @@ from swarm.session import (
     DialFailed,
     Event,
     Opened,
+    OriginChecked,
     OriginProgress,
     PeerSession,
     PieceFailed,
@@ -258,9 +265,9 @@ class PeerConfig:
     max_peers: int = _S.max_peers
     endgame_duplicates: int = _S.endgame_duplicates
     max_upload_queue: int = _S.max_upload_queue
-    # Cut-through relay stays off in the peer: its store serves verified pieces
-    # only (read_direct, piece_fd), not checked blocks of pieces still arriving.
-    cut_through: int = _S.cut_through
+    # Cut-through relay: blocks checked on arrival (format 2) are served before
+    # their piece is whole; a Partial per this many more blocks held. 0: off.
+    cut_through: int = CUT_THROUGH_BLOCKS
     keepalive: float = _S.keepalive
     idle_timeout: float = _S.idle_timeout
     zone: str = _S.zone  # this node's zone or rack, sent in announces ("" for none)
@@ -292,13 +299,6 @@ class PeerConfig:
     open_files: int = 32  # artifact files kept open for uploads when idle
     max_upload_rate: int | None = None  # bytes/s of block payload sent to peers; None: uncapped
     max_download_rate: int | None = None  # bytes/s from peers and the origin; None: uncapped
-
-    def __post_init__(self) -> None:
-        if self.cut_through:
-            raise ConfigError(
-                "cut-through relay is not available in the peer yet: its store serves "
-                "only verified pieces (the simulator's swarm-session models it)"
-            )
 
     def session_config(self) -> SessionConfig:
         """The session's settings: every field of SessionConfig, from ours of that name."""
@@ -418,6 +418,9 @@ class SwarmPeer:
                 session_config.block_size,
             )
             session_config = dataclasses.replace(session_config, block_size=manifest.block_size)
+        if not manifest.block_size and session_config.cut_through:
+            # Format 1 has no block digests: nothing is known good before its piece.
+            session_config = dataclasses.replace(session_config, cut_through=0)
         self.session = PeerSession(
             manifest.piece_lengths,
             root=manifest.root,
@@ -597,6 +600,7 @@ class SwarmPeer:
             result.seconds = (self.finished_at or time.monotonic()) - self.started
             result.extra.update(
                 uploaded_bytes=stats.uploaded_bytes,
+                cut_through_bytes=stats.cut_through_bytes,
                 duplicate_bytes=sum(stats.duplicate_causes.values()),
                 duplicate_causes=dict(stats.duplicate_causes),
                 origin_pieces=stats.origin_pieces,
@@ -885,6 +889,7 @@ class SwarmPeer:
                     advance,
                     on_attempt=attempt,
                     activity=activity,
+                    checked=lambda end: self._feed(OriginChecked(index, end)),
                 )
         except BaseException:
             self._pull_activity.pop(index, None)
@@ -1309,6 +1314,8 @@ class SwarmPeer:
             finally:
                 self._upload_pool.release(buf)
             return
+        # Sent from the file as it is: only verified pieces and checked blocks.
+        self.store.require_servable(req.piece, req.offset, req.length)
         await loop.sock_sendall(conn.sock, header)
         if self.config.serve_corrupt:
             bad = bytearray(req.length)

@@ -47,8 +47,9 @@ The rules, each tested in ``tests/test_session.py``:
   piece's blocks from a random one on, so the nodes fetching a piece from its one
   seeder get different blocks and trade them. Session-driven simulator, 12 nodes,
   2 GiB in 256 MiB pieces (tests/test_sim_session_swarm.py): 3.80 -> 1.93 x T_min;
-  100 nodes, 16 GiB, n100-o100: 2.51 -> 1.64. The peer runs with it off until its
-  store serves checked blocks of pieces not yet verified.
+  100 nodes, 16 GiB, n100-o100: 2.51 -> 1.64. The peer runs it with
+  :data:`CUT_THROUGH_BLOCKS` (``swarm fetch --cut-through``); its store serves
+  only blocks it checked (``PieceStore.servable``).
 - **Trust.** A piece counts, is announced (HAVE, only to connections that lack it)
   and is served only once verified. A piece that fails verification is blamed on
   its one source, or on the one source two failed pieces share; that peer is
@@ -94,6 +95,7 @@ from swarm.protocol import (
 )
 
 __all__ = [
+    "CUT_THROUGH_BLOCKS",
     "Action",
     "AnnounceSoon",
     "BlockReceived",
@@ -135,6 +137,10 @@ CUT_THROUGH_HOLDERS: Final = 4
 
 CUT_THROUGH_FANOUT: Final = 8
 """Neighbours each Partial goes to (random ones among those lacking the piece)."""
+
+CUT_THROUGH_BLOCKS: Final = 2
+"""The peer's ``cut_through``: a Partial for every 2 blocks more held (the
+simulators' value; a session made without it has cut-through off)."""
 
 _CANCELLED_MEMORY: Final = 4096  # cancelled blocks remembered per connection
 _REDIAL_MIN: Final = 5.0  # seconds before a peer that failed us is dialed again, doubling

@@ -693,14 +693,15 @@ class PieceStore:
                 done += os.pwritev(fd, [data[done:]], offset + done)
 
     def read_direct(self, index: int, offset: int, length: int, buf: bytearray | mmap.mmap) -> bool:
-        """Read ``length`` bytes of verified piece ``index`` at ``offset`` into the start
-        of ``buf`` (page-aligned, e.g. from a ``BufferPool``), bypassing the page cache.
+        """Read ``length`` bytes of piece ``index`` at ``offset`` into the start of
+        ``buf`` (page-aligned, e.g. from a ``BufferPool``), bypassing the page cache;
+        StoreError unless they are servable (see :meth:`servable`).
 
         Returns False, having read nothing, when that can't be done (no direct I/O
         here, an unaligned offset, ``buf`` too small for the padded length); the
         caller then uses ``sendfile`` from the page cache instead.
         """
-        self._require_verified(index)
+        self.require_servable(index, offset, length)
         piece = self.manifest.piece(index)
         start = piece.offset + offset
         padded = -(-length // _ALIGN) * _ALIGN
@@ -770,6 +771,27 @@ class PieceStore:
     @property
     def complete(self) -> bool:
         return all(self._verified)
+
+    def servable(self, index: int, offset: int, length: int) -> bool:
+        """Whether bytes ``offset..+length`` of piece ``index`` may go to a peer: the
+        piece is verified, or (format 2, cut-through) every manifest block they
+        touch is on disk and was checked against its digest before it was written.
+
+        Checked bytes on disk never change under a reader: a later write over a
+        checked block is itself checked first (so writes the same bytes), and one
+        that covers part of a block makes it unchecked before it writes.
+        """
+        if self._verified[index]:
+            return True
+        return length > 0 and self.holds_checked(index, offset, offset + length)
+
+    def require_servable(self, index: int, offset: int, length: int) -> None:
+        """StoreError unless :meth:`servable`: unchecked bytes are never served."""
+        if not self.servable(index, offset, length):
+            raise StoreError(
+                f"bytes {offset}+{length} of {self.manifest.describe_piece(index)} are not "
+                "verified or checked: they are never served"
+            )
 
     def _require_verified(self, index: int) -> None:
         if not self._verified[index]:
@@ -869,6 +891,12 @@ class PieceStore:
                     break
                 self._block_written.wait()
             asm.writing.update(keys)
+            if size:
+                # A block this write covers only in part is unchecked from now on,
+                # before its bytes change: cut-through serves checked blocks only.
+                for key in keys:
+                    if key * size < offset or min((key + 1) * size, piece.length) > end:
+                        asm.checked.discard(key * size)
         try:
             checked = self._check_blocks(index, offset, data) if size else ()
             with _translated(f"can't write {self.dest / piece.path}"):

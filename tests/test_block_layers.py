@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from session_helpers import Harness, make_session, pid
 
 from core.digest import PieceHasher, block_layer, digest, layer_digest, piece_digest
-from core.errors import ManifestError, VerificationError
+from core.errors import ManifestError, StoreError, VerificationError
 from core.manifest import MAX_BLOCKS, Manifest, block_size_for
 from swarm.picker import BlockRequest
 from swarm.session import BlockStored, Close, Send, StoreBlock, Verify
@@ -242,6 +242,52 @@ def test_blocks_that_are_not_the_manifests_are_read_back_once(tmp_path: Path) ->
         assert store.write_block(3, 0, data)
         assert store.verify_assembled(3)
         assert store.read_back_bytes == 2048 + 2048
+
+
+def test_only_checked_blocks_of_a_piece_being_assembled_are_servable(tmp_path: Path) -> None:
+    """Cut-through: the store serves a block of a piece not yet whole once it was
+    checked, nothing else of it; a write over part of a checked block takes it
+    back before the bytes change, so no reader ever gets bytes nobody checked."""
+    m = v2(FILES)
+    buf = bytearray(8192)
+    with PieceStore(tmp_path, m) as store:
+        assert not store.servable(1, 1024, 1024)
+        with pytest.raises(StoreError, match="never served"):
+            store.read_direct(1, 1024, 1024, buf)
+        offset, data = blocks_of(m, 1, KIB)[1]
+        assert store.write_block(1, offset, data)
+        assert store.servable(1, 1024, 1024) and store.servable(1, 1500, 10)
+        assert not store.servable(1, 0, 1024) and not store.servable(1, 0, 2048)
+        store.require_servable(1, 1024, 1024)
+        with pytest.raises(StoreError, match=r"bytes 0\+2048 of piece 1"):
+            store.require_servable(1, 0, 2048)
+        # A write over half of it and half of the block before (another block size,
+        # endgame): the checked block is taken back before the bytes land.
+        seen: list[bool] = []
+        write_at = store._write_at
+
+        def spying(file_index: int, at: int, chunk: memoryview) -> None:
+            seen.append(store.servable(1, 1024, 1024))
+            write_at(file_index, at, chunk)
+
+        store._write_at = spying  # type: ignore[method-assign]
+        assert store.write_block(1, 512, memoryview(piece_bytes(m, 1)[512:1536]))
+        assert seen == [False] and not store.servable(1, 1024, 1024)
+        store._write_at = write_at  # type: ignore[method-assign]
+        # Whole blocks again, then the piece: all of it servable.
+        for offset, data in blocks_of(m, 1, KIB):
+            store.write_block(1, offset, data)
+        assert store.servable(1, 1024, 1024)
+        assert store.verify_assembled(1) and store.servable(1, 0, 2048)
+
+
+def test_a_format_1_piece_is_servable_only_once_verified(tmp_path: Path) -> None:
+    m = v1(FILES)
+    with PieceStore(tmp_path, m) as store:
+        for offset, data in blocks_of(m, 0, KIB):
+            store.write_block(0, offset, data)
+        assert not store.servable(0, 0, 1024)
+        assert store.verify_assembled(0) and store.servable(0, 0, 1024)
 
 
 def test_format_1_store_still_assembles_and_verifies(tmp_path: Path) -> None:

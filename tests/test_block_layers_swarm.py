@@ -130,3 +130,48 @@ def test_publish_writes_the_block_size_it_is_told(tmp_path: Path) -> None:
     # A size no manifest may carry is refused before anything is read.
     bad = swarm(*base, "--piece-size", "16KiB", "--block-size", "512", "--json")
     assert "block size must be between" in bad.error_line()
+
+
+def _slow_swarm(tmp_path: Path, catalog: str, cut_through: int) -> list[dict[str, object]]:
+    """Three peers whose origin and peer reads are capped at 8 MiB/s, origin windows of
+    1 MiB (4 ranges of 256 KiB): a piece takes a second to pull, time enough for the
+    others to be told of, and ask for, the blocks of it already in."""
+    tracker = TrackerProcess(
+        catalog, {}, tmp_path / "logs", announce_interval=1.0, peer_ttl=30.0, stall_timeout=20.0
+    )
+    extra = ["--range-size", "256KiB", "--max-download-rate", "8MiB"]
+    extra += ["--cut-through", str(cut_through), "--linger", "5"]
+    tracker.start()
+    try:
+        runs = swarm_concurrently(
+            *(_fetch(tracker.url, tmp_path / f"{cut_through}-{n}") + extra for n in range(3)),
+            timeout=90,
+        )
+    finally:
+        tracker.stop()
+    return [run.ok() for run in runs]
+
+
+def test_cut_through_serves_checked_blocks_of_pieces_not_yet_whole(tmp_path: Path) -> None:
+    """With cut-through (the default), blocks of a piece still arriving from the
+    origin or a peer go out to others before the piece is whole; without it, none
+    do. Either way every byte is checked, and the origin is read once."""
+    mib = 1024 * KiB
+    files = make_model(14, {"model.bin": 4 * 8 * mib})
+    origin = tmp_path / "origin" / "m"
+    populate(origin, files)
+    catalog = (tmp_path / "catalog").as_uri()
+    base = ["publish", origin.as_uri(), "--name", "m", "--catalog", catalog]
+    published = swarm(*base, "--piece-size", "8MiB", "--block-size", "256KiB", "--json").ok()
+    relayed = {}
+    for cut_through in (2, 0):
+        results = _slow_swarm(tmp_path, catalog, cut_through)
+        for n, result in enumerate(results):
+            assert result["verified"] and result["root"] == published["root"], result
+            assert verify_dir(tmp_path / f"{cut_through}-{n}").ok
+        assert all(r["read_back_bytes"] == 0 and r["corrupt_blocks"] == 0 for r in results)
+        assert sum(r["origin_pieces"] for r in results) == 4  # type: ignore[misc]
+        assert sum(r["origin_bytes"] for r in results) == 4 * 8 * mib  # type: ignore[misc]
+        relayed[cut_through] = sum(r["cut_through_bytes"] for r in results)  # type: ignore[misc]
+    assert relayed[0] == 0
+    assert relayed[2] >= 256 * KiB, relayed

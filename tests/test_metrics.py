@@ -328,6 +328,7 @@ def test_tracker_and_lingering_peer_metrics_match_the_json(tmp_path: Path) -> No
                     ("swarm_peer_origin_retries_total", "origin_retries"),
                     ("swarm_peer_downloaded_bytes_total", "peer_bytes"),
                     ("swarm_peer_uploaded_bytes_total", "uploaded_bytes"),
+                    ("swarm_peer_cut_through_bytes_total", "cut_through_bytes"),
                     ("swarm_peer_cross_zone_bytes_total", "cross_zone_bytes"),
                     ("swarm_peer_origin_pieces_total", "origin_pieces"),
                     ("swarm_peer_corrupt_pieces_total", "corrupt_pieces"),

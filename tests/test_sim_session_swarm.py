@@ -9,10 +9,10 @@ import pytest
 from simulations.engine import Simulation
 from simulations.runner import run_strategy
 from simulations.scenario import Crash, NodeGroup, Scenario
-from simulations.session_swarm import CUT_THROUGH_BLOCKS, SessionSwarm
+from simulations.session_swarm import SessionSwarm
 from simulations.strategies import RandomOrderPicker
 from swarm.picker import PiecePicker
-from swarm.session import PeerSession, SessionConfig
+from swarm.session import CUT_THROUGH_BLOCKS, PeerSession, SessionConfig
 from tracker import assignment
 from tracker.registry import SwarmRegistry
 
