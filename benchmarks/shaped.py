@@ -154,6 +154,7 @@ class Scenario:
     piece_size: int
     files: int = 4
     mtu: int = JUMBO_MTU
+    block_size: int = 0  # the manifest's (swarm publish --block-size); 0: publish's default
     slow_nodes: int = 0
     slow_bps: int = 0
 
@@ -435,6 +436,7 @@ class ScenarioRunner:
         self.env: dict[str, str] = {}
         self.work = Path()
         self.name = f"bench-{scenario.name}"
+        self.block_size = 0  # the published manifest's, once published
 
     def say(self, msg: str) -> None:
         self.options.progress(f"[{self.scenario.name}] {msg}")
@@ -507,6 +509,8 @@ class ScenarioRunner:
             meta={
                 "host_cpus": os.cpu_count(),
                 "lt_piece_size": self.options.lt_piece_size or sc.piece_size,
+                # The manifest's: the unit peers request, check and relay cut-through.
+                "block_size": self.block_size,
                 "fetch_args": list(self.options.fetch_args),
                 "tracker_args": list(self.options.tracker_args),
                 "timing": "wall clock from launch of the system's processes to each node's completion marker",
@@ -610,11 +614,17 @@ class ScenarioRunner:
                 CATALOG,
                 "--piece-size",
                 str(self.scenario.piece_size),
+                *(
+                    ["--block-size", str(self.scenario.block_size)]
+                    if self.scenario.block_size
+                    else []
+                ),
                 "--json",
             ],
             env=self.env,
         )
         info = json.loads(out)
+        self.block_size = int(info["block_size"])
         if info["model_bytes"] != self.scenario.model_bytes:
             raise BenchmarkError(
                 f"published {info['model_bytes']} bytes, expected {self.scenario.model_bytes}"
@@ -1118,6 +1128,7 @@ def run_scenario(
     nodes: int | None = None,
     size: int | None = None,
     piece_size: int | None = None,
+    block_size: int | None = None,
     results_dir: Path | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Run scenario ``name`` (optionally reduced) and write its JSON; return it and its path.
@@ -1136,6 +1147,7 @@ def run_scenario(
         slow_nodes=min(scenario.slow_nodes, (nodes or scenario.nodes) // 4),
         model_bytes=size or scenario.model_bytes,
         piece_size=piece_size or scenario.piece_size,
+        block_size=block_size if block_size is not None else scenario.block_size,
     )
     result = ScenarioRunner(scenario, options).run()
     if reduced:
@@ -1160,6 +1172,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, help="reduced run: this many nodes")
     parser.add_argument("--size", type=parse_size, help="reduced run: artifact size, e.g. 64MiB")
     parser.add_argument("--piece-size", type=parse_size, help="override the scenario's piece size")
+    parser.add_argument(
+        "--block-size",
+        type=parse_size,
+        help="the manifest's block size (swarm publish --block-size): the unit relayed cut-through",
+    )
     parser.add_argument("--lt-piece-size", type=parse_size, help="libtorrent's piece size")
     parser.add_argument(
         "--oversubscription",
@@ -1209,6 +1226,7 @@ def main(argv: list[str] | None = None) -> int:
             nodes=args.nodes,
             size=args.size,
             piece_size=args.piece_size,
+            block_size=args.block_size,
             results_dir=args.results_dir,
         )
         print(path)

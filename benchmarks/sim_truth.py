@@ -166,6 +166,9 @@ class RunRecord:
     startup_max_seconds: float | None = None
     origin_first_byte_seconds: float | None = None
     """Launch of the peers to the origin link's first data."""
+    block_size: int = 0
+    """The manifest's block size (format 2: what peers request, whatever --block-size
+    says); 0 when the result does not say (runs before 2026-12-06)."""
 
     @property
     def nodes(self) -> int:
@@ -198,6 +201,7 @@ def record_from_result(result: Mapping[str, Any], system: str = STRATEGY) -> Run
         startup_seconds=tuple(float(s) for s in entry.get("startup_seconds", ())),
         startup_max_seconds=entry.get("startup_max_seconds"),
         origin_first_byte_seconds=(entry.get("origin_link") or {}).get("first_byte_seconds"),
+        block_size=int(result.get("block_size") or 0),
     )
 
 
@@ -258,7 +262,7 @@ def scenario_settings(
         "model_size": record.model_bytes,
         "files": record.files,
         "piece_size": record.piece_size,
-        "block_size": min(settings.block_size, record.piece_size),
+        "block_size": min(record.block_size or settings.block_size, record.piece_size),
         "nodes": nodes,
         **links,
         "origin_gbps": _gbps(_capped_bps(record.origin_up_bps, settings.origin_rate)),

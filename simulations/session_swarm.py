@@ -62,7 +62,7 @@ from typing import Any, Final
 from core.auth import ClusterKey
 from core.digest import PEER_ID_LENGTH
 from seeder.reader import DEFAULT_RANGE_SIZE
-from seeder.role import WINDOW_RANGES
+from seeder.role import window_size
 from simulations.engine import FlowDone, OriginRequest, Simulation
 from simulations.network import Flow
 from simulations.strategies import RandomOrderPicker, budget_summary
@@ -213,7 +213,11 @@ class SessionSwarm:
         )
         # With cut-through a pull is read a window at a time, as seeder.role reads
         # a format-2 piece, and each window is served once it is in.
-        self.window = WINDOW_RANGES * DEFAULT_RANGE_SIZE if scenario.cut_through else 0
+        self.window = (
+            window_size(max(sim.piece_lengths), self.config.block_size, DEFAULT_RANGE_SIZE)
+            if scenario.cut_through
+            else 0
+        )
         zoned = scenario.zone_preference
         self.nodes = [
             _Node(node, str(sim.rack[node]) if zoned else "") for node in range(scenario.nodes)

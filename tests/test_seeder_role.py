@@ -23,7 +23,7 @@ from core.manifest import Manifest
 from seeder.origin import open_origin
 from seeder.publish import publish
 from seeder.reader import RangedReader
-from seeder.role import origin_window, pull_piece
+from seeder.role import origin_window, pull_piece, window_size
 from swarm.store import PieceStore
 
 KIB = 1024
@@ -228,6 +228,14 @@ def test_origin_window_is_whole_blocks_and_at_most_the_largest_piece() -> None:
         name="m", origin="file:///x", piece_size=256 * mib, files=sizes, digests=[bytes(32)] * 4
     )
     assert origin_window(v1, 16 * mib) == 256 * mib  # format 1: the piece is checked whole
+
+
+def test_the_simulators_read_pulls_in_the_seeders_windows() -> None:
+    mib = 1024 * KIB
+    assert window_size(4 * mib, 256 * KIB, 16 * mib) == 4 * mib  # small: the piece
+    assert window_size(256 * mib, 4 * mib, 16 * mib) == 64 * mib  # large: 4 ranges
+    assert window_size(256 * mib, 3 * mib, 16 * mib) == 66 * mib  # whole blocks
+    assert window_size(256 * mib, 0, 16 * mib) == 256 * mib  # format 1
 
 
 @pytest.mark.parametrize("window", [KIB, 3 * KIB, 8 * KIB])
