@@ -35,6 +35,7 @@ from swarm.fetch import FetchConfig
 from swarm.peer import PeerConfig
 from swarm.protocol import MAX_BLOCK
 from swarm.session import SessionConfig
+from tracker.assignment import MAX_ORIGIN_COPIES
 from tracker.config import TrackerConfig
 
 try:  # typer >= 0.22 vendors click; older releases use click itself
@@ -1191,6 +1192,20 @@ def tracker_command(
             help="Adapt the origin budget to throttling and throughput (see tracker/origin_budget.py), or keep it at the default.",
         ),
     ] = tracker_default("adaptive_origin"),
+    origin_copies: Annotated[
+        float,
+        typer.Option(
+            "--origin-copies",
+            min=1.0,
+            max=MAX_ORIGIN_COPIES,
+            help=(
+                "Origin bytes the cluster may read, in copies of the artifact (1: every byte "
+                "once). Above 1, for a cheap in-cluster origin: the origin also serves copies "
+                "of the rarest pieces to peers that lack them, only while it would otherwise "
+                "idle (every piece handed out, a pull slot free), up to this many copies."
+            ),
+        ),
+    ] = tracker_default("origin_copies"),
     manifest_ttl: Annotated[
         float,
         typer.Option(
@@ -1247,6 +1262,7 @@ def tracker_command(
             origin_budget=origin_budget,
             origin_max_pulls=origin_max_pulls,
             adaptive_origin=adaptive_origin,
+            origin_copies=origin_copies,
             manifest_ttl=manifest_ttl,
             bar_reporters=bar_reporters,
             origin_rate=origin_rate_limit or None,

@@ -43,6 +43,7 @@ from core.errors import ConfigError
 from core.units import parse_size
 from seeder.reader import DEFAULT_RANGE_SIZE
 from seeder.role import WINDOW_RANGES
+from tracker.assignment import MAX_ORIGIN_COPIES
 
 __all__ = [
     "SCENARIO_DIR",
@@ -205,6 +206,10 @@ class Scenario:
     adaptive_budget: bool = True
     """The tracker's origin budget adapts to throttling (``tracker.origin_budget``);
     off (or ``origin_budget`` set), it stays at the default or that fixed value."""
+    origin_copies: float = 1.0
+    """Origin bytes allowed, in copies of the artifact (``swarm tracker
+    --origin-copies``): above 1 the origin serves extra copies of the rarest
+    pieces while it would otherwise idle (``tracker.assignment``)."""
     cut_through: bool = True
     """Blocks that arrive are offered to neighbours before their piece is whole
     (``SessionConfig.cut_through``), and origin pulls are read and offered a
@@ -231,6 +236,11 @@ class Scenario:
             raise ConfigError(f"{where}: nodes must be >= 1, got {self.nodes}")
         if self.model_size < 1 or self.piece_size < 1:
             raise ConfigError(f"{where}: model_size and piece_size must be >= 1 byte")
+        if not 1.0 <= self.origin_copies <= MAX_ORIGIN_COPIES:
+            raise ConfigError(
+                f"{where}: origin_copies must be between 1 and {MAX_ORIGIN_COPIES:g}, "
+                f"got {self.origin_copies}"
+            )
         if self.files < 1 or self.files > self.model_size:
             raise ConfigError(f"{where}: files must be in 1..model_size, got {self.files}")
         if self.block_size < 0:

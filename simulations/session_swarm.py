@@ -196,6 +196,7 @@ class SessionSwarm:
             max_peers_in_reply=scenario.peer_connections,
             per_peer_limit=scenario.per_peer_limit,
             origin_budget=scenario.origin_budget,
+            origin_copies=scenario.origin_copies,
             stall_timeout=scenario.stall_timeout,
             # The tracker's adaptive origin budget, as `swarm tracker` builds it.
             adaptive_budget=OriginBudget(

@@ -483,8 +483,11 @@ class Swarm:
             per_peer_limit=scenario.per_peer_limit,
             origin_budget=scenario.origin_budget,
             stall_timeout=scenario.stall_timeout,
+            origin_copies=scenario.origin_copies,
             rng=random.Random(f"{seed}:tracker"),
         )
+        self.copies = scenario.origin_copies > 1.0
+        self.copy_rng = random.Random(f"{seed}:copies")
         # The tracker's adaptive origin budget, as `swarm tracker` builds it.
         self.adaptive: OriginBudget | None = None
         if scenario.adaptive_budget and scenario.origin_budget is None:
@@ -637,9 +640,35 @@ class Swarm:
                 if picker is None or not picker.reserve(piece):
                     continue  # the tracker reclaims it when no progress comes
                 self._pull_window(me, piece, 0)
+        if self.copies:
+            self._assign_copies()
         if not self.ticking and self.assignment.in_flight:
             self.ticking = True
             sim.at(sim.now + sim.scenario.announce_interval, self._tick)
+
+    def _assign_copies(self) -> None:
+        """Extra origin copies (``origin_copies`` > 1), as the tracker's registry hands
+        them out: to nodes with room, of the pieces each lacks, rarest first. A copy
+        the node's picker won't reserve (it fetches the piece from peers) is declined."""
+        sim = self.sim
+        now = sim.now
+        assignment = self.assignment
+        holders = self.holders
+        for me in self.nodes:
+            picker = me.picker
+            if picker is None or me.done or not assignment.copy_room(me.id, now):
+                continue
+            lacking = sorted(
+                (holders[piece], self.copy_rng.random(), piece)
+                for piece in range(self.num_pieces)
+                if piece not in me.pieces and piece not in me.pulls
+            )
+            candidates = iter([piece for _, _, piece in lacking])
+            while (piece := assignment.assign_copy(me.id, now, candidates)) is not None:
+                if picker.reserve(piece):
+                    self._pull_window(me, piece, 0)
+                else:
+                    assignment.drop_copy(me.id, piece)
 
     def _pull_window(self, me: _Node, piece: int, start: int) -> None:
         """Read ``piece`` from the origin from ``start``: to its end, or one window."""
@@ -665,7 +694,8 @@ class Swarm:
         assert picker is not None
         self._cancel_all(me, picker.mark_have(piece))
         self._got_piece(me, piece)
-        self.assignment.piece_present(piece, self.sim.now)
+        if not self.copies or not self.assignment.copy_done(me.id, piece):
+            self.assignment.piece_present(piece, self.sim.now)
         self._assign()
         self._fill(me)
 
@@ -700,6 +730,15 @@ class Swarm:
                     ]
                     if waiting:
                         taken.extend((me.id, p) for p in assignment.shed(me.id, waiting))
+        if self.copies:
+            # Copies the tracker dropped (stalled) are cancelled like pieces taken back.
+            seen = set(taken)
+            taken.extend(
+                (me.id, piece)
+                for me in self.nodes
+                for piece in me.pulls
+                if not assignment.pulling(me.id, piece) and (me.id, piece) not in seen
+            )
         for peer, piece in taken:
             me = self.nodes[peer]
             reclaimed = me.pulls.get(piece)

@@ -402,3 +402,58 @@ def test_a_slow_judgement_lapses_so_the_seeder_is_measured_again() -> None:
     assert policy.slow("p4", 19.9) and policy.assign(19.9, only="p4") == {}
     assert not policy.slow("p4", 20.0)
     assert len(policy.assign(20.0, only="p4")["p4"]) == 1  # one piece, measured anew
+
+
+def _all_present(policy: SeederAssignment[str], now: float = 1.0) -> None:
+    """Every piece pulled once (its one origin copy), by whoever got it."""
+    while policy.unassigned or policy.in_flight:
+        policy.assign(now)
+        for peer in policy.peers:
+            for piece in policy.assignments(peer):
+                policy.piece_present(piece, now)
+
+
+def test_no_extra_origin_copies_by_default() -> None:
+    policy = make(4, 2)
+    _all_present(policy)
+    assert not policy.copy_room("p0", 2.0)
+    assert policy.assign_copy("p0", 2.0, [0, 1, 2, 3]) is None
+    with pytest.raises(ValueError, match="origin_copies"):
+        SeederAssignment([PIECE], origin_copies=0.5, rng=random.Random(0))
+
+
+def test_copies_go_out_only_while_the_origin_would_idle_and_within_their_budget() -> None:
+    policy: SeederAssignment[str] = SeederAssignment(
+        [PIECE] * 6, per_peer_limit=2, min_in_flight=1, origin_copies=4 / 3, rng=random.Random(0)
+    )
+    policy.peer_joined("p0", 0.0)
+    policy.peer_joined("p1", 0.0)
+    policy.assign(0.0)
+    # Pieces still wait for their one origin copy: the origin has better to do.
+    assert policy.unassigned and not policy.copy_room("p0", 0.5)
+    _all_present(policy)
+    # A third of an artifact of copies (2 pieces), the rarest candidate first.
+    assert policy.assign_copy("p0", 2.0, [3, 1]) == 3
+    assert policy.assignments("p0") == [3] and policy.pulling("p0", 3)
+    assert policy.copies_in_flight == 1 and policy.owner(3) is None
+    assert policy.assign_copy("p0", 2.0, [3, 1]) == 1  # its limit is 2
+    assert not policy.copy_room("p0", 2.0)  # at its limit
+    assert not policy.copy_room("p1", 2.0)  # and the budget's bytes are spent
+    # A copy that stalls is dropped, not put back for anyone else; the bytes it
+    # did not pull go back to the budget.
+    assert policy.progress("p0", 1, 400, 3.0)
+    assert policy.copy_done("p0", 3)
+    assert policy.tick(40.0) == [] and policy.copies_of("p0") == []
+    assert policy.unassigned == 0 and policy.all_present
+    stats = policy.stats
+    assert (stats.copies, stats.copy_bytes) == (2, PIECE)
+    assert stats.origin_bytes == 6 * PIECE + PIECE + 400  # one copy each, one more, 400 B
+    assert policy.assign_copy("p1", 41.0, [2, 0]) is None  # 600 bytes left: no whole piece
+    # A peer that leaves takes its copies with it.
+    policy2: SeederAssignment[str] = SeederAssignment(
+        [PIECE] * 2, per_peer_limit=2, min_in_flight=1, origin_copies=3.0, rng=random.Random(1)
+    )
+    policy2.peer_joined("a", 0.0)
+    _all_present(policy2)
+    assert policy2.assign_copy("a", 2.0, [0]) == 0
+    assert policy2.peer_left("a", 3.0) == [] and policy2.copies_in_flight == 0

@@ -175,3 +175,47 @@ def test_cut_through_serves_checked_blocks_of_pieces_not_yet_whole(tmp_path: Pat
         relayed[cut_through] = sum(r["cut_through_bytes"] for r in results)  # type: ignore[misc]
     assert relayed[0] == 0
     assert relayed[2] >= 256 * KiB, relayed
+
+
+def test_origin_copies_let_the_idle_origin_serve_a_peer_within_the_budget(
+    tmp_path: Path,
+) -> None:
+    """``swarm tracker --origin-copies 2``: three peers, four pieces, two pulls a peer:
+    the first two announces take every piece, so the third peer, with nothing left
+    to seed and origin slots free, pulls copies for itself. Every byte is still
+    checked; the origin sends at most 2 x F; by default (test above) exactly F."""
+    mib = 1024 * KiB
+    files = make_model(15, {"model.bin": 4 * 8 * mib})
+    origin = tmp_path / "origin" / "m"
+    populate(origin, files)
+    catalog = (tmp_path / "catalog").as_uri()
+    base = ["publish", origin.as_uri(), "--name", "m", "--catalog", catalog]
+    published = swarm(*base, "--piece-size", "8MiB", "--block-size", "256KiB", "--json").ok()
+    tracker = TrackerProcess(
+        catalog,
+        {},
+        tmp_path / "logs",
+        announce_interval=1.0,
+        peer_ttl=30.0,
+        stall_timeout=20.0,
+        extra=["--origin-copies", "2"],
+    )
+    extra = ["--range-size", "256KiB", "--max-download-rate", "8MiB", "--linger", "5"]
+    tracker.start()
+    try:
+        runs = swarm_concurrently(
+            *(_fetch(tracker.url, tmp_path / f"c{n}") + extra for n in range(3)), timeout=90
+        )
+        origin_status = tracker.swarm_status(str(published["root"]))
+    finally:
+        tracker.stop()
+    results = [run.ok() for run in runs]
+    for n, result in enumerate(results):
+        assert result["verified"] and result["root"] == published["root"], result
+        assert verify_dir(tmp_path / f"c{n}").ok
+    total = sum(r["origin_bytes"] for r in results)  # type: ignore[misc]
+    assert 4 * 8 * mib < total <= 2 * 4 * 8 * mib, total
+    assert origin_status is not None
+    copies = origin_status["origin"]
+    assert copies["copies_allowed"] == 2.0 and copies["copies"] >= 1, copies
+    assert copies["copy_bytes"] <= 4 * 8 * mib

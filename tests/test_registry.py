@@ -465,3 +465,41 @@ def test_the_no_origin_flag_travels_in_the_announce_and_is_checked() -> None:
     raw["noseed"] = "yes"
     with pytest.raises(BadAnnounce, match="noseed"):
         Announce.decode(msgpack.packb(raw, use_bin_type=True))
+
+
+def test_origin_copies_go_to_peers_lacking_the_rarest_pieces_and_stay_within_budget() -> None:
+    """With --origin-copies 1.5, once every piece is out a peer with room gets copies
+    of the pieces it lacks, rarest first; a copy it does not take up (its next
+    announce does not report it) is dropped; the origin never sends more than
+    1.5 x F of whole pieces."""
+    registry = make(4, per_peer_limit=2, origin_copies=1.5)
+    first = hello(registry, 1, 0.0)
+    second = hello(registry, 2, 0.1)
+    assert sorted(first.assigned + second.assigned) == [0, 1, 2, 3]
+    # Peer 2's pieces are out (it pulls them): nothing waits, so peer 1 may get copies,
+    # but only of what it lacks, and it is at its limit of 2 pulls with them.
+    reply = hello(registry, 1, 1.0, have=first.assigned)
+    assert sorted(reply.assigned) == sorted(second.assigned)
+    hello(registry, 2, 1.1, have=second.assigned)
+    assert registry.assignment.copies_of(pid(1)) == list(reply.assigned)
+    # It takes one (reports progress), not the other (it got it from peer 2).
+    taken, declined = reply.assigned
+    reply = hello(registry, 1, 2.0, progress={taken: 10})
+    assert reply.assigned == (taken,) and declined not in reply.assigned  # not offered again
+    hello(registry, 1, 3.0, have=[taken])
+    stats = registry.assignment.stats
+    assert (stats.copies, stats.copy_bytes) == (2, PIECE)
+    status = registry.status()["origin"]
+    assert status["copies"] == 2 and status["copy_bytes"] == PIECE
+    # The budget: 2 pieces' bytes, one used and one given back: peer 3 joins lacking
+    # everything and gets at most one more whole piece's worth.
+    reply = hello(registry, 3, 3.5)
+    assert len(reply.assigned) == 1
+    assert registry.assignment.stats.copies == 3
+
+
+def test_no_origin_copies_by_default() -> None:
+    registry = make(2, per_peer_limit=2)
+    first = hello(registry, 1, 0.0)
+    hello(registry, 1, 1.0, have=first.assigned)
+    assert hello(registry, 2, 1.5).assigned == ()

@@ -65,6 +65,20 @@ Stalls
     least once per announce, so ``stall_timeout`` must be longer than the
     announce interval.
 
+Origin copies (``origin_copies`` > 1)
+    Invariant 1 holds by default: one origin copy of every piece. An operator
+    whose origin is in the cluster and cheap to read may allow more, up to
+    ``origin_copies`` times the artifact's bytes in all: the origin then acts as
+    one more uploader. It does so only where it would otherwise idle, so it can
+    only shorten the burst: a *copy* (:meth:`SeederAssignment.assign_copy`) is
+    handed out only while no piece waits for its one origin copy (the pool is
+    empty) and an origin slot under the budget is free, to a peer with room
+    under its limit that is not slow, for the rarest piece it lacks (the caller
+    lists the candidates). A copy is that peer's own: it never goes back to the
+    pool; one that stalls, or that the peer declined (it was fetching the piece
+    from peers already), is dropped, not offered to that peer again, and its
+    bytes not pulled are given back to the budget.
+
 Time (``now``) and randomness (``rng``) are passed in; nothing here reads the
 clock or does I/O.
 """
@@ -80,11 +94,15 @@ from typing import Final, Generic, TypeVar
 
 __all__ = [
     "DEFAULT_MAX_BUDGET",
+    "MAX_ORIGIN_COPIES",
     "MIN_IN_FLIGHT",
     "SLOW_SEEDER",
     "AssignmentStats",
     "SeederAssignment",
 ]
+
+MAX_ORIGIN_COPIES: Final = 100.0
+"""The most origin copies an operator may allow (``--origin-copies``)."""
 
 DEFAULT_MAX_BUDGET = 256
 """The cluster's origin pieces in flight when no budget is set, however many peers."""
@@ -131,6 +149,10 @@ class AssignmentStats(Generic[PeerT]):
     origin_bytes: int = 0
     """Bytes the seeders reported reading from the origin (progress, and the rest of a
     piece when it became present): the origin throughput the budget adapts to."""
+    copies: int = 0
+    """Extra origin copies handed out (``origin_copies`` > 1)."""
+    copy_bytes: int = 0
+    """Bytes of those copies that their peers finished (and so read from the origin)."""
 
 
 class _Pull:
@@ -145,13 +167,24 @@ class _Pull:
 
 
 class _Seeder(Generic[PeerT]):
-    __slots__ = ("joined", "moved", "pulled", "pulls", "rate", "rated_until")
+    __slots__ = (
+        "copies",
+        "dropped",
+        "joined",
+        "moved",
+        "pulled",
+        "pulls",
+        "rate",
+        "rated_until",
+    )
 
     def __init__(self, joined: float) -> None:
         self.joined = joined
         self.moved = joined  # when any of its pulls last advanced
         self.pulled = 0
         self.pulls: dict[int, _Pull] = {}
+        self.copies: dict[int, _Pull] = {}  # extra origin copies it pulls for itself
+        self.dropped: set[int] = set()  # copies it stalled on or declined: not offered again
         self.rate = 0.0  # bytes/s of its finished pulls, smoothed; 0: none finished yet
         self.rated_until = 0.0  # the rate is stale after this (see SeederAssignment.slow)
 
@@ -169,8 +202,13 @@ class SeederAssignment(Generic[PeerT]):
         origin_budget: int | None = None,
         max_budget: int = DEFAULT_MAX_BUDGET,
         stall_timeout: float = 30.0,
+        origin_copies: float = 1.0,
         rng: random.Random,
     ) -> None:
+        if not 1.0 <= origin_copies <= MAX_ORIGIN_COPIES:
+            raise ValueError(
+                f"origin_copies must be between 1 and {MAX_ORIGIN_COPIES:g}, got {origin_copies}"
+            )
         if per_peer_limit < 1:
             raise ValueError(f"per_peer_limit must be >= 1, got {per_peer_limit}")
         if min_in_flight < 1:
@@ -206,6 +244,10 @@ class SeederAssignment(Generic[PeerT]):
         self._stalled_bytes: dict[int, int] = {}
         self._seeders: dict[PeerT, _Seeder[PeerT]] = {}
         self._in_flight = 0
+        # Extra origin copies: bytes still allowed, and copies being pulled.
+        self.origin_copies = origin_copies
+        self._copy_bytes_left = round((origin_copies - 1.0) * sum(self._lengths))
+        self._copies_in_flight = 0
         self._stats: AssignmentStats[PeerT] = AssignmentStats()
         self._median_rate: float | None = None  # of the rated seeders; None: recompute
         self._median_at = 0.0
@@ -297,14 +339,31 @@ class SeederAssignment(Generic[PeerT]):
         return self._owner.get(piece)
 
     def assignments(self, peer: PeerT) -> list[int]:
-        """Pieces ``peer`` should be pulling from the origin now, in assignment order."""
+        """Pieces ``peer`` should be pulling from the origin now, in assignment order
+        (its copies, if any, after its pieces)."""
         seeder = self._seeders.get(peer)
-        return [] if seeder is None else list(seeder.pulls)
+        return [] if seeder is None else [*seeder.pulls, *seeder.copies]
+
+    def pulling(self, peer: PeerT, piece: int) -> bool:
+        """Whether ``peer`` should be pulling ``piece``: as its seeder, or as a copy."""
+        seeder = self._seeders.get(peer)
+        return seeder is not None and (piece in seeder.pulls or piece in seeder.copies)
+
+    def copies_of(self, peer: PeerT) -> list[int]:
+        """The extra origin copies ``peer`` is pulling for itself."""
+        seeder = self._seeders.get(peer)
+        return [] if seeder is None else list(seeder.copies)
+
+    @property
+    def copies_in_flight(self) -> int:
+        return self._copies_in_flight
 
     def progress_of(self, peer: PeerT, piece: int) -> int | None:
         """Bytes of ``piece`` that ``peer`` last reported, or None if not its piece."""
         seeder = self._seeders.get(peer)
-        pull = None if seeder is None else seeder.pulls.get(piece)
+        if seeder is None:
+            return None
+        pull = seeder.pulls.get(piece) or seeder.copies.get(piece)
         return None if pull is None else pull.bytes_done
 
     @property
@@ -319,6 +378,8 @@ class SeederAssignment(Generic[PeerT]):
             s.lost,
             s.pulled_bytes,
             s.origin_bytes,
+            s.copies,
+            s.copy_bytes,
         )
 
     # -- events -------------------------------------------------------------
@@ -337,6 +398,8 @@ class SeederAssignment(Generic[PeerT]):
         returned = list(seeder.pulls)
         for piece in reversed(returned):  # keep their order at the pool's front
             self._unassign(peer, piece)
+        for piece in list(seeder.copies):
+            self.drop_copy(peer, piece)
         del self._seeders[peer]
         self._median_rate = None
         self._stats.reassigned += len(returned)
@@ -406,7 +469,7 @@ class SeederAssignment(Generic[PeerT]):
         seeder = self._seeders.get(peer)
         if seeder is None:
             return False
-        pull = seeder.pulls.get(piece)
+        pull = seeder.pulls.get(piece) or seeder.copies.get(piece)
         if pull is not None:
             if bytes_done > pull.bytes_done:
                 self._stats.origin_bytes += min(bytes_done, self._lengths[piece]) - min(
@@ -428,7 +491,7 @@ class SeederAssignment(Generic[PeerT]):
         """
         if self._pool_count == 0 or not self._seeders:
             return {}  # before the budget, which walks every seeder
-        free = self.budget - self._in_flight
+        free = self.budget - self._in_flight - self._copies_in_flight
         if free <= 0:
             return {}
         if only is not None:
@@ -457,6 +520,69 @@ class SeederAssignment(Generic[PeerT]):
             if len(self._seeders[peer].pulls) < limit:
                 heapq.heappush(heap, (load + 1, rng.random(), order, peer))
         return new
+
+    def copy_room(self, peer: PeerT, now: float) -> bool:
+        """Whether :meth:`assign_copy` could give ``peer`` a copy now (before its
+        candidates are worked out): copies allowed and bytes left for them, the
+        origin would otherwise idle (no piece waits in the pool, a slot is free),
+        and ``peer`` has room under its limit and is not slow."""
+        if self._copy_bytes_left <= 0 or self._pool_count > 0:
+            return False
+        if self._in_flight + self._copies_in_flight >= self.budget:
+            return False
+        seeder = self._seeders.get(peer)
+        if seeder is None or len(seeder.pulls) + len(seeder.copies) >= self.limit:
+            return False
+        return not self.slow(peer, now)
+
+    def assign_copy(self, peer: PeerT, now: float, candidates: Iterable[int]) -> int | None:
+        """An extra origin copy for ``peer`` of the first of ``candidates`` that fits
+        the copies' budget (the caller lists pieces ``peer`` lacks, rarest first),
+        if :meth:`copy_room` allows; the piece, or None. See the module docstring."""
+        if not self.copy_room(peer, now):
+            return None
+        seeder = self._seeders[peer]
+        for piece in candidates:
+            self._check_piece(piece)
+            length = self._lengths[piece]
+            if (
+                piece in seeder.pulls
+                or piece in seeder.copies
+                or piece in seeder.dropped
+                or length > self._copy_bytes_left
+            ):
+                continue
+            seeder.copies[piece] = _Pull(0, now)
+            self._copy_bytes_left -= length
+            self._copies_in_flight += 1
+            self._stats.copies += 1
+            return piece
+        return None
+
+    def copy_done(self, peer: PeerT, piece: int) -> bool:
+        """``peer`` verified ``piece``: if it was one of its copies, that copy is done."""
+        seeder = self._seeders.get(peer)
+        pull = None if seeder is None else seeder.copies.pop(piece, None)
+        if pull is None:
+            return False
+        self._copies_in_flight -= 1
+        self._stats.copy_bytes += self._lengths[piece]
+        self._stats.origin_bytes += max(0, self._lengths[piece] - pull.bytes_done)
+        return True
+
+    def drop_copy(self, peer: PeerT, piece: int) -> bool:
+        """Forget ``peer``'s copy of ``piece`` (it stalled, declined it, or left); the
+        bytes it did not pull go back to the copies' budget, and ``peer`` is not
+        offered that piece again."""
+        seeder = self._seeders.get(peer)
+        pull = None if seeder is None else seeder.copies.pop(piece, None)
+        if pull is None:
+            return False
+        assert seeder is not None
+        seeder.dropped.add(piece)
+        self._copies_in_flight -= 1
+        self._copy_bytes_left += max(0, self._lengths[piece] - pull.bytes_done)
+        return True
 
     def median_rate(self, now: float) -> float:
         """The median pull rate (bytes/s) of the seeders that finished a pull; 0
@@ -545,6 +671,14 @@ class SeederAssignment(Generic[PeerT]):
                     pull.bytes_done > 0 or now - seeder.moved >= self.stall_timeout
                 ):
                     stalled.append((peer, piece))
+        stalled_copies = [
+            (peer, piece)
+            for peer, seeder in self._seeders.items()
+            for piece, pull in seeder.copies.items()
+            if now - pull.since >= self.stall_timeout
+        ]
+        for peer, piece in stalled_copies:
+            self.drop_copy(peer, piece)  # its peer gets the piece from peers
         for peer, piece in reversed(stalled):
             bytes_done = self._seeders[peer].pulls[piece].bytes_done
             self._stalled_bytes[piece] = max(self._stalled_bytes.get(piece, 0), bytes_done)
@@ -563,10 +697,13 @@ class SeederAssignment(Generic[PeerT]):
         twice once given to another peer. The pieces go back to the pool's front;
         returns them.
         """
-        excess = self._in_flight - self.budget
+        excess = self._in_flight + self._copies_in_flight - self.budget
         seeder = self._seeders.get(peer)
         if excess <= 0 or seeder is None:
             return []
+        for piece in list(waiting):
+            if excess > 0 and self.drop_copy(peer, piece):  # copies go first
+                excess -= 1
         taken = [piece for piece in waiting if piece in seeder.pulls][:excess]
         for piece in reversed(taken):
             self._unassign(peer, piece)

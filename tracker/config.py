@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from core.auth import ClusterKey
 from core.errors import ConfigError, SwarmError
-from tracker.assignment import DEFAULT_MAX_BUDGET, MIN_IN_FLIGHT
+from tracker.assignment import DEFAULT_MAX_BUDGET, MAX_ORIGIN_COPIES, MIN_IN_FLIGHT
 
 __all__ = ["TrackerConfig"]
 
@@ -33,6 +33,9 @@ class TrackerConfig:
     """Adapt the origin budget to throttling and throughput (``tracker.origin_budget``)."""
     origin_rate: int | None = None
     """Cluster-wide cap on origin reads in bytes/s, shared by the peers pulling (None: uncapped)."""
+    origin_copies: float = 1.0
+    """Origin bytes allowed, in copies of the artifact (``tracker.assignment``): above 1,
+    the origin serves extra copies while it would otherwise idle."""
     stall_timeout: float = 30.0
     max_peers_in_reply: int = 50
     restart_grace: float | None = None  # default: 1.5 announce intervals
@@ -65,5 +68,10 @@ class TrackerConfig:
             raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
         if self.origin_max_pulls < 1:
             raise ConfigError(f"--origin-max-pulls must be >= 1, got {self.origin_max_pulls}")
+        if not 1.0 <= self.origin_copies <= MAX_ORIGIN_COPIES:
+            raise ConfigError(
+                f"--origin-copies must be between 1 and {MAX_ORIGIN_COPIES:g}, "
+                f"got {self.origin_copies}"
+            )
         if self.health_interval <= 0:
             raise ConfigError(f"--health-interval must be > 0, got {self.health_interval}")

@@ -269,10 +269,19 @@ class TrackerCollector(Collector):
                     stats.pulled_bytes,
                 ),
                 (
+                    "counter",
+                    "swarm_tracker_swarm_origin_copy_bytes",
+                    "Bytes of extra origin copies peers pulled for themselves (--origin-copies > 1).",
+                    stats.copy_bytes,
+                ),
+                (
                     "gauge",
                     "swarm_tracker_swarm_origin_copies_ratio",
-                    "Origin bytes pulled ÷ F: 1.0 is one origin copy (design invariant 1).",
-                    stats.pulled_bytes / manifest.total_size if manifest.total_size else 0.0,
+                    "Origin bytes pulled ÷ F, extra copies included: 1.0 is one origin copy "
+                    "(design invariant 1), at most --origin-copies.",
+                    (stats.pulled_bytes + stats.copy_bytes) / manifest.total_size
+                    if manifest.total_size
+                    else 0.0,
                 ),
                 (
                     "gauge",

@@ -147,6 +147,7 @@ class SwarmRegistry:
         bar_reporters: int = 2,
         origin_rate: int | None = None,
         adaptive_budget: OriginBudget | None = None,
+        origin_copies: float = 1.0,
     ) -> None:
         if bar_reporters < 2:
             raise ValueError(
@@ -172,6 +173,7 @@ class SwarmRegistry:
             origin_budget=origin_budget,
             max_budget=DEFAULT_MAX_BUDGET if adaptive_budget is None else adaptive_budget.ceiling,
             stall_timeout=stall_timeout,
+            origin_copies=origin_copies,
             rng=rng,
         )
         # Adapts the origin budget to what the origin gives (None: fixed budget).
@@ -301,12 +303,19 @@ class SwarmRegistry:
         for piece, bytes_done in progress.items():
             if piece in known.have:
                 continue
-            if not adopting and self.assignment.owner(piece) != peer:
+            if not adopting and not self.assignment.pulling(peer, piece):
                 # Outside the restart grace window the tracker's assignments are
                 # whole: a pull it did not hand out is not one to protect, and
                 # adopting it would let any peer take pieces from their seeders.
                 continue
             self.assignment.progress(peer, piece, bytes_done, now)
+        for piece in self.assignment.copies_of(peer):
+            # Its copies, as the last reply gave them: done once it has the piece;
+            # declined if it is not pulling it (it was fetching it from peers).
+            if piece in known.have:
+                self.assignment.copy_done(peer, piece)
+            elif piece not in progress:
+                self.assignment.drop_copy(peer, piece)
         if throttles and self.adaptive is not None and self.assignment.assignments(peer):
             # Only a peer pulling for the swarm speaks for the origin: one that holds no
             # pull (or may not read the origin) can't make the cluster back off.
@@ -318,6 +327,8 @@ class SwarmRegistry:
             # only wait out a throttled answer go back (its reply lists every piece
             # it keeps, and it cancels the rest).
             self.assignment.shed(peer, waiting)
+        if seeder and self.assignment.copy_room(peer, now):
+            self._assign_copies(peer, known.have, now)
         assigned = tuple(self.assignment.assignments(peer))
         if assigned:
             self._holding.add(peer)
@@ -330,6 +341,19 @@ class SwarmRegistry:
             num_peers=len(self._peers),
             origin_rate=self.origin_share(),
         )
+
+    def _assign_copies(self, peer: bytes, have: Bitfield, now: float) -> None:
+        """Extra origin copies for ``peer`` while the assignment has room for them:
+        the pieces it lacks, rarest in the swarm first (random among equals)."""
+        rng, avail = self._rng, self._avail
+        lacking = sorted(
+            (avail[piece], rng.random(), piece)
+            for piece in range(self.num_pieces)
+            if piece not in have
+        )
+        candidates = iter([piece for _, _, piece in lacking])
+        while self.assignment.assign_copy(peer, now, candidates) is not None:
+            pass
 
     @property
     def origin_holders(self) -> int:
@@ -622,6 +646,10 @@ class SwarmRegistry:
                 "reassigned": stats.reassigned,
                 "stalled": stats.stalled,
                 "lost": stats.lost,
+                "copies_allowed": self.assignment.origin_copies,
+                "copies": stats.copies,
+                "copies_in_flight": self.assignment.copies_in_flight,
+                "copy_bytes": stats.copy_bytes,
                 "rate_cap": self.origin_rate,
                 "holders": len(self._holding),
                 "rate_share": self.origin_share(),

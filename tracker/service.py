@@ -369,6 +369,7 @@ class Tracker:
                 bar_reporters=self.config.bar_reporters,
                 origin_rate=self.config.origin_rate,
                 adaptive_budget=self._adaptive_budget(),
+                origin_copies=self.config.origin_copies,
             )
             swarm = self._swarms.setdefault(root, _Swarm(manifest, registry))
             log.info("new swarm %s (%d pieces)", manifest.ref, manifest.num_pieces)
