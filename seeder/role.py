@@ -177,7 +177,7 @@ async def _pull_windows(
         while True:
             await reader.read(piece.path, piece.offset + start, view, progress, activity)
             try:
-                await asyncio.to_thread(store.write_block, index, start, view)
+                written = await asyncio.to_thread(store.write_block, index, start, view)
                 break
             except VerificationError as exc:
                 if failures == verify_retries:
@@ -186,7 +186,11 @@ async def _pull_windows(
                 log.warning("%s; reading it from the origin again", exc)
                 if on_attempt is not None:
                     on_attempt(failures)
-        if checked is not None:
+        # Turned away (the piece is being verified, or these blocks are on disk
+        # already): served only if the store holds them checked.
+        if checked is not None and (
+            written or store.holds_checked(index, start, start + len(view))
+        ):
             checked(start + len(view))
     if not await asyncio.to_thread(store.verify_assembled, index):
         # Every block was checked as it was written: only a block another writer

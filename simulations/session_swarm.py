@@ -324,11 +324,12 @@ class SessionSwarm:
         self._drain()
         registry = self.registry
         throttles, retry_after = self.sim.take_throttles(me.id)
+        progress = session.announce_progress()
         answer = registry.announce(
             me.peer_id,
             (me.host, _PORT),
             session.have,
-            session.origin_progress,
+            progress,
             now,
             me.zone,
             throttles=throttles,
@@ -336,6 +337,7 @@ class SessionSwarm:
             # Pulls that only wait out a throttled answer, as the peer reports them.
             waiting=[p for p, r in me.pulls.items() if r.flow is None and r.attempt],
         )
+        session.announced(progress)
         for culprit in session.barred:
             registry.report(me.peer_id, culprit, now)
         barred = registry.barred

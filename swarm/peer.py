@@ -90,6 +90,7 @@ from swarm.protocol import (
     ConnectionClosed,
     FrameDecoder,
     Message,
+    Reject,
     Request,
     encode,
 )
@@ -742,7 +743,9 @@ class SwarmPeer:
         counters = self.origin.counters
         throttles = counters.throttled - self._throttles_told
         retry_after = counters.retry_after
-        progress = dict(self.session.origin_progress)
+        progress = self.session.announce_progress()
+        if len(progress) > MAX_PROGRESS_ENTRIES:  # finished pulls wait for the next one
+            progress = dict(list(self.session.origin_progress.items())[:MAX_PROGRESS_ENTRIES])
         # Pulls with nothing on the wire, only waiting out a throttled answer: the
         # tracker may take these back when the origin throttles (none of it read).
         waiting = [
@@ -767,6 +770,7 @@ class SwarmPeer:
             waiting=waiting[:MAX_PROGRESS_ENTRIES],
         )
         reply = await self.tracker.announce(msg)
+        self.session.announced(progress)
         self._throttles_told += throttles
         if counters.retry_after == retry_after:
             counters.retry_after = 0.0
@@ -1243,14 +1247,12 @@ class SwarmPeer:
                     continue
                 if conn.closing:
                     return
-                if ahead is None and conn.blocks:
-                    req = conn.blocks.popleft()
+                if ahead is None and (req := self._next_block(conn)) is not None:
                     ahead = (req, asyncio.create_task(self._load_block(req)))
                 if ahead is not None:
                     req, loading = ahead
                     ahead = None
-                    if conn.blocks:
-                        nxt = conn.blocks.popleft()
+                    if (nxt := self._next_block(conn)) is not None:
                         ahead = (nxt, asyncio.create_task(self._load_block(nxt)))
                     try:
                         await self._send_block(loop, conn, req, await loading)
@@ -1265,6 +1267,18 @@ class SwarmPeer:
                 loading.cancel()
                 loading.add_done_callback(self._release_loaded)
                 self._feed(UploadDone(conn.id, req))
+
+    def _next_block(self, conn: _Conn) -> Request | None:
+        """The next block to send on ``conn``. One the store no longer holds checked
+        (its piece failed verification after the session granted it: the session
+        learns of it a moment later) is refused with a Reject, not sent."""
+        while conn.blocks:
+            req = conn.blocks.popleft()
+            if self.store.servable(req.piece, req.offset, req.length):
+                return req
+            self._send(conn.id, Reject(req.piece, req.offset, req.length))
+            self._feed(UploadDone(conn.id, req))
+        return None
 
     def _release_loaded(self, task: asyncio.Task[mmap.mmap | None]) -> None:
         if not task.cancelled() and task.exception() is None and (buf := task.result()) is not None:

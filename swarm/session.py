@@ -51,7 +51,8 @@ The rules, each tested in ``tests/test_session.py``:
   :data:`CUT_THROUGH_BLOCKS` (``swarm fetch --cut-through``); its store serves
   only blocks it checked (``PieceStore.servable``).
 - **Trust.** A piece counts, is announced (HAVE, only to connections that lack it)
-  and is served only once verified. A piece that fails verification is blamed on
+  and is served whole only once verified; before that, only its blocks checked
+  against the manifest's block digests are served (cut-through). A piece that fails verification is blamed on
   its one source, or on the one source two failed pieces share; that peer is
   barred for the swarm (closed, never admitted again, reported to the tracker).
 - **Origin pulls.** Pieces the tracker assigns are reserved in the picker and
@@ -608,6 +609,9 @@ class PeerSession:
         self.partial: dict[int, Bitfield] = {}
         self._told: dict[int, int] = {}
         self.origin_progress: dict[int, int] = {}
+        # Pulls finished since the tracker last heard: reported once more, whole, so
+        # it can tell an origin copy pulled from one the peer had from peers.
+        self.origin_finished: dict[int, int] = {}
         self.contributors: dict[int, set[bytes]] = {}
         self.failed_sets: list[set[bytes]] = []
         self.verifying: set[int] = set()
@@ -1265,12 +1269,25 @@ class PeerSession:
         if piece in self.pulls:
             self.pulls.discard(piece)
             self.origin_progress.pop(piece, None)
+            self.origin_finished[piece] = self.lengths[piece]
         elif self.picker.has(piece):
             return
         self.stats.origin_pieces += 1
         out.append(AnnounceSoon())
         if not self.picker.has(piece):
             self._piece_ours(piece, now, out)
+
+    def announce_progress(self) -> dict[int, int]:
+        """An announce's ``progress``: bytes of each origin pull running, and each
+        finished since the last announce that reached the tracker (see
+        :meth:`announced`), whole."""
+        return {**self.origin_finished, **self.origin_progress}
+
+    def announced(self, progress: Mapping[int, int]) -> None:
+        """An announce with ``progress`` reached the tracker: its finished pulls are told."""
+        for piece in progress:
+            if piece not in self.origin_progress:
+                self.origin_finished.pop(piece, None)
 
     def _pull_ended(self, piece: int, now: float, out: list[Action]) -> None:
         """An origin pull stopped without the piece: peers may serve it, ask them now."""

@@ -777,9 +777,12 @@ class PieceStore:
         piece is verified, or (format 2, cut-through) every manifest block they
         touch is on disk and was checked against its digest before it was written.
 
-        Checked bytes on disk never change under a reader: a later write over a
-        checked block is itself checked first (so writes the same bytes), and one
-        that covers part of a block makes it unchecked before it writes.
+        Checked bytes on disk do not change: a later write over a whole checked
+        block is itself checked first (so writes the same bytes), and one that
+        covers part of a block makes it unchecked before it writes (a reader that
+        passed this check before still reads the old bytes there only if it reads
+        first; the peer writes whole manifest blocks only, so this does not arise,
+        and the receiver checks every block it gets all the same).
         """
         if self._verified[index]:
             return True
@@ -853,8 +856,9 @@ class PieceStore:
         2 a write that covers part of one of the manifest's blocks makes that block
         unchecked again (it is read back at verification).
 
-        Unverified bytes on disk are harmless: they are neither served nor recorded,
-        and a restart fetches the piece again. Threads may write blocks at once
+        Unverified bytes on disk are harmless: a block is served before its piece is
+        verified only once checked against its digest (:meth:`servable`), the piece
+        is recorded only once verified, and a restart checks kept blocks again. Threads may write blocks at once
         (format 2 checks and writes them in parallel; format 1's prefix hash is
         extended under the store's lock); ``verify_assembled`` of a piece is called
         once all its blocks are written.

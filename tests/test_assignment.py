@@ -439,8 +439,8 @@ def test_copies_go_out_only_while_the_origin_would_idle_and_within_their_budget(
     assert policy.assign_copy("p0", 2.0, [3, 1]) == 1  # its limit is 2
     assert not policy.copy_room("p0", 2.0)  # at its limit
     assert not policy.copy_room("p1", 2.0)  # and the budget's bytes are spent
-    # A copy that stalls is dropped, not put back for anyone else; the bytes it
-    # did not pull go back to the budget.
+    # A copy that stalls is dropped, not put back for anyone else; once any of it
+    # was read its bytes stay spent (the budget is a cap on what the origin sends).
     assert policy.progress("p0", 1, 400, 3.0)
     assert policy.copy_done("p0", 3)
     assert policy.tick(40.0) == [] and policy.copies_of("p0") == []
@@ -448,7 +448,8 @@ def test_copies_go_out_only_while_the_origin_would_idle_and_within_their_budget(
     stats = policy.stats
     assert (stats.copies, stats.copy_bytes) == (2, PIECE)
     assert stats.origin_bytes == 6 * PIECE + PIECE + 400  # one copy each, one more, 400 B
-    assert policy.assign_copy("p1", 41.0, [2, 0]) is None  # 600 bytes left: no whole piece
+    assert not policy.copy_room("p1", 41.0)  # nothing left of the budget
+    assert policy.assign_copy("p1", 41.0, [2, 0]) is None
     # A peer that leaves takes its copies with it.
     policy2: SeederAssignment[str] = SeederAssignment(
         [PIECE] * 2, per_peer_limit=2, min_in_flight=1, origin_copies=3.0, rng=random.Random(1)
@@ -457,3 +458,38 @@ def test_copies_go_out_only_while_the_origin_would_idle_and_within_their_budget(
     _all_present(policy2)
     assert policy2.assign_copy("a", 2.0, [0]) == 0
     assert policy2.peer_left("a", 3.0) == [] and policy2.copies_in_flight == 0
+
+
+def test_copies_give_way_to_pieces_that_need_their_one_origin_copy() -> None:
+    """A seeder leaves with its pulls after the copies went out: the copies are
+    dropped (least read first) so its pieces get slots at once; a lost piece that
+    a peer pulls a copy of becomes that peer's pull, not a second one."""
+    policy: SeederAssignment[str] = SeederAssignment(
+        [PIECE] * 4,
+        per_peer_limit=2,
+        min_in_flight=1,
+        origin_budget=2,
+        origin_copies=3.0,
+        rng=random.Random(0),
+    )
+    for peer in ("a", "b"):
+        policy.peer_joined(peer, 0.0)
+    _all_present(policy)
+    assert policy.assign_copy("a", 2.0, [0, 1, 2, 3]) is not None
+    assert policy.assign_copy("b", 2.0, [0, 1, 2, 3]) is not None
+    assert policy.copies_in_flight == 2 and not policy.copy_room("a", 2.0)  # budget of 2
+    a_copy = policy.copies_of("a")[0]
+    assert policy.progress("a", a_copy, 100, 2.5)
+    # b's copy is the least read: it makes way when a lost piece needs the slot.
+    lost = next(p for p in range(4) if p != a_copy)
+    assert policy.piece_lost(lost)
+    new = policy.assign(3.0)
+    assert policy.copies_of("b") == [] and policy.copies_of("a") == [a_copy]
+    assert sum(len(v) for v in new.values()) == 1 and policy.in_flight == 1
+    # a's copy piece is lost too: it is a's pull from now on, read bytes kept.
+    assert policy.piece_lost(a_copy)
+    policy.peer_left("b", 4.0)
+    policy.assign(4.0)
+    assert policy.owner(a_copy) == "a" and policy.copies_of("a") == []
+    assert policy.progress_of("a", a_copy) == 100
+    assert policy.assignments("a").count(a_copy) == 1

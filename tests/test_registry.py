@@ -468,34 +468,36 @@ def test_the_no_origin_flag_travels_in_the_announce_and_is_checked() -> None:
 
 
 def test_origin_copies_go_to_peers_lacking_the_rarest_pieces_and_stay_within_budget() -> None:
-    """With --origin-copies 1.5, once every piece is out a peer with room gets copies
-    of the pieces it lacks, rarest first; a copy it does not take up (its next
-    announce does not report it) is dropped; the origin never sends more than
-    1.5 x F of whole pieces."""
-    registry = make(4, per_peer_limit=2, origin_copies=1.5)
+    """With --origin-copies 2, once every piece is present a peer with room gets
+    copies of the pieces it lacks; one it does not take up (its next announce does
+    not report it) is dropped and its budget given back; the origin never sends
+    more than 2 x F of whole pieces."""
+    registry = make(4, per_peer_limit=2, origin_copies=2.0)
     first = hello(registry, 1, 0.0)
     second = hello(registry, 2, 0.1)
     assert sorted(first.assigned + second.assigned) == [0, 1, 2, 3]
-    # Peer 2's pieces are out (it pulls them): nothing waits, so peer 1 may get copies,
-    # but only of what it lacks, and it is at its limit of 2 pulls with them.
+    # Peer 2's pieces are still being pulled: no copies while any piece is not present.
     reply = hello(registry, 1, 1.0, have=first.assigned)
+    assert reply.assigned == ()
+    reply = hello(registry, 2, 1.1, have=second.assigned)
+    assert sorted(reply.assigned) == sorted(first.assigned)  # what it lacks
+    reply = hello(registry, 1, 1.2)
     assert sorted(reply.assigned) == sorted(second.assigned)
-    hello(registry, 2, 1.1, have=second.assigned)
     assert registry.assignment.copies_of(pid(1)) == list(reply.assigned)
     # It takes one (reports progress), not the other (it got it from peer 2).
     taken, declined = reply.assigned
     reply = hello(registry, 1, 2.0, progress={taken: 10})
     assert reply.assigned == (taken,) and declined not in reply.assigned  # not offered again
-    hello(registry, 1, 3.0, have=[taken])
+    hello(registry, 1, 3.0, have=[taken], progress={taken: PIECE})
     stats = registry.assignment.stats
-    assert (stats.copies, stats.copy_bytes) == (2, PIECE)
+    assert (stats.copies, stats.copy_bytes) == (4, PIECE)
     status = registry.status()["origin"]
-    assert status["copies"] == 2 and status["copy_bytes"] == PIECE
-    # The budget: 2 pieces' bytes, one used and one given back: peer 3 joins lacking
-    # everything and gets at most one more whole piece's worth.
+    assert status["copies"] == 4 and status["copy_bytes"] == PIECE
+    # The budget: 4 pieces' bytes, one given back: peer 3 joins lacking everything and
+    # gets one more whole piece's worth.
     reply = hello(registry, 3, 3.5)
     assert len(reply.assigned) == 1
-    assert registry.assignment.stats.copies == 3
+    assert registry.assignment.stats.copies == 5
 
 
 def test_no_origin_copies_by_default() -> None:
@@ -503,3 +505,29 @@ def test_no_origin_copies_by_default() -> None:
     first = hello(registry, 1, 0.0)
     hello(registry, 1, 1.0, have=first.assigned)
     assert hello(registry, 2, 1.5).assigned == ()
+
+
+def test_a_copy_is_charged_only_when_pulled_and_dropped_when_it_stalls() -> None:
+    registry = make(2, per_peer_limit=2, origin_copies=2.0, stall_timeout=5.0)
+    first = hello(registry, 1, 0.0)
+    assert sorted(first.assigned) == [0, 1]
+    hello(registry, 1, 1.0, have=[0, 1], progress={0: PIECE, 1: PIECE})  # its finished pulls
+    assert registry.assignment.all_present
+    copies = hello(registry, 2, 1.5).assigned
+    assert sorted(copies) == [0, 1]  # every piece is out: the origin may serve peer 2
+    # Peer 2 got piece 0 from peer 1 instead (never reported pulling it): not charged.
+    # Piece 1 it pulls, reports, and then reports finished in the next announce.
+    hello(registry, 2, 2.0, progress={1: 10})
+    assert registry.assignment.copies_of(pid(2)) == [1]
+    hello(registry, 2, 3.0, have=[0, 1], progress={1: PIECE})
+    stats = registry.assignment.stats
+    assert (stats.copies, stats.copy_bytes) == (2, PIECE)
+    assert stats.origin_bytes == 3 * PIECE
+    # Peer 3 gets copies too (one piece's worth of budget is left), takes one up and
+    # stops reporting progress: with every piece present the stall scan still runs.
+    taken = hello(registry, 3, 3.5).assigned
+    assert len(taken) == 1
+    hello(registry, 3, 4.0, progress={taken[0]: 5})
+    hello(registry, 1, 20.0)
+    assert registry.assignment.copies_in_flight == 0
+    assert registry.status()["origin"]["copies_in_flight"] == 0

@@ -76,8 +76,13 @@ Origin copies (``origin_copies`` > 1)
     under its limit that is not slow, for the rarest piece it lacks (the caller
     lists the candidates). A copy is that peer's own: it never goes back to the
     pool; one that stalls, or that the peer declined (it was fetching the piece
-    from peers already), is dropped, not offered to that peer again, and its
-    bytes not pulled are given back to the budget.
+    from peers already), is dropped and not offered to that peer again. Copies
+    are of pieces some peer holds (never of one its seeder is still pulling), and
+    they give way: when pieces come back to the pool (a seeder left or stalled,
+    a piece was lost) and no slot is free, copies are dropped, least read first.
+    A copy is charged to the budget as handed out and refunded only if dropped
+    before any of it was read, so the origin never sends more than the budget
+    in whole copies.
 
 Time (``now``) and randomness (``rng``) are passed in; nothing here reads the
 clock or does I/O.
@@ -158,12 +163,13 @@ class AssignmentStats(Generic[PeerT]):
 class _Pull:
     """One piece being pulled by its seeder."""
 
-    __slots__ = ("bytes_done", "since", "started")
+    __slots__ = ("bytes_done", "reported", "since", "started")
 
     def __init__(self, bytes_done: int, since: float) -> None:
         self.bytes_done = bytes_done
         self.since = since  # when bytes_done last advanced (or the assignment)
         self.started = since  # the assignment
+        self.reported = False  # its peer reported progress on it (a copy it took up)
 
 
 class _Seeder(Generic[PeerT]):
@@ -248,6 +254,7 @@ class SeederAssignment(Generic[PeerT]):
         self.origin_copies = origin_copies
         self._copy_bytes_left = round((origin_copies - 1.0) * sum(self._lengths))
         self._copies_in_flight = 0
+        self._smallest = min(self._lengths, default=0)
         self._stats: AssignmentStats[PeerT] = AssignmentStats()
         self._median_rate: float | None = None  # of the rated seeders; None: recompute
         self._median_at = 0.0
@@ -471,6 +478,7 @@ class SeederAssignment(Generic[PeerT]):
             return False
         pull = seeder.pulls.get(piece) or seeder.copies.get(piece)
         if pull is not None:
+            pull.reported = True
             if bytes_done > pull.bytes_done:
                 self._stats.origin_bytes += min(bytes_done, self._lengths[piece]) - min(
                     pull.bytes_done, self._lengths[piece]
@@ -491,7 +499,16 @@ class SeederAssignment(Generic[PeerT]):
         """
         if self._pool_count == 0 or not self._seeders:
             return {}  # before the budget, which walks every seeder
+        if self._copies_in_flight:
+            # A piece lost while a peer pulls a copy of it: that copy is its pull now.
+            for peer, seeder in self._seeders.items():
+                for piece in [p for p in seeder.copies if self._state[p] == _POOL]:
+                    self._assign(peer, piece, now, 0)
+            if self._pool_count == 0:
+                return {}
         free = self.budget - self._in_flight - self._copies_in_flight
+        if free < self._pool_count and self._copies_in_flight:
+            free += self._yield_copies(self._pool_count - max(free, 0))
         if free <= 0:
             return {}
         if only is not None:
@@ -526,7 +543,7 @@ class SeederAssignment(Generic[PeerT]):
         candidates are worked out): copies allowed and bytes left for them, the
         origin would otherwise idle (no piece waits in the pool, a slot is free),
         and ``peer`` has room under its limit and is not slow."""
-        if self._copy_bytes_left <= 0 or self._pool_count > 0:
+        if self._copy_bytes_left < self._smallest or self._pool_count > 0:
             return False
         if self._in_flight + self._copies_in_flight >= self.budget:
             return False
@@ -546,7 +563,7 @@ class SeederAssignment(Generic[PeerT]):
             self._check_piece(piece)
             length = self._lengths[piece]
             if (
-                piece in seeder.pulls
+                self._state[piece] != _PRESENT
                 or piece in seeder.copies
                 or piece in seeder.dropped
                 or length > self._copy_bytes_left
@@ -559,8 +576,15 @@ class SeederAssignment(Generic[PeerT]):
             return piece
         return None
 
+    def copy_reported(self, peer: PeerT, piece: int) -> bool:
+        """Whether ``peer`` ever reported progress on its copy of ``piece`` (took it up)."""
+        seeder = self._seeders.get(peer)
+        pull = None if seeder is None else seeder.copies.get(piece)
+        return pull is not None and pull.reported
+
     def copy_done(self, peer: PeerT, piece: int) -> bool:
-        """``peer`` verified ``piece``: if it was one of its copies, that copy is done."""
+        """``peer`` pulled its copy of ``piece`` and verified it: the copy is done.
+        (A copy the peer has from peers instead is :meth:`drop_copy`'s.)"""
         seeder = self._seeders.get(peer)
         pull = None if seeder is None else seeder.copies.pop(piece, None)
         if pull is None:
@@ -570,19 +594,33 @@ class SeederAssignment(Generic[PeerT]):
         self._stats.origin_bytes += max(0, self._lengths[piece] - pull.bytes_done)
         return True
 
-    def drop_copy(self, peer: PeerT, piece: int) -> bool:
-        """Forget ``peer``'s copy of ``piece`` (it stalled, declined it, or left); the
-        bytes it did not pull go back to the copies' budget, and ``peer`` is not
-        offered that piece again."""
+    def drop_copy(self, peer: PeerT, piece: int, *, again: bool = False) -> bool:
+        """Forget ``peer``'s copy of ``piece`` (it stalled, declined it, or left). Its
+        bytes go back to the budget only if none was read; ``peer`` is not offered
+        the piece again unless ``again`` (the copy only made way for other pulls)."""
         seeder = self._seeders.get(peer)
         pull = None if seeder is None else seeder.copies.pop(piece, None)
         if pull is None:
             return False
         assert seeder is not None
-        seeder.dropped.add(piece)
+        if not again:
+            seeder.dropped.add(piece)
         self._copies_in_flight -= 1
-        self._copy_bytes_left += max(0, self._lengths[piece] - pull.bytes_done)
+        if pull.bytes_done == 0:
+            self._copy_bytes_left += self._lengths[piece]
         return True
+
+    def _yield_copies(self, wanted: int) -> int:
+        """Drop up to ``wanted`` copies, least read first, so that pieces waiting for
+        their one origin copy get slots; returns how many were dropped."""
+        least = sorted(
+            (pull.bytes_done, order, peer, piece)
+            for order, (peer, seeder) in enumerate(self._seeders.items())
+            for piece, pull in seeder.copies.items()
+        )[:wanted]
+        for _, _, peer, piece in least:
+            self.drop_copy(peer, piece, again=True)
+        return len(least)
 
     def median_rate(self, now: float) -> float:
         """The median pull rate (bytes/s) of the seeders that finished a pull; 0
@@ -702,7 +740,7 @@ class SeederAssignment(Generic[PeerT]):
         if excess <= 0 or seeder is None:
             return []
         for piece in list(waiting):
-            if excess > 0 and self.drop_copy(peer, piece):  # copies go first
+            if excess > 0 and self.drop_copy(peer, piece, again=True):  # copies go first
                 excess -= 1
         taken = [piece for piece in waiting if piece in seeder.pulls][:excess]
         for piece in reversed(taken):
@@ -745,6 +783,13 @@ class SeederAssignment(Generic[PeerT]):
         return chosen
 
     def _assign(self, peer: PeerT, piece: int, now: float, bytes_done: int) -> None:
+        copy = self._seeders[peer].copies.pop(piece, None)
+        if copy is not None:
+            # A lost piece this peer pulls a copy of: the copy becomes the piece's one
+            # pull, its bytes counted there and its budget given back.
+            bytes_done = max(bytes_done, copy.bytes_done)
+            self._copies_in_flight -= 1
+            self._copy_bytes_left += self._lengths[piece]
         if self._state[piece] == _POOL:
             self._pool_count -= 1
         self._state[piece] = _ASSIGNED

@@ -48,9 +48,10 @@ Time and randomness are passed in; nothing here does I/O.
 
 from __future__ import annotations
 
+import heapq
 import random
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -310,11 +311,13 @@ class SwarmRegistry:
                 continue
             self.assignment.progress(peer, piece, bytes_done, now)
         for piece in self.assignment.copies_of(peer):
-            # Its copies, as the last reply gave them: done once it has the piece;
-            # declined if it is not pulling it (it was fetching it from peers).
-            if piece in known.have:
+            # Its copies, as the last reply gave them. A peer reports each pull it
+            # finished in its next announce's progress: a copy it has and reported
+            # is done; one it has from peers, or is not pulling, it declined.
+            reported = piece in progress or self.assignment.copy_reported(peer, piece)
+            if piece in known.have and reported:
                 self.assignment.copy_done(peer, piece)
-            elif piece not in progress:
+            elif piece in known.have or piece not in progress:
                 self.assignment.drop_copy(peer, piece)
         if throttles and self.adaptive is not None and self.assignment.assignments(peer):
             # Only a peer pulling for the swarm speaks for the origin: one that holds no
@@ -327,7 +330,7 @@ class SwarmRegistry:
             # only wait out a throttled answer go back (its reply lists every piece
             # it keeps, and it cancels the rest).
             self.assignment.shed(peer, waiting)
-        if seeder and self.assignment.copy_room(peer, now):
+        if seeder and not known.finished and self.assignment.copy_room(peer, now):
             self._assign_copies(peer, known.have, now)
         assigned = tuple(self.assignment.assignments(peer))
         if assigned:
@@ -346,12 +349,18 @@ class SwarmRegistry:
         """Extra origin copies for ``peer`` while the assignment has room for them:
         the pieces it lacks, rarest in the swarm first (random among equals)."""
         rng, avail = self._rng, self._avail
-        lacking = sorted(
+        lacking = [
             (avail[piece], rng.random(), piece)
             for piece in range(self.num_pieces)
             if piece not in have
-        )
-        candidates = iter([piece for _, _, piece in lacking])
+        ]
+        heapq.heapify(lacking)  # popped as far as needed: a few pieces, not all sorted
+
+        def rarest() -> Iterator[int]:
+            while lacking:
+                yield heapq.heappop(lacking)[2]
+
+        candidates = rarest()
         while self.assignment.assign_copy(peer, now, candidates) is not None:
             pass
 
@@ -582,7 +591,8 @@ class SwarmRegistry:
         # are being pulled: the scan walks every seeder, and ran on every announce
         # (5000 peers: the largest cost of an announce after the have-sets).
         stalled: list[tuple[bytes, int]] = []
-        if self.assignment.in_flight and now - self._ticked >= TICK_EVERY:
+        busy = self.assignment.in_flight or self.assignment.copies_in_flight
+        if busy and now - self._ticked >= TICK_EVERY:
             self._ticked = now
             stalled = self.assignment.tick(now)
         adaptive = self.adaptive
