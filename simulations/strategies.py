@@ -604,6 +604,16 @@ class Swarm:
                         room.pop()
                 if len(me.conns) >= target and me in room:
                     room.remove(me)
+            # The last to dial can find every node with room a neighbour already:
+            # they dial full nodes (one over, as the real peer's max_peers is well
+            # above its tracker sample). Left at 6 of 10 neighbours, dragonfly-1200's
+            # last node finished at 1.34 x T_min, the next slowest at 1.17.
+            for node in initial:
+                me = nodes[node]
+                for _ in range(4 * target):
+                    if len(me.conns) >= target:
+                        break
+                    self._connect(me, nodes[initial[int(rng.random() * len(initial))]])
         if self.adaptive is not None:
             self.adaptive.update(sim.now, 0, False)  # the first round starts now
         self._assign()

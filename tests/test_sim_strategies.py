@@ -304,16 +304,20 @@ def test_every_node_gets_about_peer_connections_neighbours() -> None:
     from simulations.engine import Simulation
     from simulations.strategies import Swarm
 
-    scenario = Scenario(nodes=300, model_size=64 * MiB, piece_size=4 * MiB, peer_connections=10)
+    scenario = Scenario(
+        nodes=1200, model_size=64 * MiB, piece_size=4 * MiB, peer_connections=10, seed=1
+    )
     sim = Simulation(scenario, "swarm")
     swarm = Swarm(sim)
     for node in range(scenario.nodes):
         sim.joined[node] = True
     swarm.start()
     degrees = [len(node.conns) for node in swarm.nodes]
-    assert max(degrees) == 10  # a node that has its neighbours takes no more
-    assert sum(degrees) / len(degrees) >= 9.5
-    assert min(degrees) >= 7
+    # A node that has its neighbours takes no more, but for the last few to dial,
+    # which find every node with room a neighbour already (left with 6 of 10,
+    # dragonfly-1200's last node finished at 1.34 x T_min, the next at 1.17).
+    assert min(degrees) == 10 and max(degrees) <= 11
+    assert sum(degrees) / len(degrees) <= 10.1
 
 
 def test_the_simulated_peer_sends_as_many_blocks_at_once_as_the_real_one() -> None:
