@@ -8,7 +8,9 @@ piece at a time. Unit tests of the formats are in ``tests/test_block_layers.py``
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from fetch_helpers import make_model, publish, swarm, swarm_concurrently
 from servers import LOOPBACK, populate
@@ -132,46 +134,74 @@ def test_publish_writes_the_block_size_it_is_told(tmp_path: Path) -> None:
     assert "block size must be between" in bad.error_line()
 
 
-def _slow_swarm(tmp_path: Path, catalog: str, cut_through: int) -> list[dict[str, object]]:
+def _publish_slow_model(tmp_path: Path, seed: int) -> tuple[str, dict[str, object]]:
+    """32 MiB in four 8 MiB pieces of 256 KiB blocks, from a file origin: (catalog, publish JSON)."""
+    files = make_model(seed, {"model.bin": 4 * 8 * 1024 * KiB})
+    origin = tmp_path / "origin" / "m"
+    populate(origin, files)
+    catalog = (tmp_path / "catalog").as_uri()
+    base = ["publish", origin.as_uri(), "--name", "m", "--catalog", catalog]
+    return catalog, swarm(*base, "--piece-size", "8MiB", "--block-size", "256KiB", "--json").ok()
+
+
+def _slow_swarm(
+    tmp_path: Path,
+    catalog: str,
+    root: str,
+    prefix: str,
+    fetch_extra: Sequence[str] = (),
+    tracker_extra: Sequence[str] = (),
+) -> tuple[list[dict[str, object]], dict[str, Any] | None]:
     """Three peers whose origin and peer reads are capped at 8 MiB/s, origin windows of
     1 MiB (4 ranges of 256 KiB): a piece takes a second to pull, time enough for the
-    others to be told of, and ask for, the blocks of it already in."""
+    others to be told of, and ask for, the blocks of it already in. Returns their
+    results (into ``prefix``-0..2) and the tracker's status of the swarm at the end."""
     tracker = TrackerProcess(
-        catalog, {}, tmp_path / "logs", announce_interval=1.0, peer_ttl=30.0, stall_timeout=20.0
+        catalog,
+        {},
+        tmp_path / "logs",
+        announce_interval=1.0,
+        peer_ttl=30.0,
+        stall_timeout=20.0,
+        extra=tracker_extra,
     )
-    extra = ["--range-size", "256KiB", "--max-download-rate", "8MiB"]
-    extra += ["--cut-through", str(cut_through), "--linger", "5"]
+    extra = ["--range-size", "256KiB", "--max-download-rate", "8MiB", "--linger", "5"]
     tracker.start()
     try:
         runs = swarm_concurrently(
-            *(_fetch(tracker.url, tmp_path / f"{cut_through}-{n}") + extra for n in range(3)),
+            *(
+                _fetch(tracker.url, tmp_path / f"{prefix}-{n}") + extra + list(fetch_extra)
+                for n in range(3)
+            ),
             timeout=90,
         )
+        status = tracker.swarm_status(root)
     finally:
         tracker.stop()
-    return [run.ok() for run in runs]
+    results = [run.ok() for run in runs]
+    for n, result in enumerate(results):
+        assert result["verified"] and result["root"] == root, result
+        assert verify_dir(tmp_path / f"{prefix}-{n}").ok
+    return results, status
 
 
 def test_cut_through_serves_checked_blocks_of_pieces_not_yet_whole(tmp_path: Path) -> None:
     """With cut-through (the default), blocks of a piece still arriving from the
     origin or a peer go out to others before the piece is whole; without it, none
     do. Either way every byte is checked, and the origin is read once."""
-    mib = 1024 * KiB
-    files = make_model(14, {"model.bin": 4 * 8 * mib})
-    origin = tmp_path / "origin" / "m"
-    populate(origin, files)
-    catalog = (tmp_path / "catalog").as_uri()
-    base = ["publish", origin.as_uri(), "--name", "m", "--catalog", catalog]
-    published = swarm(*base, "--piece-size", "8MiB", "--block-size", "256KiB", "--json").ok()
+    catalog, published = _publish_slow_model(tmp_path, 14)
     relayed = {}
     for cut_through in (2, 0):
-        results = _slow_swarm(tmp_path, catalog, cut_through)
-        for n, result in enumerate(results):
-            assert result["verified"] and result["root"] == published["root"], result
-            assert verify_dir(tmp_path / f"{cut_through}-{n}").ok
+        results, _ = _slow_swarm(
+            tmp_path,
+            catalog,
+            str(published["root"]),
+            f"ct{cut_through}",
+            ["--cut-through", str(cut_through)],
+        )
         assert all(r["read_back_bytes"] == 0 and r["corrupt_blocks"] == 0 for r in results)
         assert sum(r["origin_pieces"] for r in results) == 4  # type: ignore[misc]
-        assert sum(r["origin_bytes"] for r in results) == 4 * 8 * mib  # type: ignore[misc]
+        assert sum(r["origin_bytes"] for r in results) == 32 * 1024 * KiB  # type: ignore[misc]
         relayed[cut_through] = sum(r["cut_through_bytes"] for r in results)  # type: ignore[misc]
     assert relayed[0] == 0
     assert relayed[2] >= 256 * KiB, relayed
@@ -181,41 +211,17 @@ def test_origin_copies_let_the_idle_origin_serve_a_peer_within_the_budget(
     tmp_path: Path,
 ) -> None:
     """``swarm tracker --origin-copies 2``: three peers, four pieces, two pulls a peer:
-    the first two announces take every piece, so the third peer, with nothing left
-    to seed and origin slots free, pulls copies for itself. Every byte is still
+    the first two announces take every piece, and once they are present the peers
+    with origin slots free pull copies of what they lack. Every byte is still
     checked; the origin sends at most 2 x F; by default (test above) exactly F."""
-    mib = 1024 * KiB
-    files = make_model(15, {"model.bin": 4 * 8 * mib})
-    origin = tmp_path / "origin" / "m"
-    populate(origin, files)
-    catalog = (tmp_path / "catalog").as_uri()
-    base = ["publish", origin.as_uri(), "--name", "m", "--catalog", catalog]
-    published = swarm(*base, "--piece-size", "8MiB", "--block-size", "256KiB", "--json").ok()
-    tracker = TrackerProcess(
-        catalog,
-        {},
-        tmp_path / "logs",
-        announce_interval=1.0,
-        peer_ttl=30.0,
-        stall_timeout=20.0,
-        extra=["--origin-copies", "2"],
+    catalog, published = _publish_slow_model(tmp_path, 15)
+    results, status = _slow_swarm(
+        tmp_path, catalog, str(published["root"]), "oc", tracker_extra=["--origin-copies", "2"]
     )
-    extra = ["--range-size", "256KiB", "--max-download-rate", "8MiB", "--linger", "5"]
-    tracker.start()
-    try:
-        runs = swarm_concurrently(
-            *(_fetch(tracker.url, tmp_path / f"c{n}") + extra for n in range(3)), timeout=90
-        )
-        origin_status = tracker.swarm_status(str(published["root"]))
-    finally:
-        tracker.stop()
-    results = [run.ok() for run in runs]
-    for n, result in enumerate(results):
-        assert result["verified"] and result["root"] == published["root"], result
-        assert verify_dir(tmp_path / f"c{n}").ok
+    size = 32 * 1024 * KiB
     total = sum(r["origin_bytes"] for r in results)  # type: ignore[misc]
-    assert 4 * 8 * mib < total <= 2 * 4 * 8 * mib, total
-    assert origin_status is not None
-    copies = origin_status["origin"]
+    assert size < total <= 2 * size, total
+    assert status is not None
+    copies = status["origin"]
     assert copies["copies_allowed"] == 2.0 and copies["copies"] >= 1, copies
-    assert copies["copy_bytes"] <= 4 * 8 * mib
+    assert 0 < copies["copy_bytes"] <= size
