@@ -502,8 +502,8 @@ class SeederAssignment(Generic[PeerT]):
         if self._copies_in_flight:
             # A piece lost while a peer pulls a copy of it: that copy is its pull now.
             for peer, seeder in self._seeders.items():
-                for piece in [p for p in seeder.copies if self._state[p] == _POOL]:
-                    self._assign(peer, piece, now, 0)
+                for lost in [p for p in seeder.copies if self._state[p] == _POOL]:
+                    self._assign(peer, lost, now, 0)
             if self._pool_count == 0:
                 return {}
         free = self.budget - self._in_flight - self._copies_in_flight
