@@ -169,12 +169,10 @@ async def _pull_windows(
         on_attempt(0)
     for start in range(0, piece.length, len(buf)):
         view = buf[: min(len(buf), piece.length - start)]
-        if store.holds_checked(index, start, start + len(view)):
-            # Kept from a run that stopped part-way through this piece.
-            if checked is not None:
-                checked(start + len(view))
-            continue
-        while True:
+        end = start + len(view)
+        written = False
+        # Blocks kept from a run that stopped part-way through this piece are not read again.
+        while not store.holds_checked(index, start, end):
             await reader.read(piece.path, piece.offset + start, view, progress, activity)
             try:
                 written = await asyncio.to_thread(store.write_block, index, start, view)
@@ -186,12 +184,10 @@ async def _pull_windows(
                 log.warning("%s; reading it from the origin again", exc)
                 if on_attempt is not None:
                     on_attempt(failures)
-        # Turned away (the piece is being verified, or these blocks are on disk
-        # already): served only if the store holds them checked.
-        if checked is not None and (
-            written or store.holds_checked(index, start, start + len(view))
-        ):
-            checked(start + len(view))
+        # Served once written here, or held checked (kept, or written by another
+        # writer while this one was turned away).
+        if checked is not None and (written or store.holds_checked(index, start, end)):
+            checked(end)
     if not await asyncio.to_thread(store.verify_assembled, index):
         # Every block was checked as it was written: only a block another writer
         # put there unchecked can fail here. Its piece is pulled again whole.

@@ -43,7 +43,7 @@ from core.errors import ConfigError
 from core.units import parse_size
 from seeder.reader import DEFAULT_RANGE_SIZE
 from seeder.role import WINDOW_RANGES
-from tracker.assignment import MAX_ORIGIN_COPIES
+from tracker.assignment import origin_copies_problem
 
 __all__ = [
     "SCENARIO_DIR",
@@ -236,11 +236,8 @@ class Scenario:
             raise ConfigError(f"{where}: nodes must be >= 1, got {self.nodes}")
         if self.model_size < 1 or self.piece_size < 1:
             raise ConfigError(f"{where}: model_size and piece_size must be >= 1 byte")
-        if not 1.0 <= self.origin_copies <= MAX_ORIGIN_COPIES:
-            raise ConfigError(
-                f"{where}: origin_copies must be between 1 and {MAX_ORIGIN_COPIES:g}, "
-                f"got {self.origin_copies}"
-            )
+        if problem := origin_copies_problem(self.origin_copies):
+            raise ConfigError(f"{where}: origin_copies {problem}")
         if self.files < 1 or self.files > self.model_size:
             raise ConfigError(f"{where}: files must be in 1..model_size, got {self.files}")
         if self.block_size < 0:

@@ -25,9 +25,8 @@
     to the neighbours that lack it (HAVE suppression, as libtorrent does),
     reports origin progress every ``announce_interval`` and obeys the
     assignment's stall reclaims. With a ``block_size`` below the piece size it
-    relays cut-through, as ``PeerSession`` does with ``cut_through`` set (the
-    ``swarm-session`` model; the peer's store does not serve partial pieces
-    yet, so ``swarm fetch`` refuses it): each block that arrives (from a
+    relays cut-through, as ``PeerSession`` (and so ``swarm fetch``) does with
+    ``cut_through`` set: each block that arrives (from a
     neighbour, or a window of an origin pull) is offered to a few neighbours
     that lack the piece (``PiecePicker.offer_blocks``, the peer's Partial
     message and its ``CUT_THROUGH_*`` limits) before the piece is whole.

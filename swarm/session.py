@@ -52,9 +52,10 @@ The rules, each tested in ``tests/test_session.py``:
   only blocks it checked (``PieceStore.servable``).
 - **Trust.** A piece counts, is announced (HAVE, only to connections that lack it)
   and is served whole only once verified; before that, only its blocks checked
-  against the manifest's block digests are served (cut-through). A piece that fails verification is blamed on
-  its one source, or on the one source two failed pieces share; that peer is
-  barred for the swarm (closed, never admitted again, reported to the tracker).
+  against the manifest's block digests are served (cut-through). A piece that
+  fails verification is blamed on its one source, or on the one source two
+  failed pieces share; that peer is barred for the swarm (closed, never admitted
+  again, reported to the tracker).
 - **Origin pulls.** Pieces the tracker assigns are reserved in the picker and
   pulled; one the tracker takes back is released and asked of peers at once.
 - **Zones.** Peers of another zone are asked only for what no same-zone peer has;

@@ -109,6 +109,14 @@ __all__ = [
 MAX_ORIGIN_COPIES: Final = 100.0
 """The most origin copies an operator may allow (``--origin-copies``)."""
 
+
+def origin_copies_problem(copies: float) -> str | None:
+    """What is wrong with ``copies`` as an origin-copies budget ("must be ..."), or None."""
+    if 1.0 <= copies <= MAX_ORIGIN_COPIES:
+        return None
+    return f"must be between 1 and {MAX_ORIGIN_COPIES:g}, got {copies}"
+
+
 DEFAULT_MAX_BUDGET = 256
 """The cluster's origin pieces in flight when no budget is set, however many peers."""
 
@@ -211,10 +219,8 @@ class SeederAssignment(Generic[PeerT]):
         origin_copies: float = 1.0,
         rng: random.Random,
     ) -> None:
-        if not 1.0 <= origin_copies <= MAX_ORIGIN_COPIES:
-            raise ValueError(
-                f"origin_copies must be between 1 and {MAX_ORIGIN_COPIES:g}, got {origin_copies}"
-            )
+        if problem := origin_copies_problem(origin_copies):
+            raise ValueError(f"origin_copies {problem}")
         if per_peer_limit < 1:
             raise ValueError(f"per_peer_limit must be >= 1, got {per_peer_limit}")
         if min_in_flight < 1:
@@ -582,14 +588,20 @@ class SeederAssignment(Generic[PeerT]):
         pull = None if seeder is None else seeder.copies.get(piece)
         return pull is not None and pull.reported
 
+    def _pop_copy(self, peer: PeerT, piece: int) -> _Pull | None:
+        """Take ``peer``'s copy of ``piece`` out of flight; None if it has none."""
+        seeder = self._seeders.get(peer)
+        pull = None if seeder is None else seeder.copies.pop(piece, None)
+        if pull is not None:
+            self._copies_in_flight -= 1
+        return pull
+
     def copy_done(self, peer: PeerT, piece: int) -> bool:
         """``peer`` pulled its copy of ``piece`` and verified it: the copy is done.
         (A copy the peer has from peers instead is :meth:`drop_copy`'s.)"""
-        seeder = self._seeders.get(peer)
-        pull = None if seeder is None else seeder.copies.pop(piece, None)
+        pull = self._pop_copy(peer, piece)
         if pull is None:
             return False
-        self._copies_in_flight -= 1
         self._stats.copy_bytes += self._lengths[piece]
         self._stats.origin_bytes += max(0, self._lengths[piece] - pull.bytes_done)
         return True
@@ -598,14 +610,11 @@ class SeederAssignment(Generic[PeerT]):
         """Forget ``peer``'s copy of ``piece`` (it stalled, declined it, or left). Its
         bytes go back to the budget only if none was read; ``peer`` is not offered
         the piece again unless ``again`` (the copy only made way for other pulls)."""
-        seeder = self._seeders.get(peer)
-        pull = None if seeder is None else seeder.copies.pop(piece, None)
+        pull = self._pop_copy(peer, piece)
         if pull is None:
             return False
-        assert seeder is not None
         if not again:
-            seeder.dropped.add(piece)
-        self._copies_in_flight -= 1
+            self._seeders[peer].dropped.add(piece)
         if pull.bytes_done == 0:
             self._copy_bytes_left += self._lengths[piece]
         return True
@@ -739,7 +748,8 @@ class SeederAssignment(Generic[PeerT]):
         seeder = self._seeders.get(peer)
         if excess <= 0 or seeder is None:
             return []
-        for piece in list(waiting):
+        waiting = list(waiting)  # walked twice: its copies, then its pieces
+        for piece in waiting:
             if excess > 0 and self.drop_copy(peer, piece, again=True):  # copies go first
                 excess -= 1
         taken = [piece for piece in waiting if piece in seeder.pulls][:excess]
@@ -783,12 +793,11 @@ class SeederAssignment(Generic[PeerT]):
         return chosen
 
     def _assign(self, peer: PeerT, piece: int, now: float, bytes_done: int) -> None:
-        copy = self._seeders[peer].copies.pop(piece, None)
+        copy = self._pop_copy(peer, piece)
         if copy is not None:
             # A lost piece this peer pulls a copy of: the copy becomes the piece's one
             # pull, its bytes counted there and its budget given back.
             bytes_done = max(bytes_done, copy.bytes_done)
-            self._copies_in_flight -= 1
             self._copy_bytes_left += self._lengths[piece]
         if self._state[piece] == _POOL:
             self._pool_count -= 1

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from core.auth import ClusterKey
 from core.errors import ConfigError, SwarmError
-from tracker.assignment import DEFAULT_MAX_BUDGET, MAX_ORIGIN_COPIES, MIN_IN_FLIGHT
+from tracker.assignment import DEFAULT_MAX_BUDGET, MIN_IN_FLIGHT, origin_copies_problem
 
 __all__ = ["TrackerConfig"]
 
@@ -68,10 +68,7 @@ class TrackerConfig:
             raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
         if self.origin_max_pulls < 1:
             raise ConfigError(f"--origin-max-pulls must be >= 1, got {self.origin_max_pulls}")
-        if not 1.0 <= self.origin_copies <= MAX_ORIGIN_COPIES:
-            raise ConfigError(
-                f"--origin-copies must be between 1 and {MAX_ORIGIN_COPIES:g}, "
-                f"got {self.origin_copies}"
-            )
+        if problem := origin_copies_problem(self.origin_copies):
+            raise ConfigError(f"--origin-copies {problem}")
         if self.health_interval <= 0:
             raise ConfigError(f"--health-interval must be > 0, got {self.health_interval}")
