@@ -19,9 +19,10 @@ fresh bucket and its own environment through ``monkeypatch``:
     Factory: ``http_files_server(directory)`` starts an ``HTTPFileServer`` (aiohttp
     FileResponse, Range and HEAD) for that directory; ``.url(prefix)``. Stopped after
     the test.
-``seeded_origin`` (parametrized: file, s3, gcs, http)
+``seeded_origin`` (parametrized: file, s3, s3-boto3, gcs, http)
     ``ARTIFACT`` (a few files, an empty one, odd sizes) under ``ARTIFACT_PREFIX`` on
-    each backend in turn: ``.kind``, ``.url`` (the origin URL), ``.listable``, ``.writable``.
+    each backend in turn (S3 twice: reads signed by ``seeder.backends.sigv4``, and with
+    ``SWARM_S3_BOTO3=1`` all through boto3): ``.kind``, ``.url`` (the origin URL), ``.listable``, ``.writable``.
 ``faulty_http_server``
     Factory: ``faulty_http_server(directory=... | upstream=..., plan=FaultPlan(...))``
     starts a ``FaultyHTTPServer`` that serves files (or proxies to ``upstream``, e.g.
@@ -154,7 +155,7 @@ def _artifact() -> dict[str, bytes]:
 
 ARTIFACT = _artifact()
 ARTIFACT_PREFIX = "models/tiny-v1"
-BACKENDS = ("file", "s3", "gcs", "http")
+BACKENDS = ("file", "s3", "s3-boto3", "gcs", "http")
 
 
 @dataclass(frozen=True)
@@ -173,8 +174,10 @@ def seeded_origin(request: pytest.FixtureRequest, tmp_path: Path) -> SeededOrigi
     if kind == "file":
         populate(tmp_path / prefix, ARTIFACT)
         return SeededOrigin(kind, (tmp_path / prefix).as_uri(), True, True)
-    if kind == "s3":
+    if kind in ("s3", "s3-boto3"):  # reads signed here, or everything through boto3
         bucket: S3Bucket = request.getfixturevalue("s3_bucket")
+        if kind == "s3-boto3":
+            request.getfixturevalue("monkeypatch").setenv("SWARM_S3_BOTO3", "1")
         populate(bucket.path / prefix, ARTIFACT)
         populate(bucket.path / "models/other", {"not-ours.bin": b"x"})
         return SeededOrigin(kind, f"{bucket.url}/{prefix}", True, True)

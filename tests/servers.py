@@ -190,7 +190,13 @@ class S3Server:
         }
 
     # Variables that would override or confuse ``env()`` if inherited.
-    UNSET_ENV = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_CONFIG_FILE")
+    UNSET_ENV = (
+        "AWS_PROFILE",
+        "AWS_SESSION_TOKEN",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_CONFIG_FILE",
+        "SWARM_S3_BOTO3",
+    )
 
     def bucket_dir(self, name: str) -> Path:
         """The folder of bucket ``name``, created (so the bucket exists) if missing."""

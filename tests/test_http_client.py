@@ -1,4 +1,4 @@
-"""``swarm.http``: the tracker client's HTTP/1.1, against real loopback servers that
+"""``core.http``: the tracker client's HTTP/1.1, against real loopback servers that
 answer well, oddly and with hostility. Every bound a server could push on (line
 length, header count, body size, time) ends in one ``HTTPClientError``.
 """
@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from swarm.http import MAX_HEADERS, MAX_LINE, HTTPClientError, Response, request
+from core.http import MAX_HEADERS, MAX_LINE, HTTPClientError, Response, request
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

@@ -1,31 +1,38 @@
-"""``s3://bucket/prefix`` origins through boto3.
+"""``s3://bucket/prefix`` origins: boto3, or requests signed here for a named endpoint.
 
 The client comes from the standard AWS environment (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, profiles, ...).
+When that environment names an S3-compatible endpoint and static keys
+(``sigv4.signed_endpoint_from_env``), reads (ranged and whole GETs, HEAD) are signed
+here and sent path-style on keep-alive connections of our own (``core.http``), and
+boto3 is imported only to list or write
+(publishing, the tracker's origin check): a fetching peer then starts 0.17 CPU-s
+sooner (see :mod:`seeder.backends.sigv4`). ``SWARM_S3_BOTO3=1`` sends everything
+through boto3.
+
 botocore's own retries are off: ``seeder.reader`` retries with its budget and jitter.
 Checksums are only computed or validated when an operation requires them, because a
 ranged GET has no whole-object checksum to check and S3-compatible servers differ.
 
-Ranged reads stream the response body straight into the caller's buffer through
-``http.client``'s ``readinto`` (urllib3's own ``readinto`` goes through a ``bytes``
-copy), a chunk at a time, counting bytes as they arrive.
+Ranged reads through boto3 stream the response body straight into the caller's
+buffer through ``http.client``'s ``readinto`` (urllib3's own ``readinto`` goes through
+a ``bytes`` copy), a chunk at a time, counting bytes as they arrive.
 """
 
 from __future__ import annotations
 
 import builtins
+import datetime as dt
+import os
+import re
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
-import boto3
-import botocore.exceptions
-import botocore.loaders
-import botocore.session
-from botocore.config import Config
-
 from core.errors import ConfigError
+from core.http import Answer, Connections, HTTPClientError, HTTPTLSError
+from core.manifest import MAX_ENCODED_SIZE
 from seeder.backends.common import (
     CONNECT_TIMEOUT,
     READ_CHUNK,
@@ -39,6 +46,7 @@ from seeder.backends.common import (
     parse_retry_after,
     range_header,
 )
+from seeder.backends.sigv4 import Signer, signed_endpoint_from_env
 from seeder.backends.threaded import ReadAborted, ThreadedCalls
 from seeder.errors import (
     OriginError,
@@ -49,10 +57,14 @@ from seeder.errors import (
 from seeder.origin import ObjectInfo, Origin, join_key
 
 if TYPE_CHECKING:
+    import boto3
+    import botocore.loaders
     from mypy_boto3_s3 import S3Client
 
 # Enough for the reader's default concurrency plus list/stat/catalog calls alongside.
 DEFAULT_POOL = 64
+# get_bytes reads catalog entries; the largest is a manifest (``MAX_ENCODED_SIZE``).
+MAX_OBJECT_SIZE = MAX_ENCODED_SIZE
 
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NotFound", "404"})
 _PERMISSION_CODES = frozenset(
@@ -80,6 +92,9 @@ def _session() -> boto3.session.Session:
     Loading the S3 service model is most of a client's creation cost; the loader
     caches it, credentials and settings stay per session.
     """
+    import boto3
+    import botocore.session
+
     global _shared_loader
     core = botocore.session.Session()
     with _loader_lock:
@@ -100,33 +115,53 @@ class _RawBody(Protocol):
     def close(self) -> None: ...
 
 
+def s3_reply_error(
+    what: str, code: str, status: int, message: str, retry_after: float | None
+) -> OriginError:
+    """The ``seeder.errors`` error for an S3 error reply (its code, HTTP status, message)."""
+    message = message or code or f"HTTP {status}"
+    if code == "NoSuchBucket":
+        return OriginNotFoundError(f"{what}: no such bucket")
+    if code in _NOT_FOUND_CODES or status == 404:
+        return OriginNotFoundError(f"{what}: no such object")
+    if code in _PERMISSION_CODES or status in (401, 403):
+        return OriginPermissionError(
+            f"{what}: access denied ({code or status}: {message}); "
+            "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket policy"
+        )
+    if code in S3_TRANSIENT_CODES or status in TRANSIENT_STATUSES:
+        text = f"{what}: {code or 'error'} (HTTP {status})"
+        if retry_after is not None:
+            text += f", Retry-After {retry_after:g} s"
+        if code in S3_THROTTLE_CODES or status in THROTTLE_STATUSES:
+            return OriginThrottledError(text, retry_after=retry_after)
+        return OriginTransientError(text, retry_after=retry_after)
+    return OriginError(f"{what}: {code or status}: {message}")
+
+
+def _boto_errors(*also: type[Exception]) -> tuple[type[Exception], ...]:
+    """botocore's client and library errors, and ``also`` (an ``except`` clause evaluates
+    this only when something was raised, so botocore is not imported before it is used)."""
+    import botocore.exceptions
+
+    return (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, *also)
+
+
 def translate_s3_error(exc: Exception, what: str) -> OriginError:
     """The ``seeder.errors`` error for a botocore (or socket) exception about ``what``."""
+    import botocore.exceptions
+
     if isinstance(exc, botocore.exceptions.ClientError):
         error = exc.response.get("Error", {})
         meta = exc.response.get("ResponseMetadata", {})
-        code = str(error.get("Code", ""))
-        status = int(meta.get("HTTPStatusCode", 0) or 0)
-        message = error.get("Message") or code or f"HTTP {status}"
         headers = meta.get("HTTPHeaders", {})
-        retry_after = parse_retry_after(headers.get("retry-after"), time.time())
-        if code == "NoSuchBucket":
-            return OriginNotFoundError(f"{what}: no such bucket")
-        if code in _NOT_FOUND_CODES or status == 404:
-            return OriginNotFoundError(f"{what}: no such object")
-        if code in _PERMISSION_CODES or status in (401, 403):
-            return OriginPermissionError(
-                f"{what}: access denied ({code or status}: {message}); "
-                "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket policy"
-            )
-        if code in S3_TRANSIENT_CODES or status in TRANSIENT_STATUSES:
-            text = f"{what}: {code or 'error'} (HTTP {status})"
-            if retry_after is not None:
-                text += f", Retry-After {retry_after:g} s"
-            if code in S3_THROTTLE_CODES or status in THROTTLE_STATUSES:
-                return OriginThrottledError(text, retry_after=retry_after)
-            return OriginTransientError(text, retry_after=retry_after)
-        return OriginError(f"{what}: {code or status}: {message}")
+        return s3_reply_error(
+            what,
+            str(error.get("Code", "")),
+            int(meta.get("HTTPStatusCode", 0) or 0),
+            str(error.get("Message") or ""),
+            parse_retry_after(headers.get("retry-after"), time.time()),
+        )
     if isinstance(
         exc, botocore.exceptions.NoCredentialsError | botocore.exceptions.PartialCredentialsError
     ):
@@ -148,6 +183,35 @@ def translate_s3_error(exc: Exception, what: str) -> OriginError:
     return OriginError(f"{what}: {type(exc).__name__}: {exc}")
 
 
+_ERROR_BODY_LIMIT = 64 * 1024
+_XML_FIELD = re.compile(rb"<(Code|Message)>([^<]{0,1024})</(?:Code|Message)>")
+
+
+async def _reply_error(what: str, answer: Answer) -> OriginError | None:
+    """The error for a signed request's answer other than 200/206, from its XML error
+    body (64 KiB of it at most), or None."""
+    if answer.status in (200, 206):
+        return None
+    try:
+        body = await answer.read(_ERROR_BODY_LIMIT)
+    except HTTPClientError:
+        body = b""  # the status says enough
+    fields = {m[1].decode(): m[2].decode("utf-8", "replace") for m in _XML_FIELD.finditer(body)}
+    return s3_reply_error(
+        what,
+        fields.get("Code", ""),
+        answer.status,
+        fields.get("Message", ""),
+        parse_retry_after(answer.headers.get("Retry-After"), time.time()),
+    )
+
+
+def _connection_error(exc: HTTPClientError, what: str) -> OriginError:
+    if isinstance(exc, HTTPTLSError):
+        return OriginError(f"{what}: {exc}")
+    return OriginTransientError(f"{what}: {exc}")
+
+
 class S3Origin(Origin):
     """Objects under ``s3://bucket/prefix``; keys are relative to the prefix."""
 
@@ -163,6 +227,23 @@ class S3Origin(Origin):
         self._client: S3Client | None = None
         self._client_lock = threading.Lock()
         self._count_lock = threading.Lock()
+        endpoint = signed_endpoint_from_env(os.environ)
+        self._signer = Signer(endpoint) if endpoint is not None else None
+        self._http = (
+            Connections(
+                endpoint.endpoint,
+                connect_timeout=CONNECT_TIMEOUT,
+                read_timeout=READ_TIMEOUT,
+                max_idle=max_pool_connections,
+            )
+            if endpoint is not None
+            else None
+        )
+
+    @property
+    def signs_requests(self) -> bool:
+        """Whether reads are signed here (see the module docstring), not sent through boto3."""
+        return self._signer is not None
 
     # -- plumbing ---------------------------------------------------------------
 
@@ -170,6 +251,9 @@ class S3Origin(Origin):
         """The boto3 client, built once on first use (it reads the environment)."""
         with self._client_lock:
             if self._client is None:
+                import botocore.exceptions
+                from botocore.config import Config
+
                 config = Config(
                     response_checksum_validation="when_required",
                     request_checksum_calculation="when_required",
@@ -188,6 +272,13 @@ class S3Origin(Origin):
 
     def _key(self, key: str) -> str:
         return join_key(self.prefix, key)
+
+    def _signed(self, method: str, key: str) -> tuple[str, dict[str, str]]:
+        """The request target (encoded path) and signed headers of ``method`` for ``key``."""
+        assert self._signer is not None
+        url = self._signer.endpoint.object_url(self.bucket, self._key(key))
+        headers = self._signer.headers(method, url, dt.datetime.now(dt.UTC))
+        return urlsplit(url).path, headers
 
     def _what(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
@@ -215,18 +306,33 @@ class S3Origin(Origin):
                     if full.endswith("/"):  # a "directory" marker, not a file
                         continue
                     found.append(ObjectInfo(full[len(start) :], int(obj["Size"])))
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        except _boto_errors() as exc:
             raise translate_s3_error(exc, what) from exc
         return sorted(found, key=lambda o: o.key)
 
     async def stat(self, key: str) -> ObjectInfo:
-        return await self._calls.call(self._stat_sync, key)
+        if self._http is None:
+            return await self._calls.call(self._stat_sync, key)
+        target, headers = self._signed("HEAD", key)
+        what = self._what(key)
+        self._count(requests=1)
+        try:
+            async with self._http.request("HEAD", target, headers) as answer:
+                error = await _reply_error(what, answer)
+                if error is not None:
+                    raise error
+                size = answer.content_length
+        except HTTPClientError as exc:
+            raise _connection_error(exc, what) from exc
+        if size is None:
+            raise OriginError(f"{what}: HEAD reply has no Content-Length")
+        return ObjectInfo(key, size)
 
     def _stat_sync(self, key: str) -> ObjectInfo:
         self._count(requests=1)
         try:
             head = self._s3().head_object(Bucket=self.bucket, Key=self._key(key))
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        except _boto_errors() as exc:
             raise translate_s3_error(exc, self._what(key)) from exc
         return ObjectInfo(key, int(head["ContentLength"]))
 
@@ -235,9 +341,43 @@ class S3Origin(Origin):
             raise ValueError(f"negative offset {offset}")
         if len(buf) == 0:
             return
+        if self._http is not None:
+            await self._signed_read_into(key, offset, buf, self._http)
+            return
         await self._calls.call_abortable(
             lambda abort: self._read_into_sync(key, offset, buf, abort)
         )
+
+    async def _signed_read_into(
+        self, key: str, offset: int, buf: memoryview, http: Connections
+    ) -> None:
+        length = len(buf)
+        what = f"{self._what(key)} bytes {offset}-{offset + length - 1}"
+        target, headers = self._signed("GET", key)
+        headers["Range"] = range_header(offset, length)
+        view = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
+        self._count(requests=1)
+        try:
+            async with http.request("GET", target, headers) as answer:
+                error = await _reply_error(what, answer)
+                if error is not None:
+                    raise error
+                check_range_reply(
+                    what,
+                    answer.status,
+                    answer.headers.get("Content-Range"),
+                    answer.content_length,
+                    offset,
+                    length,
+                )
+                done = await answer.read_into(view, self._count_bytes)
+        except HTTPClientError as exc:
+            raise _connection_error(exc, what) from exc
+        if done != length:
+            raise OriginTransientError(f"{what}: connection ended after {done} of {length} bytes")
+
+    def _count_bytes(self, nbytes: int) -> None:
+        self._count(nbytes=nbytes)
 
     def _read_into_sync(
         self, key: str, offset: int, buf: memoryview, abort: threading.Event
@@ -249,7 +389,7 @@ class S3Origin(Origin):
             resp = self._s3().get_object(
                 Bucket=self.bucket, Key=self._key(key), Range=range_header(offset, length)
             )
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        except _boto_errors() as exc:
             raise translate_s3_error(exc, what) from exc
         raw: Any = getattr(resp["Body"], "_raw_stream")  # noqa: B009 - urllib3.HTTPResponse
         released = False
@@ -265,7 +405,7 @@ class S3Origin(Origin):
             self._stream_into(raw, buf, what, abort)
             raw.release_conn()
             released = True
-        except (OSError, botocore.exceptions.BotoCoreError) as exc:
+        except _boto_errors(OSError) as exc:
             raise translate_s3_error(exc, what) from exc
         finally:
             if not released:
@@ -299,7 +439,24 @@ class S3Origin(Origin):
             self._count(nbytes=got)
 
     async def get_bytes(self, key: str) -> bytes:
-        return await self._calls.call(self._get_sync, key)
+        if self._http is None:
+            return await self._calls.call(self._get_sync, key)
+        target, headers = self._signed("GET", key)
+        what = self._what(key)
+        self._count(requests=1)
+        try:
+            async with self._http.request("GET", target, headers) as answer:
+                error = await _reply_error(what, answer)
+                if error is not None:
+                    raise error
+                data = await answer.read(MAX_OBJECT_SIZE)
+                expected = answer.content_length
+        except HTTPClientError as exc:
+            raise _connection_error(exc, what) from exc
+        self._count(nbytes=len(data))
+        if expected is not None and expected != len(data):
+            raise OriginTransientError(f"{what}: got {len(data)} of {expected} bytes")
+        return data
 
     def _get_sync(self, key: str) -> bytes:
         what = self._what(key)
@@ -307,7 +464,7 @@ class S3Origin(Origin):
         try:
             resp = self._s3().get_object(Bucket=self.bucket, Key=self._key(key))
             data = resp["Body"].read()
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, OSError) as exc:
+        except _boto_errors(OSError) as exc:
             raise translate_s3_error(exc, what) from exc
         self._count(nbytes=len(data))
         expected = resp.get("ContentLength")
@@ -321,10 +478,12 @@ class S3Origin(Origin):
     def _put_sync(self, key: str, data: bytes) -> None:
         try:
             self._s3().put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        except _boto_errors() as exc:
             raise translate_s3_error(exc, self._what(key)) from exc
 
     async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close()
         await self._calls.close()
         with self._client_lock:
             client, self._client = self._client, None
