@@ -44,6 +44,7 @@ from core.units import parse_size
 from simulations.runner import run_strategy
 from simulations.scenario import NodeGroup, Scenario
 from swarm.peer import PeerConfig
+from swarm.session import requests_in_flight
 from tracker.config import TrackerConfig
 
 __all__ = [
@@ -249,11 +250,14 @@ def scenario_settings(
     # The tracker's reply names every other peer up to its sample size, and the
     # peer dials every peer a reply names.
     connections = max(1, min(nodes - 1, settings.max_peers_in_reply))
+    block_size = min(record.block_size or settings.block_size, record.piece_size)
+    # 0: the peer's default for this block size.
+    requests = settings.requests_per_peer or requests_in_flight(block_size)
     pipeline: dict[str, Any] = {"upload_slots": settings.upload_slots}
     if "requests_per_peer" in {f.name for f in dataclasses.fields(Scenario)}:
-        pipeline["requests_per_peer"] = settings.requests_per_peer
+        pipeline["requests_per_peer"] = requests
     else:
-        pipeline["max_downloads"] = settings.requests_per_peer * connections
+        pipeline["max_downloads"] = requests * connections
     return {
         "name": f"shaped-{record.name}",
         "description": f"the shaped testbed's {record.name} run, as simulated",
@@ -262,7 +266,7 @@ def scenario_settings(
         "model_size": record.model_bytes,
         "files": record.files,
         "piece_size": record.piece_size,
-        "block_size": min(record.block_size or settings.block_size, record.piece_size),
+        "block_size": block_size,
         "nodes": nodes,
         **links,
         "origin_gbps": _gbps(_capped_bps(record.origin_up_bps, settings.origin_rate)),

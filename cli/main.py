@@ -548,9 +548,10 @@ def fetch(
         int,
         typer.Option(
             "--requests-per-peer",
-            min=1,
+            min=0,
             max=256,
-            help="Block requests in flight per peer connection.",
+            help="Block requests in flight per peer connection; 0: 12 MiB of blocks, "
+            "6 to 12 of them (12 of 1 MiB blocks, 6 of 4 MiB ones).",
         ),
     ] = peer_default("requests_per_peer"),
     upload_slots: Annotated[

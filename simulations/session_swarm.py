@@ -4,7 +4,7 @@ The ``swarm`` strategy (:mod:`simulations.strategies`) drives the production
 picker, upload scheduler and seeder assignment through the simulator's own
 glue, at piece granularity, and runs ``fireworks-kimi n1000-o25`` in about 45 s
 compiled. This model drives the whole session instead, block by block, with
-the peer's defaults (4 MiB blocks, 6 requests per connection, 16 upload
+the peer's defaults (4 MiB blocks, 12 requests per connection, 16 upload
 slots, up to 50 connections): it is the cross-check that the glue behaves
 like the shipped peer, and it is slow. Measured compiled on the 2-core VM
 (2026-12-03, one run each, this model vs the glue): ``fireworks-kimi

@@ -25,7 +25,8 @@ The rules, each tested in ``tests/test_session.py``:
   the connection the peer with the smaller id dialed. A proven dialer that we
   refuse (duplicate, barred) still gets our Handshake first, so it can tell a
   refusal from a token mismatch.
-- **Requests.** ``requests_per_peer`` blocks in flight per connection, picked
+- **Requests.** ``requests_per_peer`` blocks in flight per connection (by default
+  :func:`requests_in_flight` of the block size), picked
   rarest first; a block that was not requested closes the connection; a block that
   crossed our Cancel on the wire is dropped without offence. A connection that
   leaves our requests unanswered for ``request_timeout`` has them expire: they go
@@ -161,7 +162,7 @@ class SessionConfig:
     """
 
     block_size: int = 4 * 1024 * 1024
-    requests_per_peer: int = 6
+    requests_per_peer: int = 0  # 0: by the block size, see requests_in_flight
     upload_slots: int = 16
     uploads_per_conn: int = 2  # one block sending, one read ahead
     request_timeout: float = 30.0
@@ -181,6 +182,27 @@ class SessionConfig:
     # piece that few neighbours hold whole (see PeerSession._checked). 0: off (a
     # format-1 manifest's blocks are checked only with their piece).
     cut_through: int = 0
+
+
+PIPELINE_BYTES: Final = 12 * 1024 * 1024
+MIN_REQUESTS: Final = 6
+MAX_REQUESTS: Final = 12
+
+
+def requests_in_flight(block_size: int) -> int:
+    """Block requests kept in flight per connection by default: ``PIPELINE_BYTES`` of
+    blocks, at least 6 and at most 12 (12 of 1 MiB blocks, 6 of 4 MiB ones).
+
+    Measured 2026-12-06. On the shaped fabric-bound testbed (8 nodes at 400 Mbit/s,
+    1 MiB blocks), 6 per connection left downlinks short of work: 1.14 and 1.15 x
+    T_min against 1.09 and 1.10 with 12, alternating runs (the simulator of that run,
+    ``benchmarks.sim_truth``: 1.06-1.09 against 1.017). With 4 MiB blocks 12 was worse:
+    the session-driven mixed fleet (``tests/test_sim_session_swarm.py``, seeds 1-8)
+    put its worst node at 1.17 x its own bound against 1.15 with 6, and at 3 or 4
+    per connection seed 4 went to 1.48 and 1.26; with 1 MiB blocks 6 and 12 both
+    keep every seed within 1.07 (with ``swarm.choker.LOOKAHEAD`` 12).
+    """
+    return max(MIN_REQUESTS, min(MAX_REQUESTS, PIPELINE_BYTES // max(1, block_size)))
 
 
 SENT_TRACKED: Final = 65536
@@ -572,6 +594,9 @@ class PeerSession:
         self.rng = rng or random.Random()
         self._nonce = nonce or (lambda: self.rng.randbytes(NONCE_SIZE))
         self.block_size = max(1, min(self.config.block_size, max(self.lengths, default=1)))
+        self.requests_per_peer = self.config.requests_per_peer or requests_in_flight(
+            self.block_size
+        )
         # Blocks more held before another Partial; 0 (off) too when blocks are of a
         # size a Partial can't count in.
         self.cut_through = (
@@ -926,7 +951,7 @@ class PeerSession:
                     self._fill_all(now, out)
                     return
                 conn.rejects += 1
-                if conn.rejects > self.config.requests_per_peer:
+                if conn.rejects > self.requests_per_peer:
                     # An honest peer rejects only when its upload queue is full; one that
                     # rejects what its bitfield claims, again and again, would otherwise
                     # be asked for the same blocks forever, and hold them from others.
@@ -1306,7 +1331,7 @@ class PeerSession:
         """Keep ``requests_per_peer`` block requests in flight to ``conn`` (one if snubbed)."""
         if conn.bitfield is None or not conn.established:
             return
-        want = (1 if conn.snubbed else self.config.requests_per_peer) - len(conn.requested)
+        want = (1 if conn.snubbed else self.requests_per_peer) - len(conn.requested)
         if want <= 0:
             return
         picked = self.picker.pick(conn, want)

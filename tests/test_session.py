@@ -84,6 +84,7 @@ ME = pid(50)  # the session under test; remotes are pid(1), pid(2), ...
 
 def harness(num_pieces: int = 8, *, have: Iterable[int] = (), **config: Any) -> Harness:
     config.setdefault("block_size", BLOCK)
+    config.setdefault("requests_per_peer", 6)  # what these cases count on
     return Harness(make_session([PIECE] * num_pieces, peer_id=ME, have=have, **config))
 
 
@@ -843,3 +844,16 @@ def test_cut_through_serves_checked_blocks_before_the_piece_is_whole() -> None:
     other = (first.offset + size) % (4 * size)
     rejected = h.feed(Received(lacking.conn, Request(0, other, size)))
     assert [a.msg for a in of_kind(rejected, Send)] == [Reject(0, other, size)]
+
+
+def test_requests_in_flight_default_to_twelve_mib_of_blocks_between_six_and_twelve() -> None:
+    from swarm.session import requests_in_flight
+
+    mib = 1024 * 1024
+    assert [requests_in_flight(b * mib // 4) for b in (1, 4, 8, 16, 64)] == [12, 12, 6, 6, 6]
+    # A session left at the default keeps that many in flight to a peer holding everything.
+    session = Harness(make_session([4 * mib] * 8, peer_id=ME, block_size=mib))
+    assert session.session.requests_per_peer == 12
+    assert len(session.connect(pid(1), bitfield=range(8)).requests()) == 12
+    pinned = harness(requests_per_peer=3)
+    assert len(pinned.connect(pid(1), bitfield=range(8)).requests()) == 3

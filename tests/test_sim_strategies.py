@@ -346,13 +346,19 @@ def _upload_limited(origin_copies: float) -> Scenario:
     )
 
 
-@pytest.mark.parametrize("strategy", ["swarm", "swarm-session"])
-def test_origin_copies_shorten_an_upload_limited_burst_within_their_budget(strategy: str) -> None:
+@pytest.mark.parametrize(("strategy", "shorter"), [("swarm", 0.9), ("swarm-session", 0.97)])
+def test_origin_copies_shorten_an_upload_limited_burst_within_their_budget(
+    strategy: str, shorter: float
+) -> None:
     # Measured (seed 1): max 2.16 / 2.01 / 1.73 x T_min with 1 / 2 / 4 origin copies
-    # (glue), 2.15 / 2.01 / 1.73 (session); origin bytes 1.0 / 2.0 / 4.0 (3.9) x F.
+    # (glue); origin bytes 1.0 / 2.0 / 4.0 (3.9) x F. The session model, at the
+    # peer's default of 12 requests per connection for these 1 MiB blocks
+    # (swarm.session.requests_in_flight): 81.9 s with one copy, 77.3 s with four
+    # (65.8 s at 6 requests per connection: deeper queues at the slow uplinks blunt
+    # the copies).
     results = {c: run_strategy(_upload_limited(c), strategy) for c in (1.0, 4.0)}
     one, four = results[1.0], results[4.0]
     assert one.origin_bytes == _upload_limited(1.0).model_size  # invariant 1 by default
     assert four.origin_bytes <= 4 * _upload_limited(4.0).model_size
     assert len(four.completed()) == 16
-    assert max(four.completed()) < 0.9 * max(one.completed())
+    assert max(four.completed()) < shorter * max(one.completed())
