@@ -12,9 +12,13 @@ later import pydantic as a command line is parsed (pyproject pins below it).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+from conftest import S3Bucket
+from servers import populate
 
 NOT_AT_START = (
     "tracker.service",
@@ -78,3 +82,33 @@ def test_a_whole_fetch_command_loads_neither_aiohttp_nor_pydantic(tmp_path: Path
     exit_code, loaded = json.loads(done.stdout.splitlines()[-1])
     assert exit_code not in (0, None), done.stderr
     assert loaded == [], done.stderr
+
+
+def test_reading_an_s3_origin_at_a_named_endpoint_loads_no_sdk(s3_bucket: S3Bucket) -> None:
+    # Ranged reads, HEAD and whole GETs are signed in-process (seeder.backends.sigv4):
+    # boto3 alone cost a fetch 0.17 CPU-s before its first origin byte.
+    populate(s3_bucket.path, {"a.bin": bytes(range(256)) * 4})
+    code = (
+        "import asyncio, json, sys\n"
+        "from seeder.backends.s3 import S3Origin\n"
+        "async def main():\n"
+        f"    async with S3Origin({s3_bucket.url!r}) as origin:\n"
+        "        buf = bytearray(10)\n"
+        "        await origin.read_into('a.bin', 250, memoryview(buf))\n"
+        "        size = (await origin.stat('a.bin')).size\n"
+        "        whole = await origin.get_bytes('a.bin')\n"
+        "        return [list(buf), size, len(whole), origin.signs_requests]\n"
+        "got = asyncio.run(main())\n"
+        "print(json.dumps([got, [m for m in ('boto3', 'botocore') if m in sys.modules]]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env={**os.environ, **s3_bucket.env},
+    )
+    got, loaded = json.loads(done.stdout.splitlines()[-1])
+    assert got == [[250, 251, 252, 253, 254, 255, 0, 1, 2, 3], 1024, 1024, True]
+    assert loaded == []
