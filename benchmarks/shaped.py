@@ -49,10 +49,10 @@ system's processes (one common t0) to the moment the node's completion marker
 appears (``.swarm-complete`` for swarm and direct, a done file for libtorrent),
 so process start-up counts. The times each process reports itself are kept too
 (``self_p50_seconds``, ``self_max_seconds``). Start-up is where swarm loses most
-here: eight ``swarm fetch`` processes importing at once on this 2-core host take
-1.3 s (0.9 s for the imports alone: 8 x 0.19 CPU-s), and the origin's first byte
-comes at 1.6 s, against 0.5 s for libtorrent's leechers; from its first origin
-byte each system took 23.0 s in fabric-bound on 2026-12-06. Origin bytes are the transmit
+here: eight ``swarm fetch`` processes starting at once on this 2-core host reach
+their peer engines after 0.9-1.5 s (about 0.2 CPU-s each, most of it imports),
+against about 0.5 s for libtorrent's leechers to ask for their first bytes; it was
+1.4-1.6 s while every fetch imported boto3 for its origin reads. Origin bytes are the transmit
 counter of the origin namespace's ``eth0`` over the whole run of the system
 (frames as the kernel counts them, so TCP/IP and HTTP overhead is included);
 the bytes the processes themselves report reading from the origin are kept as
