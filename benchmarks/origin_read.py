@@ -6,6 +6,9 @@ starts, so it is on disk and in the page cache). In the same run we time
 
 - ``RangedReader`` (``--range-size`` ranges, ``--concurrency`` requests in flight)
   reading the whole object into one pre-touched buffer, reused across repeats;
+- the same with ``SWARM_S3_BOTO3=1``: its ranged GETs through boto3 in threads rather
+  than signed in-process on ``http.client`` connections (``seeder.backends.s3``), with
+  the CPU time this process spent per GiB for each;
 - boto3's ``download_file`` (s3transfer, its default 8 MiB parts and 10 threads) of
   the same object to a file in the same temporary folder;
 
@@ -63,17 +66,21 @@ def write_object(path: Path, size: int) -> str:
 
 async def time_reader(
     url: str, buf: bytearray, range_size: int, concurrency: int, runs: int
-) -> tuple[list[float], int, int]:
+) -> tuple[list[float], list[float], int, int, bool]:
+    """Wall and CPU seconds of each read of the whole object; retries, requests, signed."""
     view = memoryview(buf)
     times: list[float] = []
+    cpu: list[float] = []
     async with S3Origin(url) as origin:
         reader = RangedReader(origin, range_size=range_size, max_concurrency=concurrency)
         await reader.read(KEY, 0, view)  # warm-up: connections, page cache
         for _ in range(runs):
-            start = time.perf_counter()
+            start, cpu0 = time.perf_counter(), time.process_time()
             await reader.read(KEY, 0, view)
             times.append(time.perf_counter() - start)
-        return times, origin.counters.retries, origin.counters.requests
+            cpu.append(time.process_time() - cpu0)
+        counters = origin.counters
+        return times, cpu, counters.retries, counters.requests, origin.signs_requests
 
 
 def time_boto3(bucket: str, dest: Path, runs: int) -> list[float]:
@@ -115,11 +122,18 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         with S3Server(root, dir_cache_time="1h") as server, environ(server.env()):
             buf = bytearray(size)
             buf[::4096] = b"\x01" * len(range(0, size, 4096))  # touch every page once
-            reader_times, retries, requests = asyncio.run(
+            reader_times, reader_cpu, retries, requests, signed = asyncio.run(
                 time_reader(f"s3://{bucket}", buf, range_size, args.concurrency, args.repeat)
             )
             if blake3.blake3(buf).hexdigest() != source_digest:
                 raise SystemExit("RangedReader returned bytes that differ from the object")
+            buf[::4096] = b"\x01" * len(range(0, size, 4096))
+            with environ({"SWARM_S3_BOTO3": "1"}):
+                via_times, via_cpu, _, _, via_signed = asyncio.run(
+                    time_reader(f"s3://{bucket}", buf, range_size, args.concurrency, args.repeat)
+                )
+            if signed == via_signed or blake3.blake3(buf).hexdigest() != source_digest:
+                raise SystemExit("RangedReader through boto3: not boto3, or wrong bytes")
             boto_times = time_boto3(bucket, Path(tmp) / "download.bin", args.repeat)
             if (
                 blake3.blake3((Path(tmp) / "download.bin").read_bytes()).hexdigest()
@@ -129,6 +143,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
     def mbps(seconds: float) -> float:
         return round(size / seconds / 1e6, 1)
+
+    def cpu_per_gib(seconds: list[float]) -> float:
+        return round(statistics.median(seconds) * (1 << 30) / size, 3)
 
     reader_best, boto_best = min(reader_times), min(boto_times)
     result: dict[str, object] = {
@@ -150,6 +167,14 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             "runs_s": [round(t, 3) for t in reader_times],
             "requests": requests,
             "retries": retries,
+            "signed_in_process": signed,
+            "cpu_s_per_gib": cpu_per_gib(reader_cpu),
+        },
+        "reader_through_boto3": {
+            "best_mb_s": mbps(min(via_times)),
+            "median_mb_s": mbps(statistics.median(via_times)),
+            "runs_s": [round(t, 3) for t in via_times],
+            "cpu_s_per_gib": cpu_per_gib(via_cpu),
         },
         "boto3_download_file": {
             "best_mb_s": mbps(boto_best),
@@ -164,7 +189,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(
         f"{format_size(size)}: RangedReader {result['reader']['best_mb_s']} MB/s "  # type: ignore[index]
-        f"(median {result['reader']['median_mb_s']}), boto3 download_file "  # type: ignore[index]
+        f"(median {result['reader']['median_mb_s']}, "  # type: ignore[index]
+        f"{result['reader']['cpu_s_per_gib']} CPU-s/GiB), through boto3 "  # type: ignore[index]
+        f"{result['reader_through_boto3']['best_mb_s']} MB/s "  # type: ignore[index]
+        f"({result['reader_through_boto3']['cpu_s_per_gib']} CPU-s/GiB), boto3 download_file "  # type: ignore[index]
         f"{result['boto3_download_file']['best_mb_s']} MB/s "  # type: ignore[index]
         f"(median {result['boto3_download_file']['median_mb_s']}); "  # type: ignore[index]
         f"ratio {result['ratio_best']} (median {result['ratio_median']}) -> {out}"

@@ -47,10 +47,10 @@ import yarl
 from core.auth import MAC_SIZE, NONCE_SIZE, ClusterKey, new_nonce
 from core.digest import PEER_ID_LENGTH
 from core.errors import TrackerError, UnknownArtifactError
-from core.http import HTTPClientError
-from core.http import request as http_request
 from core.manifest import MAX_ENCODED_SIZE, Manifest, parse_ref
 from swarm.hosts import valid_host
+from swarm.http import HTTPClientError
+from swarm.http import request as http_request
 
 log = logging.getLogger("swarm.tracker")
 

@@ -1,4 +1,4 @@
-"""``core.http``: the tracker client's HTTP/1.1, against real loopback servers that
+"""``swarm.http``: the tracker client's HTTP/1.1, against real loopback servers that
 answer well, oddly and with hostility. Every bound a server could push on (line
 length, header count, body size, time) ends in one ``HTTPClientError``.
 """
@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from core.http import MAX_HEADERS, MAX_LINE, Connections, HTTPClientError, Response, request
+from swarm.http import MAX_HEADERS, MAX_LINE, HTTPClientError, Response, request
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -171,140 +171,3 @@ async def _with_server(call: Callable[[str], Awaitable[object]]) -> object:
     finally:
         server.close()
         await server.wait_closed()
-
-
-# -- Connections: keep-alive exchanges whose bodies are streamed ---------------------
-
-
-def _pooled(handler: Handler, go: Callable[[Connections], Awaitable[object]]) -> object:
-    async def main() -> object:
-        server, base = await _serve(handler)
-        pool = Connections(base, connect_timeout=5.0, read_timeout=2.0)
-        try:
-            return await go(pool)
-        finally:
-            await pool.close()
-            server.close()
-            await server.wait_closed()
-
-    return asyncio.run(main())
-
-
-def _keep_alive_server(replies: list[bytes], accepted: list[int]) -> Handler:
-    """Answers requests on each connection in turn from ``replies``; counts connections."""
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.append(1)
-        while replies:
-            try:
-                await _read_request(reader)
-            except asyncio.IncompleteReadError:
-                return
-            writer.write(replies.pop(0))
-            await writer.drain()
-
-    return handler
-
-
-def test_connections_stream_bodies_into_a_buffer_and_reuse_the_connection() -> None:
-    accepted: list[int] = []
-    replies = [
-        b"HTTP/1.1 206 Partial\r\nContent-Length: 10\r\n\r\n0123456789",
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
-        b"HTTP/1.1 404 Not Found\r\nContent-Length: 7\r\n\r\nmissing",
-    ]
-
-    async def go(pool: Connections) -> list[object]:
-        out: list[object] = []
-        counted: list[int] = []
-        for _ in range(2):
-            buf = bytearray(10)
-            async with pool.request("GET", "/k", {"Range": "bytes=0-9"}) as answer:
-                n = await answer.read_into(memoryview(buf), counted.append)
-                out.append((answer.status, bytes(buf[:n])))
-        async with pool.request("GET", "/gone", {}) as answer:
-            out.append((answer.status, await answer.read(100)))
-        out.append(sum(counted))
-        return out
-
-    result = _pooled(_keep_alive_server(replies, accepted), go)
-    assert result == [(206, b"0123456789"), (200, b"abcde"), (404, b"missing"), 15]
-    assert len(accepted) == 1  # three exchanges, one connection
-
-
-def test_connections_refuse_a_body_longer_than_asked_and_drop_that_connection() -> None:
-    accepted: list[int] = []
-    replies = [
-        b"HTTP/1.1 206 Partial\r\nContent-Length: 12\r\n\r\n0123456789AB",
-        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
-    ]
-
-    async def go(pool: Connections) -> object:
-        with pytest.raises(HTTPClientError, match="more than the 10 bytes"):
-            async with pool.request("GET", "/k", {}) as answer:
-                await answer.read_into(memoryview(bytearray(10)), lambda n: None)
-        async with pool.request("GET", "/k", {}) as answer:
-            return await answer.read(10)
-
-    # The second exchange needs a connection of its own: the first was dropped.
-    assert _pooled(_keep_alive_server(replies, accepted), go) == b"ok"
-    assert len(accepted) == 2
-
-
-def test_connections_send_again_on_a_new_connection_when_an_idle_one_was_closed() -> None:
-    accepted: list[int] = []
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.append(1)
-        await _read_request(reader)  # one exchange, then close as an idle timeout would
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
-
-    async def go(pool: Connections) -> list[bytes]:
-        got = []
-        for _ in range(3):
-            async with pool.request("GET", "/k", {}) as answer:
-                got.append(await answer.read(10))
-            await asyncio.sleep(0.05)  # the server's FIN arrives while the connection idles
-        return got
-
-    assert _pooled(handler, go) == [b"ok"] * 3
-    assert len(accepted) == 3
-
-
-def test_connections_bound_a_silent_server_and_a_connection_that_closes_mid_body() -> None:
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
-        await writer.drain()
-        await asyncio.sleep(5)
-
-    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
-        await writer.drain()
-
-    async def go(pool: Connections) -> list[int]:
-        counted: list[int] = []
-        with pytest.raises(HTTPClientError) as info:
-            async with pool.request("GET", "/k", {}) as answer:
-                await answer.read_into(memoryview(bytearray(100)), counted.append)
-        assert "no data for 2 s" in str(info.value) or "closed" in str(info.value)
-        return counted
-
-    assert _pooled(silent, go) == [7]  # what arrived is counted, then the read timed out
-    assert _pooled(cut, go) == [7]
-
-
-def test_connections_to_nowhere_fail_with_one_error() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-
-    async def main() -> None:
-        pool = Connections(f"http://127.0.0.1:{port}", connect_timeout=2.0, read_timeout=2.0)
-        async with pool.request("GET", "/k", {}):
-            pass
-
-    with pytest.raises(HTTPClientError):
-        asyncio.run(main())

@@ -83,13 +83,25 @@ def test_requests_are_signed_here_only_for_a_named_endpoint_and_static_keys() ->
     assert s3_first is not None and s3_first.endpoint == "https://s3.x:8443"
     region = signed_endpoint_from_env({**ENV, "AWS_DEFAULT_REGION": "ap-south-1"})
     assert region is not None and region.region == "ap-south-1"
-    # boto3 decides: AWS itself, profiles and roles, an opt-out, odd endpoints.
+    same = signed_endpoint_from_env({**ENV, "AWS_REGION": "us-east-1"})
+    assert same is not None and same.region == "us-east-1"
+    bypassed = {**ENV, "HTTP_PROXY": "http://proxy:3128", "NO_PROXY": "localhost,10.0.0.5"}
+    assert signed_endpoint_from_env(bypassed) is not None
+    assert signed_endpoint_from_env({**ENV, "HTTPS_PROXY": "http://proxy:3128"}) is not None
+    # boto3 decides: AWS itself, profiles, a shared config file, settings botocore
+    # reads its own way, proxies, an opt-out, odd endpoints.
     for env in (
         {k: v for k, v in ENV.items() if k != "AWS_ENDPOINT_URL"},
         {k: v for k, v in ENV.items() if k != "AWS_SECRET_ACCESS_KEY"},
         {**ENV, "SWARM_S3_BOTO3": "1"},
         {**ENV, "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS": "true"},
+        {**ENV, "AWS_PROFILE": "prod"},
+        {**ENV, "AWS_REGION": "eu-west-1"},  # botocore 1.44 signs for AWS_DEFAULT_REGION
+        {**ENV, "AWS_SECURITY_TOKEN": "t"},
+        {**ENV, "HTTP_PROXY": "http://proxy:3128"},
+        {**ENV, "http_proxy": "http://proxy:3128", "no_proxy": "other.host"},
         {**ENV, "AWS_ENDPOINT_URL": "ftp://h"},
         {**ENV, "AWS_ENDPOINT_URL": "http://user:pw@h"},
     ):
         assert signed_endpoint_from_env(env) is None, env
+    assert signed_endpoint_from_env(ENV, shared_config=True) is None

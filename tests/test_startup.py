@@ -5,7 +5,7 @@ needs the peer, the tracker client and the store, not the tracker's HTTP server,
 the demo, the simulator's engine or an object-store SDK. Measured with
 ``python -X importtime -c 'import cli.main'``: 318 ms before these were kept out,
 254 ms after (median of 3 on the 2-core VM); 242 -> 152 ms once the tracker client
-spoke HTTP itself instead of through aiohttp (``core/http.py``). typer 0.28 and
+spoke HTTP itself instead of through aiohttp (``swarm/http.py``). typer 0.28 and
 later import pydantic as a command line is parsed (pyproject pins below it).
 """
 

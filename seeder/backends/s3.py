@@ -4,8 +4,8 @@ The client comes from the standard AWS environment (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, profiles, ...).
 When that environment names an S3-compatible endpoint and static keys
 (``sigv4.signed_endpoint_from_env``), reads (ranged and whole GETs, HEAD) are signed
-here and sent path-style on keep-alive connections of our own (``core.http``), and
-boto3 is imported only to list or write
+here and sent path-style on keep-alive ``http.client`` connections (``keepalive``)
+from the same worker threads, and boto3 is imported only to list or write
 (publishing, the tracker's origin check): a fetching peer then starts 0.17 CPU-s
 sooner (see :mod:`seeder.backends.sigv4`). ``SWARM_S3_BOTO3=1`` sends everything
 through boto3.
@@ -23,15 +23,16 @@ from __future__ import annotations
 
 import builtins
 import datetime as dt
+import http.client
 import os
 import re
+import ssl
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 from core.errors import ConfigError
-from core.http import Answer, Connections, HTTPClientError, HTTPTLSError
 from core.manifest import MAX_ENCODED_SIZE
 from seeder.backends.common import (
     CONNECT_TIMEOUT,
@@ -46,6 +47,7 @@ from seeder.backends.common import (
     parse_retry_after,
     range_header,
 )
+from seeder.backends.keepalive import KeepAlive
 from seeder.backends.sigv4 import Signer, signed_endpoint_from_env
 from seeder.backends.threaded import ReadAborted, ThreadedCalls
 from seeder.errors import (
@@ -187,29 +189,37 @@ _ERROR_BODY_LIMIT = 64 * 1024
 _XML_FIELD = re.compile(rb"<(Code|Message)>([^<]{0,1024})</(?:Code|Message)>")
 
 
-async def _reply_error(what: str, answer: Answer) -> OriginError | None:
+def _reply_error(what: str, resp: http.client.HTTPResponse) -> OriginError | None:
     """The error for a signed request's answer other than 200/206, from its XML error
     body (64 KiB of it at most), or None."""
-    if answer.status in (200, 206):
+    if resp.status in (200, 206):
         return None
     try:
-        body = await answer.read(_ERROR_BODY_LIMIT)
-    except HTTPClientError:
+        body = resp.read(_ERROR_BODY_LIMIT)
+    except (OSError, http.client.HTTPException):
         body = b""  # the status says enough
     fields = {m[1].decode(): m[2].decode("utf-8", "replace") for m in _XML_FIELD.finditer(body)}
     return s3_reply_error(
         what,
         fields.get("Code", ""),
-        answer.status,
+        resp.status,
         fields.get("Message", ""),
-        parse_retry_after(answer.headers.get("Retry-After"), time.time()),
+        parse_retry_after(resp.getheader("Retry-After"), time.time()),
     )
 
 
-def _connection_error(exc: HTTPClientError, what: str) -> OriginError:
-    if isinstance(exc, HTTPTLSError):
-        return OriginError(f"{what}: {exc}")
-    return OriginTransientError(f"{what}: {exc}")
+def _connection_error(exc: Exception, what: str) -> OriginError:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return OriginError(f"{what}: TLS failure: {exc}")
+    return OriginTransientError(f"{what}: {type(exc).__name__}: {exc}")
+
+
+_HTTP_ERRORS = (OSError, http.client.HTTPException)
+
+
+def _content_length(resp: http.client.HTTPResponse) -> int | None:
+    value = resp.getheader("Content-Length")
+    return int(value) if value is not None and value.isdigit() else None
 
 
 class S3Origin(Origin):
@@ -227,14 +237,16 @@ class S3Origin(Origin):
         self._client: S3Client | None = None
         self._client_lock = threading.Lock()
         self._count_lock = threading.Lock()
-        endpoint = signed_endpoint_from_env(os.environ)
+        shared = os.environ.get("AWS_CONFIG_FILE") or os.path.expanduser("~/.aws/config")
+        endpoint = signed_endpoint_from_env(os.environ, shared_config=os.path.exists(shared))
         self._signer = Signer(endpoint) if endpoint is not None else None
         self._http = (
-            Connections(
+            KeepAlive(
                 endpoint.endpoint,
                 connect_timeout=CONNECT_TIMEOUT,
                 read_timeout=READ_TIMEOUT,
                 max_idle=max_pool_connections,
+                cafile=os.environ.get("AWS_CA_BUNDLE") or None,
             )
             if endpoint is not None
             else None
@@ -313,17 +325,24 @@ class S3Origin(Origin):
     async def stat(self, key: str) -> ObjectInfo:
         if self._http is None:
             return await self._calls.call(self._stat_sync, key)
+        return await self._calls.call(self._signed_stat_sync, key, self._http)
+
+    def _signed_stat_sync(self, key: str, pool: KeepAlive) -> ObjectInfo:
         target, headers = self._signed("HEAD", key)
         what = self._what(key)
         self._count(requests=1)
         try:
-            async with self._http.request("HEAD", target, headers) as answer:
-                error = await _reply_error(what, answer)
-                if error is not None:
-                    raise error
-                size = answer.content_length
-        except HTTPClientError as exc:
+            conn, resp = pool.exchange("HEAD", target, headers)
+            try:
+                error = _reply_error(what, resp)
+                resp.read()  # nothing, and it lets the connection go back
+                size = _content_length(resp)
+            finally:
+                pool.release(conn, resp)
+        except _HTTP_ERRORS as exc:
             raise _connection_error(exc, what) from exc
+        if error is not None:
+            raise error
         if size is None:
             raise OriginError(f"{what}: HEAD reply has no Content-Length")
         return ObjectInfo(key, size)
@@ -342,14 +361,17 @@ class S3Origin(Origin):
         if len(buf) == 0:
             return
         if self._http is not None:
-            await self._signed_read_into(key, offset, buf, self._http)
+            pool = self._http
+            await self._calls.call_abortable(
+                lambda abort: self._signed_read_sync(key, offset, buf, pool, abort)
+            )
             return
         await self._calls.call_abortable(
             lambda abort: self._read_into_sync(key, offset, buf, abort)
         )
 
-    async def _signed_read_into(
-        self, key: str, offset: int, buf: memoryview, http: Connections
+    def _signed_read_sync(
+        self, key: str, offset: int, buf: memoryview, pool: KeepAlive, abort: threading.Event
     ) -> None:
         length = len(buf)
         what = f"{self._what(key)} bytes {offset}-{offset + length - 1}"
@@ -358,26 +380,36 @@ class S3Origin(Origin):
         view = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
         self._count(requests=1)
         try:
-            async with http.request("GET", target, headers) as answer:
-                error = await _reply_error(what, answer)
+            conn, resp = pool.exchange("GET", target, headers)
+            try:
+                error = _reply_error(what, resp)
                 if error is not None:
                     raise error
                 check_range_reply(
                     what,
-                    answer.status,
-                    answer.headers.get("Content-Range"),
-                    answer.content_length,
+                    resp.status,
+                    resp.getheader("Content-Range"),
+                    _content_length(resp),
                     offset,
                     length,
                 )
-                done = await answer.read_into(view, self._count_bytes)
-        except HTTPClientError as exc:
+                done = 0
+                while done < length:
+                    if abort.is_set():
+                        raise ReadAborted(what)
+                    got = resp.readinto(view[done : min(length, done + READ_CHUNK)])
+                    if not got:
+                        raise OriginTransientError(
+                            f"{what}: connection closed after {done} of {length} bytes"
+                        )
+                    done += got
+                    self._count(nbytes=got)
+                if resp.read(1):  # more than the range: the connection can't be trusted
+                    raise OriginError(f"{what}: server sent more than {length} bytes")
+            finally:
+                pool.release(conn, resp)
+        except _HTTP_ERRORS as exc:
             raise _connection_error(exc, what) from exc
-        if done != length:
-            raise OriginTransientError(f"{what}: connection ended after {done} of {length} bytes")
-
-    def _count_bytes(self, nbytes: int) -> None:
-        self._count(nbytes=nbytes)
 
     def _read_into_sync(
         self, key: str, offset: int, buf: memoryview, abort: threading.Event
@@ -441,17 +473,30 @@ class S3Origin(Origin):
     async def get_bytes(self, key: str) -> bytes:
         if self._http is None:
             return await self._calls.call(self._get_sync, key)
+        return await self._calls.call(self._signed_get_sync, key, self._http)
+
+    def _signed_get_sync(self, key: str, pool: KeepAlive) -> bytes:
         target, headers = self._signed("GET", key)
         what = self._what(key)
         self._count(requests=1)
         try:
-            async with self._http.request("GET", target, headers) as answer:
-                error = await _reply_error(what, answer)
+            conn, resp = pool.exchange("GET", target, headers)
+            try:
+                error = _reply_error(what, resp)
                 if error is not None:
                     raise error
-                data = await answer.read(MAX_OBJECT_SIZE)
-                expected = answer.content_length
-        except HTTPClientError as exc:
+                expected = _content_length(resp)
+                parts: list[bytes] = []
+                total = 0
+                while chunk := resp.read(READ_CHUNK):
+                    total += len(chunk)
+                    if total > MAX_OBJECT_SIZE:
+                        raise OriginError(f"{what}: larger than {MAX_OBJECT_SIZE} bytes")
+                    parts.append(chunk)
+                data = b"".join(parts)
+            finally:
+                pool.release(conn, resp)
+        except _HTTP_ERRORS as exc:
             raise _connection_error(exc, what) from exc
         self._count(nbytes=len(data))
         if expected is not None and expected != len(data):
@@ -482,9 +527,9 @@ class S3Origin(Origin):
             raise translate_s3_error(exc, self._what(key)) from exc
 
     async def close(self) -> None:
-        if self._http is not None:
-            await self._http.close()
         await self._calls.close()
+        if self._http is not None:
+            self._http.close()
         with self._client_lock:
             client, self._client = self._client, None
         if client is not None:

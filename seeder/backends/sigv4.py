@@ -6,8 +6,8 @@ building the client from its service model 0.08; measured with ``time.process_ti
 around each step), and a burst starts one process per node at once: on the shaped
 testbed's 2-core host, eight of them put the first origin byte 1.9 s after launch.
 When the environment names an S3-compatible endpoint and static keys, the same GET
-is signed here (HMAC-SHA256, the standard library) and sent by ``core.http``, the
-client the peer already speaks to its tracker with. Anything else (profiles, instance or web-identity roles, AWS
+is signed here (HMAC-SHA256, the standard library) and sent with ``http.client``
+(``seeder.backends.keepalive``). Anything else (profiles, instance or web-identity roles, AWS
 itself with its region redirects) stays with boto3's full credential chain.
 
 Pure: no I/O, the time is an argument.
@@ -55,34 +55,61 @@ def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def signed_endpoint_from_env(env: Mapping[str, str]) -> SignedEndpoint | None:
+def _proxied(env: Mapping[str, str], scheme: str, host: str) -> bool:
+    """Whether ``HTTP(S)_PROXY`` (and ``NO_PROXY``) send requests to ``host`` via a proxy."""
+    names = (f"{scheme}_proxy", f"{scheme.upper()}_PROXY", "all_proxy", "ALL_PROXY")
+    if not any(env.get(name) for name in names):
+        return False
+    no_proxy = env.get("no_proxy") or env.get("NO_PROXY") or ""
+    for entry in (e.strip().lower() for e in no_proxy.split(",")):
+        entry = entry.split(":")[0] if entry.count(":") == 1 else entry
+        if entry == "*" or (
+            entry and (host == entry.lstrip(".") or host.endswith("." + entry.lstrip(".")))
+        ):
+            return False
+    return True
+
+
+def signed_endpoint_from_env(
+    env: Mapping[str, str], *, shared_config: bool = False
+) -> SignedEndpoint | None:
     """The endpoint to sign for ourselves, or None where boto3 must decide.
 
-    Taken as boto3 would take them: ``AWS_ENDPOINT_URL_S3`` before ``AWS_ENDPOINT_URL``
-    (unless ``AWS_IGNORE_CONFIGURED_ENDPOINT_URLS``), keys from ``AWS_ACCESS_KEY_ID`` /
-    ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN`` (the first source in boto3's
-    chain), region from ``AWS_REGION`` or ``AWS_DEFAULT_REGION`` (else us-east-1).
-    None without an endpoint or without both keys, and with ``SWARM_S3_BOTO3=1``.
+    Taken as boto3 (botocore 1.44) takes them: ``AWS_ENDPOINT_URL_S3`` before
+    ``AWS_ENDPOINT_URL``, keys from ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` /
+    ``AWS_SESSION_TOKEN`` (the first source in its chain), the region from
+    ``AWS_DEFAULT_REGION`` (else us-east-1). None, leaving everything to boto3, without
+    an endpoint or both keys; with ``SWARM_S3_BOTO3=1`` or
+    ``AWS_IGNORE_CONFIGURED_ENDPOINT_URLS``; when a shared config file exists
+    (``shared_config``: it may set the region, addressing or certificates) or a
+    profile is named; with ``AWS_REGION`` unlike ``AWS_DEFAULT_REGION`` or
+    ``AWS_SECURITY_TOKEN`` (read differently by botocore versions); and when a proxy
+    variable applies to the endpoint. ``AWS_CA_BUNDLE`` is the caller's to honour.
     """
     if _truthy(env.get("SWARM_S3_BOTO3")) or _truthy(
         env.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS")
     ):
         return None
+    if shared_config or env.get("AWS_PROFILE") or env.get("AWS_SECURITY_TOKEN"):
+        return None
     endpoint = (env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or "").strip()
-    access_key = env.get("AWS_ACCESS_KEY_ID", "").strip()
-    secret_key = env.get("AWS_SECRET_ACCESS_KEY", "").strip()
+    access_key = env.get("AWS_ACCESS_KEY_ID", "")
+    secret_key = env.get("AWS_SECRET_ACCESS_KEY", "")
     if not endpoint or not access_key or not secret_key:
         return None
     parts = urlsplit(endpoint)
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
         return None  # boto3 reports a malformed endpoint better than we would
     if parts.query or parts.fragment or parts.username or parts.password:
         return None
-    region = (env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or DEFAULT_REGION).strip()
-    token = env.get("AWS_SESSION_TOKEN", "").strip() or None
-    return SignedEndpoint(
-        endpoint.rstrip("/"), region or DEFAULT_REGION, StaticKeys(access_key, secret_key, token)
-    )
+    if _proxied(env, scheme, parts.hostname.lower()):
+        return None
+    region = env.get("AWS_DEFAULT_REGION", "").strip() or DEFAULT_REGION
+    if env.get("AWS_REGION", "").strip() not in ("", region):
+        return None
+    token = env.get("AWS_SESSION_TOKEN") or None
+    return SignedEndpoint(endpoint.rstrip("/"), region, StaticKeys(access_key, secret_key, token))
 
 
 def canonical_path(bucket: str, key: str) -> str:
@@ -110,18 +137,18 @@ class Signer:
 
     def __init__(self, endpoint: SignedEndpoint) -> None:
         self.endpoint = endpoint
-        self._day = ""
-        self._day_key = b""
+        self._cached: tuple[str, bytes] = ("", b"")  # (day, key): one object, for threads
 
     def _signing_key(self, day: str) -> bytes:
-        if day != self._day:
+        cached_day, key = self._cached
+        if cached_day != day:
             secret = ("AWS4" + self.endpoint.keys.secret_key).encode()
-            k = hmac.digest(secret, day.encode(), "sha256")
-            k = hmac.digest(k, self.endpoint.region.encode(), "sha256")
-            k = hmac.digest(k, b"s3", "sha256")
-            self._day_key = hmac.digest(k, b"aws4_request", "sha256")
-            self._day = day
-        return self._day_key
+            key = hmac.digest(secret, day.encode(), "sha256")
+            key = hmac.digest(key, self.endpoint.region.encode(), "sha256")
+            key = hmac.digest(key, b"s3", "sha256")
+            key = hmac.digest(key, b"aws4_request", "sha256")
+            self._cached = (day, key)
+        return key
 
     def headers(self, method: str, url: str, now: dt.datetime) -> dict[str, str]:
         """The headers that sign a bodiless ``method`` (GET, HEAD) of ``url`` at ``now``.
