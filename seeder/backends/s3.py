@@ -22,6 +22,7 @@ a ``bytes`` copy), a chunk at a time, counting bytes as they arrive.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import datetime as dt
 import http.client
 import os
@@ -29,6 +30,7 @@ import re
 import ssl
 import threading
 import time
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
@@ -292,6 +294,33 @@ class S3Origin(Origin):
         headers = self._signer.headers(method, url, dt.datetime.now(dt.UTC))
         return urlsplit(url).path, headers
 
+    @contextlib.contextmanager
+    def _exchange(
+        self,
+        pool: KeepAlive,
+        method: str,
+        key: str,
+        what: str,
+        extra: Mapping[str, str] | None = None,
+    ) -> Iterator[http.client.HTTPResponse]:
+        """A signed ``method`` of ``key`` (on a worker thread): its 200/206 response, the
+        connection released after the block; any other answer raises its S3 error, a
+        connection or protocol failure an ``OriginTransientError`` (TLS: ``OriginError``)."""
+        target, headers = self._signed(method, key)
+        headers.update(extra or {})
+        self._count(requests=1)
+        try:
+            conn, resp = pool.exchange(method, target, headers)
+            try:
+                error = _reply_error(what, resp)
+                if error is not None:
+                    raise error
+                yield resp
+            finally:
+                pool.release(conn, resp)
+        except _HTTP_ERRORS as exc:
+            raise _connection_error(exc, what) from exc
+
     def _what(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
 
@@ -328,21 +357,10 @@ class S3Origin(Origin):
         return await self._calls.call(self._signed_stat_sync, key, self._http)
 
     def _signed_stat_sync(self, key: str, pool: KeepAlive) -> ObjectInfo:
-        target, headers = self._signed("HEAD", key)
         what = self._what(key)
-        self._count(requests=1)
-        try:
-            conn, resp = pool.exchange("HEAD", target, headers)
-            try:
-                error = _reply_error(what, resp)
-                resp.read()  # nothing, and it lets the connection go back
-                size = _content_length(resp)
-            finally:
-                pool.release(conn, resp)
-        except _HTTP_ERRORS as exc:
-            raise _connection_error(exc, what) from exc
-        if error is not None:
-            raise error
+        with self._exchange(pool, "HEAD", key, what) as resp:
+            resp.read()  # nothing, and it lets the connection go back
+            size = _content_length(resp)
         if size is None:
             raise OriginError(f"{what}: HEAD reply has no Content-Length")
         return ObjectInfo(key, size)
@@ -375,41 +393,30 @@ class S3Origin(Origin):
     ) -> None:
         length = len(buf)
         what = f"{self._what(key)} bytes {offset}-{offset + length - 1}"
-        target, headers = self._signed("GET", key)
-        headers["Range"] = range_header(offset, length)
         view = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
-        self._count(requests=1)
-        try:
-            conn, resp = pool.exchange("GET", target, headers)
-            try:
-                error = _reply_error(what, resp)
-                if error is not None:
-                    raise error
-                check_range_reply(
-                    what,
-                    resp.status,
-                    resp.getheader("Content-Range"),
-                    _content_length(resp),
-                    offset,
-                    length,
-                )
-                done = 0
-                while done < length:
-                    if abort.is_set():
-                        raise ReadAborted(what)
-                    got = resp.readinto(view[done : min(length, done + READ_CHUNK)])
-                    if not got:
-                        raise OriginTransientError(
-                            f"{what}: connection closed after {done} of {length} bytes"
-                        )
-                    done += got
-                    self._count(nbytes=got)
-                if resp.read(1):  # more than the range: the connection can't be trusted
-                    raise OriginError(f"{what}: server sent more than {length} bytes")
-            finally:
-                pool.release(conn, resp)
-        except _HTTP_ERRORS as exc:
-            raise _connection_error(exc, what) from exc
+        ranged = {"Range": range_header(offset, length)}
+        with self._exchange(pool, "GET", key, what, ranged) as resp:
+            check_range_reply(
+                what,
+                resp.status,
+                resp.getheader("Content-Range"),
+                _content_length(resp),
+                offset,
+                length,
+            )
+            done = 0
+            while done < length:
+                if abort.is_set():
+                    raise ReadAborted(what)
+                got = resp.readinto(view[done : min(length, done + READ_CHUNK)])
+                if not got:
+                    raise OriginTransientError(
+                        f"{what}: connection closed after {done} of {length} bytes"
+                    )
+                done += got
+                self._count(nbytes=got)
+            if resp.read(1):  # more than the range: the connection can't be trusted
+                raise OriginError(f"{what}: server sent more than {length} bytes")
 
     def _read_into_sync(
         self, key: str, offset: int, buf: memoryview, abort: threading.Event
@@ -476,28 +483,17 @@ class S3Origin(Origin):
         return await self._calls.call(self._signed_get_sync, key, self._http)
 
     def _signed_get_sync(self, key: str, pool: KeepAlive) -> bytes:
-        target, headers = self._signed("GET", key)
         what = self._what(key)
-        self._count(requests=1)
-        try:
-            conn, resp = pool.exchange("GET", target, headers)
-            try:
-                error = _reply_error(what, resp)
-                if error is not None:
-                    raise error
-                expected = _content_length(resp)
-                parts: list[bytes] = []
-                total = 0
-                while chunk := resp.read(READ_CHUNK):
-                    total += len(chunk)
-                    if total > MAX_OBJECT_SIZE:
-                        raise OriginError(f"{what}: larger than {MAX_OBJECT_SIZE} bytes")
-                    parts.append(chunk)
-                data = b"".join(parts)
-            finally:
-                pool.release(conn, resp)
-        except _HTTP_ERRORS as exc:
-            raise _connection_error(exc, what) from exc
+        with self._exchange(pool, "GET", key, what) as resp:
+            expected = _content_length(resp)
+            parts: list[bytes] = []
+            total = 0
+            while chunk := resp.read(READ_CHUNK):
+                total += len(chunk)
+                if total > MAX_OBJECT_SIZE:
+                    raise OriginError(f"{what}: larger than {MAX_OBJECT_SIZE} bytes")
+                parts.append(chunk)
+        data = b"".join(parts)
         self._count(nbytes=len(data))
         if expected is not None and expected != len(data):
             raise OriginTransientError(f"{what}: got {len(data)} of {expected} bytes")
