@@ -129,6 +129,17 @@ class _Subprocess:
 # --------------------------------------------------------------------------------------
 
 
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _duration_seconds(text: str) -> float:
+    """An rclone duration with one unit ("10ms", "1h") in seconds."""
+    for unit in sorted(_DURATION_UNITS, key=len, reverse=True):
+        if text.endswith(unit):
+            return float(text.removesuffix(unit)) * _DURATION_UNITS[unit]
+    raise ValueError(f"not a duration with one unit: {text!r}")
+
+
 class S3Server:
     """``rclone serve s3`` on loopback; each top-level folder of ``root`` is a bucket."""
 
@@ -147,6 +158,7 @@ class S3Server:
         self.access_key = access_key
         self.secret_key = secret_key
         self.region = region
+        self.dir_cache_seconds = _duration_seconds(dir_cache_time)
         self.port = free_port()
         self._proc = _Subprocess(
             [
@@ -201,7 +213,14 @@ class S3Server:
     def bucket_dir(self, name: str) -> Path:
         """The folder of bucket ``name``, created (so the bucket exists) if missing."""
         path = self.root / name
-        path.mkdir(parents=True, exist_ok=True)
+        if not path.is_dir():
+            path.mkdir(parents=True)
+            # rclone keeps the list of buckets (the root folder) for the directory
+            # cache time after any request: a bucket made within it is "NoSuchBucket"
+            # until it passes. A test's first request can come within 10ms of the last
+            # test's, so wait that out here, where the bucket is made.
+            if self.dir_cache_seconds < 1:
+                time.sleep(3 * self.dir_cache_seconds)
         return path
 
     def url(self, bucket: str, prefix: str = "") -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any, TypeVar
 import pytest
 import zstandard
 from conftest import S3Bucket
-from servers import populate
+from servers import S3Server, populate
 
 from core.auth import ClusterKey
 from core.errors import CatalogError
@@ -44,6 +45,13 @@ class Place:
 
     url: str
     path: Path
+    # How long the server may answer from what it listed before a file changed
+    # behind its back (rclone's directory cache).
+    stale_for: float = 0.0
+
+    def settle(self) -> None:
+        """Wait until the server sees files written straight into ``path``."""
+        time.sleep(3 * self.stale_for)
 
 
 @pytest.fixture(params=["file", "s3"])
@@ -55,7 +63,8 @@ def place(request: pytest.FixtureRequest, tmp_path: Path) -> Place:
     bucket: S3Bucket = request.getfixturevalue("s3_bucket")
     path = bucket.path / "catalog"
     path.mkdir()
-    return Place(f"{bucket.url}/catalog", path)
+    server: S3Server = request.getfixturevalue("s3_server")
+    return Place(f"{bucket.url}/catalog", path, server.dir_cache_seconds)
 
 
 def manifest(name: str = NAME, seed: int = 1) -> Manifest:
@@ -126,6 +135,7 @@ def test_entries_not_signed_with_our_token_are_refused(place: Place, tamper: str
         mac_path.write_text(entry_mac(TOKEN, NAME, other.root_hex).hex())
     elif tamper == "another name's mac":
         mac_path.write_text(entry_mac(TOKEN, other.name, m.root_hex).hex())
+    place.settle()
 
     async def main() -> None:
         async with Catalog(place.url, TOKEN) as catalog:
