@@ -63,6 +63,7 @@ from simulations.network import Flow
 from simulations.scenario import Scenario
 from swarm.choker import UploadScheduler
 from swarm.picker import BlockRequest, PiecePicker
+from swarm.protocol import HELD_UNIT
 from swarm.session import CUT_THROUGH_FANOUT, CUT_THROUGH_HOLDERS, SessionConfig
 from tracker.assignment import DEFAULT_MAX_BUDGET, SeederAssignment
 from tracker.origin_budget import START_BUDGET, OriginBudget
@@ -347,6 +348,7 @@ class _Node:
         "conns",
         "cursor",
         "done",
+        "held",
         "id",
         "inflight",
         "partial",
@@ -382,6 +384,9 @@ class _Node:
         # them the last offer to the neighbours said (PeerSession.partial, _told).
         self.partial: dict[int, Bitfield] = {}
         self.told: dict[int, i64] = {}
+        # Bytes of its whole pieces and of the blocks in ``partial``: what its
+        # Requests tell the nodes it asks (PeerSession.held, in bytes here).
+        self.held: i64 = 0
         self.done = False
         self.inflight: i64 = 0  # our requests in flight, over all connections
         self.starved = False  # the last fill found nothing to request
@@ -389,7 +394,7 @@ class _Node:
 
 
 def _requester_progress(conn: _Conn) -> int:
-    return conn.back.node.pieces.count()
+    return conn.back.node.held // HELD_UNIT
 
 
 def budget_summary(adaptive: OriginBudget) -> dict[str, int]:
@@ -777,6 +782,7 @@ class Swarm:
         me.pieces.add(piece)
         self.holders[piece] += 1
         self._forget_partial(me, piece)
+        me.held += self.lengths[piece]
         for conn in me.conns:
             other = conn.node
             bit = row + other.id
@@ -802,13 +808,17 @@ class Swarm:
         (the peer's rule, ``PeerSession._checked``: past that, whole pieces
         spread it as fast and offers would only cost messages). Called only with
         cut-through on."""
+        if piece in me.pieces:
+            return
         size = self.block_size
         blocks = me.partial.get(piece)
         if blocks is None:
             blocks = me.partial[piece] = Bitfield(-(-self.lengths[piece] // size))
-        stop = len(blocks) if end >= self.lengths[piece] else end // size
+        length = self.lengths[piece]
+        stop = len(blocks) if end >= length else end // size
         for index in range(-(-start // size), stop):
-            blocks.add(index)
+            if blocks.add(index):
+                me.held += min(size, length - index * size)
         held = blocks.count()
         if held == len(blocks) or held <= me.told.get(piece, 0):
             return
@@ -837,8 +847,13 @@ class Swarm:
                     self._fill(other)
 
     def _forget_partial(self, me: _Node, piece: int) -> None:
-        me.partial.pop(piece, None)
+        blocks = me.partial.pop(piece, None)
         me.told.pop(piece, None)
+        if blocks is not None:
+            size = self.block_size
+            me.held -= blocks.count() * size
+            if len(blocks) - 1 in blocks:  # the piece's last block may be short
+                me.held += size * len(blocks) - self.lengths[piece]
 
     def _fill(self, me: _Node) -> None:
         """Keep ``max_downloads`` requests in flight from neighbours that have what we lack."""

@@ -33,7 +33,7 @@ type   message      body
 1      KeepAlive    empty
 2      BitfieldMsg  ``ceil(num_pieces / 8)`` bytes, BitTorrent bit order
 3      Have         piece u32
-4      Request      piece u32, offset u32, length u32, held u32 (pieces the sender holds)
+4      Request      piece u32, offset u32, length u32, held u32 (KiB the sender holds)
 5      Cancel       piece u32, offset u32, length u32
 6      Reject       piece u32, offset u32, length u32
 7      BlockHeader  piece u32, offset u32, length u32; then ``length`` payload bytes
@@ -76,9 +76,13 @@ the handshake: those carry no MAC (see the README's security model).
 
 Versioning
 ----------
-:data:`PROTOCOL_VERSION` is 3 (3 added the requester's piece count to Request,
+:data:`PROTOCOL_VERSION` is 4. 3 added the requester's piece count to Request,
 which the server's upload order reads, and Partial, the checked blocks of a piece
-not yet whole that the sender serves: cut-through relay). It changes whenever a
+not yet whole that the sender serves: cut-through relay. 4 counts what the
+requester holds in KiB of checked data, its checked blocks of pieces not yet
+whole included, instead of whole pieces: in the first second of a burst of big
+pieces nobody holds a whole one, and a count of pieces left the server's order
+blind just when it decides who lags (see :mod:`swarm.choker`). It changes whenever a
 frame's layout or meaning changes; peers with different versions refuse each other at the Hello (there is
 one version per cluster roll-out, so no negotiation). The magic and version come
 first in the first frame of every version (version 1's first frame was its
@@ -117,7 +121,9 @@ __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "DEFAULT_MAX_FRAME",
     "HANDSHAKE_MAGIC",
+    "HELD_UNIT",
     "MAX_BLOCK",
+    "MAX_HELD",
     "MAX_PIECES",
     "MAX_PIECE_LENGTH",
     "MIN_PARTIAL_BLOCK",
@@ -146,7 +152,7 @@ __all__ = [
     "encode",
 ]
 
-PROTOCOL_VERSION: Final = 3
+PROTOCOL_VERSION: Final = 4
 """Wire version spoken by this code; peers with another version are refused."""
 
 HANDSHAKE_MAGIC: Final = b"SWRM"
@@ -158,6 +164,12 @@ MAX_PIECES: Final = 1 << 22
 
 MAX_PIECE_LENGTH: Final = 1 << 32
 """A block's ``offset + length`` never exceeds this (pieces are at most 4 GiB)."""
+
+HELD_UNIT: Final = 1 << 10
+"""A Request's ``held`` counts checked bytes in these units (KiB)."""
+
+MAX_HELD: Final = (1 << 32) - 1
+"""Largest ``held`` a Request can carry (u32: 4 TiB; a sender holding more says this)."""
 
 MAX_BLOCK: Final = MAX_BLOCK_SIZE  # a format-2 manifest's blocks are never larger
 """Largest block payload a request may ask for or a block frame may carry."""
@@ -177,7 +189,7 @@ _HANDSHAKE = struct.Struct(f"!32s20sH{MAC_SIZE}s")
 _PIECE = struct.Struct("!I")
 _RANGE = struct.Struct("!III")
 _PARTIAL = struct.Struct("!II")  # piece, block size; then the block bits
-_REQUEST = struct.Struct("!IIII")  # a range and the pieces the requester holds
+_REQUEST = struct.Struct("!IIII")  # a range and the KiB the requester holds
 
 HEADER_SIZE: Final = _HEADER.size
 
@@ -345,11 +357,12 @@ def _check_range(owner: str, piece: int, offset: int, length: int) -> None:
 class Request:
     """Please send ``length`` bytes of ``piece`` starting at ``offset``.
 
-    ``held`` is how many verified pieces the requester holds as it asks: the
-    server serves the requester furthest behind first (see :mod:`swarm.choker`).
-    HAVEs can't tell it that, because a peer announces a piece only to those
-    that lack it. It is advice, not part of the request's identity: a Cancel
-    matches a Request whatever its ``held``.
+    ``held`` is how much checked data the requester holds as it asks, in
+    :data:`HELD_UNIT` (KiB): its verified pieces and the checked blocks of pieces
+    not yet whole. The server serves the requester furthest behind first (see
+    :mod:`swarm.choker`). HAVEs can't tell it that, because a peer announces a
+    piece only to those that lack it. It is advice, not part of the request's
+    identity: a Cancel matches a Request whatever its ``held``.
     """
 
     piece: int
@@ -359,8 +372,8 @@ class Request:
 
     def __post_init__(self) -> None:
         _check_range("Request", self.piece, self.offset, self.length)
-        if not 0 <= self.held <= MAX_PIECES:
-            raise LocalProtocolError(f"Request held {self.held} is not in 0..{MAX_PIECES}")
+        if not 0 <= self.held <= MAX_HELD:
+            raise LocalProtocolError(f"Request held {self.held} is not in 0..{MAX_HELD}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -700,6 +713,7 @@ class FrameDecoder:
         self.max_block = max_block
         self._num_pieces: int | None = None
         self._piece_lengths: Sequence[int] | None = None
+        self._held_limit = MAX_HELD  # the artifact's size in HELD_UNITs, once known
         if num_pieces is not None or piece_lengths is not None:
             self.set_layout(num_pieces, piece_lengths)
 
@@ -740,6 +754,8 @@ class FrameDecoder:
             )
         self._num_pieces = num_pieces
         self._piece_lengths = piece_lengths
+        if piece_lengths is not None:
+            self._held_limit = min(MAX_HELD, -(-sum(piece_lengths) // HELD_UNIT))
 
     @property
     def num_pieces(self) -> int | None:
@@ -948,9 +964,10 @@ class FrameDecoder:
                 f"past the piece's {limit} bytes"
             )
         if frame_type == _T_REQUEST:
-            pieces = self._num_pieces if self._num_pieces is not None else MAX_PIECES
-            if held > pieces:
-                raise self._fail(f"request says it holds {held} pieces, but there are {pieces}")
+            if held > self._held_limit:
+                raise self._fail(
+                    f"request says it holds {held} KiB, but the artifact is {self._held_limit} KiB"
+                )
             return Request(piece, offset, length, held)
         if frame_type == _T_CANCEL:
             return Cancel(piece, offset, length)

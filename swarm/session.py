@@ -82,7 +82,9 @@ from swarm.choker import UploadScheduler
 from swarm.hosts import valid_host
 from swarm.picker import BlockRequest, PiecePicker
 from swarm.protocol import (
+    HELD_UNIT,
     MAX_BLOCK,
+    MAX_HELD,
     MIN_PARTIAL_BLOCK,
     BitfieldMsg,
     Cancel,
@@ -555,7 +557,7 @@ class _Conn:
         # Asked only for what no same-zone peer has: another zone's, or a snubbed one of ours.
         self.remote = False
         self.uploads: dict[Request, float] = {}  # blocks being sent to it, since when
-        self.held = 0  # verified pieces it holds, as its latest Request said
+        self.held = 0  # KiB it holds, as its latest Request said (Request.held)
 
     def __repr__(self) -> str:
         return f"<peer {self.peer_id.hex()[:8] or '?'} {self.addr or self.id}>"
@@ -634,6 +636,10 @@ class PeerSession:
         # (served to peers), and how many of them the last Partial told.
         self.partial: dict[int, Bitfield] = {}
         self._told: dict[int, int] = {}
+        # Bytes of the verified pieces and of the blocks in ``partial``: what our
+        # Requests say we hold (Request.held), for the servers' upload order.
+        self._whole_bytes = 0
+        self._partial_bytes = 0
         self.origin_progress: dict[int, int] = {}
         # Pulls finished since the tracker last heard: reported once more, whole, so
         # it can tell an origin copy pulled from one the peer had from peers.
@@ -647,7 +653,7 @@ class PeerSession:
         self.swarm_complete = False
         self._completed = False
         for piece in have:
-            self.picker.mark_have(piece)
+            self._mark_have(piece)
         self._completed = self.picker.done
 
     # -- what the driver reads ----------------------------------------------------
@@ -680,7 +686,7 @@ class PeerSession:
         ``blocks``: for unfinished pieces, the offsets of blocks found checked on disk
         (a fetch that stopped part-way); those are never asked for again."""
         for piece in pieces:
-            self.picker.mark_have(piece)
+            self._mark_have(piece)
         for piece, offsets in (blocks or {}).items():
             self.picker.restore_blocks(piece, offsets)
         self._completed = self.picker.done
@@ -1137,12 +1143,24 @@ class PeerSession:
 
     # -- pieces -------------------------------------------------------------------
 
+    def _mark_have(self, piece: int) -> list[tuple[_Conn, BlockRequest]]:
+        """Record ``piece`` as verified; the picker's duplicate requests to cancel."""
+        if not self.picker.has(piece):
+            self._whole_bytes += self.lengths[piece]
+        return self.picker.mark_have(piece)
+
+    @property
+    def held(self) -> int:
+        """What our Requests say we hold (``Request.held``): KiB of verified pieces and
+        of checked blocks of pieces not yet whole (cut-through), at most ``MAX_HELD``."""
+        return min(MAX_HELD, (self._whole_bytes + self._partial_bytes) // HELD_UNIT)
+
     def _piece_ours(self, piece: int, now: float, out: list[Action]) -> None:
         """``piece`` is verified (from peers or the origin): count it, tell, move on."""
-        for conn, block in self.picker.mark_have(piece):
+        self._forget_partial(piece)
+        for conn, block in self._mark_have(piece):
             self._cancel(conn, block, now, out)
         self.contributors.pop(piece, None)
-        self._forget_partial(piece)
         have = Have(piece)
         for conn in self.peers.values():
             # HAVE suppression: a peer that has the piece has no use for the news.
@@ -1162,7 +1180,7 @@ class PeerSession:
         fewer than :data:`CUT_THROUGH_HOLDERS` of them hold it whole (once more do,
         whole pieces spread it as fast, and Partials would only cost messages)."""
         step = self.cut_through
-        if not step:
+        if not step or self.picker.has(piece):
             return
         total = self.lengths[piece]
         size = self.block_size
@@ -1171,7 +1189,8 @@ class PeerSession:
             blocks = self.partial[piece] = Bitfield(-(-total // size))
         stop = len(blocks) if end >= total else end // size
         for index in range(-(-start // size), stop):
-            blocks.add(index)
+            if blocks.add(index):
+                self._partial_bytes += min(size, total - index * size)
         held = blocks.count()
         if held == len(blocks) or held - self._told.get(piece, 0) < step:
             return  # whole: a Have follows; or not enough new to tell
@@ -1193,8 +1212,15 @@ class PeerSession:
 
     def _forget_partial(self, piece: int) -> None:
         """Nothing of ``piece`` is served cut-through any more (whole, failed, or dropped)."""
-        self.partial.pop(piece, None)
+        blocks = self.partial.pop(piece, None)
         self._told.pop(piece, None)
+        if blocks is not None:
+            size = self.block_size
+            held = blocks.count() * size
+            last = len(blocks) - 1
+            if last in blocks:  # the piece's last block may be short
+                held -= size * len(blocks) - self.lengths[piece]
+            self._partial_bytes -= held
 
     def _piece_failed(self, piece: int, now: float, out: list[Action]) -> None:
         self.verifying.discard(piece)
@@ -1339,7 +1365,7 @@ class PeerSession:
             return
         if not conn.requested:
             conn.waiting_since = now
-        held = self.num_pieces - self.picker.missing_count
+        held = self.held
         for block in picked:
             conn.requested[block] = None
             self._send(conn, Request(block.piece, block.offset, block.length, held), now, out)

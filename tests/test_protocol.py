@@ -11,8 +11,9 @@ from core.bitfield import Bitfield
 from core.errors import LocalProtocolError, RemoteProtocolError
 from swarm.protocol import (
     HEADER_SIZE,
+    HELD_UNIT,
     MAX_BLOCK,
-    MAX_PIECES,
+    MAX_HELD,
     MIN_PARTIAL_BLOCK,
     NEED_DATA,
     PROTOCOL_VERSION,
@@ -154,7 +155,7 @@ def test_frame_layout_is_length_type_body() -> None:
     header = encode(BlockHeader(1, 2, 3))
     assert header == struct.pack("!IBIII", 13, 7, 1, 2, 3)
     assert encode(Request(1, 2, 3, held=4)) == struct.pack("!IBIIII", 17, 4, 1, 2, 3, 4)
-    assert encode(HELLO) == struct.pack("!IB4sH", 55, 0, b"SWRM", 3) + HELLO.nonce + HELLO.proof
+    assert encode(HELLO) == struct.pack("!IB4sH", 55, 0, b"SWRM", 4) + HELLO.nonce + HELLO.proof
     assert (
         encode(HANDSHAKE) == struct.pack("!IB", 87, 8) + ROOT + PEER + b"\x1b\x58" + HANDSHAKE.proof
     )
@@ -183,7 +184,7 @@ def test_dialer_hello_reveals_nothing_but_the_version() -> None:
         (lambda: Request(0, 0, (1 << 32) + 1), "length"),
         (lambda: encode(Request(0, 0, MAX_BLOCK + 1)), "largest block"),
         (lambda: Request(0, 0, 1, held=-1), "held -1"),
-        (lambda: Request(0, 0, 1, held=MAX_PIECES + 1), "held"),
+        (lambda: Request(0, 0, 1, held=MAX_HELD + 1), "held"),
         (lambda: encode(BlockHeader(3, 0, MAX_BLOCK + 1)), "largest block"),
         (lambda: Cancel(0, -1, 1), "offset"),
         (lambda: Reject(0, 0xFFFF_FFFF, 2), "runs past"),
@@ -403,7 +404,9 @@ def test_version_1_handshake_is_refused_as_wrong_version() -> None:
     body = struct.pack("!4sH32s20sH", b"SWRM", 1, ROOT, PEER, 1)
     decoder = FrameDecoder()
     decoder.feed(struct.pack("!IB", 1 + len(body), 0) + body)
-    with pytest.raises(RemoteProtocolError, match="protocol version 1, we speak 3"):
+    with pytest.raises(
+        RemoteProtocolError, match=f"protocol version 1, we speak {PROTOCOL_VERSION}"
+    ):
         decoder.next_event()
 
 
@@ -411,7 +414,10 @@ def test_newer_version_hello_is_refused() -> None:
     body = struct.pack("!4sH16s32s", b"SWRM", PROTOCOL_VERSION + 1, bytes(16), bytes(32))
     decoder = FrameDecoder()
     decoder.feed(struct.pack("!IB", 1 + len(body), 0) + body)
-    with pytest.raises(RemoteProtocolError, match="protocol version 4, we speak 3"):
+    with pytest.raises(
+        RemoteProtocolError,
+        match=f"protocol version {PROTOCOL_VERSION + 1}, we speak {PROTOCOL_VERSION}",
+    ):
         decoder.next_event()
 
 
@@ -524,13 +530,15 @@ def test_layout_set_after_handshake() -> None:
         decoder.next_event()
 
 
-def test_request_carries_the_requesters_piece_count() -> None:
-    decoder = after_handshake(num_pieces=10)
-    decoder.feed(encode(Request(3, 0, 8, held=7)) + encode(Request(3, 8, 8, held=11)))
+def test_request_carries_what_the_requester_holds_in_kib() -> None:
+    decoder = after_handshake()
+    # 4 pieces of 1000 KiB and one of 1 byte: the artifact is 4001 KiB, rounded up.
+    decoder.set_layout(piece_lengths=[1000 * HELD_UNIT] * 4 + [1])
+    decoder.feed(encode(Request(3, 0, 8, held=4001)) + encode(Request(3, 8, 8, held=4002)))
     event = decoder.next_event()
-    assert isinstance(event, Request) and event.held == 7
-    # A count past the artifact's pieces is a lie the decoder refuses.
-    with pytest.raises(RemoteProtocolError, match="holds 11 pieces, but there are 10"):
+    assert isinstance(event, Request) and event.held == 4001
+    # More than the whole artifact is a lie the decoder refuses.
+    with pytest.raises(RemoteProtocolError, match="holds 4002 KiB, but the artifact is 4001 KiB"):
         decoder.next_event()
     # The count is advice, not identity: a Cancel still finds the Request.
     assert Request(3, 0, 8, held=7) == Request(3, 0, 8)

@@ -500,11 +500,36 @@ def test_the_requester_holding_least_is_served_first() -> None:
     assert ahead.uploads == [Request(7, 0, BLOCK)]
 
 
-def test_requests_say_how_many_pieces_we_hold() -> None:
-    h = harness(num_pieces=8, have=range(3))
-    source = h.connect(pid(1), bitfield=range(8))
-    asked = [msg for msg in source.sent if isinstance(msg, Request)]
-    assert asked and {msg.held for msg in asked} == {3}
+def test_requests_say_how_many_kib_we_hold_checked_blocks_included() -> None:
+    size = MIN_PARTIAL_BLOCK  # 16 KiB
+    lengths = [4 * size, 4 * size, 3 * size + 1024]  # piece 2's last block is 1 KiB
+    session = make_session(
+        lengths, peer_id=ME, block_size=size, cut_through=1, have=[2], requests_per_peer=1
+    )
+    h = Harness(session)
+    source = h.connect(pid(1), bitfield=[0, 1, 2])
+
+    def held_asked() -> list[int]:
+        return [msg.held for msg in source.sent if isinstance(msg, Request)]
+
+    assert held_asked() == [49] and session.held == 49
+    # Each block checked on arrival counts at once (a piece of 256 MiB is not
+    # "nothing" to the upload order while its blocks come in), and the next
+    # Request says so; a piece made whole counts once, ...
+    first = next(iter(source.outstanding)).piece
+    for n in range(1, 5):
+        h.deliver(source, next(iter(source.outstanding)))
+        assert session.held == 49 + 16 * n
+    h.feed(PieceVerified(first))
+    assert session.held == 49 + 64
+    # ... and a failed piece's blocks not at all once they are thrown away.
+    for _ in range(4):
+        h.deliver(source, next(iter(source.outstanding)))
+    assert session.held == 49 + 128
+    h.feed(PieceFailed(1 - first))
+    assert session.held == 49 + 64
+    # The next Request goes out as a block arrives, before it is checked: one behind.
+    assert held_asked()[:5] == [49, 49, 65, 81, 97]
 
 
 def test_upload_not_taken_in_time_closes_its_connection() -> None:
