@@ -42,21 +42,26 @@ WINDOW_RANGES: Final = 4
 
 def window_size(piece_size: int, block_size: int, range_size: int) -> int:
     """Bytes a pull of pieces of ``piece_size`` reads at a time: ``WINDOW_RANGES``
-    ranges rounded up to whole blocks, at most the piece; the whole piece when
-    ``block_size`` is 0 (format 1). The simulators read pulls through it too.
+    ranges rounded up to whole blocks, and at most a quarter of the piece (whole
+    blocks too); the whole piece when ``block_size`` is 0 (format 1). The
+    simulators read pulls through it too.
 
-    Tried and not adopted (2026-12-06): at least 4 windows per piece, so a small
-    piece is served cut-through a quarter of the way into its pull. The simulator
-    put the shaped fabric-bound run at 1.00 x T_min instead of 1.09, but the real
-    run did not move (1.13 both ways: its loss is start-up and the link floor,
-    not the origin), and in the session model it let a slow node's pulled pieces
-    go out through its slow uplink 6 times each (mixed fleet, seed 4: 1.33 x the
-    fast nodes' own bound instead of 1.07).
+    At most a quarter: a window's blocks are served cut-through when it lands, and
+    a piece pulled in one window helps nobody until it is whole. In a burst of
+    small pieces every seeder's first piece landed at once, and until then the
+    fabric idled: dragonfly-1200 (4 MiB pieces) moved nothing peer to peer for its
+    first 0.4 s. It needs requests that move off a slow holder
+    (``PiecePicker.take_over``): without them, a slow node's quarter-pulled
+    blocks were asked of it by every fast node, which waited for it at the end
+    (session model, mixed fleet seed 4: 1.28 x the fast nodes' own bound; 1.05
+    with whole-piece windows, 1.05 with both). Pieces of 256 MiB and more keep
+    their ``WINDOW_RANGES`` ranges (64 MiB).
     """
     if not block_size:
         return piece_size
     window = -(-WINDOW_RANGES * range_size // block_size) * block_size
-    return min(piece_size, window)
+    quarter = -(-piece_size // (4 * block_size)) * block_size
+    return min(piece_size, window, quarter)
 
 
 def origin_window(manifest: Manifest, range_size: int) -> int:

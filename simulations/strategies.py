@@ -30,6 +30,10 @@
     neighbour, or a window of an origin pull) is offered to a few neighbours
     that lack the piece (``PiecePicker.offer_blocks``, the peer's Partial
     message and its ``CUT_THROUGH_*`` limits) before the piece is whole.
+    Not modelled: the session's per-connection pace and
+    ``PiecePicker.take_over`` (an idle connection taking over half the requests
+    waiting at a slower peer); ``swarm-session`` runs it. The glue's requests
+    wait at the peer they were asked of until it sends them.
     ``swarm-random`` differs only in the picker:
     new pieces are picked uniformly at random among those the neighbour has,
     instead of rarest first -- the ablation that shows what rarest first buys.

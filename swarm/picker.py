@@ -56,7 +56,7 @@ Cost
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from typing import Final, Generic, NamedTuple, TypeVar
 
 from librt.vecs import append, vec
@@ -853,6 +853,77 @@ class PiecePicker(Generic[PeerT]):
         for _, _, piece, index in candidates[:limit]:
             self._partials[piece].requesters[index].append(peer)
             out.append(self._block(piece, index))
+
+    def take_over(
+        self,
+        peer: PeerT,
+        max_blocks: int,
+        arriving: Collection[BlockRequest] = (),
+        slower: Callable[[PeerT], bool] | None = None,
+        sending: int = 2,
+    ) -> list[tuple[PeerT, BlockRequest]]:
+        """Move requests to ``peer``, which has none in flight and nothing to pick:
+        up to ``max_blocks`` blocks it serves (pieces it holds, or its cut-through
+        offers) that are requested from the one peer with the most requests in
+        flight, among those ``slower`` says serve us slower than ``peer``; at most
+        half of them, and none of the ``sending`` that peer may be sending already
+        (its upload slots per connection): the newest go, none ``arriving``. They
+        are recorded as in flight to ``peer``; the engine cancels them at the peer
+        they came from (returned with each block) and asks ``peer`` for them.
+
+        Requests are asked of a peer as soon as it holds a block, and wait there
+        however slowly it serves them: every node asks the one slow node that
+        pulled a piece from the origin for its blocks, and at the end waits for it
+        to send each of them to each of them, while the nodes that took the first
+        copies sit idle. Halving moves a queue towards the peers that drain theirs
+        without moving it back and forth.
+        """
+        bits = self._peers.get(peer)
+        if bits is None or max_blocks <= 0 or self.done:
+            return []
+        offers = self._offers.get(peer) if self._offers else None
+        remote = bool(self._remote) and peer in self._remote
+        # Per other peer, the blocks it holds requests of that ``peer`` serves, and
+        # how many requests it holds in all.
+        movable: dict[PeerT, list[tuple[int, int]]] = {}
+        counts: dict[PeerT, int] = {}
+        for piece, partial in self._partials.items():
+            only: Bitfield | None = None
+            if piece not in bits:
+                only = offers.get(piece) if offers else None
+                if only is None:
+                    continue
+            elif remote and self._avail[piece] != self._remote_avail[piece]:
+                continue  # a same-zone peer has it
+            for index, peers in partial.requesters.items():
+                for other in peers:
+                    counts[other] = counts.get(other, 0) + 1
+                if len(peers) != 1 or peers[0] == peer:
+                    continue
+                if only is not None and index not in only:
+                    continue
+                if arriving and self._block(piece, index) in arriving:
+                    continue
+                movable.setdefault(peers[0], []).append((piece, index))
+        if peer in counts:
+            return []
+        best: PeerT | None = None
+        for other in movable:
+            if (
+                counts[other] > sending
+                and (slower is None or slower(other))
+                and (best is None or counts[other] > counts[best])
+            ):
+                best = other
+        if best is None:
+            return []
+        count = counts[best]
+        take = min(max_blocks, count // 2, count - sending, len(movable[best]))
+        moved: list[tuple[PeerT, BlockRequest]] = []
+        for piece, index in reversed(movable[best][-take:]):
+            self._partials[piece].requesters[index] = [peer]
+            moved.append((best, self._block(piece, index)))
+        return moved
 
     # -- results --------------------------------------------------------------
 

@@ -500,6 +500,7 @@ class _Conn:
     __slots__ = (
         "addr",
         "bitfield",
+        "block_time",
         "cancelled",
         "discarding",
         "established",
@@ -549,6 +550,7 @@ class _Conn:
         self.discarding = False  # that block crossed our Cancel: dropped when whole
         self.waiting_since = now  # when the requests now in flight started waiting
         self.last_block = now
+        self.block_time = 0.0  # seconds it takes per block it sends us, smoothed (0: unknown)
         self.last_recv = now
         self.last_sent = now
         self.snubbed = False  # left requests unanswered: one request in flight, a probe
@@ -1057,6 +1059,11 @@ class PeerSession:
         self, conn: _Conn, block: BlockRequest, now: float, out: list[Action]
     ) -> None:
         conn.receiving = None
+        if block in conn.requested:
+            # Its pace: the time since its previous block, or since our requests
+            # started waiting on it if it had none to send.
+            took = now - max(conn.last_block, conn.waiting_since)
+            conn.block_time = took if not conn.block_time else (3 * conn.block_time + took) / 4
         conn.last_recv = conn.last_block = now
         stats = self.stats
         stats.peer_bytes += block.length
@@ -1361,6 +1368,20 @@ class PeerSession:
         if want <= 0:
             return
         picked = self.picker.pick(conn, want)
+        if not picked and not conn.requested and not conn.snubbed:
+            # Idle: take over requests waiting at the peer with the most of them.
+            arriving = {c.receiving for c in self.peers.values() if c.receiving is not None}
+            pace = conn.block_time
+            moved = self.picker.take_over(
+                conn,
+                want,
+                arriving,
+                lambda other: other.block_time > pace,  # it sends us blocks slower
+                self.config.uploads_per_conn,
+            )
+            for other, block in moved:
+                self._cancel(other, block, now, out)
+            picked = [block for _, block in moved]
         if not picked:
             return
         if not conn.requested:

@@ -754,3 +754,33 @@ def test_spread_asks_different_blocks_of_one_piece_from_random_starts() -> None:
         picker.add_peer("seed", Bitfield.full(1))
         starts.add(picker.pick("seed", 1)[0].offset)
     assert len(starts) > 4  # lowest-first would start every node at block 0
+
+
+def test_an_idle_peer_takes_over_half_the_requests_waiting_at_a_slow_one() -> None:
+    # Every block of the one piece is asked of "slow", the only holder at the time;
+    # then "fast" arrives holding it too, and has nothing left to pick.
+    picker: PiecePicker[str] = PiecePicker([8 * BLOCK], BLOCK, random.Random(0))
+    picker.add_peer("slow", Bitfield.full(1))
+    asked = picker.pick("slow", 8)
+    assert len(asked) == 8
+    picker.add_peer("fast", Bitfield.full(1))
+    assert picker.pick("fast", 8) == []
+    # Not from a peer that serves us as fast, nor one of the blocks arriving now.
+    assert picker.take_over("fast", 8, slower=lambda other: False) == []
+    moved = picker.take_over("fast", 8, arriving={asked[-1]}, slower=lambda other: True)
+    # Half of the 8, the newest first, never one of the first 2 (they may be on the
+    # wire already) nor the one arriving.
+    assert [peer for peer, _ in moved] == ["slow"] * 4
+    assert [block for _, block in moved] == asked[6:2:-1]
+    # Recorded as asked of "fast" now: a block that comes from it is no duplicate,
+    # and "fast", holding requests, takes no more.
+    assert picker.take_over("fast", 8, slower=lambda other: True) == []
+    assert picker.block_received("fast", asked[3]) == []
+
+
+def test_take_over_leaves_a_peer_that_holds_few_requests_alone() -> None:
+    picker: PiecePicker[str] = PiecePicker([2 * BLOCK], BLOCK, random.Random(0))
+    picker.add_peer("slow", Bitfield.full(1))
+    assert len(picker.pick("slow", 2)) == 2  # no more than it may be sending already
+    picker.add_peer("fast", Bitfield.full(1))
+    assert picker.take_over("fast", 8, slower=lambda other: True, sending=2) == []

@@ -232,7 +232,9 @@ def test_origin_window_is_whole_blocks_and_at_most_the_largest_piece() -> None:
 
 def test_the_simulators_read_pulls_in_the_seeders_windows() -> None:
     mib = 1024 * KIB
-    assert window_size(4 * mib, 256 * KIB, 16 * mib) == 4 * mib  # small: the piece
+    assert window_size(4 * mib, 256 * KIB, 16 * mib) == mib  # small: a quarter of the piece
+    assert window_size(16 * mib, 4 * mib, 16 * mib) == 4 * mib  # ... never less than a block
+    assert window_size(4 * mib, 4 * mib, 16 * mib) == 4 * mib  # one block: the piece
     assert window_size(256 * mib, 4 * mib, 16 * mib) == 64 * mib  # large: 4 ranges
     assert window_size(256 * mib, 3 * mib, 16 * mib) == 66 * mib  # whole blocks
     assert window_size(256 * mib, 0, 16 * mib) == 256 * mib  # format 1
