@@ -40,7 +40,7 @@ DEFAULT_VERIFY_RETRIES: Final = 1
 WINDOW_RANGES: Final = 4
 
 
-def window_size(piece_size: int, block_size: int, range_size: int) -> int:
+def window_size(piece_size: int, block_size: int, range_size: int, *, relayed: bool = True) -> int:
     """Bytes a pull of pieces of ``piece_size`` reads at a time: ``WINDOW_RANGES``
     ranges rounded up to whole blocks, and at most a quarter of the piece (whole
     blocks too); the whole piece when ``block_size`` is 0 (format 1). The
@@ -55,20 +55,23 @@ def window_size(piece_size: int, block_size: int, range_size: int) -> int:
     blocks were asked of it by every fast node, which waited for it at the end
     (session model, mixed fleet seed 4: 1.28 x the fast nodes' own bound; 1.05
     with whole-piece windows, 1.05 with both). Pieces of 256 MiB and more keep
-    their ``WINDOW_RANGES`` ranges (64 MiB).
+    their ``WINDOW_RANGES`` ranges (64 MiB). A pull nobody is served from
+    (``relayed`` false: ``swarm fetch --direct``) keeps them for small pieces too:
+    there a smaller window would only cost requests.
     """
     if not block_size:
         return piece_size
     window = -(-WINDOW_RANGES * range_size // block_size) * block_size
-    quarter = -(-piece_size // (4 * block_size)) * block_size
-    return min(piece_size, window, quarter)
+    if relayed:
+        window = min(window, -(-piece_size // (4 * block_size)) * block_size)
+    return min(piece_size, window)
 
 
-def origin_window(manifest: Manifest, range_size: int) -> int:
+def origin_window(manifest: Manifest, range_size: int, *, relayed: bool = True) -> int:
     """The buffer one origin pull needs: a window (:func:`window_size`) of the
     largest piece; the piece itself in format 1."""
     largest = max(manifest.piece_lengths, default=1)
-    return window_size(largest, manifest.block_size, range_size)
+    return window_size(largest, manifest.block_size, range_size, relayed=relayed)
 
 
 class PieceSink(Protocol):

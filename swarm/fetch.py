@@ -144,7 +144,7 @@ async def _pull_pieces(
         retry_time=config.origin_retry_time,
     )
     in_flight = max(1, min(config.pieces_in_flight, len(missing)))
-    pool = BufferPool(origin_window(manifest, config.range_size), in_flight)
+    pool = BufferPool(origin_window(manifest, config.range_size, relayed=False), in_flight)
     queue = iter(missing)
 
     async def worker() -> None:

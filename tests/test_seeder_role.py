@@ -235,6 +235,8 @@ def test_the_simulators_read_pulls_in_the_seeders_windows() -> None:
     assert window_size(4 * mib, 256 * KIB, 16 * mib) == mib  # small: a quarter of the piece
     assert window_size(16 * mib, 4 * mib, 16 * mib) == 4 * mib  # ... never less than a block
     assert window_size(4 * mib, 4 * mib, 16 * mib) == 4 * mib  # one block: the piece
+    # A pull nobody is served from (swarm fetch --direct): the ranges, at most the piece.
+    assert window_size(4 * mib, 256 * KIB, 16 * mib, relayed=False) == 4 * mib
     assert window_size(256 * mib, 4 * mib, 16 * mib) == 64 * mib  # large: 4 ranges
     assert window_size(256 * mib, 3 * mib, 16 * mib) == 66 * mib  # whole blocks
     assert window_size(256 * mib, 0, 16 * mib) == 256 * mib  # format 1
