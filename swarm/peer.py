@@ -467,9 +467,11 @@ class SwarmPeer:
         self._refusal_logged = 0.0
         self._refusals_seen = 0
         self._fatal: BaseException | None = None
-        # An origin pull's buffer: a window of a format-2 piece, else the piece.
+        # An origin pull's buffer: a window of a format-2 piece, else the piece;
+        # a quarter of a small piece only when its blocks are relayed as they land.
         self._origin_pool = BufferPool(
-            origin_window(manifest, self.config.range_size), self.config.origin_pieces_in_flight
+            origin_window(manifest, self.config.range_size, relayed=bool(self.session.cut_through)),
+            self.config.origin_pieces_in_flight,
         )
         # Blocks received from peers wait in these buffers while the disk thread
         # writes (and hashes) them, so the readers keep reading meanwhile.

@@ -866,10 +866,12 @@ class PiecePicker(Generic[PeerT]):
         up to ``max_blocks`` blocks it serves (pieces it holds, or its cut-through
         offers) that are requested from the one peer with the most requests in
         flight, among those ``slower`` says serve us slower than ``peer``; at most
-        half of them, and none of the ``sending`` that peer may be sending already
-        (its upload slots per connection): the newest go, none ``arriving``. They
-        are recorded as in flight to ``peer``; the engine cancels them at the peer
-        they came from (returned with each block) and asks ``peer`` for them.
+        half of them, and never more than leave it ``sending`` (its upload slots
+        per connection). The newest in piece order go, none in ``arriving``: the
+        engine puts there what must stay (blocks on the wire or being stored, and
+        the requests the holder may be sending, which only it knows the order of).
+        They are recorded as in flight to ``peer``; the engine cancels them at the
+        peer they came from (returned with each block) and asks ``peer`` for them.
 
         Requests are asked of a peer as soon as it holds a block, and wait there
         however slowly it serves them: every node asks the one slow node that
@@ -919,6 +921,8 @@ class PiecePicker(Generic[PeerT]):
             return []
         count = counts[best]
         take = min(max_blocks, count // 2, count - sending, len(movable[best]))
+        if take <= 0:
+            return []
         moved: list[tuple[PeerT, BlockRequest]] = []
         for piece, index in reversed(movable[best][-take:]):
             self._partials[piece].requesters[index] = [peer]

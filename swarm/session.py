@@ -1368,20 +1368,8 @@ class PeerSession:
         if want <= 0:
             return
         picked = self.picker.pick(conn, want)
-        if not picked and not conn.requested and not conn.snubbed:
-            # Idle: take over requests waiting at the peer with the most of them.
-            arriving = {c.receiving for c in self.peers.values() if c.receiving is not None}
-            pace = conn.block_time
-            moved = self.picker.take_over(
-                conn,
-                want,
-                arriving,
-                lambda other: other.block_time > pace,  # it sends us blocks slower
-                self.config.uploads_per_conn,
-            )
-            for other, block in moved:
-                self._cancel(other, block, now, out)
-            picked = [block for _, block in moved]
+        if not picked and not conn.requested and not conn.snubbed and conn.block_time:
+            picked = self._take_over(conn, want, now, out)
         if not picked:
             return
         if not conn.requested:
@@ -1390,6 +1378,39 @@ class PeerSession:
         for block in picked:
             conn.requested[block] = None
             self._send(conn, Request(block.piece, block.offset, block.length, held), now, out)
+
+    def _take_over(
+        self, conn: _Conn, want: int, now: float, out: list[Action]
+    ) -> list[BlockRequest]:
+        """``conn`` is idle with nothing to pick: take over requests waiting at the
+        peer with the most of them, if it sends to us slower (``PiecePicker.take_over``).
+
+        A peer's pace is the smoothed time per block it sent us, or the time its
+        requests have waited since its last block if that is longer (a stalled or
+        silent peer is slow now, whatever it did before); ``conn`` needs a measured
+        pace of its own. Never moved: a block on the wire or being stored, and the
+        first ``uploads_per_conn`` requests of each peer in the order asked (the
+        ones it may be sending: a Cancel that crosses a block wastes its uplink).
+        """
+        sending = self.config.uploads_per_conn or self.config.upload_slots
+        keep: set[BlockRequest] = {block for _, block in self._storing}
+        for other in self.peers.values():
+            if other.receiving is not None:
+                keep.add(other.receiving)
+            for n, block in enumerate(other.requested):
+                if n >= sending:
+                    break
+                keep.add(block)
+        pace = conn.block_time
+
+        def slower(other: _Conn) -> bool:
+            waited = now - max(other.last_block, other.waiting_since) if other.requested else 0.0
+            return max(other.block_time, waited) > pace
+
+        moved = self.picker.take_over(conn, want, keep, slower, sending)
+        for other, block in moved:
+            self._cancel(other, block, now, out)
+        return [block for _, block in moved]
 
     def _fill_all(self, now: float, out: list[Action]) -> None:
         # The snubbed last, so that what they sat on goes to the others.

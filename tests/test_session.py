@@ -882,3 +882,58 @@ def test_requests_in_flight_default_to_twelve_mib_of_blocks_between_six_and_twel
     assert len(session.connect(pid(1), bitfield=range(8)).requests()) == 12
     pinned = harness(requests_per_peer=3)
     assert len(pinned.connect(pid(1), bitfield=range(8)).requests()) == 3
+
+
+def _take_over_session(n_pieces: int = 2) -> Harness:
+    size = MIN_PARTIAL_BLOCK
+    return Harness(
+        make_session([4 * size] * n_pieces, peer_id=ME, block_size=size, requests_per_peer=8)
+    )
+
+
+def test_take_over_leaves_a_block_being_stored_where_it_is() -> None:
+    h = _take_over_session()
+    x = h.connect(pid(1), bitfield=[0, 1])
+    asked = list(x.outstanding)
+    assert len(asked) == 8
+    h.now = 1.0
+    # X delivers the block the picker lists last; the driver is still writing it.
+    last = asked[-1]
+    h.feed(BlockStarted(x.conn, last))
+    h.feed(BlockReceived(x.conn, last))
+    assert (x.conn, last) in h.session._storing
+    y = h.connect(pid(2), bitfield=[0, 1])
+    assert last not in y.requests(), "a block already here, being written, asked again of Y"
+
+
+def test_an_idle_peer_takes_over_requests_waiting_at_a_stalled_one() -> None:
+    h = _take_over_session(n_pieces=3)
+    x = h.connect(pid(1), bitfield=[0, 1])
+    assert len(x.outstanding) == 8
+    h.now = 0.1
+    h.deliver(x, next(iter(x.outstanding)))  # one block in 0.1 s: pace 0.1
+    y = h.connect(pid(2), bitfield=[2])
+    for _ in range(4):
+        h.now += 0.5
+        h.deliver(y, next(iter(y.outstanding)))  # Y: 0.5 s a block
+    h.feed(PieceVerified(2))
+    # X now sends nothing for 20 s (its 7 requests wait); Y is idle.
+    for t in range(3, 21):
+        h.tick(float(t))
+    before = len(y.requests())
+    h.feed(Received(y.conn, Have(0)))
+    h.feed(Received(y.conn, Have(1)))
+    assert len(y.requests()) > before, (
+        "X sent one block fast, then nothing for 20 s: its pace is now"
+    )
+
+
+def test_a_peer_of_unknown_pace_takes_over_nothing() -> None:
+    h = _take_over_session()
+    x = h.connect(pid(1), bitfield=[0, 1])
+    h.now = 0.001
+    h.deliver(x, next(iter(x.outstanding)))  # 1 ms per block: very fast
+    y = h.connect(pid(2), bitfield=[0, 1])  # never measured: block_time 0
+    assert y.requests() == [], (
+        f"new unmeasured peer took {len(y.requests())} from a 1 ms/block peer"
+    )
