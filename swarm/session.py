@@ -33,10 +33,12 @@ The rules, each tested in ``tests/test_session.py``:
   to other peers, and it is kept to one request in flight (a probe) until it
   delivers again. A block whose payload takes longer than ``request_timeout`` plus
   its length at :data:`MIN_BLOCK_RATE` closes its connection (a trickle would
-  otherwise pin a receive buffer).
+  otherwise pin a receive buffer). A connection left with nothing in flight and
+  nothing to pick takes over half the requests waiting at a slower peer
+  (:meth:`PeerSession._take_over`, ``PiecePicker.take_over``).
 - **Uploads.** Requests for pieces we hold are served over ``upload_slots``
-  slots, the requester that holds the fewest pieces first (each Request says how
-  many its sender holds; see :mod:`swarm.choker`), at most ``uploads_per_conn``
+  slots, the requester that holds least first (each Request says how many KiB of
+  checked data its sender holds; see :mod:`swarm.choker`), at most ``uploads_per_conn``
   per connection (a connection that asks for much and never reads can't hold
   every slot); an upload that does not finish within ``request_timeout`` closes
   its connection.
