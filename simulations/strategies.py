@@ -68,7 +68,12 @@ from simulations.scenario import Scenario
 from swarm.choker import UploadScheduler
 from swarm.picker import BlockRequest, PiecePicker
 from swarm.protocol import HELD_UNIT
-from swarm.session import CUT_THROUGH_FANOUT, CUT_THROUGH_HOLDERS, SessionConfig
+from swarm.session import (
+    CUT_THROUGH_FANOUT,
+    CUT_THROUGH_HOLDERS,
+    SessionConfig,
+    blocks_bytes,
+)
 from tracker.assignment import DEFAULT_MAX_BUDGET, SeederAssignment
 from tracker.origin_budget import START_BUDGET, OriginBudget
 from tracker.zones import ZoneIndex
@@ -854,10 +859,7 @@ class Swarm:
         blocks = me.partial.pop(piece, None)
         me.told.pop(piece, None)
         if blocks is not None:
-            size = self.block_size
-            me.held -= blocks.count() * size
-            if len(blocks) - 1 in blocks:  # the piece's last block may be short
-                me.held += size * len(blocks) - self.lengths[piece]
+            me.held -= blocks_bytes(blocks, self.block_size, self.lengths[piece])
 
     def _fill(self, me: _Node) -> None:
         """Keep ``max_downloads`` requests in flight from neighbours that have what we lack."""

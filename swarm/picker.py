@@ -886,7 +886,7 @@ class PiecePicker(Generic[PeerT]):
         offers = self._offers.get(peer) if self._offers else None
         remote = bool(self._remote) and peer in self._remote
         # Per other peer, the blocks it holds requests of that ``peer`` serves, and
-        # how many requests it holds in all.
+        # how many requests it holds in the pieces ``peer`` serves.
         movable: dict[PeerT, list[tuple[int, int]]] = {}
         counts: dict[PeerT, int] = {}
         for piece, partial in self._partials.items():

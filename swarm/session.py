@@ -135,6 +135,7 @@ __all__ = [
     "TrackerReplied",
     "UploadDone",
     "Verify",
+    "blocks_bytes",
 ]
 
 log = logging.getLogger("swarm.session")
@@ -565,6 +566,15 @@ class _Conn:
 
     def __repr__(self) -> str:
         return f"<peer {self.peer_id.hex()[:8] or '?'} {self.addr or self.id}>"
+
+
+def blocks_bytes(blocks: Bitfield, block_size: int, length: int) -> int:
+    """Bytes that ``blocks`` (of a piece of ``length`` in ``block_size`` blocks) cover:
+    the piece's last block may be short."""
+    held = blocks.count() * block_size
+    if len(blocks) - 1 in blocks:
+        held -= block_size * len(blocks) - length
+    return held
 
 
 def _held(conn: _Conn) -> int:
@@ -1224,12 +1234,7 @@ class PeerSession:
         blocks = self.partial.pop(piece, None)
         self._told.pop(piece, None)
         if blocks is not None:
-            size = self.block_size
-            held = blocks.count() * size
-            last = len(blocks) - 1
-            if last in blocks:  # the piece's last block may be short
-                held -= size * len(blocks) - self.lengths[piece]
-            self._partial_bytes -= held
+            self._partial_bytes -= blocks_bytes(blocks, self.block_size, self.lengths[piece])
 
     def _piece_failed(self, piece: int, now: float, out: list[Action]) -> None:
         self.verifying.discard(piece)
