@@ -405,7 +405,7 @@ def _env(token: str | None = None) -> dict[str, str]:
 
 
 def _cli() -> list[str]:
-    return [sys.executable, "-m", "cli.main"]
+    return [sys.executable, "-m", "cli"]
 
 
 def _run_json(

@@ -646,7 +646,7 @@ class ScenarioRunner:
         self.say(f"published {info['ref']} ({info['pieces']} pieces)")
 
     def _swarm_cli(self) -> list[str]:
-        return [self.python, "-m", "cli.main", *(["-v"] if self.options.verbose else [])]
+        return [self.python, "-m", "cli", *(["-v"] if self.options.verbose else [])]
 
     def _log(self, name: str) -> IO[bytes]:
         return open(self.work / "logs" / name, "wb")

@@ -57,7 +57,7 @@ def _env() -> dict[str, str]:
 
 
 def _swarm(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cli.main", *args]
+    return [sys.executable, "-m", "cli", *args]
 
 
 @contextlib.contextmanager

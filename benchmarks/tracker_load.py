@@ -69,7 +69,7 @@ def _measure(
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("PYTHONDONTWRITEBYTECODE", None)
-    argv = [sys.executable, "-m", "cli.main", "tracker", "--listen", f"127.0.0.1:{port}"]
+    argv = [sys.executable, "-m", "cli", "tracker", "--listen", f"127.0.0.1:{port}"]
     argv += ["--catalog", catalog, "--peer-ttl", "3600", "--stall-timeout", "7200"]
     with tempfile.NamedTemporaryFile("wb", suffix=".token", delete=False) as tf:
         tf.write(TOKEN_BYTES)

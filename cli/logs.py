@@ -19,10 +19,12 @@ import re
 import sys
 import time
 from collections.abc import Mapping
-from typing import Any, Final, Literal, TextIO
+from typing import TYPE_CHECKING, Any, Final, Literal, TextIO
 
-from rich.console import Console
-from rich.logging import RichHandler
+from cli import term
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 __all__ = [
     "LOG_FORMATS",
@@ -182,7 +184,7 @@ class PlainFormatter(logging.Formatter):
 def configure(
     log_format: LogFormat | None,
     level: int,
-    console: Console,
+    console: Console | None = None,
     *,
     stream: TextIO | None = None,
 ) -> LogFormat:
@@ -190,12 +192,18 @@ def configure(
 
     None picks text on a terminal and JSON otherwise. Progress and notices
     (:data:`PROGRESS_LOGGER`, :data:`NOTICE_LOGGER`) pass at INFO even when ``level`` is higher.
+    ``console``: where Rich draws text records on a terminal (default: stderr's).
     """
     global _format
-    chosen: LogFormat = log_format or ("text" if console.is_terminal else "json")
+    terminal = console.is_terminal if console is not None else term.stderr_is_terminal()
+    chosen: LogFormat = log_format or ("text" if terminal else "json")
     handler: logging.Handler
-    if chosen == "text" and console.is_terminal:
-        handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
+    if chosen == "text" and terminal:
+        from rich.logging import RichHandler
+
+        handler = RichHandler(
+            console=console or term.stderr(), show_path=False, rich_tracebacks=False
+        )
         handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
     else:
         handler = _StderrHandler(stream)

@@ -16,16 +16,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Final, TypeVar
 
 import typer
-from rich.markup import escape
 
-from cli import logs
+from cli import logs, term
 from cli.progress import (
     DEFAULT_PROGRESS_INTERVAL,
     ByteProgress,
     byte_progress,
     progress_as_lines,
-    stderr,
 )
+from cli.term import escape, stderr
 from core.errors import ConfigError, SwarmError
 from core.manifest import DEFAULT_BLOCK_SIZE, DEFAULT_PIECE_SIZE
 from core.units import format_size, parse_size
@@ -154,13 +153,17 @@ JsonFlag = Annotated[
 ]
 
 
-def notice(markup: str, message: str, level: int = logging.INFO, **fields: Any) -> None:
+def notice(markup: str | None, message: str, level: int = logging.INFO, **fields: Any) -> None:
     """Tell the operator something whatever the log level: a log record in JSON mode (so
-    stderr stays one JSON object per line), else a Rich line (``markup``)."""
+    stderr stays one JSON object per line), else a Rich line (``markup``; None: the
+    message as it is)."""
     if logs.current_format() == "json":
         logging.getLogger(logs.NOTICE_LOGGER).log(level, "%s", message, extra=logs.as_extra(fields))
     else:
-        stderr.print(markup, highlight=False, soft_wrap=True)
+        if markup is None:
+            term.say(message)
+        else:
+            stderr().print(markup, highlight=False, soft_wrap=True)
 
 
 NoOrigin = Annotated[
@@ -260,7 +263,7 @@ def run(coro: Coroutine[Any, Any, T], *, clean_exit_on_signal: bool = False) -> 
     try:
         return asyncio.run(_until_signalled(coro))
     except SwarmError as exc:
-        stderr.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        term.error(str(exc))
         raise typer.Exit(2 if isinstance(exc, ConfigError) else 1) from None
     except Terminated as exc:
         if clean_exit_on_signal:
@@ -268,7 +271,7 @@ def run(coro: Coroutine[Any, Any, T], *, clean_exit_on_signal: bool = False) -> 
         notice(f"[yellow]stopped by {exc}[/]", f"stopped by {exc}", logging.WARNING)
         raise typer.Exit(128 + exc.signum) from None
     except KeyboardInterrupt:
-        stderr.print("[yellow]interrupted[/]")
+        term.say("interrupted", "yellow")
         raise typer.Exit(130) from None
 
 
@@ -355,7 +358,7 @@ def main_options(
     ] = False,
 ) -> None:
     base = logging.INFO if ctx.invoked_subcommand in SERVICES else logging.WARNING
-    logs.configure(log_format, max(logging.DEBUG, base - 10 * verbose), stderr)
+    logs.configure(log_format, max(logging.DEBUG, base - 10 * verbose))
 
 
 @app.command()
@@ -456,7 +459,7 @@ def publish(
                     else ""
                 )
             )
-            notice(escape(text), text, event="published", root=manifest.root_hex, ref=manifest.ref)
+            notice(None, text, event="published", root=manifest.root_hex, ref=manifest.ref)
             print(manifest.ref)
 
     run(go())
@@ -768,7 +771,7 @@ def fetch(
                 f"moved origin {format_size(ready['origin_bytes'])}, "
                 f"peers {format_size(ready['peer_bytes'])})"
             )
-            notice(escape(text), text, event="fetched", **ready)
+            notice(None, text, event="fetched", **ready)
         return
     if direct == bool(tracker):
         raise typer.BadParameter(
@@ -852,7 +855,7 @@ def fetch(
                 else ")"
             )
         )
-        notice(escape(text), text, event="fetched", **result.to_json())
+        notice(None, text, event="fetched", **result.to_json())
 
 
 async def _fetch_via_agent(
@@ -1123,7 +1126,7 @@ def verify(
                 + ("" if report.ok else f"; {len(report.bad_pieces)} bad")
                 + (" — repaired" if repair and not report.ok and repaired else "")
             )
-            notice(escape(text), text, event="verified", artifact=report.artifact, root=report.root)
+            notice(None, text, event="verified", artifact=report.artifact, root=report.root)
         if not repaired:
             raise SwarmError(
                 f"{len(report.bad_pieces)} pieces of {dest} are bad"
@@ -1616,14 +1619,14 @@ def demo(
         config = DemoConfig(
             peers=peers, size=size, piece_size=piece_size, workdir=workdir, keep=workdir is not None
         )
-        return await run_demo(config, stderr)
+        return await run_demo(config, stderr())
 
     summary = run(go())
     if json:
         emit_json(summary)
     else:
         ratio = summary["origin_bytes"] / summary["model_bytes"]
-        stderr.print(
+        stderr().print(
             f"\n[bold]{'verified' if summary['verified'] else 'NOT VERIFIED'}[/]: {peers} peers got "
             f"{format_size(summary['model_bytes'])} each in {summary['seconds']:.1f}s; "
             f"origin bytes = {ratio:.3f} x model; {format_size(summary['peer_bytes'])} exchanged peer to peer; "
@@ -1633,8 +1636,30 @@ def demo(
         raise typer.Exit(1)
 
 
-def _register_optional() -> None:
-    """Commands whose packages may be absent from a trimmed install."""
+def _command_in(argv: list[str]) -> str | None:
+    """The command ``argv`` names: its first word that is not an option or the value of
+    ``--log-format`` (the one option before a command that takes a value)."""
+    words = iter(argv)
+    for word in words:
+        if word == "--log-format":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def _register_optional(argv: list[str]) -> None:
+    """Commands whose packages may be absent from a trimmed install (``simulate``).
+
+    Not loaded to run a command of this module: the simulator's command line costs a
+    fetch ~9 ms of CPU at start-up. Loaded for anything else (``--help``, ``simulate``,
+    an unknown word that deserves the full list of commands).
+    """
+    builtin = {
+        c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands
+    }
+    if _command_in(argv) in builtin:
+        return
     try:
         from simulations.cli import register
     except ImportError:
@@ -1642,11 +1667,9 @@ def _register_optional() -> None:
     register(app)
 
 
-_register_optional()
-
-
 def main() -> None:
     """Entry point: usage errors are one line and exit 2, as runtime errors are one line and exit 1."""
+    _register_optional(sys.argv[1:])
     try:
         code = app(standalone_mode=False)
     except NoArgsIsHelpError as exc:
@@ -1654,17 +1677,13 @@ def main() -> None:
         sys.exit(2)
     except UsageError as exc:
         where = exc.ctx.command_path if exc.ctx else "swarm"
-        stderr.print(
-            f"[bold red]error:[/] {escape(exc.format_message())} (see '{where} --help')",
-            highlight=False,
-            soft_wrap=True,
-        )
+        term.error(f"{exc.format_message()} (see '{where} --help')")
         sys.exit(2)
     except ClickException as exc:
-        stderr.print(f"[bold red]error:[/] {escape(exc.format_message())}", highlight=False)
+        term.error(exc.format_message())
         sys.exit(exc.exit_code)
     except typer.Abort:
-        stderr.print("[yellow]interrupted[/]")
+        term.say("interrupted", "yellow")
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -16,21 +16,14 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-
+from cli import term
 from cli.logs import PROGRESS_LOGGER, current_format
 from core.units import format_size
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 __all__ = [
     "DEFAULT_PROGRESS_INTERVAL",
@@ -39,10 +32,8 @@ __all__ = [
     "SourceBytes",
     "byte_progress",
     "progress_as_lines",
-    "stderr",
 ]
 
-stderr = Console(stderr=True)
 DEFAULT_PROGRESS_INTERVAL: Final = 10.0
 SourceBytes = Callable[[], tuple[int, int]]
 """Bytes so far from the origin and from peers (a swarm fetch's split)."""
@@ -50,9 +41,9 @@ SourceBytes = Callable[[], tuple[int, int]]
 log = logging.getLogger(PROGRESS_LOGGER)
 
 
-def progress_as_lines(console: Console = stderr) -> bool:
+def progress_as_lines() -> bool:
     """Whether progress is logged as lines (no terminal, or JSON logs) rather than drawn."""
-    return current_format() == "json" or not console.is_terminal
+    return current_format() == "json" or not term.stderr_is_terminal()
 
 
 @dataclass(frozen=True)
@@ -241,13 +232,22 @@ def byte_progress(
             raise
         reporter.stop()
         return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         DownloadColumn(binary_units=True),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
-        console=stderr,
+        console=term.stderr(),
         transient=False,
     )
     with progress:

@@ -42,14 +42,13 @@ from typing import Any, Final
 
 import asyncio_dgram
 import msgpack
-import yarl
 
 from core.auth import MAC_SIZE, NONCE_SIZE, ClusterKey, new_nonce
 from core.digest import PEER_ID_LENGTH
 from core.errors import TrackerError, UnknownArtifactError
 from core.manifest import MAX_ENCODED_SIZE, Manifest, parse_ref
 from swarm.hosts import valid_host
-from swarm.http import HTTPClientError
+from swarm.http import HTTPClientError, split_url
 from swarm.http import request as http_request
 
 log = logging.getLogger("swarm.tracker")
@@ -508,7 +507,9 @@ class TrackerClient:
         return self._last_ts
 
     def _auth(self, method: str, url: str, body: bytes) -> tuple[dict[str, str], bytes]:
-        value, nonce = http_auth_header(self.key, method, yarl.URL(url).path, body, self._next_ts())
+        value, nonce = http_auth_header(
+            self.key, method, split_url(url).path, body, self._next_ts()
+        )
         return {AUTH_HEADER: value}, nonce
 
     async def _request(
@@ -521,10 +522,10 @@ class TrackerClient:
         largest manifest there can be.
         """
         url = f"{self.base}{path}"
-        headers, nonce = self._auth(method, url, body)
-        if content_type:
-            headers["Content-Type"] = content_type
         try:
+            headers, nonce = self._auth(method, url, body)
+            if content_type:
+                headers["Content-Type"] = content_type
             resp = await http_request(
                 method,
                 url,

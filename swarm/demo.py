@@ -112,7 +112,7 @@ def _table(manifest: Manifest, runs: list[PeerRun], started: float) -> Table:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cli.main", *args]
+    return [sys.executable, "-m", "cli", *args]
 
 
 async def run_demo(config: DemoConfig, console: Console) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from swarm.http import MAX_HEADERS, MAX_LINE, HTTPClientError, Response, request
+from swarm.http import MAX_HEADERS, MAX_LINE, HTTPClientError, Response, request, split_url
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -171,3 +171,38 @@ async def _with_server(call: Callable[[str], Awaitable[object]]) -> object:
     finally:
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:7070/v1/announce",
+        "http://TRACKER.example:80/v1/manifest/kimi-k2@" + "ab" * 32,
+        "https://tracker.swarm.svc/v1/swarms?name=a%20b&x=1",
+        "http://[fd00::1]:7070/v1/manifest/a%2Fb",
+        "http://h/a b/ü?q=ü&v=%20",
+        "http://h",
+        "https://h:8443/p;x=1/~u/(c)",
+    ],
+)
+def test_urls_split_as_the_trackers_framework_reads_them(url: str) -> None:
+    # The tracker (aiohttp) checks a request's MAC over the path yarl decodes; the
+    # client signs split_url's path, so the two must agree on every URL a client sends.
+    yarl = pytest.importorskip("yarl")
+    ours = split_url(url)
+    theirs = yarl.URL(url)
+    assert (ours.secure, ours.host, ours.port) == (
+        theirs.scheme == "https",
+        theirs.host,
+        theirs.port,
+    )
+    assert ours.target == theirs.raw_path_qs
+    assert ours.path == theirs.path
+    sent = yarl.URL.build(scheme="http", host="h", encoded=True, path=ours.target.split("?")[0])
+    assert sent.path == ours.path
+
+
+@pytest.mark.parametrize("url", ["ftp://h/", "http:///x", "http://h:99999/", "http://h:x/", "h/x"])
+def test_what_is_not_an_http_url_is_refused_before_any_connection(url: str) -> None:
+    with pytest.raises(HTTPClientError, match="not an http"):
+        split_url(url)
