@@ -29,7 +29,7 @@ from core.bitfield import Bitfield
 from core.digest import digest
 from core.manifest import Manifest
 from swarm.announce import TrackerClient
-from swarm.peer import _OFF_LOOP_MIN, PeerConfig, SwarmPeer, _Conn
+from swarm.peer import _OFF_LOOP_MIN, PeerConfig, SwarmPeer, _Conn, unsent_limit
 from swarm.protocol import (
     NEED_DATA,
     BitfieldMsg,
@@ -481,3 +481,34 @@ def test_shutdown_with_a_stalled_payload_leaves_no_thread_running(tmp_path: Path
 
     _run(tmp_path, body, piece_size=MIB, size=2 * MIB)
     assert took and took[0] < 1.0, took
+
+
+# -- a connection's unsent bytes are bounded (TCP_NOTSENT_LOWAT) ---------------------------
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_NOTSENT_LOWAT"), reason="no TCP_NOTSENT_LOWAT here")
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [({}, MIB // 4), ({"unsent_bytes": 96 * KIB}, 96 * KIB)],
+)
+def test_a_peer_connection_holds_at_most_a_quarter_block_unsent(
+    tmp_path: Path, config: dict[str, Any], expected: int
+) -> None:
+    """passes: pins. With 8 MiB send buffers and no limit, blocks waited ~0.8 s in the
+    kernel after the upload scheduler chose them (``swarm.peer.tune_socket``)."""
+
+    async def body(swarm: Swarm) -> None:
+        remote = await swarm.join(have=[])
+        conn = swarm.conn(remote)
+        assert conn is not None
+        got = conn.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+        assert got == expected
+        assert conn.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+    _run(tmp_path, body, piece_size=MIB, size=4 * MIB, **config)
+
+
+def test_the_unsent_limit_is_a_quarter_block_and_never_tiny() -> None:
+    assert unsent_limit(MIB) == 256 * KIB
+    assert unsent_limit(4 * MIB) == MIB
+    assert unsent_limit(16 * KIB) == 64 * KIB
