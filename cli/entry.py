@@ -16,10 +16,12 @@ import gc
 
 
 def main() -> None:
+    was_enabled = gc.isenabled()
     gc.disable()
     try:
         from cli.main import main as run
     finally:
         gc.freeze()
-        gc.enable()
+        if was_enabled:
+            gc.enable()
     run()

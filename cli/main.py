@@ -1639,9 +1639,12 @@ def demo(
 
 def _command_in(argv: list[str]) -> str | None:
     """The command ``argv`` names: its first word that is not an option or the value of
-    ``--log-format`` (the one option before a command that takes a value)."""
+    ``--log-format`` (the one option before a command that takes a value). None when
+    ``--help`` or ``--version`` comes first: the whole app answers those."""
     words = iter(argv)
     for word in words:
+        if word in ("--help", "--version"):
+            return None
         if word == "--log-format":
             next(words, None)
         elif not word.startswith("-"):

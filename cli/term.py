@@ -62,7 +62,7 @@ def say(text: str, style: str = "") -> None:
             highlight=False,
             soft_wrap=True,
         )
-    else:
+    elif sys.stderr is not None:  # None when started with stderr closed: stdout is not for this
         print(text, file=sys.stderr, flush=True)
 
 
@@ -70,5 +70,5 @@ def error(message: str) -> None:
     """``error: message``, the one line a failed command leaves on stderr."""
     if stderr_is_terminal():
         stderr().print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    else:
+    elif sys.stderr is not None:
         print(f"error: {message}", file=sys.stderr, flush=True)

@@ -216,7 +216,9 @@ def tune_socket(sock: socket.socket, unsent: int) -> None:
             sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
     if unsent > 0:
         with contextlib.suppress(OSError, AttributeError):  # Linux and macOS have it
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, unsent)
+            sock.setsockopt(
+                socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, min(unsent, _SOCKET_BUFFER)
+            )
 
 
 def _set_rcvlowat(sock: socket.socket, n: int) -> int:
@@ -333,9 +335,8 @@ class PeerConfig:
     serve_corrupt: bool = False  # fault injection for tests: flip a bit of every block sent
     key: ClusterKey = field(default_factory=lambda: ClusterKey(None))  # the cluster token
     open_files: int = 32  # artifact files kept open for uploads when idle
-    unsent_bytes: int = (
-        0  # TCP_NOTSENT_LOWAT of peer connections; 0: unsent_limit(block), <0: unset
-    )
+    # TCP_NOTSENT_LOWAT of peer connections (tune_socket); 0: unsent_limit(block), <0: unset
+    unsent_bytes: int = 0
     max_upload_rate: int | None = None  # bytes/s of block payload sent to peers; None: uncapped
     max_download_rate: int | None = None  # bytes/s from peers and the origin; None: uncapped
 

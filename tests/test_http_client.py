@@ -183,6 +183,8 @@ async def _with_server(call: Callable[[str], Awaitable[object]]) -> object:
         "http://h/a b/ü?q=ü&v=%20",
         "http://h",
         "https://h:8443/p;x=1/~u/(c)",
+        "http://h/a%zz/b%2",
+        "http://[fe80::1%25lo]:7070/v1/announce",
     ],
 )
 def test_urls_split_as_the_trackers_framework_reads_them(url: str) -> None:
@@ -206,3 +208,18 @@ def test_urls_split_as_the_trackers_framework_reads_them(url: str) -> None:
 def test_what_is_not_an_http_url_is_refused_before_any_connection(url: str) -> None:
     with pytest.raises(HTTPClientError, match="not an http"):
         split_url(url)
+
+
+def test_a_path_whose_escapes_are_not_utf8_is_refused() -> None:
+    # unquote would sign U+FFFD where the tracker's framework keeps %FF: a MAC that
+    # could never match, so the client says why instead of collecting 401s.
+    with pytest.raises(HTTPClientError, match="not UTF-8"):
+        split_url("http://h/a%FFb")
+
+
+def test_an_ipv6_zone_id_is_decoded_to_connect_and_encoded_in_the_host_header() -> None:
+    target = split_url("http://[fe80::1%25eth0]:7070/x")
+    assert target.host == "fe80::1%eth0"
+    assert target.authority == "[fe80::1%25eth0]:7070"
+    assert split_url("https://[::1]/").authority == "[::1]"
+    assert split_url("http://H:80/").authority == "h"

@@ -22,6 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import S3Bucket
 from servers import populate
 
@@ -70,6 +71,10 @@ def test_the_tracker_and_simulate_commands_still_load_what_they_need() -> None:
 NOT_FOR_A_FETCH = ("aiohttp", "pydantic", "rich", "yarl", "simulations.cli", "simulations.scenario")
 
 
+# What decides whether Rich sees a terminal and draws in color (TERM=dumb: no escapes).
+_TERMINAL_ENV = ("FORCE_COLOR", "TTY_COMPATIBLE", "NO_COLOR", "TERM", "COLORTERM")
+
+
 def _fetch_loads(tmp_path: Path, env: dict[str, str]) -> tuple[object, list[str], str]:
     # Parsed, run and failed (there is no such catalog): everything a fetch imports
     # on its way is in sys.modules by then. stderr is a pipe, not a terminal.
@@ -90,8 +95,7 @@ def _fetch_loads(tmp_path: Path, env: dict[str, str]) -> tuple[object, list[str]
         text=True,
         timeout=60,
         check=True,
-        env={k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE")}
-        | env,
+        env={k: v for k, v in os.environ.items() if k not in _TERMINAL_ENV} | env,
     )
     exit_code, loaded = json.loads(done.stdout.splitlines()[-1])
     return exit_code, loaded, done.stderr
@@ -107,7 +111,9 @@ def test_a_whole_fetch_command_loads_no_server_framework_rich_or_simulator(tmp_p
 
 def test_a_forced_terminal_still_gets_rich(tmp_path: Path) -> None:
     # FORCE_COLOR makes Rich treat a pipe as a terminal: then Rich draws, as it decides.
-    exit_code, loaded, stderr = _fetch_loads(tmp_path, {"FORCE_COLOR": "1"})
+    exit_code, loaded, stderr = _fetch_loads(
+        tmp_path, {"FORCE_COLOR": "1", "TERM": "xterm-256color"}
+    )
     assert exit_code not in (0, None), stderr
     assert "rich" in loaded, stderr
     assert "\x1b[" in stderr, stderr  # drawn with escape sequences
@@ -158,3 +164,65 @@ def test_reading_an_s3_origin_at_a_named_endpoint_loads_no_sdk(s3_bucket: S3Buck
     got, loaded = json.loads(done.stdout.splitlines()[-1])
     assert got == [[250, 251, 252, 253, 254, 255, 0, 1, 2, 3], 1024, 1024, True]
     assert loaded == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "command"),
+    [
+        (["fetch", "m"], "fetch"),
+        (["-v", "-v", "fetch"], "fetch"),
+        (["--log-format", "json", "tracker"], "tracker"),
+        (["--log-format=text", "agent"], "agent"),
+        (["--log-format", "fetch", "verify"], "verify"),  # a value, even one named like a command
+        (["--", "fetch"], "fetch"),
+        (["--help", "fetch"], None),  # the whole app's help, every command in it
+        (["--version"], None),
+        ([], None),
+    ],
+)
+def test_the_command_word_is_found_past_global_options(
+    argv: list[str], command: str | None
+) -> None:
+    from cli.main import _command_in
+
+    assert _command_in(argv) == command
+
+
+def test_help_before_a_command_still_lists_every_command() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "cli", "--help", "fetch"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert done.returncode == 0, done.stderr
+    for command in ("publish", "fetch", "tracker", "agent", "simulate"):
+        assert f" {command} " in done.stdout, done.stdout
+
+
+def test_an_error_with_stderr_closed_does_not_land_on_stdout(tmp_path: Path) -> None:
+    # stdout carries --json and publish's ref for scripts; with 2>&- Python has no
+    # sys.stderr, and the error line must not move to stdout.
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cli",
+            "fetch",
+            "m",
+            "--direct",
+            "--dest",
+            str(tmp_path / "d"),
+            "--catalog",
+            (tmp_path / "none").as_uri(),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        timeout=60,
+        close_fds=True,
+        preexec_fn=lambda: os.close(2),
+    )
+    assert done.returncode == 1
+    assert done.stdout == ""
