@@ -48,12 +48,14 @@ Each node's completion time is measured by this harness from the launch of the
 system's processes (one common t0) to the moment the node's completion marker
 appears (``.swarm-complete`` for swarm and direct, a done file for libtorrent),
 so process start-up counts. The times each process reports itself are kept too
-(``self_p50_seconds``, ``self_max_seconds``). Start-up is where swarm loses most
-here: eight ``swarm fetch`` processes starting at once on this 2-core host reach
-their peer engines after 0.9-1.5 s (about 0.2 CPU-s each, most of it imports),
-against about 0.5 s for libtorrent's leechers to ask for their first bytes; it was
-1.4-1.6 s while every fetch imported boto3 for its origin reads. Origin bytes are the transmit
-counter of the origin namespace's ``eth0`` over the whole run of the system
+(``self_p50_seconds``, ``self_max_seconds``). Eight ``swarm fetch`` processes starting
+at once on this 2-core host reach their peer engines after 0.4-0.6 s (about 0.15
+CPU-s each, most of it imports), against about 0.5 s for libtorrent's leechers to ask
+for their first bytes. It was 0.9-1.5 s while a fetch also loaded Rich, yarl and the
+simulator's command line and imported with the collector running (``cli.entry``,
+``cli.term``), and 1.4-1.6 s while every fetch imported boto3 for its origin reads.
+Origin bytes are the transmit counter of the origin namespace's ``eth0`` over the
+whole run of the system
 (frames as the kernel counts them, so TCP/IP and HTTP overhead is included);
 the bytes the processes themselves report reading from the origin are kept as
 ``origin_bytes_reported``. ``--no-fsync`` is passed to swarm fetches (libtorrent

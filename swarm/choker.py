@@ -79,6 +79,11 @@ the two windows gave the same runs). A request passed over ``MAX_SKIPS`` times i
 is sent next, so none waits behind a stream of fresher ones until its
 requester times it out.
 
+The order is the wire's order only while the kernel does not queue far ahead of
+it: each peer connection holds at most a quarter block unsent
+(:func:`swarm.peer.tune_socket`); with 8 MiB send buffers, blocks went out ~0.8 s
+after they were granted, in the order TCP's flows shared the uplink.
+
 The scheduler is pure bookkeeping: the engine calls :meth:`UploadScheduler.enqueue`
 for each Request, :meth:`~UploadScheduler.next` whenever a slot may be free, and
 :meth:`~UploadScheduler.done` when a send finishes.
