@@ -5,11 +5,14 @@ No namespaces are built here; the shaped runs are `make bench`, not tests.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from benchmarks.errors import BenchmarkError
 from benchmarks.rate_cap import QUIET_BYTES, busy_window, cap_entry
 from benchmarks.shaped import ZONES_SCENARIO, zone_of
+from benchmarks.startup import COMMANDS, burst
 from benchmarks.testbed import Shape
 
 MB = 1_000_000
@@ -88,3 +91,13 @@ def test_shape_caps_cross_zone_receive_only_with_zones_and_below_the_link() -> N
                 zones=zones,
                 cross_zone_down_bps=cross,
             )
+
+
+def test_a_startup_burst_runs_real_processes_and_checks_their_exit(tmp_path: Path) -> None:
+    wall, cpu = burst(["-c", "import json"], 0, 2, tmp_path)
+    assert wall > 0 and cpu > 0
+    with pytest.raises(RuntimeError, match="exited"):
+        burst(["-c", "raise SystemExit(3)"], 0, 2, tmp_path)
+    # The swarm command is the fetch command's usage error: exit 2, every import made.
+    args, expected = COMMANDS["swarm"]
+    burst(args, expected, 1, tmp_path)
