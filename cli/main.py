@@ -139,6 +139,32 @@ def size_flag(*flags: str, help: str) -> Any:
     return typer.Option(*flags, parser=size_option, metavar="SIZE", help=help)
 
 
+def unsent_option(value: str | int) -> int:
+    """Typer callback of ``--unsent-limit``: a size, or ``off`` (-1: the kernel's default)."""
+    if str(value).strip().lower() == "off":
+        return -1
+    try:
+        return size_option(value)
+    except typer.BadParameter as exc:
+        raise typer.BadParameter(f"{exc}, or off") from None
+
+
+UnsentLimit = Annotated[
+    int,
+    typer.Option(
+        "--unsent-limit",
+        parser=unsent_option,
+        metavar="SIZE|off",
+        help=(
+            "Bytes a peer connection may keep queued in the kernel beyond those on the wire "
+            "(TCP_NOTSENT_LOWAT), so blocks leave in the order the upload scheduler chose them. "
+            "0: a quarter block (1 MiB for 4 MiB blocks). Raise it if uploads on very fast "
+            "links (25 Gbit/s and up) stall between sends; off: the kernel's default."
+        ),
+    ),
+]
+
+
 ProgressInterval = Annotated[
     float,
     typer.Option(
@@ -742,6 +768,7 @@ def fetch(
             help="Requests one peer may have queued with us; more are rejected.",
         ),
     ] = peer_default("max_upload_queue"),
+    unsent_limit: UnsentLimit = 0,
     metrics_listen: Annotated[
         str | None,
         typer.Option(
@@ -823,6 +850,7 @@ def fetch(
             endgame_duplicates=endgame_duplicates,
             cut_through=cut_through,
             max_upload_queue=max_upload_queue,
+            unsent_bytes=unsent_limit,
             seeder=not no_origin,
             key=key,
         )
@@ -1397,6 +1425,7 @@ def agent_command(
             help="Seconds between polls of the tracker for versions to preheat (swarm warm).",
         ),
     ] = 5.0,
+    unsent_limit: UnsentLimit = 0,
     token_file: TokenFile = None,
     tracker_ca: TrackerCA = None,
 ) -> None:
@@ -1422,6 +1451,7 @@ def agent_command(
         max_download_rate=max_download_rate or None,
         durable=not no_fsync,
         seeder=not no_origin,
+        unsent_bytes=unsent_limit,
         key=key,
     )
 

@@ -17,8 +17,11 @@ import time
 from pathlib import Path
 
 import pytest
+import typer
 from fetch_helpers import cli_env, swarm, swarm_argv
 from servers import LOOPBACK, free_port
+
+from cli.main import unsent_option
 
 STOP_WAIT = 10.0
 
@@ -204,3 +207,11 @@ def test_an_unknown_name_fails_at_once_naming_the_close_ones(tmp_path: Path) -> 
     line = run.error_line()
     assert run.returncode == 1, run.describe()
     assert "tiny-lm" in line and "tiny-llm" in line and "404" in line, line
+
+
+def test_the_unsent_limit_option_takes_a_size_or_off() -> None:
+    assert unsent_option("off") == -1
+    assert unsent_option("1MiB") == 1024 * 1024
+    assert unsent_option("0") == 0
+    with pytest.raises(typer.BadParameter, match="or off"):
+        unsent_option("banana")
