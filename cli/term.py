@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -53,22 +54,21 @@ def escape(text: str) -> str:
     return rich_escape(text)
 
 
-def say(text: str, style: str = "") -> None:
-    """One line on stderr: in Rich's ``style`` on a terminal, as it is elsewhere (and then
-    without loading Rich, and without wrapping it)."""
+def _line(plain: str, markup: Callable[[], str]) -> None:
+    """One line on stderr: ``markup()`` through Rich on a terminal, ``plain`` elsewhere
+    (without loading Rich or wrapping it); nothing when the process has no stderr
+    (started with it closed: stdout is not for this)."""
     if stderr_is_terminal():
-        stderr().print(
-            f"[{style}]{escape(text)}[/]" if style else escape(text),
-            highlight=False,
-            soft_wrap=True,
-        )
-    elif sys.stderr is not None:  # None when started with stderr closed: stdout is not for this
-        print(text, file=sys.stderr, flush=True)
+        stderr().print(markup(), highlight=False, soft_wrap=True)
+    elif sys.stderr is not None:
+        print(plain, file=sys.stderr, flush=True)
+
+
+def say(text: str, style: str = "") -> None:
+    """``text`` on stderr, in Rich's ``style`` on a terminal."""
+    _line(text, lambda: f"[{style}]{escape(text)}[/]" if style else escape(text))
 
 
 def error(message: str) -> None:
     """``error: message``, the one line a failed command leaves on stderr."""
-    if stderr_is_terminal():
-        stderr().print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    elif sys.stderr is not None:
-        print(f"error: {message}", file=sys.stderr, flush=True)
+    _line(f"error: {message}", lambda: f"[bold red]error:[/] {escape(message)}")
